@@ -1,0 +1,5 @@
+"""``python -m csmcli`` runs the ``csm`` command."""
+
+from .cli import main
+
+main()

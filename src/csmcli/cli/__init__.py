@@ -1,0 +1,50 @@
+"""The ``csm`` command: a thin Typer layer over :mod:`csmcli`'s synthesis core."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+import typer
+
+from ..errors import CsmError
+from . import download, say
+
+app = typer.Typer(
+    name="csm",
+    help="Fast, streaming speech synthesis with Sesame's CSM-1B.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+say.register(app)
+download.register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; every user error becomes one line on stderr and a non-zero exit, never a traceback."""
+    try:
+        result = app(args=argv, prog_name="csm", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        print("csm: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except CsmError as exc:
+        print(f"csm: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except BrokenPipeError:
+        sys.stderr.close()
+        sys.exit(141)
+    except Exception as exc:
+        if os.environ.get("CSM_DEBUG"):
+            raise
+        print(f"csm: internal error: {type(exc).__name__}: {exc} (set CSM_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        sys.exit(70)
+    sys.exit(result if isinstance(result, int) else 0)

@@ -1,0 +1,359 @@
+"""The frame loop: requests in, audio chunks out, many requests in lock step.
+
+An :class:`Engine` owns the model, the codec and static buffers sized once for ``max_batch``
+slots: the backbone KV cache (``max_batch`` x 2048 positions), the depth decoder's cache, each
+slot's last hidden state, position, sampling settings and recent codes.  :meth:`Engine.step`
+admits waiting jobs (prefilling their prompts into free slots), then generates one frame for
+every active slot at once and hands each job its codes; a job decodes them with its own
+streaming Mimi decoder and emits :class:`AudioChunk` s.  The CLI drives ``step`` itself; the
+server runs it in a background thread while jobs join and leave.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import PromptTooLongError
+from .model import CSMModel
+from .options import REPETITION_WINDOW, GenerationOptions
+from .prompt import Prompt
+from .sampling import SamplingParams, sample
+
+#: Codes 0..2047 are Mimi's; 2048..2050 are reserved and never sampled.
+NUM_AUDIO_CODES = 2048
+
+
+@dataclass
+class AudioChunk:
+    """A piece of generated audio: float32 mono samples, in order, without gaps or overlaps."""
+
+    samples: np.ndarray
+    sample_rate: int
+    start_frame: int
+    frames: int
+    final: bool = False
+
+
+@dataclass
+class JobStats:
+    """What happened to one job, for logs, progress and benchmarks."""
+
+    prompt_rows: int = 0
+    prefix_cached: bool = False
+    frames: int = 0
+    stop_reason: str = ""
+    submitted_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None
+    first_audio_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def time_to_first_audio(self) -> float | None:
+        """Seconds from submission to the first chunk."""
+        return None if self.first_audio_at is None else self.first_audio_at - self.submitted_at
+
+
+class Job:
+    """One utterance being generated.  Chunks go to ``sink`` (by default an internal queue)."""
+
+    def __init__(self, prompt: Prompt, options: GenerationOptions, first_chunk_frames: int = 1,
+                 chunk_frames: int = 8, sink: Callable[[AudioChunk], None] | None = None) -> None:
+        self.prompt = prompt
+        self.options = options
+        self.seed = options.seed if options.seed is not None else secrets.randbits(32)
+        self.first_chunk_frames = max(1, first_chunk_frames)
+        self.chunk_frames = max(1, chunk_frames)
+        self.stats = JobStats(prompt_rows=len(prompt))
+        self.codes: list[Tensor] = []
+        self.error: BaseException | None = None
+        self._chunks: deque[AudioChunk] = deque()
+        self._sink = sink or self._chunks.append
+        self._pending: list[Tensor] = []
+        self._emitted_frames = 0
+        self._decoder = None
+        self._cancelled = threading.Event()
+        self.done = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop generating this job at the next frame boundary (safe from any thread)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        """True once :meth:`cancel` was called."""
+        return self._cancelled.is_set()
+
+    def pop_chunks(self) -> list[AudioChunk]:
+        """Chunks produced since the last call (default sink only)."""
+        out = []
+        while self._chunks:
+            out.append(self._chunks.popleft())
+        return out
+
+    def all_codes(self) -> Tensor:
+        """Every generated frame so far, ``[frames, 32]``."""
+        return torch.stack(self.codes) if self.codes else torch.zeros(0, 32, dtype=torch.long)
+
+    def _add_frame(self, codes: Tensor, codec) -> None:  # noqa: ANN001
+        self.codes.append(codes)
+        self._pending.append(codes)
+        self.stats.frames += 1
+        wanted = self.first_chunk_frames if self._emitted_frames == 0 else self.chunk_frames
+        if len(self._pending) >= wanted:
+            self._emit(codec, final=False)
+
+    def _finish(self, reason: str, codec) -> None:  # noqa: ANN001
+        self.stats.stop_reason = reason
+        if reason != "cancelled":
+            self._emit(codec, final=True)
+        self.stats.finished_at = time.perf_counter()
+        self.done.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self.stats.stop_reason = "error"
+        self.stats.finished_at = time.perf_counter()
+        self.done.set()
+
+    def _emit(self, codec, final: bool) -> None:  # noqa: ANN001
+        if self._decoder is None:
+            self._decoder = codec.stream()
+        frames = len(self._pending)
+        if frames:
+            samples = self._decoder.push(torch.stack(self._pending))
+        else:
+            samples = np.zeros(0, dtype=np.float32)
+        self._pending = []
+        if self.stats.first_audio_at is None and frames:
+            self.stats.first_audio_at = time.perf_counter()
+        chunk = AudioChunk(samples, codec.sample_rate, self._emitted_frames, frames, final)
+        self._emitted_frames += frames
+        self._sink(chunk)
+
+
+class Engine:
+    """Model + codec + static per-slot state; generates frames for all active jobs together."""
+
+    def __init__(self, model: CSMModel, codec, device: torch.device, dtype: torch.dtype,  # noqa: ANN001
+                 max_batch: int = 1, prefix_capacity: int = 16) -> None:
+        self.model = model
+        self.codec = codec
+        self.device = device
+        self.dtype = dtype
+        self.max_batch = max_batch
+        self.max_len = model.max_len
+        self.cache = model.backbone.new_cache(max_batch, self.max_len, dtype, device)
+        self.depth_cache = model.decoder.new_cache(max_batch, model.num_codebooks + 1, dtype, device)
+        self.hidden = torch.zeros(max_batch, model.backbone_spec.dim, dtype=dtype, device=device)
+        self.params = SamplingParams.empty(max_batch, device)
+        self.recent = torch.full((max_batch, REPETITION_WINDOW, model.num_codebooks), -1,
+                                 dtype=torch.long, device=device)
+        self.slots: list[Job | None] = [None] * max_batch
+        self.positions = [0] * max_batch
+        self.waiting: deque[Job] = deque()
+        self.lock = threading.RLock()
+        self.prefix_store: OrderedDict[str, Tensor] = OrderedDict()
+        self.prefix_capacity = prefix_capacity
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def check_fits(self, prompt: Prompt, options: GenerationOptions) -> None:
+        """Raise :class:`PromptTooLongError` if prompt rows plus the frame budget exceed the context."""
+        needed = len(prompt) + options.max_frames
+        if needed > self.max_len:
+            room = self.max_len - len(prompt)
+            hint = (f"lower max_audio_ms to {room * 80} or less" if room > 0
+                    else "shorten the text or the context")
+            raise PromptTooLongError(
+                f"prompt takes {len(prompt)} positions and max_audio_ms={options.max_audio_ms} needs "
+                f"{options.max_frames} frames: more than the model's {self.max_len}; {hint}"
+            )
+
+    def submit(self, job: Job) -> Job:
+        """Queue a job; it starts at the next :meth:`step` with a free slot."""
+        self.check_fits(job.prompt, job.options)
+        self.waiting.append(job)
+        return job
+
+    @property
+    def busy(self) -> bool:
+        """True while any job is waiting or running."""
+        return bool(self.waiting) or any(s is not None for s in self.slots)
+
+    @property
+    def active_count(self) -> int:
+        """Jobs currently holding a slot."""
+        return sum(s is not None for s in self.slots)
+
+    def _admit(self) -> None:
+        while self.waiting and None in self.slots:
+            job = self.waiting.popleft()
+            if job.cancelled:
+                job._finish("cancelled", self.codec)
+                continue
+            slot = self.slots.index(None)
+            try:
+                self._prefill(slot, job)
+            except Exception as exc:  # a bad job must not take the engine down
+                job._fail(exc)
+                continue
+            self.slots[slot] = job
+
+    def _prefill(self, slot: int, job: Job) -> None:
+        job.stats.started_at = time.perf_counter()
+        prompt = job.prompt
+        start = self._restore_prefix(slot, prompt, job.stats)
+        tokens = prompt.tokens[start:].to(self.device)
+        mask = prompt.mask[start:].to(self.device)
+        embeds = self.model.embed_rows(tokens, mask).to(self.dtype)
+        self.hidden[slot] = self.model.prefill(embeds, start, self.cache, slot)
+        self.positions[slot] = len(prompt)
+        o = job.options
+        self.params.set_row(slot, o.temperature, o.top_k, o.top_p, o.repetition_penalty, job.seed)
+        self.recent[slot] = -1
+
+    def _restore_prefix(self, slot: int, prompt: Prompt, stats: JobStats) -> int:
+        """Fill the slot's cache with the prompt's prefix (from the store, or computed and stored).
+
+        The prefix is always run as its own prefill, cached or not, so both paths compute
+        exactly the same numbers.  Returns the position where the rest of the prompt starts.
+        """
+        key = prompt.prefix_key
+        if key is None:
+            return 0
+        n = prompt.prefix_len
+        kv = self.prefix_store.get(key)
+        if kv is None:
+            embeds = self.model.embed_rows(prompt.tokens[:n].to(self.device), prompt.mask[:n].to(self.device))
+            self.model.prefill(embeds.to(self.dtype), 0, self.cache, slot)
+            self.prefix_store[key] = self.cache[:, :, slot, :, :n].clone()
+            while len(self.prefix_store) > self.prefix_capacity:
+                self.prefix_store.popitem(last=False)
+        else:
+            self.prefix_store.move_to_end(key)
+            self.cache[:, :, slot, :, :n] = kv
+            stats.prefix_cached = True
+        return n
+
+    # -- the frame loop ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Admit waiting jobs, then generate one frame for every active slot.  False when idle."""
+        with self.lock:
+            self._drop_cancelled()
+            self._admit()
+            rows = [i for i, s in enumerate(self.slots) if s is not None]
+            if not rows:
+                return False
+            n = rows[-1] + 1
+            codes = self.model.decode_frame(self.hidden[:n], self._sampler(), self.depth_cache)
+            frame_slot = self.params.frame[:n] % REPETITION_WINDOW
+            self.recent[torch.arange(n, device=self.device), frame_slot] = codes
+            self.params.frame[:n] += 1
+            host_codes = codes.cpu()
+            pos = torch.tensor([self.positions[i] if i in rows else 0 for i in range(n)], device=self.device)
+            kv_len = max(self.positions[i] for i in rows) + 1
+            self.hidden[:n] = self.model.backbone_step(codes, pos, self.cache, kv_len)
+            for i in rows:
+                self.positions[i] += 1
+                self._deliver(i, host_codes[i])
+            return True
+
+    def _sampler(self) -> Callable[[Tensor, int], Tensor]:
+        def pick(logits: Tensor, codebook: int) -> Tensor:
+            b = logits.shape[0]
+            recent = self.recent[:b, :, codebook]
+            return sample(logits, self.params, codebook, NUM_AUDIO_CODES, recent)
+
+        return pick
+
+    def _deliver(self, slot: int, codes: Tensor) -> None:
+        job = self.slots[slot]
+        try:
+            if not bool(codes.any()):
+                self._release(slot, "eos")
+                return
+            job._add_frame(codes, self.codec)
+            if job.stats.frames >= job.options.max_frames:
+                self._release(slot, "budget")
+        except Exception as exc:  # decoding failure ends this job only
+            self.slots[slot] = None
+            job._fail(exc)
+
+    def _release(self, slot: int, reason: str) -> None:
+        job = self.slots[slot]
+        self.slots[slot] = None
+        job._finish(reason, self.codec)
+
+    def _drop_cancelled(self) -> None:
+        for i, job in enumerate(self.slots):
+            if job is not None and job.cancelled:
+                self._release(i, "cancelled")
+
+    def run_until_done(self, job: Job) -> None:
+        """Step until ``job`` has finished (used by synchronous callers)."""
+        while not job.done.is_set():
+            self.step()
+
+
+class EngineLoop:
+    """Runs :meth:`Engine.step` in a background thread while there is work (for the server).
+
+    Jobs submitted from any thread join the running batch at the next frame; a job's ``sink`` is
+    called from the loop thread.  ``alive`` turns False if the loop dies, so health checks can
+    tell.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="csm-engine", daemon=True)
+
+    def start(self) -> EngineLoop:
+        """Start the loop thread."""
+        self._thread.start()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        """True while the loop thread runs without having failed."""
+        return self._thread.is_alive() and self.error is None
+
+    def submit(self, job: Job) -> Job:
+        """Queue ``job`` (validated first, so errors raise here) and wake the loop."""
+        if not self.alive:
+            raise RuntimeError("the generation loop is not running")
+        self.engine.submit(job)
+        self._wake.set()
+        return job
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Ask the loop to exit after the current frame and wait for it."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self.engine.step():
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+        except BaseException as exc:  # record it for /health, then fail every job in flight
+            self.error = exc
+            for job in [*self.engine.slots, *self.engine.waiting]:
+                if job is not None and not job.done.is_set():
+                    job._fail(exc)

@@ -1,0 +1,255 @@
+"""CSM's two transformers (backbone and depth decoder) with static KV caches and a one-frame step.
+
+The weights use transformers' layout (rotate-half RoPE); Sesame's original checkpoints are
+converted on load (see :mod:`csmcli.convert`).  Q/K/V and gate/up projections are fused at load
+time, caches are allocated once per (batch, length), and every step works on a whole batch of
+slots in lock step, each slot at its own position.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class TransformerSpec:
+    """Shape of one Llama-style transformer."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    norm_eps: float
+    max_len: int
+    rope: dict[str, Any]
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], max_len: int | None = None) -> TransformerSpec:
+        """Read a transformers CsmConfig / CsmDepthDecoderConfig dict."""
+        heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        return cls(
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            ffn_dim=cfg["intermediate_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            max_len=max_len or cfg.get("max_position_embeddings", 2048),
+            rope=rope_parameters(cfg),
+        )
+
+
+def rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
+    """RoPE settings from either the new (``rope_parameters``) or old (``rope_scaling``) config form."""
+    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    params.setdefault("rope_type", params.pop("type", "default"))
+    params.setdefault("rope_theta", cfg.get("rope_theta", 500000.0))
+    if params["rope_type"] == "llama3":
+        params.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings", 2048))
+    return params
+
+
+def rope_inv_freq(head_dim: int, rope: dict[str, Any]) -> Tensor:
+    """Inverse frequencies, with Llama-3 frequency scaling when the config asks for it."""
+    base = float(rope["rope_theta"])
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = rope["rope_type"]
+    if kind == "default":
+        return inv_freq
+    if kind != "llama3":
+        raise ValueError(f"unsupported RoPE type {kind!r}")
+    factor = rope["factor"]
+    low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+    old_len = rope["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, as the reference does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Block(nn.Module):
+    """One pre-norm Llama block with fused QKV and gate/up projections."""
+
+    def __init__(self, spec: TransformerSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        q_dim, kv_dim = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+        self.attn_norm = RMSNorm(spec.dim, spec.norm_eps)
+        self.wqkv = nn.Linear(spec.dim, q_dim + 2 * kv_dim, bias=False)
+        self.wo = nn.Linear(q_dim, spec.dim, bias=False)
+        self.ffn_norm = RMSNorm(spec.dim, spec.norm_eps)
+        self.w13 = nn.Linear(spec.dim, 2 * spec.ffn_dim, bias=False)
+        self.w2 = nn.Linear(spec.ffn_dim, spec.dim, bias=False)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: tuple[Tensor, Tensor], write: tuple,
+                kv_len: int, mask: Tensor | None) -> Tensor:
+        s = self.spec
+        b, t, _ = x.shape
+        q, k, v = self.wqkv(self.attn_norm(x)).split(
+            [s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim], dim=-1)
+        q = _rotate(q.view(b, t, s.n_heads, s.head_dim), *rope).transpose(1, 2)
+        k = _rotate(k.view(b, t, s.n_kv_heads, s.head_dim), *rope)
+        v = v.view(b, t, s.n_kv_heads, s.head_dim)
+        k_cache, v_cache = cache
+        k_cache[write] = k.to(k_cache.dtype)
+        v_cache[write] = v.to(v_cache.dtype)
+        keys, values = k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len]
+        attn = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=True
+        )
+        x = x + self.wo(attn.transpose(1, 2).reshape(b, t, -1))
+        gate, up = self.w13(self.ffn_norm(x)).chunk(2, dim=-1)
+        return x + self.w2(F.silu(gate) * up)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Transformer(nn.Module):
+    """A stack of blocks plus final norm; attends over a caller-owned static KV cache."""
+
+    def __init__(self, spec: TransformerSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.layers = nn.ModuleList(Block(spec) for _ in range(spec.n_layers))
+        self.norm = RMSNorm(spec.dim, spec.norm_eps)
+        self.register_buffer("inv_freq", rope_inv_freq(spec.head_dim, spec.rope), persistent=False)
+
+    def new_cache(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> list[Tensor]:
+        """Keys and values for every layer: ``[layers, 2, batch, kv_heads, length, head_dim]``."""
+        s = self.spec
+        return torch.zeros(s.n_layers, 2, batch, s.n_kv_heads, length, s.head_dim, dtype=dtype, device=device)
+
+    def forward(self, x: Tensor, pos: Tensor, cache: Tensor, kv_len: int, mask: Tensor | None) -> Tensor:
+        """Run ``x`` ``[B, T, dim]`` at positions ``pos`` ``[B, T]``, using rows ``0..B-1`` of ``cache``.
+
+        ``mask`` is a boolean ``[B, 1, T, kv_len]`` (True = may attend), or None for causal attention
+        over exactly the ``T`` new rows starting at position 0 (``T == kv_len``).
+        """
+        freqs = pos.float()[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        rope = (emb.cos().to(x.dtype)[:, :, None, :], emb.sin().to(x.dtype)[:, :, None, :])
+        rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(pos)
+        write = (rows, slice(None), pos)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, (cache[i, 0], cache[i, 1]), write, kv_len, mask)
+        return self.norm(x)
+
+
+class CSMModel(nn.Module):
+    """Backbone, depth decoder, embeddings and heads of CSM, in transformers' weight layout."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        depth_cfg = config["depth_decoder_config"]
+        self.num_codebooks = config.get("num_codebooks", 32)
+        self.vocab = config.get("vocab_size", 2051)
+        self.text_vocab = config.get("text_vocab_size", 128256)
+        self.backbone_spec = TransformerSpec.from_config(config)
+        self.depth_spec = TransformerSpec.from_config(depth_cfg, max_len=self.num_codebooks + 1)
+        dim, ddim = self.backbone_spec.dim, self.depth_spec.dim
+        self.text_embeddings = nn.Embedding(self.text_vocab, dim)
+        self.audio_embeddings = nn.Embedding(self.num_codebooks * self.vocab, dim)
+        self.backbone = Transformer(self.backbone_spec)
+        self.codebook0_head = nn.Linear(dim, self.vocab, bias=False)
+        self.projection = nn.Linear(dim, ddim, bias=False)
+        self.decoder = Transformer(self.depth_spec)
+        self.audio_head = nn.Parameter(torch.empty(self.num_codebooks - 1, ddim, self.vocab))
+        self.register_buffer(
+            "audio_offsets", torch.arange(self.num_codebooks) * self.vocab, persistent=False
+        )
+
+    def init_buffers(self, device: torch.device) -> None:
+        """(Re)compute the non-persistent buffers, e.g. after building on the meta device."""
+        self.audio_offsets = torch.arange(self.num_codebooks, device=device) * self.vocab
+        for net in (self.backbone, self.decoder):
+            net.inv_freq = rope_inv_freq(net.spec.head_dim, net.spec.rope).to(device)
+
+    @property
+    def max_len(self) -> int:
+        """Positions the backbone can hold (prompt rows plus generated frames)."""
+        return self.backbone_spec.max_len
+
+    def embed_rows(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """Masked sum of the live columns of prompt rows ``[T, 33]`` -> ``[T, dim]``."""
+        text = self.text_embeddings(tokens[:, -1]) * mask[:, -1:].to(self.text_embeddings.weight.dtype)
+        audio = self.audio_embeddings(tokens[:, :-1] + self.audio_offsets)
+        audio = (audio * mask[:, :-1, None].to(audio.dtype)).sum(dim=1)
+        return text + audio
+
+    def embed_frames(self, codes: Tensor) -> Tensor:
+        """Sum of the 32 codebook embeddings of frames ``[B, 32]`` -> ``[B, dim]``."""
+        return self.audio_embeddings(codes + self.audio_offsets).sum(dim=1)
+
+    def prefill(self, embeds: Tensor, start: int, cache: Tensor, slot: int) -> Tensor:
+        """Run prompt rows ``[T, dim]`` for one slot from position ``start``; returns the last hidden state."""
+        t = embeds.shape[0]
+        end = start + t
+        pos = torch.arange(start, end, device=embeds.device)[None]
+        if start == 0:
+            mask = None
+        else:
+            keys = torch.arange(end, device=embeds.device)
+            mask = (keys[None, :] <= pos[0, :, None])[None, None]
+        h = self.backbone(embeds[None], pos, cache[:, :, slot : slot + 1], end, mask)
+        return h[0, -1]
+
+    def backbone_step(self, codes: Tensor, pos: Tensor, cache: Tensor, kv_len: int) -> Tensor:
+        """Feed one frame per slot (``[B, 32]`` codes at positions ``[B]``); returns hidden states ``[B, dim]``."""
+        b = codes.shape[0]
+        keys = torch.arange(kv_len, device=codes.device)
+        mask = (keys[None, :] <= pos[:, None])[:, None, None, :]
+        h = self.backbone(self.embed_frames(codes)[:, None], pos[:, None], cache[:, :, :b], kv_len, mask)
+        return h[:, 0]
+
+    def decode_frame(self, h: Tensor, sample: SampleFn, cache: Tensor) -> Tensor:
+        """Codebook 0 from backbone states ``h`` ``[B, dim]``, then 31 depth-decoder steps -> ``[B, 32]``.
+
+        ``sample(logits [B, vocab], codebook)`` picks one code per row.  The depth decoder's cache
+        ``cache`` is simply overwritten from position 0 every frame.
+        """
+        b = h.shape[0]
+        code = sample(self.codebook0_head(h), 0)
+        codes = [code]
+        x = self.projection(torch.stack([h, self.audio_embeddings(code)], dim=1))
+        pos = torch.arange(2, device=h.device).expand(b, 2)
+        for i in range(1, self.num_codebooks):
+            out = self.decoder(x, pos, cache, i + 1, None)
+            code = sample(out[:, -1] @ self.audio_head[i - 1], i)
+            codes.append(code)
+            x = self.projection(self.audio_embeddings(code + i * self.vocab))[:, None]
+            pos = torch.full((b, 1), i + 1, device=h.device)
+        return torch.stack(codes, dim=1)
+
+
+SampleFn = Callable[[Tensor, int], Tensor]

@@ -1,0 +1,105 @@
+"""Batched sampling: temperature, top-k, top-p and a windowed repetition penalty, per row.
+
+Randomness comes from a counter-based hash of (seed, frame, codebook, code) computed with
+tensor ops on the model's device, so each row's draws depend only on its own seed: a request
+gives the same audio alone or in any batch, nothing is synchronised with the host, and the
+whole step can be captured in a CUDA graph.  Reserved codes (>= ``num_codes``) are never drawn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (lowbias32) on int64 tensors holding values in [0, 2**32)."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform(seed: Tensor, frame: Tensor, codebook: int, n: int) -> Tensor:
+    """Uniform floats in (0, 1), shape ``[B, n]``, a pure function of each row's (seed, frame, codebook)."""
+    key = _mix32(seed ^ _mix32(frame * 64 + codebook + 1))
+    idx = torch.arange(n, device=seed.device, dtype=torch.int64)
+    bits = _mix32(key[:, None] ^ _mix32(idx * 0x9E3779B9 + 0x632BE5AB))
+    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+@dataclass
+class SamplingParams:
+    """Per-row sampling settings as device tensors of shape ``[B]``."""
+
+    temperature: Tensor
+    top_k: Tensor
+    top_p: Tensor
+    repetition_penalty: Tensor
+    seed: Tensor
+    frame: Tensor
+
+    @classmethod
+    def empty(cls, batch: int, device: torch.device) -> SamplingParams:
+        """Greedy defaults for ``batch`` rows; rows are filled in as requests join."""
+        return cls(
+            temperature=torch.zeros(batch, device=device),
+            top_k=torch.ones(batch, dtype=torch.int64, device=device),
+            top_p=torch.ones(batch, device=device),
+            repetition_penalty=torch.ones(batch, device=device),
+            seed=torch.zeros(batch, dtype=torch.int64, device=device),
+            frame=torch.zeros(batch, dtype=torch.int64, device=device),
+        )
+
+    def set_row(self, row: int, temperature: float, top_k: int, top_p: float, penalty: float, seed: int) -> None:
+        """Load one request's settings into row ``row`` and reset its frame counter."""
+        self.temperature[row] = temperature
+        self.top_k[row] = top_k
+        self.top_p[row] = top_p
+        self.repetition_penalty[row] = penalty
+        self.seed[row] = seed
+        self.frame[row] = 0
+
+
+def sample(logits: Tensor, params: SamplingParams, codebook: int, num_codes: int,
+           recent: Tensor | None = None) -> Tensor:
+    """Pick one code per row from ``logits`` ``[B, vocab]``.
+
+    ``recent`` (``[B, window]`` codes of this codebook from recent frames, -1 = empty) feeds the
+    repetition penalty.  Rows with temperature 0 or top_k 1 take the argmax.
+    """
+    b = logits.shape[0]
+    logits = logits[:, :num_codes].float()
+    if recent is not None:
+        logits = _penalize(logits, recent, params.repetition_penalty[:b])
+    greedy_pick = logits.argmax(dim=-1)
+    temperature = params.temperature[:b, None].clamp(min=1e-5)
+    scores = logits / temperature
+    ordered, order = scores.sort(dim=-1, descending=True)
+    rank_ok = torch.arange(num_codes, device=logits.device)[None] < params.top_k[:b, None]
+    probs = ordered.masked_fill(~rank_ok, float("-inf")).softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    top_p = params.top_p[:b, None]
+    keep_sorted = rank_ok & ((mass_before < top_p) | (top_p >= 1))
+    keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+    u = uniform(params.seed[:b], params.frame[:b], codebook, num_codes)
+    gumbel = -torch.log(-torch.log(u))
+    sampled = (scores + gumbel).masked_fill(~keep, float("-inf")).argmax(dim=-1)
+    is_greedy = (params.temperature[:b] == 0) | (params.top_k[:b] == 1)
+    return torch.where(is_greedy, greedy_pick, sampled)
+
+
+def _penalize(logits: Tensor, recent: Tensor, penalty: Tensor) -> Tensor:
+    """Divide positive / multiply negative logits of recently used codes by the row's penalty."""
+    b, n = logits.shape
+    seen = torch.zeros(b, n + 1, dtype=torch.bool, device=logits.device)
+    seen.scatter_(1, torch.where(recent < 0, n, recent), True)
+    seen = seen[:, :n]
+    p = penalty[:, None]
+    return torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)

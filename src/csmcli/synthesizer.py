@@ -1,0 +1,190 @@
+"""The public entry point: load a checkpoint once, then generate or stream speech."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import checkpoint
+from .codec import Codec
+from .engine import AudioChunk, Engine, Job, JobStats
+from .errors import CheckpointError, OptionsError
+from .model import CSMModel
+from .options import GenerationOptions
+from .prompt import Prompt, PromptBuilder, Segment
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Audio:
+    """A finished utterance: float32 mono samples plus what produced them."""
+
+    samples: np.ndarray
+    sample_rate: int
+    codes: Tensor
+    seed: int
+    stats: JobStats
+
+    @property
+    def duration(self) -> float:
+        """Length in seconds."""
+        return len(self.samples) / self.sample_rate
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple's MPS, then the CPU; asking for a missing one is an error."""
+    if name not in DEVICES:
+        raise OptionsError(f"device must be one of {', '.join(DEVICES)}, got {name!r}")
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if cuda else "mps" if mps else "cpu"
+    if name == "cuda" and not cuda:
+        raise OptionsError("device cuda requested but no CUDA GPU is usable by this torch build")
+    if name == "mps" and not mps:
+        raise OptionsError("device mps requested but Apple's MPS backend is not available")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on CUDA, float16 on MPS and float32 on the CPU."""
+    if name == "auto":
+        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
+    if name not in DTYPES:
+        raise OptionsError(f"dtype must be one of auto, {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def build_model(config: dict, state: dict[str, Tensor], device: torch.device, dtype: torch.dtype) -> CSMModel:
+    """Instantiate :class:`CSMModel` on ``device`` straight from a state dict (no random init pass)."""
+    with torch.device("meta"):
+        model = CSMModel(config)
+    ours = checkpoint.to_model_state(state, config)
+    ours = {k: v.to(device=device, dtype=dtype) for k, v in ours.items()}
+    try:
+        model.load_state_dict(ours, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint tensors do not fit its config: {str(exc).splitlines()[0]}") from None
+    model.init_buffers(device)
+    return model.eval()
+
+
+class Synthesizer:
+    """CSM-1B text-to-speech: ``Synthesizer.load(...)``, then :meth:`generate` or :meth:`stream`."""
+
+    def __init__(self, model: CSMModel, codec: Codec, tokenizer, device: torch.device,  # noqa: ANN001
+                 dtype: torch.dtype, max_batch_size: int = 1, source: Path | None = None) -> None:
+        self.model = model
+        self.codec = codec
+        self.device = device
+        self.dtype = dtype
+        self.source = source
+        self.prompts = PromptBuilder(tokenizer, codec.encode, model.num_codebooks)
+        self.engine = Engine(model, codec, device, dtype, max_batch=max_batch_size)
+
+    @property
+    def sample_rate(self) -> int:
+        """Output sample rate (24 kHz)."""
+        return self.codec.sample_rate
+
+    @classmethod
+    def load(cls, model: str = checkpoint.DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto",
+             local_files_only: bool = False, max_batch_size: int = 1) -> Synthesizer:
+        """Load a hub id (through the hub cache) or a local checkpoint directory."""
+        torch_device = pick_device(device)
+        torch_dtype = pick_dtype(dtype, torch_device)
+        if max_batch_size < 1:
+            raise OptionsError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        path = checkpoint.resolve(model, local_files_only=local_files_only)
+        ckpt = checkpoint.inspect(path)
+        state, codec_state = checkpoint.read_tensors(ckpt)
+        net = build_model(ckpt.config, state, torch_device, torch_dtype)
+        del state
+        if codec_state:
+            codec = Codec.from_state_dict(ckpt.config["codec_config"], codec_state, torch_device)
+        else:
+            mimi = os.environ.get("CSM_MIMI", checkpoint.MIMI_MODEL)
+            codec = Codec.from_pretrained(checkpoint.resolve(mimi, local_files_only), torch_device)
+        from tokenizers import Tokenizer
+
+        try:
+            tokenizer = Tokenizer.from_file(str(ckpt.tokenizer_file))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+            raise CheckpointError(f"{ckpt.tokenizer_file} is not a valid tokenizer: {exc}") from None
+        return cls(net, codec, tokenizer, torch_device, torch_dtype, max_batch_size, source=path)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def prompt(self, text: str, speaker: int = 0, context: Sequence[Segment] = ()) -> Prompt:
+        """The prompt rows for ``text`` spoken by ``speaker`` after ``context``."""
+        return self.prompts.build(text, speaker, context)
+
+    def job(self, text: str, speaker: int = 0, context: Sequence[Segment] = (),
+            options: GenerationOptions | None = None, first_chunk_frames: int = 1,
+            chunk_frames: int = 8, sink=None) -> Job:  # noqa: ANN001
+        """Build and validate (but do not start) one generation job."""
+        options = options or GenerationOptions()
+        prompt = self.prompt(text, speaker, context)
+        job = Job(prompt, options, first_chunk_frames, chunk_frames, sink)
+        self.engine.check_fits(prompt, options)
+        return job
+
+    def stream(self, text: str, speaker: int = 0, context: Sequence[Segment] = (),
+               options: GenerationOptions | None = None, first_chunk_frames: int = 1,
+               chunk_frames: int = 8) -> Iterator[AudioChunk]:
+        """Yield audio chunks as frames are generated (the first after ``first_chunk_frames``).
+
+        Concatenated, the chunks equal :meth:`generate`'s samples exactly.  Closing the iterator
+        early cancels the generation.
+        """
+        job = self.job(text, speaker, context, options, first_chunk_frames, chunk_frames)
+        yield from self.run(job)
+
+    def run(self, job: Job) -> Iterator[AudioChunk]:
+        """Drive the engine for ``job`` in this thread, yielding its chunks as they come."""
+        self.engine.submit(job)
+        try:
+            while True:
+                yield from job.pop_chunks()
+                if job.done.is_set():
+                    yield from job.pop_chunks()
+                    break
+                self.engine.step()
+            if job.error is not None:
+                raise job.error
+        finally:
+            if not job.done.is_set():
+                job.cancel()
+                self.engine.step()
+
+    def generate(self, text: str, speaker: int = 0, context: Sequence[Segment] = (),
+                 options: GenerationOptions | None = None) -> Audio:
+        """Synthesize ``text`` completely and return the audio."""
+        job = self.job(text, speaker, context, options, first_chunk_frames=8, chunk_frames=32)
+        samples = [c.samples for c in self.run(job)]
+        return _result(job, samples, self.sample_rate)
+
+    def generate_many(self, jobs: Sequence[Job]) -> list[Audio]:
+        """Run independent jobs batched (up to ``max_batch_size`` at once) and return their audio."""
+        for job in jobs:
+            self.engine.submit(job)
+        while not all(j.done.is_set() for j in jobs):
+            self.engine.step()
+        out = []
+        for job in jobs:
+            if job.error is not None:
+                raise job.error
+            out.append(_result(job, [c.samples for c in job.pop_chunks()], self.sample_rate))
+        return out
+
+
+def _result(job: Job, samples: list[np.ndarray], sample_rate: int) -> Audio:
+    audio = np.concatenate(samples) if samples else np.zeros(0, dtype=np.float32)
+    return Audio(audio.astype(np.float32, copy=False), sample_rate, job.all_codes(), job.seed, job.stats)

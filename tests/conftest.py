@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random checkpoints made by scripts/make_tiny_checkpoint.py, once per session."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script(name: str):  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+tiny = _load_script("make_tiny_checkpoint")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint in the real repository layout: both weight formats, codec, tokenizer, prompts."""
+    return tiny.make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "csm-tiny", seed=0, formats="both")
+
+
+@pytest.fixture(scope="session")
+def tiny_original_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same weights, original (Sesame) format only, without codec weights in the checkpoint."""
+    return tiny.make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-orig") / "csm-tiny", seed=0, formats="original")
+
+
+@pytest.fixture(scope="session")
+def synth(tiny_dir: Path):  # noqa: ANN201
+    """A Synthesizer on the tiny checkpoint (float32, CPU), shared by API-level tests."""
+    from csmcli import Synthesizer
+
+    return Synthesizer.load(str(tiny_dir), device="cpu", dtype="float32", max_batch_size=4)
+
+
+@pytest.fixture()
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for running the real ``csm`` command: offline, isolated user dirs."""
+    env = dict(os.environ)
+    env.update({
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "CSM_HOME": str(tmp_path / "csm-home"),
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.pop("CSM_MODEL", None)
+    return env
