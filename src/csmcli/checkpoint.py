@@ -277,7 +277,9 @@ def to_model_state(sd: dict[str, Tensor], config: dict[str, Any]) -> dict[str, T
     out: dict[str, Tensor] = {}
     try:
         out["text_embeddings.weight"] = sd["embed_text_tokens.weight"]
-        out["audio_embeddings.weight"] = sd["backbone_model.embed_tokens.embed_audio_tokens.weight"]
+        # Tied with the depth decoder's table; a checkpoint may store either copy.
+        tied = "backbone_model.embed_tokens.embed_audio_tokens.weight"
+        out["audio_embeddings.weight"] = sd[tied] if tied in sd else sd["depth_decoder.model.embed_tokens.weight"]
         out["codebook0_head.weight"] = sd["lm_head.weight"]
         out["projection.weight"] = sd["depth_decoder.model.inputs_embeds_projector.weight"]
         out["audio_head"] = sd["depth_decoder.codebooks_head.weight"]
