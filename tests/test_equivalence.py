@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from transformers import CsmForConditionalGeneration
+from transformers import CsmConfig, CsmForConditionalGeneration
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-from transformers import CsmConfig
 
 from csmcli import GenerationOptions, Segment, Synthesizer
 from csmcli.checkpoint import CSM_1B_CONFIG

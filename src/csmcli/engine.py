@@ -80,6 +80,7 @@ class Job:
         self._pending: list[Tensor] = []
         self._emitted_frames = 0
         self._decoder = None
+        self.lead_samples = 0
         self._cancelled = threading.Event()
         self.done = threading.Event()
 
@@ -132,6 +133,8 @@ class Job:
             samples = self._decoder.push(torch.stack(self._pending))
         else:
             samples = np.zeros(0, dtype=np.float32)
+        if self.lead_samples and self._emitted_frames == 0:
+            samples = np.concatenate([np.zeros(self.lead_samples, dtype=np.float32), samples])
         self._pending = []
         if self.stats.first_audio_at is None and frames:
             self.stats.first_audio_at = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -14,10 +15,18 @@ from torch import Tensor
 from . import checkpoint
 from .codec import Codec
 from .engine import AudioChunk, Engine, Job, JobStats
-from .errors import CheckpointError, OptionsError
+from .errors import CheckpointError, OptionsError, PromptTooLongError
 from .model import CSMModel
-from .options import GenerationOptions
-from .prompt import Prompt, PromptBuilder, Segment
+from .options import FRAME_MS, GenerationOptions
+from .prompt import Prompt, PromptBuilder, Segment, check_speaker, check_text
+from .textsplit import split_text
+from .voices import NO_VOICE, VoiceLibrary
+
+log = logging.getLogger("csmcli")
+#: Silence between the pieces of a long text.
+PIECE_PAUSE_S = 0.25
+#: How many earlier pieces of a long text condition the next one.
+HISTORY_PIECES = 2
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,6 +41,7 @@ class Audio:
     codes: Tensor
     seed: int
     stats: JobStats
+    pieces: int = 1
 
     @property
     def duration(self) -> float:
@@ -80,13 +90,16 @@ class Synthesizer:
     """CSM-1B text-to-speech: ``Synthesizer.load(...)``, then :meth:`generate` or :meth:`stream`."""
 
     def __init__(self, model: CSMModel, codec: Codec, tokenizer, device: torch.device,  # noqa: ANN001
-                 dtype: torch.dtype, max_batch_size: int = 1, source: Path | None = None) -> None:
+                 dtype: torch.dtype, max_batch_size: int = 1, source: Path | None = None,
+                 prompts_dir: Path | None = None) -> None:
         self.model = model
         self.codec = codec
         self.device = device
         self.dtype = dtype
         self.source = source
         self.prompts = PromptBuilder(tokenizer, codec.encode, model.num_codebooks)
+        self.voices = VoiceLibrary(prompts_dir)
+        self._voice_segments: dict[tuple, Segment] = {}
         self.engine = Engine(model, codec, device, dtype, max_batch=max_batch_size)
 
     @property
@@ -118,7 +131,8 @@ class Synthesizer:
             tokenizer = Tokenizer.from_file(str(ckpt.tokenizer_file))
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise CheckpointError(f"{ckpt.tokenizer_file} is not a valid tokenizer: {exc}") from None
-        return cls(net, codec, tokenizer, torch_device, torch_dtype, max_batch_size, source=path)
+        return cls(net, codec, tokenizer, torch_device, torch_dtype, max_batch_size, source=path,
+                   prompts_dir=ckpt.prompts_dir)
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -136,16 +150,82 @@ class Synthesizer:
         self.engine.check_fits(prompt, options)
         return job
 
-    def stream(self, text: str, speaker: int = 0, context: Sequence[Segment] = (),
-               options: GenerationOptions | None = None, first_chunk_frames: int = 1,
-               chunk_frames: int = 8) -> Iterator[AudioChunk]:
+    def voice_context(self, speaker: int = 0, voice: str | None = None) -> list[Segment]:
+        """Context segments for a voice: ``None`` = the speaker's default preset (if the checkpoint
+        has one), ``"none"`` = no context, otherwise a preset or user voice by name."""
+        check_speaker(speaker)
+        if voice == NO_VOICE:
+            return []
+        chosen = self.voices.default_for(speaker) if voice is None else self.voices.get(voice)
+        if chosen is None:
+            return []
+        key = (chosen.name, chosen.audio_path, speaker)
+        if key not in self._voice_segments:
+            segment = Segment(chosen.text, speaker, chosen.load())
+            self.prompts.segment_rows(segment)  # encode once; the codes stay on the segment
+            self._voice_segments[key] = segment
+        return [self._voice_segments[key]]
+
+    def jobs(self, text: str, speaker: int = 0, *, voice: str | None = None,
+             context: Sequence[Segment] | None = None, options: GenerationOptions | None = None,
+             first_chunk_frames: int = 1, chunk_frames: int = 8, sink=None,  # noqa: ANN001
+             pause_s: float = PIECE_PAUSE_S) -> Iterator[Job]:
+        """Jobs for text of any length, one piece at a time.
+
+        The text is split at sentence (then clause, then word) boundaries; each piece is
+        conditioned on the voice (or ``context``) and the pieces before it.  Run each job to
+        completion before asking for the next: the next piece's context is built from its codes.
+        Context that does not fit is dropped oldest first with a warning, never an error.
+        """
+        options = options or GenerationOptions()
+        check_text(text)
+        check_speaker(speaker)
+        base = list(context) if context is not None else self.voice_context(speaker, voice)
+        history: list[Segment] = []
+        for k, piece in enumerate(split_text(text)):
+            piece_options = options if options.seed is None or k == 0 else options.replace(
+                seed=(options.seed + k) % 2**32)
+            job = self._fitting_job(piece, speaker, base, history[-HISTORY_PIECES:], piece_options,
+                                    first_chunk_frames, chunk_frames, sink)
+            if k:
+                job.lead_samples = round(pause_s * self.sample_rate)
+            yield job
+            if job.stats.stop_reason in ("cancelled", "error", ""):
+                return
+            history.append(Segment(piece, speaker, codes=job.all_codes()))
+
+    def _fitting_job(self, text: str, speaker: int, base: list[Segment], history: list[Segment],
+                     options: GenerationOptions, first_chunk_frames: int, chunk_frames: int,
+                     sink) -> Job:  # noqa: ANN001
+        history, base = list(history), list(base)
+        while True:
+            prompt = self.prompt(text, speaker, [*base, *history])
+            room = self.engine.max_len - len(prompt)
+            if room >= options.max_frames:
+                break
+            if history or base:
+                dropped = (history or base).pop(0)
+                log.warning("context too long for the model: dropping the oldest segment (%r)",
+                            dropped.text[:40])
+                continue
+            if room < 1:
+                raise PromptTooLongError("this piece of text alone fills the model's context")
+            log.warning("max_audio_ms=%d does not fit after the prompt: using %d ms",
+                        options.max_audio_ms, room * FRAME_MS)
+            options = options.replace(max_audio_ms=room * FRAME_MS)
+        return Job(prompt, options, first_chunk_frames, chunk_frames, sink)
+
+    def stream(self, text: str, speaker: int = 0, context: Sequence[Segment] | None = None,
+               options: GenerationOptions | None = None, *, voice: str | None = None,
+               first_chunk_frames: int = 1, chunk_frames: int = 8) -> Iterator[AudioChunk]:
         """Yield audio chunks as frames are generated (the first after ``first_chunk_frames``).
 
-        Concatenated, the chunks equal :meth:`generate`'s samples exactly.  Closing the iterator
-        early cancels the generation.
+        Long text is spoken piece by piece with short pauses.  Concatenated, the chunks equal
+        :meth:`generate`'s samples exactly.  Closing the iterator early cancels the generation.
         """
-        job = self.job(text, speaker, context, options, first_chunk_frames, chunk_frames)
-        yield from self.run(job)
+        for job in self.jobs(text, speaker, voice=voice, context=context, options=options,
+                             first_chunk_frames=first_chunk_frames, chunk_frames=chunk_frames):
+            yield from self.run(job)
 
     def run(self, job: Job) -> Iterator[AudioChunk]:
         """Drive the engine for ``job`` in this thread, yielding its chunks as they come."""
@@ -164,12 +244,15 @@ class Synthesizer:
                 job.cancel()
                 self.engine.step()
 
-    def generate(self, text: str, speaker: int = 0, context: Sequence[Segment] = (),
-                 options: GenerationOptions | None = None) -> Audio:
+    def generate(self, text: str, speaker: int = 0, context: Sequence[Segment] | None = None,
+                 options: GenerationOptions | None = None, *, voice: str | None = None) -> Audio:
         """Synthesize ``text`` completely and return the audio."""
-        job = self.job(text, speaker, context, options, first_chunk_frames=8, chunk_frames=32)
-        samples = [c.samples for c in self.run(job)]
-        return _result(job, samples, self.sample_rate)
+        samples, jobs = [], []
+        for job in self.jobs(text, speaker, voice=voice, context=context, options=options,
+                             first_chunk_frames=8, chunk_frames=32):
+            jobs.append(job)
+            samples += [c.samples for c in self.run(job)]
+        return _result(jobs, samples, self.sample_rate)
 
     def generate_many(self, jobs: Sequence[Job]) -> list[Audio]:
         """Run independent jobs batched (up to ``max_batch_size`` at once) and return their audio."""
@@ -181,10 +264,17 @@ class Synthesizer:
         for job in jobs:
             if job.error is not None:
                 raise job.error
-            out.append(_result(job, [c.samples for c in job.pop_chunks()], self.sample_rate))
+            out.append(_result([job], [c.samples for c in job.pop_chunks()], self.sample_rate))
         return out
 
 
-def _result(job: Job, samples: list[np.ndarray], sample_rate: int) -> Audio:
+def _result(jobs: list[Job], samples: list[np.ndarray], sample_rate: int) -> Audio:
+    """One Audio from the pieces of an utterance (codes concatenated, stats summed)."""
     audio = np.concatenate(samples) if samples else np.zeros(0, dtype=np.float32)
-    return Audio(audio.astype(np.float32, copy=False), sample_rate, job.all_codes(), job.seed, job.stats)
+    first, last = jobs[0].stats, jobs[-1].stats
+    stats = JobStats(prompt_rows=first.prompt_rows, prefix_cached=first.prefix_cached,
+                     frames=sum(j.stats.frames for j in jobs), stop_reason=last.stop_reason,
+                     submitted_at=first.submitted_at, started_at=first.started_at,
+                     first_audio_at=first.first_audio_at, finished_at=last.finished_at)
+    codes = torch.cat([j.all_codes() for j in jobs])
+    return Audio(audio.astype(np.float32, copy=False), sample_rate, codes, jobs[0].seed, stats, len(jobs))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -9,7 +10,7 @@ import click
 import typer
 
 from ..errors import CsmError
-from . import download, say
+from . import download, say, voices
 
 app = typer.Typer(
     name="csm",
@@ -21,10 +22,22 @@ app = typer.Typer(
 )
 say.register(app)
 download.register(app)
+voices.register(app)
+
+
+def _setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("csm: %(levelname)s: %(message)s"))
+    log = logging.getLogger("csmcli")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; every user error becomes one line on stderr and a non-zero exit, never a traceback."""
+    _setup_logging()
     try:
         result = app(args=argv, prog_name="csm", standalone_mode=False)
     except click.exceptions.Exit as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -34,6 +35,13 @@ MaxAudioMsOpt = Annotated[int | None, typer.Option(
     help="Longest audio to generate, in ms [default: 90000].")]
 SeedOpt = Annotated[int | None, typer.Option(
     "--seed", rich_help_panel=_GEN, help="Seed for reproducible sampling [default: random].")]
+VoiceOpt = Annotated[str | None, typer.Option(
+    "--voice", "-v", rich_help_panel=_GEN,
+    help="Voice name (preset or `csm voices add`), or 'none' for the raw model [default: the speaker's preset].")]
+ContextAudioOpt = Annotated[list[Path] | None, typer.Option(
+    "--context-audio", rich_help_panel=_GEN, help="Audio of an earlier utterance to condition on (repeatable).")]
+ContextTextOpt = Annotated[list[str] | None, typer.Option(
+    "--context-text", rich_help_panel=_GEN, help="What the matching --context-audio says (repeatable).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display on stderr.")]
 
 
@@ -45,6 +53,15 @@ def generation_options(temperature: float | None, top_k: int | None, top_p: floa
         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
         max_audio_ms=max_audio_ms, seed=seed,
     )
+
+
+def explicit_context(audio: list[Path] | None, text: list[str] | None, speaker: int):  # noqa: ANN201
+    """Segments from --context-audio/--context-text, or None when none were given."""
+    if not audio and not text:
+        return None
+    from ..voices import context_segments
+
+    return context_segments(list(audio or []), list(text or []), speaker)
 
 
 def stderr_is_tty() -> bool:

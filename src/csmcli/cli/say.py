@@ -14,6 +14,8 @@ from .. import audio as audio_io
 from ..errors import AudioError, InputError
 from ..prompt import check_speaker, check_text
 from .common import (
+    ContextAudioOpt,
+    ContextTextOpt,
     DeviceOpt,
     DtypeOpt,
     MaxAudioMsOpt,
@@ -25,6 +27,8 @@ from .common import (
     TemperatureOpt,
     TopKOpt,
     TopPOpt,
+    VoiceOpt,
+    explicit_context,
     generation_options,
     stderr_is_tty,
 )
@@ -47,6 +51,9 @@ def say(
     repetition_penalty: RepetitionPenaltyOpt = None,
     max_audio_ms: MaxAudioMsOpt = None,
     seed: SeedOpt = None,
+    voice: VoiceOpt = None,
+    context_audio: ContextAudioOpt = None,
+    context_text: ContextTextOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quiet: QuietOpt = False,
@@ -63,8 +70,10 @@ def say(
     if output != "-":
         check_writable(Path(output))
     show = not quiet and stderr_is_tty()
+    context = explicit_context(context_audio, context_text, speaker)
     synth = load_synthesizer(model, device, dtype, show)
-    job = synth.job(words, speaker, options=options, first_chunk_frames=2, chunk_frames=8)
+    jobs = synth.jobs(words, speaker, voice=voice, context=context, options=options,
+                      first_chunk_frames=2, chunk_frames=8)
     streaming = output == "-" and kind in ("raw", "wav")
     if streaming and kind == "raw":
         print("csm: writing raw PCM: signed 16-bit little-endian, mono, 24000 Hz", file=sys.stderr)
@@ -73,13 +82,16 @@ def say(
     with GenerationProgress(show) as progress:
         if streaming and kind == "wav":
             out.write(audio_io.wav_stream_header(synth.sample_rate))
-        for chunk in synth.run(job):
-            if streaming:
-                out.write(audio_io.to_int16(chunk.samples).tobytes())
-                out.flush()
-            else:
-                pieces.append(chunk.samples)
-            progress.update(job.stats.frames, job.stats.frames * 0.08)
+        frames = 0
+        for job in jobs:
+            for chunk in synth.run(job):
+                if streaming:
+                    out.write(audio_io.to_int16(chunk.samples).tobytes())
+                    out.flush()
+                else:
+                    pieces.append(chunk.samples)
+                frames += chunk.frames
+                progress.update(frames, frames * 0.08)
     if streaming:
         return
     samples = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)

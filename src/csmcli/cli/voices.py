@@ -1,0 +1,65 @@
+"""``csm voices``: list, add and remove voices (context audio plus transcript)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .. import checkpoint
+from ..voices import VoiceLibrary
+from .common import ModelOpt
+
+app = typer.Typer(help="Manage voices: presets from the checkpoint and your own recordings.",
+                  no_args_is_help=True)
+
+
+def _library(model: str | None) -> VoiceLibrary:
+    """The user's voices, plus the presets of ``model`` when it is available locally."""
+    prompts = None
+    if model:
+        try:
+            prompts = checkpoint.inspect(checkpoint.resolve(model, local_files_only=True)).prompts_dir
+        except Exception:  # presets are optional here: listing user voices must still work
+            prompts = None
+    return VoiceLibrary(prompts)
+
+
+@app.command("list")
+def list_voices(model: ModelOpt = checkpoint.DEFAULT_MODEL) -> None:
+    """Show the available voices (user voices shadow presets of the same name)."""
+    library = _library(model)
+    table = Table("name", "source", "transcript", box=None, pad_edge=False)
+    for voice in library.list():
+        text = voice.text if len(voice.text) <= 60 else voice.text[:57] + "..."
+        table.add_row(voice.name, voice.source, text)
+    Console().print(table)
+    if not library.list():
+        typer.echo("no voices: add one with `csm voices add NAME --audio FILE --text ...`", err=True)
+
+
+@app.command("add")
+def add_voice(
+    name: Annotated[str, typer.Argument(help="Name for the voice.")],
+    audio: Annotated[Path, typer.Option("--audio", "-a", help="A recording (any rate/format soundfile reads).")],
+    text: Annotated[str, typer.Option("--text", "-t", help="Exactly what the recording says.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing voice of that name.")] = False,
+) -> None:
+    """Store a voice under $CSM_HOME/voices/NAME (resampled to 24 kHz mono)."""
+    voice = VoiceLibrary().add(name, audio, text, force=force)
+    typer.echo(f"added voice {voice.name}: {voice.audio_path}")
+
+
+@app.command("remove")
+def remove_voice(name: Annotated[str, typer.Argument(help="The user voice to delete.")]) -> None:
+    """Delete a user voice."""
+    VoiceLibrary().remove(name)
+    typer.echo(f"removed voice {name}")
+
+
+def register(root: typer.Typer) -> None:
+    """Add ``voices`` to the app."""
+    root.add_typer(app, name="voices")
