@@ -135,8 +135,8 @@ def _offline() -> bool:
 
 
 def _snapshot(repo_id: str, local_files_only: bool) -> Path:
-    from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hub_errors
+    from huggingface_hub import snapshot_download
 
     try:
         path = Path(snapshot_download(repo_id, allow_patterns=list(DOWNLOAD_PATTERNS),

@@ -9,8 +9,8 @@ slots in lock step, each slot at its own position.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
