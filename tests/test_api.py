@@ -1,0 +1,127 @@
+"""The Python API on the tiny checkpoint: streaming, voices, prefix cache, long text, budgets, batching."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from csmcli import GenerationOptions, Segment
+from csmcli.errors import InputError, PromptTooLongError
+from csmcli.voices import PRESET_TRANSCRIPTS
+
+GREEDY = GenerationOptions(temperature=0, max_audio_ms=480)
+
+
+def test_stream_equals_generate_and_first_chunk_is_small(synth) -> None:  # noqa: ANN001
+    opts = GenerationOptions(seed=11, max_audio_ms=800)
+    chunks = list(synth.stream("Streaming test.", 0, options=opts, first_chunk_frames=1, chunk_frames=3))
+    assert chunks[0].frames == 1 and len(chunks[0].samples) == 1920
+    assert [c.frames for c in chunks[1:-1]] == [3, 3, 3]
+    assert chunks[-1].final
+    whole = synth.generate("Streaming test.", 0, options=opts)
+    np.testing.assert_allclose(np.concatenate([c.samples for c in chunks]), whole.samples, atol=1e-5)
+
+
+def test_closing_a_stream_cancels_the_job(synth) -> None:  # noqa: ANN001
+    stream = synth.stream("Cancel me.", 0, options=GenerationOptions(max_audio_ms=8000))
+    next(stream)
+    stream.close()
+    assert not synth.engine.busy
+
+
+def test_default_voice_is_the_speakers_preset(synth, tiny_dir) -> None:  # noqa: ANN001
+    for speaker, name in ((0, "conversational_a"), (1, "conversational_b")):
+        segs = synth.voice_context(speaker)
+        assert [s.text for s in segs] == [PRESET_TRANSCRIPTS[name]]
+        audio = sf.read(str(tiny_dir / "prompts" / f"{name}.wav"), dtype="float32")[0]
+        assert torch.equal(segs[0].codes, synth.codec.encode(audio))
+        prompt = synth.prompt("Hi.", speaker, segs)
+        assert prompt.prefix_len == len(synth.prompt(segs[0].text, speaker)) + len(segs[0].codes) + 1
+    assert synth.voice_context(0, "none") == []
+    with pytest.raises(InputError, match="unknown voice"):
+        synth.voice_context(0, "nope")
+
+
+def test_voice_changes_the_prompt_as_csm_facts_say(synth) -> None:  # noqa: ANN001
+    seg = synth.voice_context(0)[0]
+    with_voice = synth.prompt("Hello.", 0, [seg])
+    bare = synth.prompt("Hello.", 0, [])
+    text_rows = synth.prompt(seg.text, 0, [])
+    n_text, n_audio = len(text_rows), len(seg.codes)
+    assert torch.equal(with_voice.tokens[:n_text], text_rows.tokens)
+    audio_rows = with_voice.tokens[n_text : n_text + n_audio]
+    assert torch.equal(audio_rows[:, :32], seg.codes) and with_voice.mask[n_text : n_text + n_audio, :32].all()
+    assert not with_voice.mask[n_text : n_text + n_audio + 1, 32].any()
+    end = with_voice.tokens[n_text + n_audio]
+    assert not end.any() and with_voice.mask[n_text + n_audio, :32].all()
+    assert torch.equal(with_voice.tokens[n_text + n_audio + 1 :], bare.tokens)
+
+
+def test_prefix_cache_gives_exactly_the_uncached_codes(synth) -> None:  # noqa: ANN001
+    opts = GenerationOptions(seed=5, max_audio_ms=640)
+    synth.engine.prefix_store.clear()
+    first = synth.generate("Same voice, same seed.", 1, options=opts)
+    assert not first.stats.prefix_cached and len(synth.engine.prefix_store) == 1
+    second = synth.generate("Same voice, same seed.", 1, options=opts)
+    assert second.stats.prefix_cached
+    assert torch.equal(first.codes, second.codes)
+    assert np.array_equal(first.samples, second.samples)
+
+
+def test_long_text_is_split_and_pieces_carry_the_voice(synth) -> None:  # noqa: ANN001
+    sentence = "This sentence is one of many that together are far too long for a single piece. "
+    text = sentence * 8
+    opts = GenerationOptions(seed=2, max_audio_ms=240)
+    jobs = []
+    for job in synth.jobs(text, 0, options=opts):
+        list(synth.run(job))
+        jobs.append(job)
+    assert len(jobs) >= 3
+    second_prompt = jobs[1].prompt
+    # piece 2's context: the voice preset, then piece 1 with its generated codes
+    assert len(second_prompt) > len(jobs[0].prompt)
+    assert torch.equal(second_prompt.tokens[jobs[0].prompt.prefix_len:][: len(jobs[0].prompt) - jobs[0].prompt.prefix_len],
+                       jobs[0].prompt.tokens[jobs[0].prompt.prefix_len:])
+    audio = synth.generate(text, 0, options=opts)
+    pause = round(0.25 * 24000)
+    assert audio.pieces == len(jobs)
+    assert len(audio.samples) == sum(j.stats.frames for j in jobs) * 1920 + pause * (len(jobs) - 1)
+
+
+def test_context_that_does_not_fit_is_dropped_with_a_warning(synth, caplog) -> None:  # noqa: ANN001
+    codes = torch.randint(0, 2048, (700, 32))
+    context = [Segment("old", 0, codes=codes), Segment("newer", 0, codes=codes[:100])]
+    opts = GenerationOptions(seed=1, max_audio_ms=100_000)
+    with caplog.at_level(logging.WARNING, logger="csmcli"):
+        job = next(synth.jobs("Fits after dropping.", 0, context=context, options=opts))
+    assert "dropping the oldest" in caplog.text
+    assert len(job.prompt) + job.options.max_frames <= 2048
+    assert len(job.prompt) < 700
+
+
+def test_single_job_that_cannot_fit_is_a_clear_error(synth) -> None:  # noqa: ANN001
+    codes = torch.randint(0, 2048, (1500, 32))
+    with pytest.raises(PromptTooLongError, match="more than the model's 2048"):
+        synth.job("Too much.", 0, [Segment("ctx", 0, codes=codes)], GenerationOptions(max_audio_ms=60_000))
+
+
+def test_batched_jobs_match_solo_results(synth) -> None:  # noqa: ANN001
+    opts = [GenerationOptions(seed=s, max_audio_ms=400 + 80 * s) for s in range(4)]
+    texts = ["One.", "Two words.", "Three words here.", "Four words are here."]
+    solo = [synth.generate(t, i % 2, [], o) for i, (t, o) in enumerate(zip(texts, opts))]
+    jobs = [synth.job(t, i % 2, [], o) for i, (t, o) in enumerate(zip(texts, opts))]
+    batched = synth.generate_many(jobs)
+    for a, b in zip(solo, batched):
+        assert torch.equal(a.codes, b.codes)
+        np.testing.assert_allclose(a.samples, b.samples, atol=1e-5)
+
+
+def test_sampling_settings_change_the_output(synth) -> None:  # noqa: ANN001
+    base = GenerationOptions(seed=3, max_audio_ms=400)
+    ref = synth.generate("Options.", 0, [], base).codes
+    for change in ({"temperature": 0.5}, {"top_k": 5}, {"top_p": 0.5}, {"repetition_penalty": 1.5}):
+        assert not torch.equal(ref, synth.generate("Options.", 0, [], base.replace(**change)).codes), change
