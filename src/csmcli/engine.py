@@ -160,8 +160,12 @@ class Engine:
         self.params = SamplingParams.empty(max_batch, device)
         self.recent = torch.full((max_batch, REPETITION_WINDOW, model.num_codebooks), -1,
                                  dtype=torch.long, device=device)
+        self.pos = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.slots: list[Job | None] = [None] * max_batch
         self.positions = [0] * max_batch
+        self.graphs: dict[int, torch.cuda.CUDAGraph] | None = None
+        self.graph_buckets: list[int] = []
+        self.graph_codes: dict[int, Tensor] = {}
         self.waiting: deque[Job] = deque()
         self.lock = threading.RLock()
         self.prefix_store: OrderedDict[str, Tensor] = OrderedDict()
@@ -259,18 +263,65 @@ class Engine:
             if not rows:
                 return False
             n = rows[-1] + 1
-            codes = self.model.decode_frame(self.hidden[:n], self._sampler(), self.depth_cache)
-            frame_slot = self.params.frame[:n] % REPETITION_WINDOW
-            self.recent[torch.arange(n, device=self.device), frame_slot] = codes
-            self.params.frame[:n] += 1
+            live = set(rows)
+            width = self._bucket(n) if self.graphs is not None else n
+            positions = [self.positions[i] if i in live else 0 for i in range(width)]
+            self.pos[:width].copy_(torch.tensor(positions), non_blocking=True)
+            if self.graphs is not None:
+                self.graphs[width].replay()
+                codes = self.graph_codes[width]
+            else:
+                codes = self._frame(width, max(positions) + 1)
             host_codes = codes.cpu()
-            pos = torch.tensor([self.positions[i] if i in rows else 0 for i in range(n)], device=self.device)
-            kv_len = max(self.positions[i] for i in rows) + 1
-            self.hidden[:n] = self.model.backbone_step(codes, pos, self.cache, kv_len)
             for i in rows:
                 self.positions[i] += 1
                 self._deliver(i, host_codes[i])
             return True
+
+    def _frame(self, n: int, kv_len: int) -> Tensor:
+        """One frame for rows ``0..n-1``: sample 32 codes, then feed them to the backbone.
+
+        Works only on preallocated state (hidden states, positions, caches, sampling rows), so
+        the same function runs eagerly or is captured once per batch bucket as a CUDA graph.
+        """
+        codes = self.model.decode_frame(self.hidden[:n], self._sampler(), self.depth_cache)
+        frame_slot = self.params.frame[:n] % REPETITION_WINDOW
+        self.recent[torch.arange(n, device=self.device), frame_slot] = codes
+        self.params.frame[:n] += 1
+        self.hidden[:n] = self.model.backbone_step(codes, self.pos[:n], self.cache, kv_len)
+        return codes
+
+    def _bucket(self, n: int) -> int:
+        return next(b for b in self.graph_buckets if b >= n)
+
+    @torch.inference_mode()
+    def capture_graphs(self) -> None:
+        """Record the whole frame as one CUDA graph per batch bucket (1, 2, 4, ... max_batch).
+
+        Called once before any job runs: the warm-up runs scribble on slot state, which every
+        job's prefill and :meth:`SamplingParams.set_row` overwrite anyway.
+        """
+        if self.device.type != "cuda" or self.graphs is not None:
+            return
+        buckets = sorted({min(2**i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)})
+        graphs, outputs = {}, {}
+        pool = torch.cuda.graph_pool_handle()
+        self.pos.zero_()
+        for b in reversed(buckets):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._frame(b, self.max_len)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                outputs[b] = self._frame(b, self.max_len)
+            graphs[b] = graph
+        torch.cuda.synchronize()
+        self.recent.fill_(-1)
+        self.params.frame.zero_()
+        self.graph_buckets, self.graph_codes, self.graphs = buckets, outputs, graphs
 
     def _sampler(self) -> Callable[[Tensor, int], Tensor]:
         def pick(logits: Tensor, codebook: int) -> Tensor:

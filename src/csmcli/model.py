@@ -185,6 +185,7 @@ class CSMModel(nn.Module):
         self.projection = nn.Linear(dim, ddim, bias=False)
         self.decoder = Transformer(self.depth_spec)
         self.audio_head = nn.Parameter(torch.empty(self.num_codebooks - 1, ddim, self.vocab))
+        self.quantized_heads: nn.ModuleList | None = None
         self.register_buffer(
             "audio_offsets", torch.arange(self.num_codebooks) * self.vocab, persistent=False
         )
@@ -232,6 +233,12 @@ class CSMModel(nn.Module):
         h = self.backbone(self.embed_frames(codes)[:, None], pos[:, None], cache[:, :, :b], kv_len, mask)
         return h[:, 0]
 
+    def head(self, index: int, x: Tensor) -> Tensor:
+        """Logits of codebook ``index + 1`` from depth-decoder states ``x`` ``[B, dim]``."""
+        if self.quantized_heads is not None:
+            return self.quantized_heads[index](x)
+        return x @ self.audio_head[index]
+
     def decode_frame(self, h: Tensor, sample: SampleFn, cache: Tensor) -> Tensor:
         """Codebook 0 from backbone states ``h`` ``[B, dim]``, then 31 depth-decoder steps -> ``[B, 32]``.
 
@@ -245,7 +252,7 @@ class CSMModel(nn.Module):
         pos = torch.arange(2, device=h.device).expand(b, 2)
         for i in range(1, self.num_codebooks):
             out = self.decoder(x, pos, cache, i + 1, None)
-            code = sample(out[:, -1] @ self.audio_head[i - 1], i)
+            code = sample(self.head(i - 1, out[:, -1]), i)
             codes.append(code)
             x = self.projection(self.audio_embeddings(code + i * self.vocab))[:, None]
             pos = torch.full((b, 1), i + 1, device=h.device)

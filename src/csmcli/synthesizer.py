@@ -83,6 +83,7 @@ def build_model(config: dict, state: dict[str, Tensor], device: torch.device, dt
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint tensors do not fit its config: {str(exc).splitlines()[0]}") from None
     model.init_buffers(device)
+    model.requires_grad_(False)
     return model.eval()
 
 

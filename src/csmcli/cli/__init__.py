@@ -10,7 +10,7 @@ import click
 import typer
 
 from ..errors import CsmError
-from . import download, say, voices
+from . import bench, download, say, voices
 
 app = typer.Typer(
     name="csm",
@@ -23,6 +23,7 @@ app = typer.Typer(
 say.register(app)
 download.register(app)
 voices.register(app)
+bench.register(app)
 
 
 def _setup_logging() -> None:

@@ -1,0 +1,255 @@
+"""``csm bench``: measure the engine (prefill, ms per frame, time to first audio, batching, memory).
+
+With ``random_weights`` the full-size CSM-1B architecture gets random weights (the same compute
+as the real model), so the numbers can be reproduced where the gated weights are absent.  The
+``transformers`` baseline runs ``CsmForConditionalGeneration.generate`` on the same weights,
+dtype, prompt length and frame count in the same process.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import checkpoint
+from .engine import Engine, Job
+from .model import CSMModel
+from .options import FRAME_MS, GenerationOptions
+from .prompt import Prompt
+
+
+@dataclass
+class BenchSetup:
+    """What to measure."""
+
+    prompt_rows: int = 128
+    frames: int = 24
+    batch_sizes: tuple[int, ...] = (1, 4, 8)
+    warmup: int = 3
+    baseline: str | None = None
+
+
+def physical_cores() -> int:
+    """Physical CPU cores available to this process (hyper-threads not counted)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_id") as f:
+                core = f.read().strip()
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/physical_package_id") as f:
+                cores.add((f.read().strip(), core))
+        except OSError:
+            cores.add(("", str(cpu)))
+    return max(1, len(cores))
+
+
+def random_state(config: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
+    """A transformers-format CSM state dict with random weights (reserved codes never win)."""
+    from transformers import CsmConfig, CsmForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = CsmConfig(**{k: v for k, v in config.items() if k != "model_type"})
+    with torch.device("meta"):
+        ref = CsmForConditionalGeneration(cfg)
+    state = {}
+    for name, tensor in ref.state_dict().items():
+        if name.startswith("codec_model."):
+            continue
+        t = torch.empty(tensor.shape)
+        if name.endswith("norm.weight"):
+            t.fill_(1.0)
+        else:
+            t.normal_(0.0, 0.02)
+        state[name] = t
+    state["lm_head.weight"][2048:] = 0
+    state["depth_decoder.codebooks_head.weight"][:, :, 2048:] = 0
+    return state
+
+
+def random_codec(device: torch.device):  # noqa: ANN201
+    """Full-size Mimi with random weights (decoding cost does not depend on the values)."""
+    from transformers import MimiConfig, MimiModel
+
+    from .codec import Codec
+
+    torch.manual_seed(0)
+    return Codec(MimiModel(MimiConfig()).eval().to(device))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _prompt(rows: int, seed: int = 0) -> Prompt:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(rows, 33, dtype=torch.long)
+    tokens[:, -1] = torch.randint(0, 128000, (rows,), generator=g)
+    tokens[0, -1], tokens[-1, -1] = 128000, 128001
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[:, -1] = True
+    return Prompt(tokens, mask)
+
+
+def _options(frames: int) -> GenerationOptions:
+    return GenerationOptions(seed=1, max_audio_ms=frames * FRAME_MS)
+
+
+@torch.inference_mode()
+def measure_engine(engine: Engine, setup: BenchSetup) -> dict[str, Any]:
+    """Prefill time, steady-state ms per frame, time to first audio and batched throughput."""
+    device = engine.device
+    total = setup.warmup + setup.frames
+    out: dict[str, Any] = {}
+    prefill = []
+    for i in range(3):
+        job = Job(_prompt(setup.prompt_rows, i), _options(total))
+        _sync(device)
+        t = time.perf_counter()
+        engine._prefill(0, job)
+        _sync(device)
+        prefill.append(time.perf_counter() - t)
+    out["prefill_ms"] = 1e3 * statistics.median(prefill)
+
+    ttfa = []
+    for i in range(3):
+        job = engine.submit(Job(_prompt(setup.prompt_rows, 10 + i), _options(2), first_chunk_frames=1))
+        t = time.perf_counter()
+        while not job.pop_chunks():
+            engine.step()
+        ttfa.append(time.perf_counter() - t)
+        engine.run_until_done(job)
+    out["time_to_first_audio_ms"] = 1e3 * statistics.median(ttfa)
+
+    throughput = {}
+    for batch in setup.batch_sizes:
+        if batch > engine.max_batch:
+            continue
+        jobs = [engine.submit(Job(_prompt(setup.prompt_rows, 100 + j), _options(total), chunk_frames=8))
+                for j in range(batch)]
+        for _ in range(setup.warmup):
+            engine.step()
+        times = []
+        for _ in range(setup.frames):
+            t = time.perf_counter()
+            engine.step()
+            _sync(device)
+            times.append(time.perf_counter() - t)
+        engine.run_until_done(jobs[-1])
+        for job in jobs:
+            engine.run_until_done(job)
+        ms = 1e3 * statistics.median(times)
+        throughput[str(batch)] = {"ms_per_frame": ms, "frames_per_s": batch * 1e3 / ms,
+                                  "real_time_factor": ms / FRAME_MS}
+        if batch == 1:
+            out["ms_per_frame"] = ms
+            out["real_time_factor"] = ms / FRAME_MS
+    out["batches"] = throughput
+    return out
+
+
+def measure_transformers(state: dict[str, torch.Tensor], config: dict[str, Any], device: torch.device,
+                         dtype: torch.dtype, setup: BenchSetup) -> dict[str, Any]:
+    """transformers' generate on the same weights: ms per frame from two runs of different length."""
+    from transformers import CsmConfig, CsmForConditionalGeneration
+
+    from transformers.initialization import no_init_weights
+
+    cfg = CsmConfig(**{k: v for k, v in config.items() if k not in ("model_type", "transformers_weights")})
+    with no_init_weights(), torch.device(device):
+        ref = CsmForConditionalGeneration(cfg).to(dtype)
+    full = {k: v.to(device, dtype) for k, v in state.items()}
+    full.setdefault("depth_decoder.model.embed_tokens.weight",
+                    full["backbone_model.embed_tokens.embed_audio_tokens.weight"])
+    full.setdefault("backbone_model.embed_tokens.embed_audio_tokens.weight",
+                    full["depth_decoder.model.embed_tokens.weight"])
+    missing, _ = ref.load_state_dict(full, strict=False)
+    if any(not k.startswith("codec_model.") for k in missing):
+        raise RuntimeError(f"baseline model is missing {missing[:3]}")
+    ref.eval()
+    ids = _prompt(setup.prompt_rows).tokens[:, -1][None].to(device)
+    mask = torch.ones_like(ids)
+
+    def run(frames: int) -> float:
+        _sync(device)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=frames, min_new_tokens=frames,
+                         do_sample=True, temperature=0.9, top_k=50, depth_decoder_do_sample=True,
+                         depth_decoder_temperature=0.9, depth_decoder_top_k=50)
+        _sync(device)
+        return time.perf_counter() - t
+
+    run(2)
+    short, long_ = max(2, setup.frames // 4), setup.frames
+    ms = 1e3 * (run(long_) - run(short)) / (long_ - short)
+    return {"ms_per_frame": ms, "real_time_factor": ms / FRAME_MS}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak device memory (CUDA) or peak resident set size of the process (CPU), in MB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_bench(model: str | None, device: str, dtype: str, quantize: str, setup: BenchSetup,
+              threads: int | None = None, graphs: bool = True) -> dict[str, Any]:
+    """Load (or randomly build) the model, measure it and optionally the transformers baseline."""
+    from .quant import quantize_int8
+    from .synthesizer import build_model, pick_device, pick_dtype
+
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    if torch_device.type == "cpu":
+        torch.set_num_threads(threads or physical_cores())
+    if model is None:
+        config = checkpoint.CSM_1B_CONFIG
+        state = random_state(config)
+        codec = random_codec(torch_device)
+        source = "random weights, full-size CSM-1B architecture"
+    else:
+        ckpt = checkpoint.inspect(checkpoint.resolve(model))
+        config = ckpt.config
+        state, codec_state = checkpoint.read_tensors(ckpt)
+        from .codec import Codec
+
+        codec = Codec.from_state_dict(config["codec_config"], codec_state, torch_device)
+        source = str(ckpt.path)
+    net: CSMModel = build_model(config, state, torch_device, torch_dtype)
+    if quantize == "int8":
+        quantize_int8(net)
+    engine = Engine(net, codec, torch_device, torch_dtype, max_batch=max(setup.batch_sizes))
+    if graphs:
+        engine.capture_graphs()
+    result: dict[str, Any] = {
+        "model": source,
+        "device": torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else platform.processor()
+        or platform.machine(),
+        "device_type": torch_device.type,
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "quantization": quantize,
+        "threads": torch.get_num_threads(),
+        "cuda_graphs": engine.graphs is not None,
+        "torch": torch.__version__,
+        "prompt_rows": setup.prompt_rows,
+        "frames": setup.frames,
+    }
+    result.update(measure_engine(engine, setup))
+    result["peak_memory_mb"] = peak_memory_mb(torch_device)
+    if setup.baseline == "transformers":
+        del engine, net
+        if torch_device.type == "cuda":
+            torch.cuda.empty_cache()
+        base = measure_transformers(state, config, torch_device, torch_dtype, setup)
+        result["baseline"] = {"name": "transformers", **base}
+        result["speedup_vs_baseline"] = base["ms_per_frame"] / result["ms_per_frame"]
+    return result

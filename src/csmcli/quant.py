@@ -1,0 +1,53 @@
+"""Weight-only int8 quantization of CSM's linear layers (per output channel, symmetric).
+
+On the CPU the matrix products run on torch's own int8 weight kernel
+(``torch._weight_int8pack_mm``, the one gpt-fast uses), which reads half the bytes of bf16;
+elsewhere the int8 weights are dequantized on the fly.  Embeddings stay in the model's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .model import CSMModel
+
+
+class Int8Linear(nn.Module):
+    """``y = x @ (q * scale).T`` with ``q`` int8 ``[out, in]`` and one scale per output channel."""
+
+    def __init__(self, weight: Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        w = weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        self.register_buffer("weight", (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(dtype))
+        self.out_features, self.in_features = w.shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1]).contiguous()
+        if flat.device.type == "cpu":
+            y = torch._weight_int8pack_mm(flat, self.weight, self.scales)
+        else:
+            y = nn.functional.linear(flat, self.weight.to(flat.dtype)) * self.scales
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+QUANTIZATIONS = ("none", "int8")
+
+
+def quantize_int8(model: CSMModel) -> CSMModel:
+    """Replace every projection of both transformers and all heads by :class:`Int8Linear`, in place."""
+    dtype = model.codebook0_head.weight.dtype
+    for net in (model.backbone, model.decoder):
+        for block in net.layers:
+            for name in ("wqkv", "wo", "w13", "w2"):
+                setattr(block, name, Int8Linear(getattr(block, name).weight, dtype))
+    model.codebook0_head = Int8Linear(model.codebook0_head.weight, dtype)
+    model.projection = Int8Linear(model.projection.weight, dtype)
+    model.quantized_heads = nn.ModuleList(Int8Linear(model.audio_head[i].T, dtype)
+                                          for i in range(model.audio_head.shape[0]))
+    del model.audio_head
+    model.register_parameter("audio_head", None)
+    return model
