@@ -10,7 +10,7 @@ import click
 import typer
 
 from ..errors import CsmError
-from . import bench, download, say, voices
+from . import bench, download, play, say, voices
 
 app = typer.Typer(
     name="csm",
@@ -21,6 +21,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 say.register(app)
+play.register(app)
 download.register(app)
 voices.register(app)
 bench.register(app)

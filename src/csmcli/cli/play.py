@@ -1,0 +1,129 @@
+"""``csm play``: speak through the speakers while generating; line by line from stdin too."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..prompt import Segment, check_speaker
+from .common import (
+    ContextAudioOpt,
+    ContextTextOpt,
+    DeviceOpt,
+    DtypeOpt,
+    MaxAudioMsOpt,
+    ModelOpt,
+    QuietOpt,
+    RepetitionPenaltyOpt,
+    SeedOpt,
+    SpeakerOpt,
+    TemperatureOpt,
+    TopKOpt,
+    TopPOpt,
+    VoiceOpt,
+    explicit_context,
+    generation_options,
+    stderr_is_tty,
+)
+from .loading import load_synthesizer
+from .say import read_text
+
+#: Speech runs at roughly this many characters per second (for the playback start estimate).
+CHARS_PER_SECOND = 14.0
+#: Earlier lines that condition the next one in line-by-line mode.
+HISTORY_LINES = 3
+
+
+def play(
+    text: Annotated[str | None, typer.Argument(help="Text to speak; nothing reads stdin line by line.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="Speak the text of this file.")] = None,
+    output_device: Annotated[str | None, typer.Option(
+        "--output-device", "-d", help="Output device index or (part of its) name.")] = None,
+    list_devices: Annotated[bool, typer.Option("--list-devices", help="List output devices and exit.")] = False,
+    model: ModelOpt = "sesame/csm-1b",
+    speaker: SpeakerOpt = 0,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = None,
+    max_audio_ms: MaxAudioMsOpt = None,
+    seed: SeedOpt = None,
+    voice: VoiceOpt = None,
+    context_audio: ContextAudioOpt = None,
+    context_text: ContextTextOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    quiet: QuietOpt = False,
+) -> None:
+    """Speak TEXT through the speakers as it is generated."""
+    from .. import playback
+
+    if list_devices:
+        _print_devices(playback.list_devices())
+        return
+    options = generation_options(temperature, top_k, top_p, repetition_penalty, max_audio_ms, seed)
+    check_speaker(speaker)
+    out = playback.resolve_device(output_device)
+    words = read_text(text, file) if text is not None or file is not None else None
+    context = explicit_context(context_audio, context_text, speaker)
+    show = not quiet and stderr_is_tty()
+    synth = load_synthesizer(model, device, dtype, show)
+    base = context if context is not None else synth.voice_context(speaker, voice)
+
+    def speak(line: str, history: list[Segment]) -> None:
+        ctx = [*base, *history]
+        codes = []
+
+        def chunks() -> Iterator:
+            for job in synth.jobs(line, speaker, context=ctx, options=options,
+                                  first_chunk_frames=2, chunk_frames=6):
+                yield from synth.run(job)
+                codes.append(job.all_codes())
+
+        expected = min(len(line) / CHARS_PER_SECOND, options.max_audio_ms / 1000)
+        playback.play_stream(chunks(), device=out, expected_total_s=expected)
+        if codes:
+            import torch
+
+            history.append(Segment(line, speaker, codes=torch.cat(codes)))
+            del history[:-HISTORY_LINES]
+
+    if words is not None:
+        speak(words, [])
+        return
+    history: list[Segment] = []
+    for line in _lines():
+        speak(line, history)
+
+
+def _lines() -> Iterator[str]:
+    """Non-empty stdin lines as they arrive (with a prompt when stdin is a terminal)."""
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    if interactive:
+        print("Type a line and press Enter to hear it; Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline() if sys.stdin is not None else ""
+        if not line:
+            return
+        if line.strip():
+            yield line.strip()
+
+
+def _print_devices(devices: list[dict]) -> None:
+    if not devices:
+        typer.echo("no audio output devices found", err=True)
+        return
+    for d in devices:
+        mark = "*" if d.get("default") else " "
+        typer.echo(f"{mark} {d['index']:3d}  {d['name']}  ({d['max_output_channels']} ch)")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``play`` to the app."""
+    app.command("play")(play)
