@@ -125,3 +125,30 @@ def test_sampling_settings_change_the_output(synth) -> None:  # noqa: ANN001
     ref = synth.generate("Options.", 0, [], base).codes
     for change in ({"temperature": 0.5}, {"top_k": 5}, {"top_p": 0.5}, {"repetition_penalty": 1.5}):
         assert not torch.equal(ref, synth.generate("Options.", 0, [], base.replace(**change)).codes), change
+
+
+def test_static_shape_frames_match_the_dynamic_path(synth) -> None:  # noqa: ANN001
+    """What a CUDA graph replays (bucketed batch width, full-length attention) gives the same codes.
+
+    The graph itself needs a GPU; here each "replay" runs the captured function eagerly on the CPU.
+    """
+    engine = synth.engine
+    opts = [GenerationOptions(seed=s, max_audio_ms=320 + 80 * s) for s in range(3)]
+    expected = [synth.generate(t, 0, [], o).codes for t, o in zip(["a b", "c d e", "f"], opts)]
+
+    class Replay:
+        def __init__(self, width: int) -> None:
+            self.width = width
+
+        def replay(self) -> None:
+            engine.graph_codes[self.width] = engine._frame(self.width, engine.max_len)
+
+    engine.graph_buckets = [1, 2, 4]
+    engine.graphs = {b: Replay(b) for b in engine.graph_buckets}
+    try:
+        jobs = [synth.job(t, 0, [], o) for t, o in zip(["a b", "c d e", "f"], opts)]
+        got = synth.generate_many(jobs)
+    finally:
+        engine.graphs, engine.graph_buckets, engine.graph_codes = None, [], {}
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b.codes)

@@ -160,7 +160,6 @@ def measure_transformers(state: dict[str, torch.Tensor], config: dict[str, Any],
                          dtype: torch.dtype, setup: BenchSetup) -> dict[str, Any]:
     """transformers' generate on the same weights: ms per frame from two runs of different length."""
     from transformers import CsmConfig, CsmForConditionalGeneration
-
     from transformers.initialization import no_init_weights
 
     cfg = CsmConfig(**{k: v for k, v in config.items() if k not in ("model_type", "transformers_weights")})

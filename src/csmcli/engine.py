@@ -147,7 +147,7 @@ class Engine:
     """Model + codec + static per-slot state; generates frames for all active jobs together."""
 
     def __init__(self, model: CSMModel, codec, device: torch.device, dtype: torch.dtype,  # noqa: ANN001
-                 max_batch: int = 1, prefix_capacity: int = 16) -> None:
+                 max_batch: int = 1, prefix_bytes: int = 256 * 2**20) -> None:
         self.model = model
         self.codec = codec
         self.device = device
@@ -169,7 +169,7 @@ class Engine:
         self.waiting: deque[Job] = deque()
         self.lock = threading.RLock()
         self.prefix_store: OrderedDict[str, Tensor] = OrderedDict()
-        self.prefix_capacity = prefix_capacity
+        self.prefix_bytes = prefix_bytes
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -242,9 +242,11 @@ class Engine:
         if kv is None:
             embeds = self.model.embed_rows(prompt.tokens[:n].to(self.device), prompt.mask[:n].to(self.device))
             self.model.prefill(embeds.to(self.dtype), 0, self.cache, slot)
-            self.prefix_store[key] = self.cache[:, :, slot, :, :n].clone()
-            while len(self.prefix_store) > self.prefix_capacity:
-                self.prefix_store.popitem(last=False)
+            kv = self.cache[:, :, slot, :, :n]
+            if kv.numel() * kv.element_size() <= self.prefix_bytes:
+                self.prefix_store[key] = kv.clone()
+                while sum(t.numel() * t.element_size() for t in self.prefix_store.values()) > self.prefix_bytes:
+                    self.prefix_store.popitem(last=False)
         else:
             self.prefix_store.move_to_end(key)
             self.cache[:, :, slot, :, :n] = kv

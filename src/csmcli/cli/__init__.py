@@ -6,11 +6,15 @@ import logging
 import os
 import sys
 
-import click
 import typer
 
+try:  # recent typer vendors its own click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer uses the real click
+    from click.exceptions import ClickException
+
 from ..errors import CsmError
-from . import bench, download, play, say, voices
+from . import batch, bench, download, play, say, voices
 
 app = typer.Typer(
     name="csm",
@@ -22,6 +26,7 @@ app = typer.Typer(
 )
 say.register(app)
 play.register(app)
+batch.register(app)
 download.register(app)
 voices.register(app)
 bench.register(app)
@@ -42,12 +47,12 @@ def main(argv: list[str] | None = None) -> None:
     _setup_logging()
     try:
         result = app(args=argv, prog_name="csm", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
+    except ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         print("csm: interrupted", file=sys.stderr)
         sys.exit(130)
     except CsmError as exc:
