@@ -45,7 +45,7 @@ def main(out: Path) -> int:
             ok &= same and audio < 1e-3
     jobs = [gpu.job(t, s, [], GenerationOptions(seed=i, max_audio_ms=800)) for i, (t, s) in enumerate(PROMPTS)]
     batched = gpu.generate_many(jobs)
-    for i, ((text, speaker), got) in enumerate(zip(PROMPTS, batched)):
+    for i, ((text, speaker), got) in enumerate(zip(PROMPTS, batched, strict=True)):
         solo = cpu.generate(text, speaker, [], GenerationOptions(seed=i, max_audio_ms=800))
         same = torch.equal(solo.codes, got.codes)
         print(f"batched on GPU vs solo on CPU, row {i}: codes equal={same}")

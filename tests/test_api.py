@@ -81,11 +81,11 @@ def test_long_text_is_split_and_pieces_carry_the_voice(synth) -> None:  # noqa: 
         list(synth.run(job))
         jobs.append(job)
     assert len(jobs) >= 3
-    second_prompt = jobs[1].prompt
-    # piece 2's context: the voice preset, then piece 1 with its generated codes
-    assert len(second_prompt) > len(jobs[0].prompt)
-    assert torch.equal(second_prompt.tokens[jobs[0].prompt.prefix_len:][: len(jobs[0].prompt) - jobs[0].prompt.prefix_len],
-                       jobs[0].prompt.tokens[jobs[0].prompt.prefix_len:])
+    first, second = jobs[0].prompt, jobs[1].prompt
+    # piece 2's context: the voice preset, then piece 1's text rows followed by its generated codes
+    own_rows = first.tokens[first.prefix_len :]
+    assert torch.equal(second.tokens[first.prefix_len : len(first)], own_rows)
+    assert torch.equal(second.tokens[len(first) : len(first) + jobs[0].stats.frames, :32], jobs[0].all_codes())
     audio = synth.generate(text, 0, options=opts)
     pause = round(0.25 * 24000)
     assert audio.pieces == len(jobs)
@@ -112,10 +112,10 @@ def test_single_job_that_cannot_fit_is_a_clear_error(synth) -> None:  # noqa: AN
 def test_batched_jobs_match_solo_results(synth) -> None:  # noqa: ANN001
     opts = [GenerationOptions(seed=s, max_audio_ms=400 + 80 * s) for s in range(4)]
     texts = ["One.", "Two words.", "Three words here.", "Four words are here."]
-    solo = [synth.generate(t, i % 2, [], o) for i, (t, o) in enumerate(zip(texts, opts))]
-    jobs = [synth.job(t, i % 2, [], o) for i, (t, o) in enumerate(zip(texts, opts))]
+    solo = [synth.generate(t, i % 2, [], o) for i, (t, o) in enumerate(zip(texts, opts, strict=True))]
+    jobs = [synth.job(t, i % 2, [], o) for i, (t, o) in enumerate(zip(texts, opts, strict=True))]
     batched = synth.generate_many(jobs)
-    for a, b in zip(solo, batched):
+    for a, b in zip(solo, batched, strict=True):
         assert torch.equal(a.codes, b.codes)
         np.testing.assert_allclose(a.samples, b.samples, atol=1e-5)
 
@@ -134,7 +134,7 @@ def test_static_shape_frames_match_the_dynamic_path(synth) -> None:  # noqa: ANN
     """
     engine = synth.engine
     opts = [GenerationOptions(seed=s, max_audio_ms=320 + 80 * s) for s in range(3)]
-    expected = [synth.generate(t, 0, [], o).codes for t, o in zip(["a b", "c d e", "f"], opts)]
+    expected = [synth.generate(t, 0, [], o).codes for t, o in zip(["a b", "c d e", "f"], opts, strict=True)]
 
     class Replay:
         def __init__(self, width: int) -> None:
@@ -146,9 +146,9 @@ def test_static_shape_frames_match_the_dynamic_path(synth) -> None:  # noqa: ANN
     engine.graph_buckets = [1, 2, 4]
     engine.graphs = {b: Replay(b) for b in engine.graph_buckets}
     try:
-        jobs = [synth.job(t, 0, [], o) for t, o in zip(["a b", "c d e", "f"], opts)]
+        jobs = [synth.job(t, 0, [], o) for t, o in zip(["a b", "c d e", "f"], opts, strict=True)]
         got = synth.generate_many(jobs)
     finally:
         engine.graphs, engine.graph_buckets, engine.graph_codes = None, [], {}
-    for a, b in zip(expected, got):
+    for a, b in zip(expected, got, strict=True):
         assert torch.equal(a, b.codes)

@@ -129,10 +129,7 @@ class Job:
         if self._decoder is None:
             self._decoder = codec.stream()
         frames = len(self._pending)
-        if frames:
-            samples = self._decoder.push(torch.stack(self._pending))
-        else:
-            samples = np.zeros(0, dtype=np.float32)
+        samples = self._decoder.push(torch.stack(self._pending)) if frames else np.zeros(0, dtype=np.float32)
         if self.lead_samples and self._emitted_frames == 0:
             samples = np.concatenate([np.zeros(self.lead_samples, dtype=np.float32), samples])
         self._pending = []

@@ -170,7 +170,7 @@ def context_segments(audio_files: list[Path], texts: list[str], speaker: int) ->
             f"give one --context-text per --context-audio ({len(audio_files)} audio, {len(texts)} texts)"
         )
     segments = []
-    for file, text in zip(audio_files, texts):
+    for file, text in zip(audio_files, texts, strict=True):
         check_text(text)
         segments.append(Segment(text.strip(), speaker, fit_context_audio(read_audio(file), str(file))))
     return segments
