@@ -34,6 +34,7 @@ class BenchSetup:
     batch_sizes: tuple[int, ...] = (1, 4, 8)
     warmup: int = 3
     baseline: str | None = None
+    voice_rows: int = 320
 
 
 def physical_cores() -> int:
@@ -128,6 +129,7 @@ def measure_engine(engine: Engine, setup: BenchSetup) -> dict[str, Any]:
         ttfa.append(time.perf_counter() - t)
         engine.run_until_done(job)
     out["time_to_first_audio_ms"] = 1e3 * statistics.median(ttfa)
+    out.update(_prefix_ttfa(engine, setup))
 
     throughput = {}
     for batch in setup.batch_sizes:
@@ -191,6 +193,31 @@ def measure_transformers(state: dict[str, torch.Tensor], config: dict[str, Any],
     short, long_ = max(2, setup.frames // 4), setup.frames
     ms = 1e3 * (run(long_) - run(short)) / (long_ - short)
     return {"ms_per_frame": ms, "real_time_factor": ms / FRAME_MS}
+
+
+def _prefix_ttfa(engine: Engine, setup: BenchSetup) -> dict[str, float]:
+    """Time to first audio for a prompt behind a voice-sized prefix, without and with the prefix cache."""
+    voice = _prompt(setup.voice_rows, 1000)
+    text = _prompt(24, 1001)
+    prompt = Prompt.concat([voice, text])
+    prompt.prefix_len = len(voice)
+    out = {}
+    for label in ("uncached", "cached"):
+        if label == "uncached":
+            engine.prefix_store.clear()
+        times = []
+        for _ in range(3):
+            if label == "uncached":
+                engine.prefix_store.clear()
+            job = engine.submit(Job(prompt, _options(2), first_chunk_frames=1))
+            t = time.perf_counter()
+            while not job.pop_chunks():
+                engine.step()
+            times.append(time.perf_counter() - t)
+            engine.run_until_done(job)
+        out[f"time_to_first_audio_{label}_prefix_ms"] = 1e3 * statistics.median(times)
+    out["prefix_rows"] = len(voice)
+    return out
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -60,6 +60,8 @@ def _print(r: dict) -> None:
         ("prefill", f"{r['prefill_ms']:.1f} ms for {r['prompt_rows']} rows"),
         ("ms per frame (1 stream)", f"{r['ms_per_frame']:.1f} ms  (real-time factor {r['real_time_factor']:.2f})"),
         ("time to first audio", f"{r['time_to_first_audio_ms']:.1f} ms"),
+        (f"  behind a {r['prefix_rows']}-row voice", f"{r['time_to_first_audio_uncached_prefix_ms']:.1f} ms uncached, "
+         f"{r['time_to_first_audio_cached_prefix_ms']:.1f} ms with the prefix cache"),
         ("peak memory", f"{r['peak_memory_mb']:.0f} MB"),
     ]
     for size, b in r["batches"].items():
