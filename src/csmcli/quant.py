@@ -18,7 +18,7 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: Tensor, dtype: torch.dtype) -> None:
         super().__init__()
-        w = weight.detach().float()
+        w = weight.detach().float().contiguous()
         scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
         self.register_buffer("weight", (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", scales.to(dtype))

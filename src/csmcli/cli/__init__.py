@@ -14,7 +14,7 @@ except ImportError:  # pragma: no cover - older typer uses the real click
     from click.exceptions import ClickException
 
 from ..errors import CsmError
-from . import batch, bench, download, play, say, voices
+from . import batch, bench, download, play, say, serve, voices
 
 app = typer.Typer(
     name="csm",
@@ -27,6 +27,7 @@ app = typer.Typer(
 say.register(app)
 play.register(app)
 batch.register(app)
+serve.register(app)
 download.register(app)
 voices.register(app)
 bench.register(app)
