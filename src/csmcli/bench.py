@@ -228,7 +228,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def run_bench(model: str | None, device: str, dtype: str, quantize: str, setup: BenchSetup,
-              threads: int | None = None, graphs: bool = True) -> dict[str, Any]:
+              threads: int | None = None, graphs: bool = True, compile: bool = False) -> dict[str, Any]:
     """Load (or randomly build) the model, measure it and optionally the transformers baseline."""
     from .quant import quantize_int8
     from .synthesizer import build_model, pick_device, pick_dtype
@@ -254,8 +254,12 @@ def run_bench(model: str | None, device: str, dtype: str, quantize: str, setup: 
     if quantize == "int8":
         quantize_int8(net)
     engine = Engine(net, codec, torch_device, torch_dtype, max_batch=max(setup.batch_sizes))
+    started = time.perf_counter()
+    if compile:
+        engine.compile()
     if graphs:
         engine.capture_graphs()
+    setup_s = time.perf_counter() - started
     result: dict[str, Any] = {
         "model": source,
         "device": torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else platform.processor()
@@ -265,6 +269,8 @@ def run_bench(model: str | None, device: str, dtype: str, quantize: str, setup: 
         "quantization": quantize,
         "threads": torch.get_num_threads(),
         "cuda_graphs": engine.graphs is not None,
+        "compiled": compile,
+        "compile_and_capture_s": setup_s,
         "torch": torch.__version__,
         "prompt_rows": setup.prompt_rows,
         "frames": setup.frames,

@@ -160,6 +160,7 @@ class Engine:
         self.pos = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.slots: list[Job | None] = [None] * max_batch
         self.positions = [0] * max_batch
+        self.sample_fn = sample
         self.graphs: dict[int, torch.cuda.CUDAGraph] | None = None
         self.graph_buckets: list[int] = []
         self.graph_codes: dict[int, Tensor] = {}
@@ -293,6 +294,13 @@ class Engine:
     def _bucket(self, n: int) -> int:
         return next(b for b in self.graph_buckets if b >= n)
 
+    def compile(self) -> None:
+        """Use ``torch.compile``d layer and sampling functions (call before :meth:`capture_graphs`)."""
+        from .model import compile_kernels
+
+        compile_kernels()
+        self.sample_fn = torch.compile(sample, dynamic=True)
+
     @torch.inference_mode()
     def capture_graphs(self) -> None:
         """Record the whole frame as one CUDA graph per batch bucket (1, 2, 4, ... max_batch).
@@ -326,7 +334,7 @@ class Engine:
         def pick(logits: Tensor, codebook: int) -> Tensor:
             b = logits.shape[0]
             recent = self.recent[:b, :, codebook]
-            return sample(logits, self.params, codebook, NUM_AUDIO_CODES, recent)
+            return self.sample_fn(logits, self.params, codebook, NUM_AUDIO_CODES, recent)
 
         return pick
 

@@ -110,13 +110,8 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: tuple[Tensor, Tensor], write: tuple,
                 kv_len: int, mask: Tensor | None) -> Tensor:
-        s = self.spec
         b, t, _ = x.shape
-        q, k, v = self.wqkv(self.attn_norm(x)).split(
-            [s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim], dim=-1)
-        q = _rotate(q.view(b, t, s.n_heads, s.head_dim), *rope).transpose(1, 2)
-        k = _rotate(k.view(b, t, s.n_kv_heads, s.head_dim), *rope)
-        v = v.view(b, t, s.n_kv_heads, s.head_dim)
+        q, k, v = _KERNELS.attn_in(self, x, *rope)
         k_cache, v_cache = cache
         k_cache[write] = k.to(k_cache.dtype)
         v_cache[write] = v.to(v_cache.dtype)
@@ -124,9 +119,44 @@ class Block(nn.Module):
         attn = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=True
         )
-        x = x + self.wo(attn.transpose(1, 2).reshape(b, t, -1))
-        gate, up = self.w13(self.ffn_norm(x)).chunk(2, dim=-1)
-        return x + self.w2(F.silu(gate) * up)
+        return _KERNELS.attn_out_ffn(self, x, attn)
+
+
+def _attn_in(block: Block, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Norm, fused QKV projection and RoPE: queries ``[B, H, T, D]``, keys and values ``[B, T, KV, D]``."""
+    s = block.spec
+    b, t, _ = x.shape
+    q, k, v = block.wqkv(block.attn_norm(x)).split(
+        [s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim], dim=-1)
+    q = _rotate(q.view(b, t, s.n_heads, s.head_dim), cos, sin).transpose(1, 2)
+    k = _rotate(k.view(b, t, s.n_kv_heads, s.head_dim), cos, sin)
+    return q, k, v.view(b, t, s.n_kv_heads, s.head_dim)
+
+
+def _attn_out_ffn(block: Block, x: Tensor, attn: Tensor) -> Tensor:
+    """Output projection and residual, then the SwiGLU feed-forward and its residual."""
+    b, t, _ = x.shape
+    x = x + block.wo(attn.transpose(1, 2).reshape(b, t, -1))
+    gate, up = block.w13(block.ffn_norm(x)).chunk(2, dim=-1)
+    return x + block.w2(F.silu(gate) * up)
+
+
+class _Kernels:
+    """The per-layer functions, eager by default; :func:`compile_kernels` swaps in compiled ones."""
+
+    attn_in = staticmethod(_attn_in)
+    attn_out_ffn = staticmethod(_attn_out_ffn)
+
+
+_KERNELS = _Kernels()
+
+
+def compile_kernels() -> None:
+    """Fuse each layer's pointwise work with ``torch.compile`` (fewer, larger kernels: what CUDA
+    graphs of the frame then replay).  The attention itself and its cache writes stay eager, so
+    one compiled graph per shape family serves every layer, step and batch size."""
+    _Kernels.attn_in = staticmethod(torch.compile(_attn_in, dynamic=True))
+    _Kernels.attn_out_ffn = staticmethod(torch.compile(_attn_out_ffn, dynamic=True))
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -102,6 +102,8 @@ class Synthesizer:
         self.voices = VoiceLibrary(prompts_dir)
         self._voice_segments: dict[tuple, Segment] = {}
         self.engine = Engine(model, codec, device, dtype, max_batch=max_batch_size)
+        if device.type == "cuda" and os.environ.get("CSM_COMPILE", "0") == "1":
+            self.engine.compile()
         if device.type == "cuda" and os.environ.get("CSM_CUDA_GRAPHS", "1") != "0":
             self.engine.capture_graphs()
 

@@ -27,6 +27,7 @@ def bench(
         "--baseline", help="Also time `transformers` on the same weights and print the ratio.")] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads [default: physical cores].")] = None,
     no_graphs: Annotated[bool, typer.Option("--no-cuda-graphs", help="Run frames eagerly on CUDA.")] = False,
+    compile_: Annotated[bool, typer.Option("--compile", help="Fuse each layer with torch.compile first.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Measure prefill, ms per frame, time to first audio, batch throughput and memory."""
@@ -45,7 +46,7 @@ def bench(
         raise OptionsError("need batch sizes >= 1, frames >= 2 and prompt rows >= 2 within 2048 positions")
     setup = BenchSetup(prompt_rows=prompt_rows, frames=frames, batch_sizes=sizes, baseline=baseline)
     result = run_bench(None if random_weights else model, device, dtype, quantize, setup, threads,
-                       graphs=not no_graphs)
+                       graphs=not no_graphs, compile=compile_)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -56,7 +57,8 @@ def _print(r: dict) -> None:
     table = Table(title=f"csm bench: {r['model']}", show_header=False, box=None)
     rows = [
         ("device", f"{r['device']} ({r['device_type']}), {r['threads']} threads, torch {r['torch']}"),
-        ("dtype / quantization", f"{r['dtype']} / {r['quantization']}, CUDA graphs: {r['cuda_graphs']}"),
+        ("dtype / quantization", f"{r['dtype']} / {r['quantization']}, CUDA graphs: {r['cuda_graphs']}, "
+         f"compiled: {r['compiled']}"),
         ("prefill", f"{r['prefill_ms']:.1f} ms for {r['prompt_rows']} rows"),
         ("ms per frame (1 stream)", f"{r['ms_per_frame']:.1f} ms  (real-time factor {r['real_time_factor']:.2f})"),
         ("time to first audio", f"{r['time_to_first_audio_ms']:.1f} ms"),
