@@ -26,11 +26,16 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def uniform(seed: Tensor, frame: Tensor, codebook: int, n: int) -> Tensor:
-    """Uniform floats in (0, 1), shape ``[B, n]``, a pure function of each row's (seed, frame, codebook)."""
+def code_hashes(n: int, device: torch.device) -> Tensor:
+    """The per-code half of the hash, ``[n]``: constant, so computed once."""
+    idx = torch.arange(n, device=device, dtype=torch.int64)
+    return _mix32(idx * 0x9E3779B9 + 0x632BE5AB)
+
+
+def uniform(seed: Tensor, frame: Tensor, codebook: int, hashes: Tensor) -> Tensor:
+    """Uniform floats in (0, 1), ``[B, len(hashes)]``, a pure function of each row's (seed, frame, codebook)."""
     key = _mix32(seed ^ _mix32(frame * 64 + codebook + 1))
-    idx = torch.arange(n, device=seed.device, dtype=torch.int64)
-    bits = _mix32(key[:, None] ^ _mix32(idx * 0x9E3779B9 + 0x632BE5AB))
+    bits = _mix32(key[:, None] ^ hashes)
     return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
@@ -44,9 +49,10 @@ class SamplingParams:
     repetition_penalty: Tensor
     seed: Tensor
     frame: Tensor
+    hashes: Tensor
 
     @classmethod
-    def empty(cls, batch: int, device: torch.device) -> SamplingParams:
+    def empty(cls, batch: int, device: torch.device, num_codes: int = 2048) -> SamplingParams:
         """Greedy defaults for ``batch`` rows; rows are filled in as requests join."""
         return cls(
             temperature=torch.zeros(batch, device=device),
@@ -55,6 +61,7 @@ class SamplingParams:
             repetition_penalty=torch.ones(batch, device=device),
             seed=torch.zeros(batch, dtype=torch.int64, device=device),
             frame=torch.zeros(batch, dtype=torch.int64, device=device),
+            hashes=code_hashes(num_codes, device),
         )
 
     def set_row(self, row: int, temperature: float, top_k: int, top_p: float, penalty: float, seed: int) -> None:
@@ -88,7 +95,7 @@ def sample(logits: Tensor, params: SamplingParams, codebook: int, num_codes: int
     top_p = params.top_p[:b, None]
     keep_sorted = rank_ok & ((mass_before < top_p) | (top_p >= 1))
     keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
-    u = uniform(params.seed[:b], params.frame[:b], codebook, num_codes)
+    u = uniform(params.seed[:b], params.frame[:b], codebook, params.hashes[:num_codes])
     gumbel = -torch.log(-torch.log(u))
     sampled = (scores + gumbel).masked_fill(~keep, float("-inf")).argmax(dim=-1)
     is_greedy = (params.temperature[:b] == 0) | (params.top_k[:b] == 1)
