@@ -413,8 +413,12 @@ class EngineLoop:
                 if not self.engine.step():
                     self._wake.wait(0.05)
                     self._wake.clear()
-        except BaseException as exc:  # record it for /health, then fail every job in flight
+        except BaseException as exc:  # record it for /health, then fail and drop every job in flight
             self.error = exc
-            for job in [*self.engine.slots, *self.engine.waiting]:
+            with self.engine.lock:
+                jobs = [*self.engine.slots, *self.engine.waiting]
+                self.engine.slots = [None] * self.engine.max_batch
+                self.engine.waiting.clear()
+            for job in jobs:
                 if job is not None and not job.done.is_set():
                     job._fail(exc)

@@ -155,6 +155,10 @@ def compile_kernels() -> None:
     """Fuse each layer's pointwise work with ``torch.compile`` (fewer, larger kernels: what CUDA
     graphs of the frame then replay).  The attention itself and its cache writes stay eager, so
     one compiled graph per shape family serves every layer, step and batch size."""
+    import torch._dynamo
+
+    # backbone and depth decoder differ in width, and prefill, depth and frame steps in length
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     _Kernels.attn_in = staticmethod(torch.compile(_attn_in, dynamic=True))
     _Kernels.attn_out_ffn = staticmethod(torch.compile(_attn_out_ffn, dynamic=True))
 

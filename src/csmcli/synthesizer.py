@@ -225,8 +225,9 @@ class Synthesizer:
                first_chunk_frames: int = 1, chunk_frames: int = 8) -> Iterator[AudioChunk]:
         """Yield audio chunks as frames are generated (the first after ``first_chunk_frames``).
 
-        Long text is spoken piece by piece with short pauses.  Concatenated, the chunks equal
-        :meth:`generate`'s samples exactly.  Closing the iterator early cancels the generation.
+        Long text is spoken piece by piece with short pauses.  Concatenated, the chunks carry the
+        same codes as :meth:`generate` and the same audio up to float rounding (the decoder runs in
+        smaller pieces).  Closing the iterator early cancels the generation.
         """
         for job in self.jobs(text, speaker, voice=voice, context=context, options=options,
                              first_chunk_frames=first_chunk_frames, chunk_frames=chunk_frames):
