@@ -64,8 +64,12 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bfloat16 on CUDA, float16 on MPS and float32 on the CPU."""
+    """``auto`` is bfloat16 on CUDA and on CPUs with native bfloat16 (AVX512-BF16 or AMX), float16
+    on MPS, float32 on other CPUs (where bfloat16 arithmetic is emulated and slower)."""
     if name == "auto":
+        if device.type == "cpu":
+            native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+            return torch.bfloat16 if native else torch.float32
         return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
     if name not in DTYPES:
         raise OptionsError(f"dtype must be one of auto, {', '.join(DTYPES)}, got {name!r}")
