@@ -33,15 +33,19 @@ def main(out: Path) -> int:
     gpu.engine.capture_graphs()
     report = {"graph_capture_s": time.perf_counter() - t, "graphs": sorted(gpu.engine.graphs or {})}
     ok = True
-    for opts in (GenerationOptions(temperature=0, max_audio_ms=24 * 80),
-                 GenerationOptions(seed=7, max_audio_ms=24 * 80)):
+    for opts in (
+        GenerationOptions(temperature=0, max_audio_ms=24 * 80),
+        GenerationOptions(seed=7, max_audio_ms=24 * 80),
+    ):
         for text, speaker in PROMPTS:
             a = cpu.generate(text, speaker, options=opts)
             b = gpu.generate(text, speaker, options=opts)
             same = torch.equal(a.codes, b.codes)
             audio = float(abs(a.samples - b.samples).max())
-            print(f"{'greedy' if opts.greedy else 'seeded'} {text[:20]!r}: codes equal={same} "
-                  f"(frames {len(a.codes)}), max audio diff {audio:.2e}")
+            print(
+                f"{'greedy' if opts.greedy else 'seeded'} {text[:20]!r}: codes equal={same} "
+                f"(frames {len(a.codes)}), max audio diff {audio:.2e}"
+            )
             ok &= same and audio < 1e-3
     jobs = [gpu.job(t, s, [], GenerationOptions(seed=i, max_audio_ms=800)) for i, (t, s) in enumerate(PROMPTS)]
     batched = gpu.generate_many(jobs)

@@ -31,8 +31,13 @@ def run(frames: int) -> None:
     mask = torch.zeros_like(tokens, dtype=torch.bool)
     mask[:, -1] = True
     nets = {"bf16": ref, "int8": q}
-    caches = {k: (m.backbone.new_cache(1, 2048, torch.bfloat16, torch.device("cpu")),
-                  m.decoder.new_cache(1, 33, torch.bfloat16, torch.device("cpu"))) for k, m in nets.items()}
+    caches = {
+        k: (
+            m.backbone.new_cache(1, 2048, torch.bfloat16, torch.device("cpu")),
+            m.decoder.new_cache(1, 33, torch.bfloat16, torch.device("cpu")),
+        )
+        for k, m in nets.items()
+    }
     errors, agree, total = [], 0, 0
     with torch.inference_mode():
         hidden = {k: m.prefill(m.embed_rows(tokens, mask), 0, caches[k][0], 0)[None] for k, m in nets.items()}

@@ -103,8 +103,9 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: dict) -> R
     return result
 
 
-async def client(session: aiohttp.ClientSession, args: argparse.Namespace, index: int, stop_at: float,
-                 results: list[Result]) -> None:
+async def client(
+    session: aiohttp.ClientSession, args: argparse.Namespace, index: int, stop_at: float, results: list[Result]
+) -> None:
     """Send requests back to back until ``stop_at``."""
     n = index
     while time.perf_counter() < stop_at:
@@ -121,8 +122,9 @@ async def run(args: argparse.Namespace) -> tuple[list[Result], float, int]:
     timeout = aiohttp.ClientTimeout(total=None, sock_read=args.duration + args.grace)
     started = time.perf_counter()
     async with aiohttp.ClientSession(headers=headers, connector=connector, timeout=timeout) as session:
-        tasks = [asyncio.create_task(client(session, args, i, started + args.duration, results))
-                 for i in range(args.clients)]
+        tasks = [
+            asyncio.create_task(client(session, args, i, started + args.duration, results)) for i in range(args.clients)
+        ]
         _, pending = await asyncio.wait(tasks, timeout=args.duration + args.grace)
         for task in pending:
             task.cancel()
@@ -146,11 +148,19 @@ def report(args: argparse.Namespace, results: list[Result], wall: float, cut_off
             errors[r.error] = errors.get(r.error, 0) + 1
     audio = sum(r.audio_seconds for r in ok)
     return {
-        "clients": args.clients, "duration_s": args.duration, "requests": len(results), "ok": len(ok),
-        "errors": errors, "cut_off": cut_off, "audio_s": round(audio, 2), "wall_s": round(wall, 2),
+        "clients": args.clients,
+        "duration_s": args.duration,
+        "requests": len(results),
+        "ok": len(ok),
+        "errors": errors,
+        "cut_off": cut_off,
+        "audio_s": round(audio, 2),
+        "wall_s": round(wall, 2),
         "audio_s_per_s": round(audio / wall, 3) if wall else 0.0,
-        "ttfa_p50_s": percentile(ttfa, 50), "ttfa_p95_s": percentile(ttfa, 95),
-        "rtf_p50": percentile(rtf, 50), "rtf_p95": percentile(rtf, 95),
+        "ttfa_p50_s": percentile(ttfa, 50),
+        "ttfa_p95_s": percentile(ttfa, 95),
+        "rtf_p50": percentile(rtf, 50),
+        "rtf_p95": percentile(rtf, 95),
     }
 
 
@@ -166,8 +176,11 @@ def print_table(args: argparse.Namespace, figures: dict) -> None:
         ("time to first audio p95", _seconds(figures["ttfa_p95_s"])),
         ("real-time factor p50", _plain(figures["rtf_p50"])),
         ("real-time factor p95", _plain(figures["rtf_p95"])),
-        ("audio produced", f"{figures['audio_s']:.1f} s in {figures['wall_s']:.1f} s "
-                           f"({figures['audio_s_per_s']:.2f} s of audio per second)"),
+        (
+            "audio produced",
+            f"{figures['audio_s']:.1f} s in {figures['wall_s']:.1f} s "
+            f"({figures['audio_s_per_s']:.2f} s of audio per second)",
+        ),
     ]
     width = max(len(name) for name, _ in rows)
     print(f"{'metric':<{width}}  value")
@@ -191,11 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", "--clients", type=int, default=4, help="concurrent clients")
     parser.add_argument("-t", "--duration", type=float, default=30.0, help="seconds to keep sending")
     parser.add_argument("--grace", type=float, default=60.0, help="seconds to wait for the last requests")
-    parser.add_argument("--max-audio-ms", type=int, default=4000,
-                        help="audio budget per request (0: the server's default)")
+    parser.add_argument(
+        "--max-audio-ms", type=int, default=4000, help="audio budget per request (0: the server's default)"
+    )
     parser.add_argument("--endpoint", choices=("generate", "openai"), default="generate")
-    parser.add_argument("--api-key", default=os.environ.get("CSM_API_KEY"),
-                        help="bearer key [env CSM_API_KEY]")
+    parser.add_argument("--api-key", default=os.environ.get("CSM_API_KEY"), help="bearer key [env CSM_API_KEY]")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
     if args.clients < 1 or args.duration <= 0:

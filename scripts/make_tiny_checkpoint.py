@@ -187,11 +187,7 @@ def _init_csm_weights(model: CsmForConditionalGeneration, gen: torch.Generator) 
 
 def _codebooks(codec: torch.nn.Module) -> list[torch.nn.Module]:
     """Every MimiEuclideanCodebook of the codec, semantic first."""
-    return [
-        module
-        for module in codec.modules()
-        if hasattr(module, "embed_sum") and hasattr(module, "cluster_usage")
-    ]
+    return [module for module in codec.modules() if hasattr(module, "embed_sum") and hasattr(module, "cluster_usage")]
 
 
 def _init_codec(codec: torch.nn.Module, gen: torch.Generator) -> None:
@@ -346,9 +342,7 @@ def build_tokenizer() -> Tokenizer:
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(
-        [AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS]
-    )
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS])
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<|begin_of_text|> $A",
         pair="<|begin_of_text|> $A <|begin_of_text|> $B",
@@ -438,9 +432,7 @@ def _prompt_signal(kind: str, rng: np.random.Generator) -> np.ndarray:
     elif kind == "conversational_b":
         t = np.arange(int(1.2 * SAMPLE_RATE)) / SAMPLE_RATE
         envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t)
-        signal = 0.4 * envelope * np.sin(2 * np.pi * (700 * t - 200 * t**2)) + 0.02 * rng.standard_normal(
-            t.size
-        )
+        signal = 0.4 * envelope * np.sin(2 * np.pi * (700 * t - 200 * t**2)) + 0.02 * rng.standard_normal(t.size)
     else:
         n = int(1.7 * SAMPLE_RATE)  # deliberately not a whole number of 1920-sample frames
         noise = np.convolve(rng.standard_normal(n), np.ones(8) / 8, mode="same")
@@ -458,9 +450,7 @@ def _write_prompts(out: Path, seed: int) -> None:
         sf.write(str(folder / f"{kind}.wav"), _prompt_signal(kind, rng), SAMPLE_RATE, subtype="PCM_16")
 
 
-def make_tiny_checkpoint(
-    out_dir: str | Path, seed: int = 0, formats: str = "both", with_codec: bool = True
-) -> Path:
+def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, formats: str = "both", with_codec: bool = True) -> Path:
     """Write a tiny random CSM checkpoint in the real ``sesame/csm-1b`` layout into ``out_dir``.
 
     ``formats``: ``"both"`` (default, like the real repository), ``"transformers"`` (only the sharded
@@ -627,9 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-check", action="store_true", help="skip the self-check (greedy decode, Mimi)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    out = make_tiny_checkpoint(
-        args.out_dir, seed=args.seed, formats=args.format, with_codec=not args.no_codec
-    )
+    out = make_tiny_checkpoint(args.out_dir, seed=args.seed, formats=args.format, with_codec=not args.no_codec)
     made = time.perf_counter() - start
     report = ""
     if not args.no_check and not args.no_codec and args.format != "original":

@@ -47,11 +47,13 @@ def synth(tiny_dir: Path):  # noqa: ANN201
 def cli_env(tmp_path: Path) -> dict[str, str]:
     """Environment for running the real ``csm`` command: offline, isolated user dirs."""
     env = dict(os.environ)
-    env.update({
-        "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf"),
-        "CSM_HOME": str(tmp_path / "csm-home"),
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "HF_HOME": str(tmp_path / "hf"),
+            "CSM_HOME": str(tmp_path / "csm-home"),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.pop("CSM_MODEL", None)
     return env

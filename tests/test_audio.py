@@ -26,6 +26,7 @@ def tone(seconds: float = 0.5, freq: float = 440.0, amp: float = 0.5, sr: int = 
 
 # --- to_int16 -------------------------------------------------------------------------------------
 
+
 def test_to_int16_clips_instead_of_wrapping() -> None:
     out = audio.to_int16(np.array([1.5, -1.5, 1.0, -1.0, 0.0, 0.5], dtype=np.float32))
     assert out.dtype == np.int16
@@ -42,16 +43,27 @@ def test_to_int16_handles_huge_and_float64() -> None:
 
 # --- format_for -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("path", "expected"), [
-    ("a.wav", "wav"), ("A.WAV", "wav"), ("x/y.flac", "flac"), ("b.ogg", "ogg"),
-    ("c.raw", "raw"), ("d.pcm", "raw"), ("-", "wav"), (None, "wav"),
-])
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("a.wav", "wav"),
+        ("A.WAV", "wav"),
+        ("x/y.flac", "flac"),
+        ("b.ogg", "ogg"),
+        ("c.raw", "raw"),
+        ("d.pcm", "raw"),
+        ("-", "wav"),
+        (None, "wav"),
+    ],
+)
 def test_format_for_extension(path: str | None, expected: str) -> None:
     assert audio.format_for(path, None) == expected
 
 
-@pytest.mark.parametrize(("explicit", "expected"), [("FLAC", "flac"), ("raw", "raw"), ("ogg", "ogg"),
-                                                     (".wav", "wav"), ("pcm", "raw")])
+@pytest.mark.parametrize(
+    ("explicit", "expected"), [("FLAC", "flac"), ("raw", "raw"), ("ogg", "ogg"), (".wav", "wav"), ("pcm", "raw")]
+)
 def test_format_for_explicit_wins(explicit: str, expected: str) -> None:
     assert audio.format_for("out.wav", explicit) == expected
     assert audio.format_for("-", explicit) == expected
@@ -72,6 +84,7 @@ def test_format_for_unknown_explicit() -> None:
 
 
 # --- write_audio / encode_audio ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("fmt", ["wav", "flac"])
 def test_write_pcm16_roundtrip(tmp_path: Path, fmt: str) -> None:
@@ -221,6 +234,7 @@ def test_encode_empty_audio() -> None:
 
 # --- streaming ------------------------------------------------------------------------------------
 
+
 def test_wav_stream_header_layout() -> None:
     h = audio.wav_stream_header()
     assert len(h) == 44
@@ -304,6 +318,7 @@ def test_stream_writer_rejects_containers() -> None:
 
 # --- read_audio -----------------------------------------------------------------------------------
 
+
 def test_read_audio_stereo_44k_downmix_resample(tmp_path: Path) -> None:
     left = tone(1.0, 300, 0.4, sr=44100)
     right = tone(1.0, 300, 0.2, sr=44100)
@@ -317,9 +332,15 @@ def test_read_audio_stereo_44k_downmix_resample(tmp_path: Path) -> None:
     assert np.max(np.abs(y[mid] - ref[mid])) < 2e-3
 
 
-@pytest.mark.parametrize(("fmt", "subtype", "rate"), [
-    ("FLAC", "PCM_24", 48000), ("OGG", "VORBIS", 16000), ("WAV", "PCM_16", SR), ("MP3", None, 44100),
-])
+@pytest.mark.parametrize(
+    ("fmt", "subtype", "rate"),
+    [
+        ("FLAC", "PCM_24", 48000),
+        ("OGG", "VORBIS", 16000),
+        ("WAV", "PCM_16", SR),
+        ("MP3", None, 44100),
+    ],
+)
 def test_read_audio_formats(tmp_path: Path, fmt: str, subtype: str | None, rate: int) -> None:
     if fmt not in sf.available_formats():
         pytest.skip(f"libsndfile {sf.__libsndfile_version__} has no {fmt}")
@@ -372,6 +393,7 @@ def test_read_audio_garbage(tmp_path: Path) -> None:
 
 
 # --- concat / fade --------------------------------------------------------------------------------
+
 
 def test_concat_with_pauses() -> None:
     a, b, c = np.ones(10, np.float32), 2 * np.ones(5, np.float32), 3 * np.ones(3, np.float32)

@@ -37,7 +37,11 @@ def test_text_names_in_order_of_appearance_with_comments_and_ids() -> None:
     turns, problems = parse_text(DIALOG, "d.txt")
     assert problems == []
     assert [(t.number, t.line, t.speaker, t.name) for t in turns] == [
-        (1, 2, 0, "Alice"), (2, 3, 1, "Bob"), (3, 5, 0, "Alice"), (4, 6, 1, "Bob")]
+        (1, 2, 0, "Alice"),
+        (2, 3, 1, "Bob"),
+        (3, 5, 0, "Alice"),
+        (4, 6, 1, "Bob"),
+    ]
     assert turns[2].text == "Fine, thanks. And you?"
 
 
@@ -64,20 +68,24 @@ def test_text_problems_have_line_numbers() -> None:
 
 
 def test_jsonl_turns_and_problems() -> None:
-    source = "\n".join([
-        '{"text": "One.", "speaker": "Ann"}',
-        '{"text": "Two.", "speaker": 1, "voice": "none", "out": "b/two.flac", "temperature": 0.5}',
-        '{"text": "", "speaker": 0}',
-        '{"text": "x", "speaker": 2}',
-        "not json",
-        '{"text": "x", "speaker": 0, "colour": "red"}',
-        '{"text": "x", "speaker": 0, "top_k": 0}',
-        '{"text": "x", "speaker": 0, "out": "../x.wav"}',
-        '{"text": "x"}',
-    ])
+    source = "\n".join(
+        [
+            '{"text": "One.", "speaker": "Ann"}',
+            '{"text": "Two.", "speaker": 1, "voice": "none", "out": "b/two.flac", "temperature": 0.5}',
+            '{"text": "", "speaker": 0}',
+            '{"text": "x", "speaker": 2}',
+            "not json",
+            '{"text": "x", "speaker": 0, "colour": "red"}',
+            '{"text": "x", "speaker": 0, "top_k": 0}',
+            '{"text": "x", "speaker": 0, "out": "../x.wav"}',
+            '{"text": "x"}',
+        ]
+    )
     turns, problems = parse_jsonl(source, "d.jsonl")
     assert [(t.speaker, t.name, t.voice, t.out, t.options) for t in turns] == [
-        (0, "Ann", None, None, {}), (1, "speaker1", "none", "b/two.flac", {"temperature": 0.5})]
+        (0, "Ann", None, None, {}),
+        (1, "speaker1", "none", "b/two.flac", {"temperature": 0.5}),
+    ]
     assert [p.split(":")[1] for p in problems] == ["3", "4", "5", "6", "7", "8", "9"]
     assert "unknown field 'colour'" in problems[3]
     assert "top_k must be at least 1" in problems[4]
@@ -89,13 +97,17 @@ def test_file_names_and_clashes(tmp_path: Path) -> None:
     turns, _ = parse_text("Zoë: hi\n[1] yo\n", "d.txt")
     assert [turn_file(t, "flac") for t in turns] == ["0001_zoe.flac", "0002_speaker1.flac"]
     script = tmp_path / "d.jsonl"
-    script.write_text('{"text": "a", "speaker": 0, "out": "x.wav"}\n'
-                      '{"text": "b", "speaker": 0, "out": "X.wav"}\n'
-                      '{"text": "c", "speaker": 0, "out": "all.wav"}\n')
+    script.write_text(
+        '{"text": "a", "speaker": 0, "out": "x.wav"}\n'
+        '{"text": "b", "speaker": 0, "out": "X.wav"}\n'
+        '{"text": "c", "speaker": 0, "out": "all.wav"}\n'
+    )
     with pytest.raises(ScriptError) as err:
         read_script(script, reserved={"all.wav": "combined file"})
-    assert err.value.problems == [f"{script}:2: file 'X.wav' is also used by line 1",
-                                  f"{script}:3: file 'all.wav' is the combined file"]
+    assert err.value.problems == [
+        f"{script}:2: file 'X.wav' is also used by line 1",
+        f"{script}:3: file 'all.wav' is the combined file",
+    ]
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n\n")
     with pytest.raises(ScriptError, match="no turns"):
@@ -107,8 +119,7 @@ def test_file_names_and_clashes(tmp_path: Path) -> None:
 
 def csm(env: dict[str, str], cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``csm batch ARGS`` in ``cwd``."""
-    proc = subprocess.run([*CSM, "batch", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([*CSM, "batch", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -128,8 +139,14 @@ def audio_files(folder: Path) -> dict[str, bytes]:
 def env(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Offline environment with a private CSM_HOME (like ``cli_env``, but for the whole module)."""
     home = tmp_path_factory.mktemp("home")
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(home / "hf"), "CSM_HOME": str(home / "csm"),
-            "PYTHONUNBUFFERED": "1", "CSM_MODEL": str(tiny_dir)}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(home / "hf"),
+        "CSM_HOME": str(home / "csm"),
+        "PYTHONUNBUFFERED": "1",
+        "CSM_MODEL": str(tiny_dir),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +163,11 @@ def test_outputs_manifest_and_combined(reference: Path, tiny_dir: Path) -> None:
     assert sorted(audio_files(reference)) == sorted([*names, "dialog.wav"])
     entries = manifest(reference)
     assert [(e["turn"], e["speaker"], e["name"], e["file"]) for e in entries] == [
-        (1, 0, "Alice", names[0]), (2, 1, "Bob", names[1]), (3, 0, "Alice", names[2]),
-        (4, 1, "Bob", names[3])]
+        (1, 0, "Alice", names[0]),
+        (2, 1, "Bob", names[1]),
+        (3, 0, "Alice", names[2]),
+        (4, 1, "Bob", names[3]),
+    ]
     assert entries[2]["text"] == "Fine, thanks. And you?"
     assert [e["seed"] for e in entries] == [7, 8, 9, 10]
     assert all(e["options"]["max_audio_ms"] == 240 and e["context_turns"] == 3 for e in entries)
@@ -158,17 +178,28 @@ def test_outputs_manifest_and_combined(reference: Path, tiny_dir: Path) -> None:
     joined, rate = sf.read(reference / "dialog.wav", dtype="int16")
     gap = round(0.4 * RATE)
     assert rate == RATE and len(joined) == sum(map(len, turns)) + 3 * gap
-    np.testing.assert_array_equal(joined, np.concatenate(
-        [turns[0], np.zeros(gap, np.int16), turns[1], np.zeros(gap, np.int16), turns[2],
-         np.zeros(gap, np.int16), turns[3]]))
+    np.testing.assert_array_equal(
+        joined,
+        np.concatenate(
+            [
+                turns[0],
+                np.zeros(gap, np.int16),
+                turns[1],
+                np.zeros(gap, np.int16),
+                turns[2],
+                np.zeros(gap, np.int16),
+                turns[3],
+            ]
+        ),
+    )
     assert len({t.tobytes() for t in turns}) == 4
-    assert sorted(p.name for p in (reference / ".codes").iterdir()) == ["0001.npy", "0002.npy", "0003.npy",
-                                                                         "0004.npy"]
+    assert sorted(p.name for p in (reference / ".codes").iterdir()) == ["0001.npy", "0002.npy", "0003.npy", "0004.npy"]
     assert not list(reference.rglob("*.part"))
 
 
-def test_rerun_keeps_finished_turns_and_redoes_changed_ones(reference: Path, env: dict[str, str],
-                                                            tmp_path: Path) -> None:
+def test_rerun_keeps_finished_turns_and_redoes_changed_ones(
+    reference: Path, env: dict[str, str], tmp_path: Path
+) -> None:
     shutil.copytree(reference, tmp_path / "dialog")
     (tmp_path / "dialog.txt").write_text(DIALOG)
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "dialog").glob("000*.wav")}
@@ -193,11 +224,13 @@ def test_force_redoes_everything_the_same_way(reference: Path, env: dict[str, st
     assert audio_files(tmp_path / "dialog") == audio_files(reference)
 
 
-def test_resume_after_interrupt_equals_an_uninterrupted_run(reference: Path, env: dict[str, str],
-                                                            tmp_path: Path) -> None:
+def test_resume_after_interrupt_equals_an_uninterrupted_run(
+    reference: Path, env: dict[str, str], tmp_path: Path
+) -> None:
     (tmp_path / "dialog.txt").write_text(DIALOG)
-    proc = subprocess.Popen([*CSM, "batch", "dialog.txt", "--seed", "7", *FAST], cwd=tmp_path, env=env,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*CSM, "batch", "dialog.txt", "--seed", "7", *FAST], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
+    )
     for line in proc.stderr:
         if line.startswith("csm: [1/4]"):
             proc.send_signal(signal.SIGINT)
@@ -224,14 +257,17 @@ def test_several_scripts_run_side_by_side(reference: Path, env: dict[str, str], 
         '{"text": "First.", "speaker": "Ann"}\n'
         "# a comment\n"
         '{"text": "Second.", "speaker": 1, "voice": "none", "out": "parts/second.flac"}\n'
-        '{"text": "Third.", "speaker": "ann", "temperature": 0.5, "seed": 99}\n')
+        '{"text": "Third.", "speaker": "ann", "temperature": 0.5, "seed": 99}\n'
+    )
     csm(env, tmp_path, "dialog.txt", "other.jsonl", "-d", "out", "--seed", "7", *FAST)
     assert audio_files(tmp_path / "out" / "dialog") == audio_files(reference)
     other = tmp_path / "out" / "other"
     entries = manifest(other)
     assert [(e["name"], e["voice"], e["file"], e["seed"]) for e in entries] == [
-        ("Ann", None, "0001_ann.wav", 7), ("speaker1", "none", "parts/second.flac", 8),
-        ("Ann", None, "0003_ann.wav", 99)]
+        ("Ann", None, "0001_ann.wav", 7),
+        ("speaker1", "none", "parts/second.flac", 8),
+        ("Ann", None, "0003_ann.wav", 99),
+    ]
     assert entries[2]["options"]["temperature"] == 0.5
     assert sf.info(other / "parts" / "second.flac").format == "FLAC"
     assert len(sf.read(other / "dialog.wav")[0]) == 3 * 3 * 1920 + 2 * round(0.4 * RATE)
@@ -253,15 +289,22 @@ def test_invalid_scripts_report_every_line_and_generate_nothing(env: dict[str, s
     assert proc.returncode == 1
     lines = proc.stderr.splitlines()
     assert [line.split(":", 2)[:2] for line in lines[:-1]] == [
-        ["dialog.txt", "2"], ["dialog.txt", "3"], ["dialog.txt", "4"], ["turns.jsonl", "2"],
-        ["turns.jsonl", "3"], ["missing.txt", " cannot read it"]]
+        ["dialog.txt", "2"],
+        ["dialog.txt", "3"],
+        ["dialog.txt", "4"],
+        ["turns.jsonl", "2"],
+        ["turns.jsonl", "3"],
+        ["missing.txt", " cannot read it"],
+    ]
     assert lines[-1] == "csm: error: 6 problems found; nothing was generated"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dialog.txt", "turns.jsonl"]
 
 
 def test_bad_options_fail_before_loading(env: dict[str, str], tmp_path: Path) -> None:
     (tmp_path / "dialog.txt").write_text(DIALOG)
-    for args, message in [(["--combined", "x.mp3"], "--combined needs an audio extension"),
-                          (["--voices", "Zed=none"], "--voices: no speaker 'zed'")]:
+    for args, message in [
+        (["--combined", "x.mp3"], "--combined needs an audio extension"),
+        (["--voices", "Zed=none"], "--voices: no speaker 'zed'"),
+    ]:
         proc = csm(env, tmp_path, "dialog.txt", *args, check=False)
         assert proc.returncode == 1 and message in proc.stderr, proc.stderr

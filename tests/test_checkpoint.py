@@ -16,12 +16,26 @@ from csmcli import GenerationOptions, Synthesizer, checkpoint
 from csmcli.errors import CheckpointError
 
 REAL_REPO_FILES = [
-    ".gitattributes", "README.md", "config.json", "generation_config.json", "preprocessor_config.json",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-    "transformers.safetensors.index.json", "transformers-00001-of-00002.safetensors",
-    "transformers-00002-of-00002.safetensors", "model.safetensors", "ckpt.pt",
-    "prompts/conversational_a.wav", "prompts/conversational_b.wav", "prompts/read_speech_a.wav",
-    "prompts/read_speech_b.wav", "prompts/read_speech_c.wav", "prompts/read_speech_d.wav",
+    ".gitattributes",
+    "README.md",
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "transformers.safetensors.index.json",
+    "transformers-00001-of-00002.safetensors",
+    "transformers-00002-of-00002.safetensors",
+    "model.safetensors",
+    "ckpt.pt",
+    "prompts/conversational_a.wav",
+    "prompts/conversational_b.wav",
+    "prompts/read_speech_a.wav",
+    "prompts/read_speech_b.wav",
+    "prompts/read_speech_c.wav",
+    "prompts/read_speech_d.wav",
 ]
 GREEDY = GenerationOptions(temperature=0, max_audio_ms=400)
 
@@ -50,9 +64,15 @@ def fake_hub_cache(root: Path, repo_id: str, source: Path) -> Path:
 def test_download_selects_only_what_is_needed() -> None:
     chosen = {f for f in REAL_REPO_FILES if any(fnmatch(f, p) for p in checkpoint.DOWNLOAD_PATTERNS)}
     assert "model.safetensors" not in chosen and "ckpt.pt" not in chosen
-    assert {"config.json", "tokenizer.json", "transformers.safetensors.index.json",
-            "transformers-00001-of-00002.safetensors", "transformers-00002-of-00002.safetensors",
-            "prompts/conversational_a.wav", "prompts/conversational_b.wav"} <= chosen
+    assert {
+        "config.json",
+        "tokenizer.json",
+        "transformers.safetensors.index.json",
+        "transformers-00001-of-00002.safetensors",
+        "transformers-00002-of-00002.safetensors",
+        "prompts/conversational_a.wav",
+        "prompts/conversational_b.wav",
+    } <= chosen
 
 
 def test_hub_id_loads_from_the_cache_offline(tiny_dir, hub_cache, monkeypatch, synth) -> None:  # noqa: ANN001
@@ -83,14 +103,16 @@ def test_gated_and_missing_repos_name_the_fix(hub_cache, monkeypatch) -> None:  
             if local_files_only:
                 raise errors.LocalEntryNotFoundError("not cached")
             raise exc
+
         return snapshot_download
 
     response = type("R", (), {"headers": {}, "status_code": 403, "request": None})()
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake(errors.GatedRepoError("gated", response=response)))
     with pytest.raises(CheckpointError, match="gated: log in .* accept the licence"):
         checkpoint.resolve("sesame/csm-1b")
-    monkeypatch.setattr(huggingface_hub, "snapshot_download",
-                        fake(errors.RepositoryNotFoundError("missing", response=response)))
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", fake(errors.RepositoryNotFoundError("missing", response=response))
+    )
     with pytest.raises(CheckpointError, match="no model repository"):
         checkpoint.resolve("someone/nothing")
 
@@ -105,8 +127,9 @@ def test_ckpt_pt_in_original_format_loads(tiny_dir, tiny_original_dir, tmp_path,
     synth.codec.model.save_pretrained(mimi)
     monkeypatch.setenv("CSM_MIMI", str(mimi))
     loaded = Synthesizer.load(str(only_pt), device="cpu", dtype="float32")
-    assert torch.equal(loaded.generate("Pickled.", 1, options=GREEDY).codes,
-                       synth.generate("Pickled.", 1, options=GREEDY).codes)
+    assert torch.equal(
+        loaded.generate("Pickled.", 1, options=GREEDY).codes, synth.generate("Pickled.", 1, options=GREEDY).codes
+    )
 
 
 def test_directory_without_csm_weights(tmp_path) -> None:  # noqa: ANN001

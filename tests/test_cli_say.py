@@ -35,8 +35,12 @@ def test_formats_from_extension(tiny_dir, cli_env, tmp_path, ext) -> None:  # no
 
 
 def test_raw_to_stdout_stdin_text_and_python_m(tiny_dir, cli_env, tmp_path) -> None:  # noqa: ANN001
-    r = csm(["say", "-m", str(tiny_dir), "-o", "-", "--format", "raw", "--seed", "3", *BASE], cli_env,
-            stdin=b"Hello from CSM.\n", module=True)
+    r = csm(
+        ["say", "-m", str(tiny_dir), "-o", "-", "--format", "raw", "--seed", "3", *BASE],
+        cli_env,
+        stdin=b"Hello from CSM.\n",
+        module=True,
+    )
     assert r.returncode == 0, r.stderr.decode()
     assert b"16-bit" in r.stderr
     pcm = np.frombuffer(r.stdout, dtype="<i2")
@@ -60,8 +64,7 @@ def test_text_file_seed_reproducible_and_speakers_differ(tiny_dir, cli_env, tmp_
     text = tmp_path / "t.txt"
     text.write_text("The same words, twice.\n")
     outs = []
-    for i, extra in enumerate((["--seed", "7"], ["--seed", "7"], ["--seed", "7", "--speaker", "1"],
-                               ["--seed", "8"])):
+    for i, extra in enumerate((["--seed", "7"], ["--seed", "7"], ["--seed", "7", "--speaker", "1"], ["--seed", "8"])):
         out = tmp_path / f"{i}.wav"
         r = csm(["say", "-f", str(text), "-m", str(tiny_dir), "-o", str(out), *BASE, *extra], cli_env)
         assert r.returncode == 0, r.stderr.decode()

@@ -20,10 +20,21 @@ TINY_WINDOW = 8  # decoder-transformer positions (25 Hz): 4 frames, far fewer th
 def tiny_config(**overrides: object) -> MimiConfig:
     """Real rates, ratios, 32 x 2048 codebooks; tiny channels, transformer and codebook dim."""
     fields = dict(
-        sampling_rate=24000, upsampling_ratios=[8, 6, 5, 4], hidden_size=32, num_filters=4,
-        codebook_dim=16, vector_quantization_hidden_dimension=16, upsample_groups=32,
-        num_hidden_layers=2, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=8, sliding_window=TINY_WINDOW, num_quantizers=32, codebook_size=2048,
+        sampling_rate=24000,
+        upsampling_ratios=[8, 6, 5, 4],
+        hidden_size=32,
+        num_filters=4,
+        codebook_dim=16,
+        vector_quantization_hidden_dimension=16,
+        upsample_groups=32,
+        num_hidden_layers=2,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=TINY_WINDOW,
+        num_quantizers=32,
+        codebook_size=2048,
     )
     fields.update(overrides)
     return MimiConfig(**fields)
@@ -67,7 +78,7 @@ def streamed(codec: Codec, codes: torch.Tensor, chunks: Sequence[int]) -> np.nda
     assert sum(chunks) == codes.shape[0]
     stream, parts, start = codec.stream(), [], 0
     for n in chunks:
-        out = stream.push(codes[start:start + n])
+        out = stream.push(codes[start : start + n])
         assert out.dtype == np.float32 and out.shape == (n * codec.frame_size,)
         parts.append(out)
         start += n
@@ -233,7 +244,7 @@ def flat_state(model: MimiModel) -> dict[str, torch.Tensor]:
     for key, value in model.state_dict().items():
         for new, old in _NESTED_TO_FLAT:
             if key.startswith(new):
-                key = old + key[len(new):]
+                key = old + key[len(new) :]
                 break
         out[key] = value
     return out

@@ -193,9 +193,7 @@ def test_renames_and_tied_audio_embeddings() -> None:
         original["decoder.layers.0.mlp_norm.scale"],
     )
     assert torch.equal(converted["depth_decoder.codebooks_head.weight"], original["audio_head"])
-    assert torch.equal(
-        converted["depth_decoder.model.embed_tokens.weight"], original["audio_embeddings.weight"]
-    )
+    assert torch.equal(converted["depth_decoder.model.embed_tokens.weight"], original["audio_embeddings.weight"])
     # v and o are not rotated, q and k are.
     assert torch.equal(
         converted["backbone_model.layers.0.self_attn.v_proj.weight"],
@@ -242,9 +240,7 @@ def test_names_match_transformers_model() -> None:
             "num_key_value_heads": DECODER["kv_heads"],
         },
     )
-    model_keys = {
-        k for k in CsmForConditionalGeneration(config).state_dict() if not k.startswith("codec_model.")
-    }
+    model_keys = {k for k in CsmForConditionalGeneration(config).state_dict() if not k.startswith("codec_model.")}
     assert "depth_decoder.model.embed_tokens.weight" in model_keys
     converted = original_to_transformers(_original_state_dict(), config.to_dict())
     assert set(converted) == model_keys
@@ -298,9 +294,7 @@ def test_missing_layer_raises() -> None:
         original_to_transformers(original, _cfg())
 
 
-@pytest.mark.parametrize(
-    "extra", ["backbone.layers.0.attn.q_proj.bias", "backbone.layers.2.mlp.w1.weight", "foo"]
-)
+@pytest.mark.parametrize("extra", ["backbone.layers.0.attn.q_proj.bias", "backbone.layers.2.mlp.w1.weight", "foo"])
 def test_unexpected_key_raises(extra: str) -> None:
     original = _original_state_dict()
     original[extra] = torch.zeros(1)
@@ -350,10 +344,7 @@ def test_detect_format() -> None:
     original = _original_state_dict()
     assert detect_format(original) == "original"
     assert detect_format(original_to_transformers(original, _cfg())) == "transformers"
-    assert (
-        detect_format(["backbone_model.norm.weight", "codec_model.decoder.layers.0.conv.weight"])
-        == "transformers"
-    )
+    assert detect_format(["backbone_model.norm.weight", "codec_model.decoder.layers.0.conv.weight"]) == "transformers"
 
 
 @pytest.mark.parametrize(
@@ -375,6 +366,4 @@ def test_detect_format_rejects_other_checkpoints(keys: list[str]) -> None:
 
 def test_detect_format_rejects_mixed_names() -> None:
     with pytest.raises(CheckpointError, match="mixes"):
-        detect_format(
-            ["backbone.layers.0.attn.q_proj.weight", "backbone_model.layers.0.self_attn.q_proj.weight"]
-        )
+        detect_format(["backbone.layers.0.attn.q_proj.weight", "backbone_model.layers.0.self_attn.q_proj.weight"])

@@ -21,8 +21,11 @@ from csmcli.sampling import SamplingParams, sample
 
 FRAMES = 24
 GREEDY = GenerationOptions(temperature=0, max_audio_ms=FRAMES * 80)
-PROMPTS = [("Hello from CSM.", 0), ("How are you doing today?", 1), ("A much longer sentence, with commas, "
-           "numbers like 42 and 1999, and several clauses that run on for a while.", 0)]
+PROMPTS = [
+    ("Hello from CSM.", 0),
+    ("How are you doing today?", 1),
+    ("A much longer sentence, with commas, numbers like 42 and 1999, and several clauses that run on for a while.", 0),
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +40,13 @@ def _context(tiny_dir) -> Segment:  # noqa: ANN001
     return Segment(text="Earlier words, with their audio.", speaker=0, audio=audio)
 
 
-def _reference_inputs(synth: Synthesizer, reference, text: str, speaker: int,  # noqa: ANN001
-                      context: list[Segment]) -> dict:
+def _reference_inputs(
+    synth: Synthesizer,
+    reference,
+    text: str,
+    speaker: int,  # noqa: ANN001
+    context: list[Segment],
+) -> dict:
     """transformers' own input format: audio placeholders expanded, raw audio in input_values."""
     tok = synth.prompts
     audio_id, audio_eos_id = 128002, 128003
@@ -78,14 +86,25 @@ def _our_logits(synth: Synthesizer, text: str, speaker: int, context, codes: tor
 
 @pytest.mark.parametrize("with_context", [False, True], ids=["text-only", "with-context"])
 @pytest.mark.parametrize("prompt_index", range(len(PROMPTS)))
-def test_greedy_codes_and_logits_match_transformers(synth, reference, tiny_dir, prompt_index,  # noqa: ANN001
-                                                    with_context) -> None:
+def test_greedy_codes_and_logits_match_transformers(
+    synth,
+    reference,
+    tiny_dir,
+    prompt_index,  # noqa: ANN001
+    with_context,
+) -> None:
     text, speaker = PROMPTS[prompt_index]
     context = [_context(tiny_dir)] if with_context else []
     inputs = _reference_inputs(synth, reference, text, speaker, context)
     with torch.no_grad():
-        ref = reference.generate(**inputs, max_new_tokens=FRAMES, do_sample=False, depth_decoder_do_sample=False,
-                                 return_dict_in_generate=True, output_logits=True)
+        ref = reference.generate(
+            **inputs,
+            max_new_tokens=FRAMES,
+            do_sample=False,
+            depth_decoder_do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
     ref_codes = ref.sequences[0]
     assert ref_codes.shape == (FRAMES, 32)
 

@@ -42,14 +42,20 @@ def signal_wave(seconds: float, amp: float = 0.2, offset: float = 0.3) -> np.nda
     return (offset + amp * np.sin(2 * np.pi * 330 * t)).astype(np.float32)
 
 
-def chunked(x: np.ndarray, chunk_s: float, rate: float | None = None, first_delay_s: float = 0.0,
-            stall: tuple[int, float] | None = None, state: dict[str, Any] | None = None):  # noqa: ANN201
+def chunked(
+    x: np.ndarray,
+    chunk_s: float,
+    rate: float | None = None,
+    first_delay_s: float = 0.0,
+    stall: tuple[int, float] | None = None,
+    state: dict[str, Any] | None = None,
+):  # noqa: ANN201
     """Yield ``x`` in chunks, produced at ``rate`` x real time (None: instantly)."""
     n = round(chunk_s * SR)
     try:
         time.sleep(first_delay_s)
         for i, start in enumerate(range(0, len(x), n)):
-            piece = x[start:start + n]
+            piece = x[start : start + n]
             if rate:
                 time.sleep(len(piece) / SR / rate)
             if stall and i == stall[0]:
@@ -70,7 +76,7 @@ def zero_runs(a: np.ndarray) -> list[int]:
 def signal_part(a: np.ndarray) -> np.ndarray:
     """``a`` from its first to its last non-zero sample."""
     nz = np.flatnonzero(a)
-    return a[nz[0]:nz[-1] + 1] if len(nz) else a[:0]
+    return a[nz[0] : nz[-1] + 1] if len(nz) else a[:0]
 
 
 def check_gapless(cap: np.ndarray, seconds: float) -> None:
@@ -78,16 +84,17 @@ def check_gapless(cap: np.ndarray, seconds: float) -> None:
     ref = to_int16(signal_wave(seconds))
     nz = np.flatnonzero(cap)
     assert len(nz), "nothing but silence was played"
-    body = cap[nz[0]:nz[0] + len(ref)]
+    body = cap[nz[0] : nz[0] + len(ref)]
     assert len(body) == len(ref), f"captured {len(body) / SR:.3f} s of signal, expected {seconds} s"
     assert zero_runs(body[:-FADE]) == [], f"gaps of silence inside the signal: {zero_runs(body)[:10]}"
     assert np.array_equal(body[:-FADE], ref[:-FADE]), "the signal was altered"
     assert np.all(np.abs(body[-FADE:].astype(int)) <= np.abs(ref[-FADE:].astype(int))), "no fade-out"
-    assert np.all(cap[nz[0] + len(ref):] == 0), "something after the end"
+    assert np.all(cap[nz[0] + len(ref) :] == 0), "something after the end"
     assert nz[0] < 0.5 * SR, "too much leading silence"
 
 
 # --- ready_to_play --------------------------------------------------------------------------------
+
 
 def test_ready_when_done() -> None:
     assert playback.ready_to_play(0.0, 0.0, None, done=True)
@@ -141,8 +148,9 @@ def test_threshold_is_enough_for_a_steady_producer(rate: float) -> None:
         new = min(total, np.floor(t * rate / chunk) * chunk)  # whole chunks only
         produced = max(produced, new)
         if not started:
-            started = playback.ready_to_play(produced, produced, rate, done=produced >= total,
-                                             expected_total_s=total, margin_s=chunk)
+            started = playback.ready_to_play(
+                produced, produced, rate, done=produced >= total, expected_total_s=total, margin_s=chunk
+            )
             continue
         played = min(total, played + dt)
         assert played <= produced + 1e-9, f"ran dry at t={t:.3f}"
@@ -171,6 +179,7 @@ def test_rate_meter_hint_and_fast_first_chunk() -> None:
 
 
 # --- buffer ---------------------------------------------------------------------------------------
+
 
 def test_buffer_plays_chunks_back_to_back() -> None:
     b = playback._Buffer()
@@ -210,6 +219,7 @@ def test_buffer_finish_fades_only_the_tail() -> None:
 
 # --- import / errors ------------------------------------------------------------------------------
 
+
 def test_sounddevice_is_imported_lazily() -> None:
     code = "import sys, csmcli.playback; assert 'sounddevice' not in sys.modules, 'eager import'"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(SRC)})
@@ -226,11 +236,16 @@ class _RaisingFinder:
             raise self.exc
 
 
-@pytest.mark.parametrize(("exc", "needle"), [
-    (OSError("PortAudio library not found"), "PortAudio library not found: install it (e.g. `apt-get install "
-                                              "libportaudio2`"),
-    (ImportError("No module named 'sounddevice'"), "pip install sounddevice"),
-])
+@pytest.mark.parametrize(
+    ("exc", "needle"),
+    [
+        (
+            OSError("PortAudio library not found"),
+            "PortAudio library not found: install it (e.g. `apt-get install libportaudio2`",
+        ),
+        (ImportError("No module named 'sounddevice'"), "pip install sounddevice"),
+    ],
+)
 def test_missing_portaudio(monkeypatch: pytest.MonkeyPatch, exc: BaseException, needle: str) -> None:
     monkeypatch.delitem(sys.modules, "sounddevice", raising=False)
     monkeypatch.setattr(sys, "meta_path", [_RaisingFinder(exc), *sys.meta_path])
@@ -243,6 +258,7 @@ def test_missing_portaudio(monkeypatch: pytest.MonkeyPatch, exc: BaseException, 
 
 # --- controller against a fake sounddevice --------------------------------------------------------
 
+
 class FakePortAudioError(Exception):
     """Stand-in for sounddevice.PortAudioError."""
 
@@ -254,8 +270,18 @@ class FakeCallbackStop(Exception):
 class FakeStream:
     """An output 'device' calling the callback from its own thread in 10 ms blocks at real time."""
 
-    def __init__(self, sd: FakeSD, samplerate: float, channels: int, dtype: str, device: Any, callback: Any,
-                 finished_callback: Any, latency: Any, **_: Any) -> None:
+    def __init__(
+        self,
+        sd: FakeSD,
+        samplerate: float,
+        channels: int,
+        dtype: str,
+        device: Any,
+        callback: Any,
+        finished_callback: Any,
+        latency: Any,
+        **_: Any,
+    ) -> None:
         if samplerate not in sd.rates:
             raise FakePortAudioError("Invalid sample rate [PaErrorCode -9997]")
         assert channels == 1 and dtype == "int16"
@@ -314,17 +340,26 @@ class FakeSD(SimpleNamespace):
     """The parts of the sounddevice module that playback uses."""
 
     def __init__(self, rates: tuple[int, ...] = (SR,)) -> None:
-        super().__init__(PortAudioError=FakePortAudioError, CallbackStop=FakeCallbackStop,
-                         default=SimpleNamespace(device=[-1, 2]))
+        super().__init__(
+            PortAudioError=FakePortAudioError, CallbackStop=FakeCallbackStop, default=SimpleNamespace(device=[-1, 2])
+        )
         self.rates = rates
         self.streams: list[FakeStream] = []
         self.devices = [
             {"name": "Mic", "max_output_channels": 0, "default_samplerate": 48000.0, "hostapi": 0},
-            {"name": "HDA Intel PCH: ALC892 Analog (hw:0,0)", "max_output_channels": 2,
-             "default_samplerate": 48000.0, "hostapi": 0},
+            {
+                "name": "HDA Intel PCH: ALC892 Analog (hw:0,0)",
+                "max_output_channels": 2,
+                "default_samplerate": 48000.0,
+                "hostapi": 0,
+            },
             {"name": "default", "max_output_channels": 128, "default_samplerate": 48000.0, "hostapi": 0},
-            {"name": "HDA Intel PCH: HDMI 0 (hw:0,3)", "max_output_channels": 8,
-             "default_samplerate": 48000.0, "hostapi": 0},
+            {
+                "name": "HDA Intel PCH: HDMI 0 (hw:0,3)",
+                "max_output_channels": 8,
+                "default_samplerate": 48000.0,
+                "hostapi": 0,
+            },
         ]
 
     def OutputStream(self, **kw: Any) -> FakeStream:  # noqa: N802
@@ -375,7 +410,7 @@ def test_fast_producer_plays_everything_gaplessly(fake_sd: FakeSD) -> None:
     assert "abort" not in stream.events
     got = stream.samples()
     assert not np.any(got == 12345)
-    assert np.array_equal(got[:len(x) - FADE], to_int16(x)[:-FADE])  # starts at once, bit exact
+    assert np.array_equal(got[: len(x) - FADE], to_int16(x)[:-FADE])  # starts at once, bit exact
     check_gapless(got, 0.5)
 
 
@@ -383,8 +418,9 @@ def test_slow_producer_with_expected_total_never_runs_dry(fake_sd: FakeSD) -> No
     x = signal_wave(1.2)
     t0 = time.monotonic()
     t_start: list[float] = []
-    playback.play_stream(chunked(x, 0.1, rate=0.5), expected_total_s=1.2,
-                         on_start=lambda: t_start.append(time.monotonic() - t0))
+    playback.play_stream(
+        chunked(x, 0.1, rate=0.5), expected_total_s=1.2, on_start=lambda: t_start.append(time.monotonic() - t0)
+    )
     check_gapless(fake_sd.streams[0].samples(), 1.2)
     assert t_start and 1.2 < t_start[0] < 2.4  # waited, but not for the whole 2.4 s of production
 
@@ -406,7 +442,7 @@ def test_underrun_outputs_silence_then_resumes(fake_sd: FakeSD) -> None:
     assert not np.any(got == 12345)
     body = signal_part(got)
     assert max(zero_runs(body), default=0) > 0.1 * SR
-    assert np.array_equal(body[body != 0][:len(x) - FADE], to_int16(x)[:-FADE])  # only silence added
+    assert np.array_equal(body[body != 0][: len(x) - FADE], to_int16(x)[:-FADE])  # only silence added
 
 
 def test_keyboard_interrupt_aborts_at_once(fake_sd: FakeSD) -> None:
@@ -471,8 +507,7 @@ def test_no_output_device_at_all(monkeypatch: pytest.MonkeyPatch) -> None:
 # --- the real audio path: PortAudio -> ALSA -> file PCM ------------------------------------------
 
 HAVE_PORTAUDIO = sys.platform.startswith("linux") and ctypes.util.find_library("portaudio") is not None
-needs_alsa = pytest.mark.skipif(not HAVE_PORTAUDIO,
-                                reason="libportaudio2 not found (apt-get install libportaudio2)")
+needs_alsa = pytest.mark.skipif(not HAVE_PORTAUDIO, reason="libportaudio2 not found (apt-get install libportaudio2)")
 
 PLAYER = textwrap.dedent("""
     import json, sys, time
@@ -522,7 +557,8 @@ class AlsaCapture:
         self.home.mkdir()
         self.fifo = root / "capture.fifo"
         os.mkfifo(self.fifo)
-        (self.home / ".asoundrc").write_text(textwrap.dedent(f"""
+        (self.home / ".asoundrc").write_text(
+            textwrap.dedent(f"""
             pcm.!default {{
                 type plug
                 slave {{ pcm "capture" format S16_LE rate {SR} channels 1 }}
@@ -533,7 +569,8 @@ class AlsaCapture:
                 file "{self.fifo}"
                 format "raw"
             }}
-        """))
+        """)
+        )
         self.script = root / "player.py"
         self.script.write_text(PLAYER)
         # O_RDWR: the writer's open never blocks and we never see EOF between ALSA's opens.
@@ -569,8 +606,13 @@ class AlsaCapture:
         return env
 
     def start(self, **cfg: Any) -> subprocess.Popen[str]:
-        return subprocess.Popen([sys.executable, str(self.script), json.dumps(cfg)], env=self.env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            [sys.executable, str(self.script), json.dumps(cfg)],
+            env=self.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def run(self, timeout: float = 30.0, **cfg: Any) -> dict[str, Any]:
         proc = self.start(**cfg)
@@ -650,7 +692,7 @@ def test_alsa_underrun_is_silence_not_garbage(alsa: AlsaCapture) -> None:
     ref = to_int16(signal_wave(1.2))
     runs = zero_runs(body)
     assert max(runs, default=0) > 0.1 * SR  # the stall shows as silence ...
-    assert np.array_equal(body[body != 0][:len(ref) - FADE], ref[:-FADE])  # ... and nothing else changed
+    assert np.array_equal(body[body != 0][: len(ref) - FADE], ref[:-FADE])  # ... and nothing else changed
 
 
 @needs_alsa

@@ -47,8 +47,9 @@ class ServerProcess:
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen([*CSM_SERVE, *args, "--port", "0"], env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [*CSM_SERVE, *args, "--port", "0"], env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
         self.port = 0
 
     def wait_ready(self, timeout: float = 240) -> None:
@@ -86,17 +87,37 @@ def servers(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: 
     """Both servers, started in parallel and stopped (killed if need be) at the end of the module."""
     root = tmp_path_factory.mktemp("serve")
     env = {k: v for k, v in os.environ.items() if k not in ("CSM_MODEL", "CSM_API_KEY")}
-    env.update({"HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf"), "CSM_HOME": str(root / "home"),
-                "PYTHONUNBUFFERED": "1"})
-    common = ["--model", str(tiny_dir), "--device", "cpu", "--dtype", "float32", "-q",
-              "--max-audio-ms", str(BUDGET_MS)]
+    env.update(
+        {"HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf"), "CSM_HOME": str(root / "home"), "PYTHONUNBUFFERED": "1"}
+    )
+    common = ["--model", str(tiny_dir), "--device", "cpu", "--dtype", "float32", "-q", "--max-audio-ms", str(BUDGET_MS)]
     started = [
-        ServerProcess([*common, "--max-batch-size", "4", "--max-queue", "32", "--request-timeout", "120"],
-                      env, root / "server.log"),
-        ServerProcess([*common, "--max-batch-size", "1", "--max_queue", "0", "--request_timeout", "6",
-                       "--grace-period", "30", "--top_p", "0.9", "--repetition_penalty", "1.1",
-                       "--temperature", "0.7"],
-                      {**env, "CSM_API_KEY": API_KEY}, root / "guarded.log"),
+        ServerProcess(
+            [*common, "--max-batch-size", "4", "--max-queue", "32", "--request-timeout", "120"],
+            env,
+            root / "server.log",
+        ),
+        ServerProcess(
+            [
+                *common,
+                "--max-batch-size",
+                "1",
+                "--max_queue",
+                "0",
+                "--request_timeout",
+                "6",
+                "--grace-period",
+                "30",
+                "--top_p",
+                "0.9",
+                "--repetition_penalty",
+                "1.1",
+                "--temperature",
+                "0.7",
+            ],
+            {**env, "CSM_API_KEY": API_KEY},
+            root / "guarded.log",
+        ),
     ]
     try:
         for process in started:
@@ -148,15 +169,13 @@ def stats(server: ServerProcess, **headers: str) -> dict:
 # -- the seed page's examples, verbatim (only the port differs) --------------------------------------
 
 
-def test_seed_quickstart_and_basic_usage(server: ServerProcess, tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_seed_quickstart_and_basic_usage(
+    server: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     url = server.url("/generate", host="localhost")
 
-    response = requests.post(url, json={
-        "text": "Hello, this is CSM speaking!",
-        "speaker": 0
-    })
+    response = requests.post(url, json={"text": "Hello, this is CSM speaking!", "speaker": 0})
 
     with open("output.wav", "wb") as f:
         f.write(response.content)
@@ -166,10 +185,7 @@ def test_seed_quickstart_and_basic_usage(server: ServerProcess, tmp_path: Path,
     samples = read_wav(Path("output.wav").read_bytes())
     assert len(samples) == BUDGET_SAMPLES and np.abs(samples).max() > 0
 
-    response = requests.post(url, json={
-        "text": "How are you doing today?",
-        "speaker": 0
-    })
+    response = requests.post(url, json={"text": "How are you doing today?", "speaker": 0})
     assert len(read_wav(response.content)) == BUDGET_SAMPLES
 
 
@@ -177,31 +193,24 @@ def test_seed_conversational_exchange(server: ServerProcess) -> None:
     url = server.url("/generate", host="localhost")
 
     # Speaker A
-    response_a = requests.post(url, json={
-        "text": "Hello! How can I help you?",
-        "speaker": 0
-    })
+    response_a = requests.post(url, json={"text": "Hello! How can I help you?", "speaker": 0})
 
     # Speaker B
-    response_b = requests.post(url, json={
-        "text": "I'd like to know more about your services.",
-        "speaker": 1
-    })
+    response_b = requests.post(url, json={"text": "I'd like to know more about your services.", "speaker": 1})
 
     a, b = read_wav(response_a.content), read_wav(response_b.content)
     assert len(a) == len(b) == BUDGET_SAMPLES
     assert not np.array_equal(a, b)
 
 
-def test_seed_streaming_saves_a_file_that_reads_whole(server: ServerProcess, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_seed_streaming_saves_a_file_that_reads_whole(
+    server: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     url = server.url("/generate", host="localhost")
 
     with requests.post(  # noqa: SIM117 (verbatim from the seed page)
-        url,
-        json={"text": "Hello world!", "speaker": 0, "streaming": True},
-        stream=True
+        url, json={"text": "Hello world!", "speaker": 0, "streaming": True}, stream=True
     ) as response:
         with open("output.wav", "wb") as f:
             for chunk in response.iter_content(chunk_size=8192):
@@ -218,10 +227,10 @@ def test_seed_streaming_saves_a_file_that_reads_whole(server: ServerProcess, tmp
 
 
 def test_seed_curl_example(server: ServerProcess, tmp_path: Path) -> None:
-    command = f'''curl -X POST "http://localhost:{server.port}/generate" \\
+    command = f"""curl -X POST "http://localhost:{server.port}/generate" \\
   -H "Content-Type: application/json" \\
   -d '{{"text": "Hello from CSM!", "speaker": 0}}' \\
-  -o output.wav'''
+  -o output.wav"""
     subprocess.run(command, shell=True, cwd=tmp_path, check=True, capture_output=True, timeout=60)
     assert len(read_wav((tmp_path / "output.wav").read_bytes())) == BUDGET_SAMPLES
 
@@ -235,8 +244,7 @@ def test_every_format_and_mode_gives_the_same_audio_for_a_seed(server: ServerPro
     whole = requests.post(server.url("/generate"), json=body, timeout=60)
     assert whole.headers["X-Seed"] == "7" and whole.headers["X-Frames"] == "10"
     reference = {False: read_wav(whole.content)}
-    for extra in ({"streaming": True}, {"format": "pcm"}, {"streaming": "true", "format": "pcm"},
-                  {"format": "flac"}):
+    for extra in ({"streaming": True}, {"format": "pcm"}, {"streaming": "true", "format": "pcm"}, {"format": "flac"}):
         response = requests.post(server.url("/generate"), json={**body, **extra}, timeout=60)
         assert response.status_code == 200, response.text
         if extra.get("format") == "pcm":
@@ -250,15 +258,32 @@ def test_every_format_and_mode_gives_the_same_audio_for_a_seed(server: ServerPro
 
 
 def test_form_bodies_and_json_without_content_type(server: ServerProcess) -> None:
-    fields = {"text": "Forms work too.", "speaker": "1", "streaming": "false", "temperature": "0.7",
-              "top_k": "40", "seed": "11", "max_audio_ms": "400"}
+    fields = {
+        "text": "Forms work too.",
+        "speaker": "1",
+        "streaming": "false",
+        "temperature": "0.7",
+        "top_k": "40",
+        "seed": "11",
+        "max_audio_ms": "400",
+    }
     urlencoded = requests.post(server.url("/generate"), data=fields, timeout=60)
-    multipart = requests.post(server.url("/generate"), files={k: (None, v) for k, v in fields.items()},
-                              timeout=60)
+    multipart = requests.post(server.url("/generate"), files={k: (None, v) for k, v in fields.items()}, timeout=60)
     curl = subprocess.run(
-        ["curl", "-s", "-f", "-X", "POST", server.url("/generate"),
-         "-d", json.dumps({**fields, "speaker": 1, "seed": 11})],
-        check=True, capture_output=True, timeout=60).stdout
+        [
+            "curl",
+            "-s",
+            "-f",
+            "-X",
+            "POST",
+            server.url("/generate"),
+            "-d",
+            json.dumps({**fields, "speaker": 1, "seed": 11}),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    ).stdout
     samples = read_wav(urlencoded.content)
     assert len(samples) == 9600  # 400 ms
     np.testing.assert_array_equal(read_wav(multipart.content), samples)
@@ -269,8 +294,11 @@ def test_long_text_is_spoken_piece_by_piece(server: ServerProcess) -> None:
     from csmcli.synthesizer import PIECE_PAUSE_S
     from csmcli.textsplit import split_text
 
-    text = " ".join(f"This is sentence number {i}, which is long enough to need its own little piece of the "
-                    "text when everything is put together." for i in range(4))
+    text = " ".join(
+        f"This is sentence number {i}, which is long enough to need its own little piece of the "
+        "text when everything is put together."
+        for i in range(4)
+    )
     pieces = len(split_text(text))
     assert pieces > 1
     body = {"text": text, "max_audio_ms": 160, "seed": 9}
@@ -284,16 +312,17 @@ def test_long_text_is_spoken_piece_by_piece(server: ServerProcess) -> None:
 
 def test_the_server_takes_exactly_the_option_fields_plus_its_own(server: ServerProcess) -> None:
     assert set(GENERATE_FIELDS) == set(OPTION_FIELDS) | set(GENERATE_OWN_FIELDS)
-    error = assert_error(requests.post(server.url("/generate"), json={"text": "x", "colour": 1, "pitch": 2}),
-                         400, "unknown_field")
+    error = assert_error(
+        requests.post(server.url("/generate"), json={"text": "x", "colour": 1, "pitch": 2}), 400, "unknown_field"
+    )
     assert "colour" in error["message"] and "pitch" in error["message"]
     accepted = error["message"].split("accepted fields: ")[1].split(", ")
     assert set(accepted) == set(OPTION_FIELDS) | {"text", "speaker", "streaming", "voice", "format"}
-    every = {"temperature": 0.5, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.2, "max_audio_ms": 240,
-             "seed": 3}
+    every = {"temperature": 0.5, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.2, "max_audio_ms": 240, "seed": 3}
     assert set(every) == set(OPTION_FIELDS)
-    response = requests.post(server.url("/generate"), json={"text": "All options.", "voice": "none", **every},
-                             timeout=60)
+    response = requests.post(
+        server.url("/generate"), json={"text": "All options.", "voice": "none", **every}, timeout=60
+    )
     assert response.status_code == 200 and response.headers["X-Seed"] == "3"
     assert len(read_wav(response.content)) == 3 * 1920
 
@@ -301,8 +330,12 @@ def test_the_server_takes_exactly_the_option_fields_plus_its_own(server: ServerP
 HUGE = "word " * 1100
 
 BAD_REQUESTS = [
-    ("malformed json", {"data": '{"text": "hi", ', "headers": {"Content-Type": "application/json"}}, 400,
-     "invalid_json"),
+    (
+        "malformed json",
+        {"data": '{"text": "hi", ', "headers": {"Content-Type": "application/json"}},
+        400,
+        "invalid_json",
+    ),
     ("json array", {"json": ["hello"]}, 400, "invalid_json"),
     ("missing text", {"json": {"speaker": 0}}, 400, "missing_field"),
     ("empty text", {"json": {"text": "   "}}, 400, "empty_text"),
@@ -318,18 +351,15 @@ BAD_REQUESTS = [
     ("unknown fields", {"json": {"text": "hi", "foo": 1}}, 400, "unknown_field"),
     ("unknown voice", {"json": {"text": "hi", "voice": "nobody", "streaming": True}}, 400, "unknown_voice"),
     ("mp3", {"json": {"text": "hi", "format": "mp3"}}, 400, "unsupported_format"),
-    ("streamed flac", {"json": {"text": "hi", "format": "flac", "streaming": True}}, 400,
-     "unsupported_format"),
+    ("streamed flac", {"json": {"text": "hi", "format": "flac", "streaming": True}}, 400, "unsupported_format"),
     ("duplicate form field", {"data": [("text", "a"), ("text", "b")]}, 400, "duplicate_field"),
     ("file upload", {"files": {"text": ("t.txt", b"hi")}}, 400, "invalid_type"),
     ("oversized body", {"json": {"text": "x" * 2_000_000}}, 413, "body_too_large"),
-    ("plain text body", {"data": "hello", "headers": {"Content-Type": "text/plain"}}, 415,
-     "unsupported_media_type"),
+    ("plain text body", {"data": "hello", "headers": {"Content-Type": "text/plain"}}, 415, "unsupported_media_type"),
 ]
 
 
-@pytest.mark.parametrize(("kwargs", "status", "code"), [c[1:] for c in BAD_REQUESTS],
-                         ids=[c[0] for c in BAD_REQUESTS])
+@pytest.mark.parametrize(("kwargs", "status", "code"), [c[1:] for c in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS])
 def test_bad_requests_get_json_errors(server: ServerProcess, kwargs: dict, status: int, code: str) -> None:
     assert_error(requests.post(server.url("/generate"), timeout=30, **kwargs), status, code)
 
@@ -340,8 +370,7 @@ def test_wrong_routes_and_methods(server: ServerProcess) -> None:
 
 
 def test_the_server_still_serves_after_bad_requests(server: ServerProcess) -> None:
-    response = requests.post(server.url("/generate"), json={"text": "Still here.", "max_audio_ms": 160},
-                             timeout=60)
+    response = requests.post(server.url("/generate"), json={"text": "Still here.", "max_audio_ms": 160}, timeout=60)
     assert len(read_wav(response.content)) == 2 * 1920
     health = requests.get(server.url("/health"), timeout=10)
     assert health.status_code == 200 and health.json()["status"] == "ok"
@@ -369,7 +398,7 @@ def test_openai_speech_formats_and_sse(server: ServerProcess) -> None:
 
     sse = requests.post(url, json={**body, "response_format": "pcm", "stream_format": "sse"}, timeout=60)
     assert sse.headers["Content-Type"].startswith("text/event-stream")
-    events = [json.loads(line[len("data: "):]) for line in sse.text.splitlines() if line.startswith("data: ")]
+    events = [json.loads(line[len("data: ") :]) for line in sse.text.splitlines() if line.startswith("data: ")]
     assert [e["type"] for e in events[:-1]] == ["speech.audio.delta"] * (len(events) - 1)
     assert events[-1]["type"] == "speech.audio.done"
     audio = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
@@ -379,14 +408,17 @@ def test_openai_speech_formats_and_sse(server: ServerProcess) -> None:
     assert not np.array_equal(read_wav(other_voice.content), reference)  # alloy is speaker 0, echo speaker 1
 
 
-@pytest.mark.parametrize(("change", "code", "words"), [
-    ({"speed": 1.5}, "unsupported_speed", "1.0"),
-    ({"response_format": "mp3"}, "unsupported_response_format", "wav, pcm, flac"),
-    ({"stream_format": "sse", "response_format": "flac"}, "unsupported_response_format", "wav or pcm"),
-    ({"voice": "nobody"}, "unknown_voice", "/v1/audio/voices"),
-    ({"input": ""}, "empty_text", "input"),
-    ({"style": "cheerful"}, "unknown_field", "style"),
-])
+@pytest.mark.parametrize(
+    ("change", "code", "words"),
+    [
+        ({"speed": 1.5}, "unsupported_speed", "1.0"),
+        ({"response_format": "mp3"}, "unsupported_response_format", "wav, pcm, flac"),
+        ({"stream_format": "sse", "response_format": "flac"}, "unsupported_response_format", "wav or pcm"),
+        ({"voice": "nobody"}, "unknown_voice", "/v1/audio/voices"),
+        ({"input": ""}, "empty_text", "input"),
+        ({"style": "cheerful"}, "unknown_field", "style"),
+    ],
+)
 def test_openai_speech_errors(server: ServerProcess, change: dict, code: str, words: str) -> None:
     body = {"model": "tts-1", "input": "Hi.", "voice": "alloy", **change}
     error = assert_error(requests.post(server.url("/v1/audio/speech"), json=body, timeout=30), 400, code)
@@ -435,8 +467,16 @@ def test_a_client_that_disconnects_cancels_its_generation(server: ServerProcess,
 
 
 def test_sixteen_concurrent_requests_succeed_and_match_their_solo_audio(server: ServerProcess) -> None:
-    bodies = [{"text": f"Request number {i} says hello.", "speaker": i % 2, "seed": 100 + i,
-               "max_audio_ms": 480, "streaming": i % 3 == 0} for i in range(16)]
+    bodies = [
+        {
+            "text": f"Request number {i} says hello.",
+            "speaker": i % 2,
+            "seed": 100 + i,
+            "max_audio_ms": 480,
+            "streaming": i % 3 == 0,
+        }
+        for i in range(16)
+    ]
 
     def post(body: dict) -> np.ndarray:
         response = requests.post(server.url("/generate"), json=body, timeout=120)
@@ -459,11 +499,16 @@ def test_api_key_is_required_except_on_health(guarded: ServerProcess) -> None:
     missing = requests.get(guarded.url("/v1/models"), timeout=10)
     assert_error(missing, 401, "missing_api_key")
     assert missing.headers["WWW-Authenticate"] == "Bearer"
-    wrong = requests.post(guarded.url("/generate"), json={"text": "hi"},
-                          headers={"Authorization": "Bearer nope"}, timeout=10)
+    wrong = requests.post(
+        guarded.url("/generate"), json={"text": "hi"}, headers={"Authorization": "Bearer nope"}, timeout=10
+    )
     assert_error(wrong, 401, "invalid_api_key")
-    ok = requests.post(guarded.url("/generate"), json={"text": "hi", "max_audio_ms": 160},
-                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    ok = requests.post(
+        guarded.url("/generate"),
+        json={"text": "hi", "max_audio_ms": 160},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=60,
+    )
     assert len(read_wav(ok.content)) == 2 * 1920
 
 
@@ -480,16 +525,18 @@ def test_a_full_server_answers_503_with_retry_after(guarded: ServerProcess) -> N
     deadline = time.monotonic() + 15
     while stats(guarded, **auth)["in_flight"] and time.monotonic() < deadline:
         time.sleep(0.1)
-    ok = requests.post(guarded.url("/generate"), json={"text": "My turn.", "max_audio_ms": 160}, headers=auth,
-                       timeout=60)
+    ok = requests.post(
+        guarded.url("/generate"), json={"text": "My turn.", "max_audio_ms": 160}, headers=auth, timeout=60
+    )
     assert ok.status_code == 200
 
 
 def test_a_request_past_the_time_limit_gets_504(guarded: ServerProcess) -> None:
     auth = {"Authorization": f"Bearer {API_KEY}"}
     started = time.monotonic()
-    slow = requests.post(guarded.url("/generate"), json={"text": "Far too long.", "max_audio_ms": 600_000},
-                         headers=auth, timeout=60)
+    slow = requests.post(
+        guarded.url("/generate"), json={"text": "Far too long.", "max_audio_ms": 600_000}, headers=auth, timeout=60
+    )
     assert_error(slow, 504, "timeout")
     assert time.monotonic() - started < 20
     deadline = time.monotonic() + 15
@@ -519,16 +566,16 @@ def serving_in_thread(server: SpeechServer) -> Iterator[str]:
         server.close()
 
 
-def test_health_and_requests_fail_once_the_generation_loop_dies(tiny_dir: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_health_and_requests_fail_once_the_generation_loop_dies(
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from csmcli import Synthesizer
 
     synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="float32", max_batch_size=2)
     server = SpeechServer(synth, ServerConfig(model_id="tiny"))
     with serving_in_thread(server) as url, ThreadPoolExecutor(1) as pool:
         assert requests.get(f"{url}/health", timeout=10).json()["status"] == "ok"
-        pending = pool.submit(requests.post, f"{url}/generate", json={"text": "Doomed.", "voice": "none"},
-                              timeout=60)
+        pending = pool.submit(requests.post, f"{url}/generate", json={"text": "Doomed.", "voice": "none"}, timeout=60)
         deadline = time.monotonic() + 30
         while not synth.engine.active_count and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -541,16 +588,38 @@ def test_health_and_requests_fail_once_the_generation_loop_dies(tiny_dir: Path,
         assert "GPU fell off" in error["message"]
         health = requests.get(f"{url}/health", timeout=10)
         assert health.status_code == 503 and health.json()["error"]["code"] == "engine_stopped"
-        assert_error(requests.post(f"{url}/generate", json={"text": "Anyone?"}, timeout=10), 503,
-                     "engine_stopped")
+        assert_error(requests.post(f"{url}/generate", json={"text": "Anyone?"}, timeout=10), 503, "engine_stopped")
 
 
 def test_serve_help_lists_both_spellings_of_the_flags(cli_env: dict[str, str]) -> None:
-    out = subprocess.run([*CSM_SERVE, "--help"], env={**cli_env, "COLUMNS": "200"}, capture_output=True,
-                         text=True, timeout=60, check=True).stdout
-    for flag in ("--model", "--host", "--port", "--temperature", "--top-k", "--top_k", "--top-p", "--top_p",
-                 "--repetition-penalty", "--repetition_penalty", "--max-audio-ms", "--seed",
-                 "--max-batch-size", "--max-queue", "--api-key", "--request-timeout", "--device", "--dtype"):
+    out = subprocess.run(
+        [*CSM_SERVE, "--help"],
+        env={**cli_env, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    for flag in (
+        "--model",
+        "--host",
+        "--port",
+        "--temperature",
+        "--top-k",
+        "--top_k",
+        "--top-p",
+        "--top_p",
+        "--repetition-penalty",
+        "--repetition_penalty",
+        "--max-audio-ms",
+        "--seed",
+        "--max-batch-size",
+        "--max-queue",
+        "--api-key",
+        "--request-timeout",
+        "--device",
+        "--dtype",
+    ):
         assert flag in out, flag
 
 
@@ -560,8 +629,13 @@ def test_sigterm_finishes_in_flight_requests_then_exits_0(guarded: ServerProcess
     first = threading.Event()
 
     def listen() -> None:
-        with requests.post(guarded.url("/generate"), json={"text": "Finish me.", "streaming": True},
-                           headers=auth, stream=True, timeout=60) as response:
+        with requests.post(
+            guarded.url("/generate"),
+            json={"text": "Finish me.", "streaming": True},
+            headers=auth,
+            stream=True,
+            timeout=60,
+        ) as response:
             for chunk in response.iter_content(chunk_size=None):
                 received.append(chunk)
                 first.set()

@@ -36,8 +36,10 @@ def test_empty_text_gives_no_pieces(text: str) -> None:
 
 
 def test_nothing_is_lost() -> None:
-    text = ("It was late. The rain, which had not stopped since noon, drummed on the roof; nobody spoke. "
-            "Then, quite suddenly — as if on cue — the lights went out! Who was there? ") * 5
+    text = (
+        "It was late. The rain, which had not stopped since noon, drummed on the roof; nobody spoke. "
+        "Then, quite suddenly — as if on cue — the lights went out! Who was there? "
+    ) * 5
     pieces = split_text(text, max_chars=60)
     assert all(0 < len(p) <= 60 for p in pieces)
     assert " ".join(pieces).split() == text.split()

@@ -26,9 +26,7 @@ def _script() -> ModuleType:
     """scripts/make_tiny_checkpoint.py as a module (shared with conftest when it already loaded it)."""
     if "make_tiny_checkpoint" in sys.modules:
         return sys.modules["make_tiny_checkpoint"]
-    spec = importlib.util.spec_from_file_location(
-        "make_tiny_checkpoint", ROOT / "scripts" / "make_tiny_checkpoint.py"
-    )
+    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", ROOT / "scripts" / "make_tiny_checkpoint.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["make_tiny_checkpoint"] = module
     spec.loader.exec_module(module)
@@ -73,9 +71,7 @@ def test_layout(tiny_dir: Path) -> None:
     assert set(index) == {"metadata", "weight_map"}
     assert set(index["weight_map"].values()) == set(SHARDS)
     assert set(index["weight_map"]) == set(_shard_state(tiny_dir))
-    assert index["metadata"]["total_size"] == sum(
-        t.numel() * t.element_size() for t in _shard_state(tiny_dir).values()
-    )
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in _shard_state(tiny_dir).values())
     assert any(key.startswith("codec_model.") for key in index["weight_map"])
 
 

@@ -43,13 +43,16 @@ def test_add_list_use_remove(tiny_dir, cli_env, tmp_path) -> None:  # noqa: ANN0
 def test_context_audio_flags(tiny_dir, cli_env, tmp_path) -> None:  # noqa: ANN001
     src = tiny_dir / "prompts" / "read_speech_a.wav"
     base = ["say", "Hi.", "-m", str(tiny_dir), "--device", "cpu", "--max-audio-ms", "240", "-q"]
-    r = csm([*base, "--context-audio", str(src), "--context-text", "Some words.", "-o", str(tmp_path / "a.wav")],
-            cli_env)
+    r = csm(
+        [*base, "--context-audio", str(src), "--context-text", "Some words.", "-o", str(tmp_path / "a.wav")], cli_env
+    )
     assert r.returncode == 0, r.stderr.decode()
     r = csm([*base, "--context-audio", str(src), "-o", str(tmp_path / "b.wav")], cli_env)
     assert r.returncode == 1 and "one --context-text per --context-audio" in r.stderr.decode()
-    r = csm([*base, "--context-audio", str(tmp_path / "missing.wav"), "--context-text", "x", "-o",
-             str(tmp_path / "c.wav")], cli_env)
+    r = csm(
+        [*base, "--context-audio", str(tmp_path / "missing.wav"), "--context-text", "x", "-o", str(tmp_path / "c.wav")],
+        cli_env,
+    )
     assert r.returncode == 1 and "cannot read audio" in r.stderr.decode()
 
 

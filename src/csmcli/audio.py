@@ -88,8 +88,7 @@ def format_for(path: str | None, explicit: str | None) -> str:
         return _EXTENSIONS[suffix]
     what = f"extension '{suffix}'" if suffix else "no extension"
     raise AudioError(
-        f"cannot tell the audio format of {path} ({what}): use .wav, .flac, .ogg or .raw, "
-        f"or pass --format ({_ALLOWED})"
+        f"cannot tell the audio format of {path} ({what}): use .wav, .flac, .ogg or .raw, or pass --format ({_ALLOWED})"
     )
 
 
@@ -104,8 +103,7 @@ def _encode_to(fileobj: BinaryIO, audio: np.ndarray, fmt: str, sample_rate: int)
     mono = _mono_f32(audio)
     # PCM subtypes get int16 (libsndfile would wrap loud floats); Vorbis gets clipped floats.
     data = np.clip(mono, -1.0, 1.0) if subtype == "VORBIS" else to_int16(mono)
-    with sf.SoundFile(fileobj, mode="w", samplerate=sample_rate, channels=1,
-                      format=container, subtype=subtype) as f:
+    with sf.SoundFile(fileobj, mode="w", samplerate=sample_rate, channels=1, format=container, subtype=subtype) as f:
         f.write(data)
 
 
@@ -174,9 +172,13 @@ def wav_stream_header(sample_rate: int = SAMPLE_RATE) -> bytes:
     """A 44-byte PCM16 mono WAV header for a stream of unknown length (RIFF and data sizes 0xFFFFFFFF)."""
     unknown = 0xFFFFFFFF
     return (
-        b"RIFF" + struct.pack("<I", unknown) + b"WAVE"
-        + b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
-        + b"data" + struct.pack("<I", unknown)
+        b"RIFF"
+        + struct.pack("<I", unknown)
+        + b"WAVE"
+        + b"fmt "
+        + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
+        + b"data"
+        + struct.pack("<I", unknown)
     )
 
 
@@ -246,8 +248,16 @@ def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         raise AudioError(f"cannot read audio {path}: {what}; check the path")
     try:
         if path.suffix.lower() in (".raw", ".pcm"):
-            data, rate = sf.read(path, dtype="float32", always_2d=True, samplerate=sample_rate,
-                                 channels=1, format="RAW", subtype="PCM_16", endian="LITTLE")
+            data, rate = sf.read(
+                path,
+                dtype="float32",
+                always_2d=True,
+                samplerate=sample_rate,
+                channels=1,
+                format="RAW",
+                subtype="PCM_16",
+                endian="LITTLE",
+            )
         else:
             data, rate = sf.read(path, dtype="float32", always_2d=True)
     except (OSError, RuntimeError) as exc:  # RuntimeError: soundfile.LibsndfileError
@@ -262,8 +272,9 @@ def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-def fade(audio: np.ndarray, fade_in_s: float = 0.0, fade_out_s: float = 0.0,
-         sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+def fade(
+    audio: np.ndarray, fade_in_s: float = 0.0, fade_out_s: float = 0.0, sample_rate: int = SAMPLE_RATE
+) -> np.ndarray:
     """A copy of ``audio`` with linear fade-in/fade-out ramps of the given lengths."""
     out = np.array(_mono_f32(audio), dtype=np.float32, copy=True)
     n_in = min(len(out), max(0, round(fade_in_s * sample_rate)))
@@ -271,12 +282,11 @@ def fade(audio: np.ndarray, fade_in_s: float = 0.0, fade_out_s: float = 0.0,
     if n_in:
         out[:n_in] *= np.linspace(0.0, 1.0, n_in, endpoint=False, dtype=np.float32)
     if n_out:
-        out[len(out) - n_out:] *= np.linspace(1.0, 0.0, n_out + 1, dtype=np.float32)[1:]
+        out[len(out) - n_out :] *= np.linspace(1.0, 0.0, n_out + 1, dtype=np.float32)[1:]
     return out
 
 
-def concat_with_pauses(chunks: Sequence[np.ndarray], pause_s: float,
-                       sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+def concat_with_pauses(chunks: Sequence[np.ndarray], pause_s: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Join mono pieces with ``pause_s`` seconds of silence between them (none before or after)."""
     if pause_s < 0:
         raise OptionsError(f"pause must be >= 0 seconds, got {pause_s}")

@@ -135,8 +135,10 @@ def measure_engine(engine: Engine, setup: BenchSetup) -> dict[str, Any]:
     for batch in setup.batch_sizes:
         if batch > engine.max_batch:
             continue
-        jobs = [engine.submit(Job(_prompt(setup.prompt_rows, 100 + j), _options(total), chunk_frames=8))
-                for j in range(batch)]
+        jobs = [
+            engine.submit(Job(_prompt(setup.prompt_rows, 100 + j), _options(total), chunk_frames=8))
+            for j in range(batch)
+        ]
         for _ in range(setup.warmup):
             engine.step()
         times = []
@@ -149,8 +151,11 @@ def measure_engine(engine: Engine, setup: BenchSetup) -> dict[str, Any]:
         for job in jobs:
             engine.run_until_done(job)
         ms = 1e3 * statistics.median(times)
-        throughput[str(batch)] = {"ms_per_frame": ms, "frames_per_s": batch * 1e3 / ms,
-                                  "real_time_factor": ms / FRAME_MS}
+        throughput[str(batch)] = {
+            "ms_per_frame": ms,
+            "frames_per_s": batch * 1e3 / ms,
+            "real_time_factor": ms / FRAME_MS,
+        }
         if batch == 1:
             out["ms_per_frame"] = ms
             out["real_time_factor"] = ms / FRAME_MS
@@ -158,8 +163,9 @@ def measure_engine(engine: Engine, setup: BenchSetup) -> dict[str, Any]:
     return out
 
 
-def measure_transformers(state: dict[str, torch.Tensor], config: dict[str, Any], device: torch.device,
-                         dtype: torch.dtype, setup: BenchSetup) -> dict[str, Any]:
+def measure_transformers(
+    state: dict[str, torch.Tensor], config: dict[str, Any], device: torch.device, dtype: torch.dtype, setup: BenchSetup
+) -> dict[str, Any]:
     """transformers' generate on the same weights: ms per frame from two runs of different length."""
     from transformers import CsmConfig, CsmForConditionalGeneration
     from transformers.initialization import no_init_weights
@@ -168,10 +174,12 @@ def measure_transformers(state: dict[str, torch.Tensor], config: dict[str, Any],
     with no_init_weights(), torch.device(device):
         ref = CsmForConditionalGeneration(cfg).to(dtype)
     full = {k: v.to(device, dtype) for k, v in state.items()}
-    full.setdefault("depth_decoder.model.embed_tokens.weight",
-                    full["backbone_model.embed_tokens.embed_audio_tokens.weight"])
-    full.setdefault("backbone_model.embed_tokens.embed_audio_tokens.weight",
-                    full["depth_decoder.model.embed_tokens.weight"])
+    full.setdefault(
+        "depth_decoder.model.embed_tokens.weight", full["backbone_model.embed_tokens.embed_audio_tokens.weight"]
+    )
+    full.setdefault(
+        "backbone_model.embed_tokens.embed_audio_tokens.weight", full["depth_decoder.model.embed_tokens.weight"]
+    )
     missing, _ = ref.load_state_dict(full, strict=False)
     if any(not k.startswith("codec_model.") for k in missing):
         raise RuntimeError(f"baseline model is missing {missing[:3]}")
@@ -183,9 +191,18 @@ def measure_transformers(state: dict[str, torch.Tensor], config: dict[str, Any],
         _sync(device)
         t = time.perf_counter()
         with torch.inference_mode():
-            ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=frames, min_new_tokens=frames,
-                         do_sample=True, temperature=0.9, top_k=50, depth_decoder_do_sample=True,
-                         depth_decoder_temperature=0.9, depth_decoder_top_k=50)
+            ref.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=frames,
+                min_new_tokens=frames,
+                do_sample=True,
+                temperature=0.9,
+                top_k=50,
+                depth_decoder_do_sample=True,
+                depth_decoder_temperature=0.9,
+                depth_decoder_top_k=50,
+            )
         _sync(device)
         return time.perf_counter() - t
 
@@ -227,8 +244,16 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_bench(model: str | None, device: str, dtype: str, quantize: str, setup: BenchSetup,
-              threads: int | None = None, graphs: bool = True, compile: bool = False) -> dict[str, Any]:
+def run_bench(
+    model: str | None,
+    device: str,
+    dtype: str,
+    quantize: str,
+    setup: BenchSetup,
+    threads: int | None = None,
+    graphs: bool = True,
+    compile: bool = False,
+) -> dict[str, Any]:
     """Load (or randomly build) the model, measure it and optionally the transformers baseline."""
     from .quant import quantize_int8
     from .synthesizer import build_model, pick_device, pick_dtype
@@ -262,8 +287,9 @@ def run_bench(model: str | None, device: str, dtype: str, quantize: str, setup: 
     setup_s = time.perf_counter() - started
     result: dict[str, Any] = {
         "model": source,
-        "device": torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else platform.processor()
-        or platform.machine(),
+        "device": torch.cuda.get_device_name(torch_device)
+        if torch_device.type == "cuda"
+        else platform.processor() or platform.machine(),
         "device_type": torch_device.type,
         "dtype": str(torch_dtype).removeprefix("torch."),
         "quantization": quantize,

@@ -55,8 +55,12 @@ CSM_1B_CONFIG: dict[str, Any] = {
     "rms_norm_eps": 1e-5,
     "bos_token_id": 128000,
     "rope_parameters": {
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
-        "low_freq_factor": 0.125, "high_freq_factor": 0.5, "original_max_position_embeddings": 1024,
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 0.125,
+        "high_freq_factor": 0.5,
+        "original_max_position_embeddings": 1024,
     },
     "depth_decoder_config": {
         "model_type": "csm_depth_decoder_model",
@@ -72,8 +76,11 @@ CSM_1B_CONFIG: dict[str, Any] = {
         "max_position_embeddings": 33,
         "rms_norm_eps": 1e-5,
         "rope_parameters": {
-            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
-            "low_freq_factor": 0.001953125, "high_freq_factor": 0.0078125,
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "low_freq_factor": 0.001953125,
+            "high_freq_factor": 0.0078125,
             "original_max_position_embeddings": 16,
         },
     },
@@ -139,8 +146,9 @@ def _snapshot(repo_id: str, local_files_only: bool) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        path = Path(snapshot_download(repo_id, allow_patterns=list(DOWNLOAD_PATTERNS),
-                                      local_files_only=local_files_only))
+        path = Path(
+            snapshot_download(repo_id, allow_patterns=list(DOWNLOAD_PATTERNS), local_files_only=local_files_only)
+        )
     except hub_errors.GatedRepoError:
         raise CheckpointError(f"{repo_id} is gated: {_HUB_HINT}") from None
     except hub_errors.RepositoryNotFoundError:
@@ -218,9 +226,7 @@ def _weight_files(path: Path, raw: dict[str, Any]) -> list[Path]:
                 raise CheckpointError(f"{path} is missing weight shards {', '.join(missing)}: download it again")
             return shards
         return [file]
-    raise CheckpointError(
-        f"{path} is not a CSM checkpoint: no config.json weights, model.safetensors or ckpt.pt found"
-    )
+    raise CheckpointError(f"{path} is not a CSM checkpoint: no config.json weights, model.safetensors or ckpt.pt found")
 
 
 def _keys(files: list[Path]) -> list[str]:
@@ -265,7 +271,7 @@ def read_tensors(ckpt: Checkpoint) -> tuple[dict[str, Tensor], dict[str, Tensor]
             state.update(load_file(str(file)))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{file} is corrupt: {_one_line(exc)}") from None
-    codec = {k[len("codec_model."):]: v for k, v in state.items() if k.startswith("codec_model.")}
+    codec = {k[len("codec_model.") :]: v for k, v in state.items() if k.startswith("codec_model.")}
     model = {k: v for k, v in state.items() if not k.startswith("codec_model.")}
     if ckpt.weight_format == "original":
         model = convert.original_to_transformers(model, ckpt.config)
@@ -292,9 +298,7 @@ def to_model_state(sd: dict[str, Tensor], config: dict[str, Any]) -> dict[str, T
                 src, dst = f"{theirs}.layers.{i}", f"{ours}.layers.{i}"
                 out[f"{dst}.attn_norm.weight"] = sd[f"{src}.input_layernorm.weight"]
                 out[f"{dst}.ffn_norm.weight"] = sd[f"{src}.post_attention_layernorm.weight"]
-                out[f"{dst}.wqkv.weight"] = torch.cat(
-                    [sd[f"{src}.self_attn.{p}_proj.weight"] for p in "qkv"], dim=0
-                )
+                out[f"{dst}.wqkv.weight"] = torch.cat([sd[f"{src}.self_attn.{p}_proj.weight"] for p in "qkv"], dim=0)
                 out[f"{dst}.wo.weight"] = sd[f"{src}.self_attn.o_proj.weight"]
                 out[f"{dst}.w13.weight"] = torch.cat(
                     [sd[f"{src}.mlp.gate_proj.weight"], sd[f"{src}.mlp.up_proj.weight"]], dim=0

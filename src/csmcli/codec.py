@@ -63,7 +63,7 @@ def remap_mimi_key(key: str) -> str:
     key = key.removeprefix("codec_model.")
     for old, new in _FLAT_TO_NESTED:
         if key.startswith(old):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     return key
 
 
@@ -174,8 +174,10 @@ class Codec:
         self._upsample_step: _ConvTransposeStep | None = None
         if model.decoder is not None:
             if not hasattr(model.decoder, "decoder_seanet"):
-                raise ValueError("this transformers' MimiModel has no decoder.decoder_seanet: csmcli's codec "
-                                 "needs the layout with encoder/decoder halves (transformers 5.x)")
+                raise ValueError(
+                    "this transformers' MimiModel has no decoder.decoder_seanet: csmcli's codec "
+                    "needs the layout with encoder/decoder halves (transformers 5.x)"
+                )
             builder = _PlanBuilder()
             if model.decoder.upsample is not None:
                 self._upsample_step = builder.conv_transpose(model.decoder.upsample)
@@ -220,8 +222,9 @@ class Codec:
         persistent = set(model.state_dict())
         missing = [k for k in missing if k in persistent]
         if missing or unexpected:
-            raise ValueError(f"Mimi weights do not match the config: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"Mimi weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         _materialize_buffers(model, device)
         model.requires_grad_(False)
         return cls(model.eval(), num_codebooks)
@@ -246,8 +249,11 @@ class Codec:
 
             path = resolve(str(path_or_dir))
         config = json.loads((path / "config.json").read_text())
-        files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else sorted(
-            path.glob("*.safetensors"))
+        files = (
+            [path / "model.safetensors"]
+            if (path / "model.safetensors").is_file()
+            else sorted(path.glob("*.safetensors"))
+        )
         if not files:
             raise FileNotFoundError(f"no .safetensors weights in {path}")
         state: dict[str, Tensor] = {}
@@ -317,7 +323,7 @@ class Codec:
             raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
         codes = self._check_codes(codes)
         stream = self.stream()
-        parts = [stream.push(codes[i:i + chunk_frames]) for i in range(0, codes.shape[0], chunk_frames)]
+        parts = [stream.push(codes[i : i + chunk_frames]) for i in range(0, codes.shape[0], chunk_frames)]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
     def stream(self) -> StreamingDecoder:
@@ -340,8 +346,9 @@ class Codec:
         if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
             raise ValueError(f"codes must be integers, got {codes.dtype}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self._codebook_size):
-            raise ValueError(f"codes must be in 0..{self._codebook_size - 1} "
-                             f"(got {int(codes.min())}..{int(codes.max())})")
+            raise ValueError(
+                f"codes must be in 0..{self._codebook_size - 1} (got {int(codes.min())}..{int(codes.max())})"
+            )
         return codes.to(device=self.device, dtype=torch.long)
 
 
@@ -421,10 +428,13 @@ class StreamingDecoder:
         if step.context:
             past = self._slots[step.slot]
             if past is None:
-                past = (x[..., :1].expand(-1, -1, step.context) if step.replicate
-                        else x.new_zeros(x.shape[0], x.shape[1], step.context))
+                past = (
+                    x[..., :1].expand(-1, -1, step.context)
+                    if step.replicate
+                    else x.new_zeros(x.shape[0], x.shape[1], step.context)
+                )
             x = torch.cat([past, x], dim=-1)
-            self._slots[step.slot] = x[..., -step.context:].clone()
+            self._slots[step.slot] = x[..., -step.context :].clone()
         return _conv1d(x, conv.weight, conv.bias, conv.dilation[0], conv.groups)
 
     def _conv_transpose(self, step: _ConvTransposeStep, x: Tensor) -> Tensor:
@@ -433,7 +443,7 @@ class StreamingDecoder:
         keep = x.shape[-1] * step.stride  # samples no later frame can add to
         tail = self._slots[step.slot]
         if tail is not None:
-            y[..., :step.overlap] += tail
+            y[..., : step.overlap] += tail
         self._slots[step.slot] = y[..., keep:].clone()
         y = y[..., :keep]
         if conv.bias is not None:
@@ -499,7 +509,7 @@ def _conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int, group
     if out_ch == 1 or kernel == 1:  # sum over taps: no im2col copy
         y = torch.matmul(weight[:, :, 0], x[..., :n])
         for j in range(1, kernel):
-            y = y + torch.matmul(weight[:, :, j], x[..., j * dilation:j * dilation + n])
+            y = y + torch.matmul(weight[:, :, j], x[..., j * dilation : j * dilation + n])
     else:  # im2col: [B, n, in*kernel] @ [in*kernel, out]
         cols = x.unfold(-1, (kernel - 1) * dilation + 1, 1)[..., ::dilation]  # [B, in, n, kernel]
         cols = cols.permute(0, 2, 1, 3).reshape(x.shape[0], n, in_ch * kernel)
@@ -531,8 +541,8 @@ def _conv_transpose1d(x: Tensor, weight: Tensor, stride: int, groups: int) -> Te
     z = z.reshape(batch, out_ch, blocks, n * stride)
     y = z.new_zeros(batch, out_ch, (n + blocks - 1) * stride)
     for j in range(blocks):
-        y[..., j * stride:j * stride + n * stride] += z[:, :, j]
-    return y[..., :(n - 1) * stride + kernel]
+        y[..., j * stride : j * stride + n * stride] += z[:, :, j]
+    return y[..., : (n - 1) * stride + kernel]
 
 
 def _rotate_half(x: Tensor) -> Tensor:

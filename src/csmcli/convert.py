@@ -115,9 +115,7 @@ def _check_rows(weight: Tensor, heads: int, head_dim: int, name: str) -> None:
     """Raise if a q/k projection does not have heads * head_dim rows."""
     if weight.dim() != 2 or weight.shape[0] != heads * head_dim or head_dim % 2:
         shape = tuple(weight.shape)
-        raise CheckpointError(
-            f"{name} has shape {shape}, expected ({heads} x {head_dim}, ...) per the config"
-        )
+        raise CheckpointError(f"{name} has shape {shape}, expected ({heads} x {head_dim}, ...) per the config")
 
 
 def _layer_counts(cfg: Mapping[str, Any], keys: Iterable[str], pattern: re.Pattern[str]) -> dict[str, int]:
@@ -160,9 +158,7 @@ def _check_keys(present: Iterable[str], expected: Iterable[str], source: str) ->
             raise CheckpointError(f"unexpected key {key} in a {source}-format CSM checkpoint")
 
 
-def _permute_qk(
-    name: str, tensor: Tensor, dims: Mapping[str, tuple[int, int, int]], to_halves: bool
-) -> Tensor:
+def _permute_qk(name: str, tensor: Tensor, dims: Mapping[str, tuple[int, int, int]], to_halves: bool) -> Tensor:
     """Permute the rows of an original-named q_proj/k_proj tensor; return other tensors unchanged."""
     match = _ORIGINAL_LAYER.match(name)
     if not match or match.group(3) not in ("attn.q_proj.weight", "attn.k_proj.weight"):
@@ -213,10 +209,7 @@ def transformers_to_original(sd: Mapping[str, Tensor], cfg: Any) -> dict[str, Te
     pairs = _name_pairs(_layer_counts(cfg, named, _TRANSFORMERS_LAYER))
     _check_keys(named, pairs.values(), "transformers")
     inverse = {new: old for old, new in pairs.items()}
-    return {
-        inverse[key]: _permute_qk(inverse[key], tensor, dims, to_halves=False)
-        for key, tensor in named.items()
-    }
+    return {inverse[key]: _permute_qk(inverse[key], tensor, dims, to_halves=False) for key, tensor in named.items()}
 
 
 def detect_format(keys: Iterable[str], source: str = "checkpoint") -> Format:

@@ -127,8 +127,10 @@ class SpeakerNames:
                 raise ValueError(f"speaker {name!r} is not in --speakers ({known})")
             if len(self.ids) >= len(SPEAKER_IDS):
                 pairs = [f"{n}={i}" for n, i in zip(self.spelling.values(), SPEAKER_IDS, strict=True)]
-                raise ValueError(f"a third speaker {name!r}: CSM-1B has two (0 and 1); map names to ids, "
-                                 f"e.g. --speakers {','.join([*pairs, f'{name}=0'])}")
+                raise ValueError(
+                    f"a third speaker {name!r}: CSM-1B has two (0 and 1); map names to ids, "
+                    f"e.g. --speakers {','.join([*pairs, f'{name}=0'])}"
+                )
             self._add(name, SPEAKER_IDS[len(self.ids)])
         return self.ids[key], self.spelling[key]
 
@@ -137,8 +139,9 @@ class SpeakerNames:
         return next((self.spelling[k] for k, v in self.ids.items() if v == speaker), f"speaker{speaker}")
 
 
-def read_script(path: Path, speakers: dict[str, int] | None = None, fmt: str = "wav",
-                reserved: dict[str, str] | None = None) -> Script:
+def read_script(
+    path: Path, speakers: dict[str, int] | None = None, fmt: str = "wav", reserved: dict[str, str] | None = None
+) -> Script:
     """Read and check a script; :class:`ScriptError` lists every problem (see :func:`parse_script`)."""
     script, problems = parse_script(path, speakers, fmt, reserved)
     if problems:
@@ -146,8 +149,9 @@ def read_script(path: Path, speakers: dict[str, int] | None = None, fmt: str = "
     return script
 
 
-def parse_script(path: Path, speakers: dict[str, int] | None = None, fmt: str = "wav",
-                 reserved: dict[str, str] | None = None) -> tuple[Script, list[str]]:
+def parse_script(
+    path: Path, speakers: dict[str, int] | None = None, fmt: str = "wav", reserved: dict[str, str] | None = None
+) -> tuple[Script, list[str]]:
     """The turns that parse and every problem found, in line order (``FILE:LINE: message``).
 
     The format goes by the suffix (``.jsonl``/``.ndjson`` or plain text).  Turn file names (with
@@ -179,8 +183,7 @@ def _lines(source: str) -> list[tuple[int, str]]:
     return out
 
 
-def parse_text(source: str, label: str,
-               speakers: dict[str, int] | None = None) -> tuple[list[Turn], list[str]]:
+def parse_text(source: str, label: str, speakers: dict[str, int] | None = None) -> tuple[list[Turn], list[str]]:
     """Turns of a plain-text script and the problems found (``LABEL:LINE: message``)."""
     names = SpeakerNames(speakers)
     turns: list[Turn] = []
@@ -206,8 +209,10 @@ def _text_turn(line: str, names: SpeakerNames) -> tuple[int, str, str]:
     else:
         named = _NAMED.fullmatch(line)
         if not named:
-            raise ValueError("expected 'NAME: text' or '[0] text' (a name is up to 40 letters, digits, "
-                             "spaces, '.', '-' or \"'\", starting with a letter)")
+            raise ValueError(
+                "expected 'NAME: text' or '[0] text' (a name is up to 40 letters, digits, "
+                "spaces, '.', '-' or \"'\", starting with a letter)"
+            )
         text = named.group(2)
         speaker, name = names.resolve(named.group(1).strip())
     if not text.strip():
@@ -215,8 +220,7 @@ def _text_turn(line: str, names: SpeakerNames) -> tuple[int, str, str]:
     return speaker, name, text.strip()
 
 
-def parse_jsonl(source: str, label: str,
-                speakers: dict[str, int] | None = None) -> tuple[list[Turn], list[str]]:
+def parse_jsonl(source: str, label: str, speakers: dict[str, int] | None = None) -> tuple[list[Turn], list[str]]:
     """Turns of a JSON Lines script and the problems found (``LABEL:LINE: message``)."""
     names = SpeakerNames(speakers)
     turns: list[Turn] = []
@@ -238,7 +242,7 @@ def _json_turn(line: str, names: SpeakerNames, number: int, line_no: int) -> Tur
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON: {exc.msg} (column {exc.colno})") from None
     if not isinstance(obj, dict):
-        raise ValueError("expected a JSON object like {\"text\": \"...\", \"speaker\": 0}")
+        raise ValueError('expected a JSON object like {"text": "...", "speaker": 0}')
     unknown = sorted(set(obj) - set(TURN_FIELDS) - set(OPTION_FIELDS))
     if unknown:
         raise ValueError(f"unknown field {unknown[0]!r} (allowed: {', '.join(TURN_FIELDS + OPTION_FIELDS)})")

@@ -65,8 +65,14 @@ class JobStats:
 class Job:
     """One utterance being generated.  Chunks go to ``sink`` (by default an internal queue)."""
 
-    def __init__(self, prompt: Prompt, options: GenerationOptions, first_chunk_frames: int = 1,
-                 chunk_frames: int = 8, sink: Callable[[AudioChunk], None] | None = None) -> None:
+    def __init__(
+        self,
+        prompt: Prompt,
+        options: GenerationOptions,
+        first_chunk_frames: int = 1,
+        chunk_frames: int = 8,
+        sink: Callable[[AudioChunk], None] | None = None,
+    ) -> None:
         self.prompt = prompt
         self.options = options
         self.seed = options.seed if options.seed is not None else secrets.randbits(32)
@@ -143,8 +149,15 @@ class Job:
 class Engine:
     """Model + codec + static per-slot state; generates frames for all active jobs together."""
 
-    def __init__(self, model: CSMModel, codec, device: torch.device, dtype: torch.dtype,  # noqa: ANN001
-                 max_batch: int = 1, prefix_bytes: int = 256 * 2**20) -> None:
+    def __init__(
+        self,
+        model: CSMModel,
+        codec,
+        device: torch.device,
+        dtype: torch.dtype,  # noqa: ANN001
+        max_batch: int = 1,
+        prefix_bytes: int = 256 * 2**20,
+    ) -> None:
         self.model = model
         self.codec = codec
         self.device = device
@@ -155,8 +168,9 @@ class Engine:
         self.depth_cache = model.decoder.new_cache(max_batch, model.num_codebooks + 1, dtype, device)
         self.hidden = torch.zeros(max_batch, model.backbone_spec.dim, dtype=dtype, device=device)
         self.params = SamplingParams.empty(max_batch, device)
-        self.recent = torch.full((max_batch, REPETITION_WINDOW, model.num_codebooks), -1,
-                                 dtype=torch.long, device=device)
+        self.recent = torch.full(
+            (max_batch, REPETITION_WINDOW, model.num_codebooks), -1, dtype=torch.long, device=device
+        )
         self.pos = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.slots: list[Job | None] = [None] * max_batch
         self.positions = [0] * max_batch
@@ -176,8 +190,7 @@ class Engine:
         needed = len(prompt) + options.max_frames
         if needed > self.max_len:
             room = self.max_len - len(prompt)
-            hint = (f"lower max_audio_ms to {room * 80} or less" if room > 0
-                    else "shorten the text or the context")
+            hint = f"lower max_audio_ms to {room * 80} or less" if room > 0 else "shorten the text or the context"
             raise PromptTooLongError(
                 f"prompt takes {len(prompt)} positions and max_audio_ms={options.max_audio_ms} needs "
                 f"{options.max_frames} frames: more than the model's {self.max_len}; {hint}"

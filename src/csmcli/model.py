@@ -108,8 +108,15 @@ class Block(nn.Module):
         self.w13 = nn.Linear(spec.dim, 2 * spec.ffn_dim, bias=False)
         self.w2 = nn.Linear(spec.ffn_dim, spec.dim, bias=False)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: tuple[Tensor, Tensor], write: tuple,
-                kv_len: int, mask: Tensor | None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        cache: tuple[Tensor, Tensor],
+        write: tuple,
+        kv_len: int,
+        mask: Tensor | None,
+    ) -> Tensor:
         b, t, _ = x.shape
         q, k, v = _KERNELS.attn_in(self, x, *rope)
         k_cache, v_cache = cache
@@ -127,7 +134,8 @@ def _attn_in(block: Block, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor,
     s = block.spec
     b, t, _ = x.shape
     q, k, v = block.wqkv(block.attn_norm(x)).split(
-        [s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim], dim=-1)
+        [s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim], dim=-1
+    )
     q = _rotate(q.view(b, t, s.n_heads, s.head_dim), cos, sin).transpose(1, 2)
     k = _rotate(k.view(b, t, s.n_kv_heads, s.head_dim), cos, sin)
     return q, k, v.view(b, t, s.n_kv_heads, s.head_dim)
@@ -220,9 +228,7 @@ class CSMModel(nn.Module):
         self.decoder = Transformer(self.depth_spec)
         self.audio_head = nn.Parameter(torch.empty(self.num_codebooks - 1, ddim, self.vocab))
         self.quantized_heads: nn.ModuleList | None = None
-        self.register_buffer(
-            "audio_offsets", torch.arange(self.num_codebooks) * self.vocab, persistent=False
-        )
+        self.register_buffer("audio_offsets", torch.arange(self.num_codebooks) * self.vocab, persistent=False)
 
     def init_buffers(self, device: torch.device) -> None:
         """(Re)compute the non-persistent buffers, e.g. after building on the meta device."""

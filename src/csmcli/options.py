@@ -67,9 +67,7 @@ class GenerationOptions:
         if not 0 < self.top_p <= 1:
             raise OptionsError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if not 1 <= self.repetition_penalty <= 10:
-            raise OptionsError(
-                f"repetition_penalty must be between 1 and 10 (1 = off), got {self.repetition_penalty}"
-            )
+            raise OptionsError(f"repetition_penalty must be between 1 and 10 (1 = off), got {self.repetition_penalty}")
         if not FRAME_MS <= self.max_audio_ms <= 3_600_000:
             raise OptionsError(f"max_audio_ms must be between {FRAME_MS} and 3600000, got {self.max_audio_ms}")
         if self.seed is not None and not 0 <= self.seed < 2**32:
@@ -109,8 +107,6 @@ def _coerce(name: str, value: Any, kind: type) -> int | float:
         try:
             value = float(value.strip())
         except ValueError:
-            raise OptionsError(
-                f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}"
-            ) from None
+            raise OptionsError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
     _check_number(name, value, kind)
     return int(value) if kind is int else float(value)

@@ -49,6 +49,7 @@ def _sounddevice() -> ModuleType:
 
 # --- devices --------------------------------------------------------------------------------------
 
+
 def _default_output_index(sd: ModuleType) -> int | None:
     """Index of the default output device, or None when there is none."""
     with_default = sd.default.device
@@ -74,22 +75,23 @@ def list_devices() -> list[dict[str, Any]]:
         devices = sd.query_devices()
         hostapis = sd.query_hostapis()
     except sd.PortAudioError as exc:
-        raise AudioError(f"cannot list audio devices: {exc}; check that a sound server/card is available") \
-            from None
+        raise AudioError(f"cannot list audio devices: {exc}; check that a sound server/card is available") from None
     default = _default_output_index(sd)
     out = []
     for i, dev in enumerate(devices):
         if dev["max_output_channels"] <= 0:
             continue
         api = dev.get("hostapi")
-        out.append({
-            "index": i,
-            "name": dev["name"],
-            "max_output_channels": int(dev["max_output_channels"]),
-            "default_samplerate": float(dev.get("default_samplerate") or 0.0),
-            "hostapi": hostapis[api]["name"] if isinstance(api, int) and api < len(hostapis) else "",
-            "default": i == default,
-        })
+        out.append(
+            {
+                "index": i,
+                "name": dev["name"],
+                "max_output_channels": int(dev["max_output_channels"]),
+                "default_samplerate": float(dev.get("default_samplerate") or 0.0),
+                "hostapi": hostapis[api]["name"] if isinstance(api, int) and api < len(hostapis) else "",
+                "default": i == default,
+            }
+        )
     return out
 
 
@@ -120,9 +122,18 @@ def resolve_device(spec: str | int | None) -> int | None:
 
 # --- start decision -------------------------------------------------------------------------------
 
-def ready_to_play(buffered_s: float, produced_s: float, rate: float | None, *, done: bool,
-                  expected_total_s: float | None = None, margin_s: float = 0.0,
-                  min_buffer_s: float = 0.0, fast_rate: float = FAST_RATE) -> bool:
+
+def ready_to_play(
+    buffered_s: float,
+    produced_s: float,
+    rate: float | None,
+    *,
+    done: bool,
+    expected_total_s: float | None = None,
+    margin_s: float = 0.0,
+    min_buffer_s: float = 0.0,
+    fast_rate: float = FAST_RATE,
+) -> bool:
     """Whether playback can start (or resume after running dry) without the buffer running dry again.
 
     ``buffered_s``: audio waiting to be played; ``produced_s``: audio produced so far; ``rate``: audio
@@ -189,6 +200,7 @@ class RateMeter:
 
 # --- buffer ---------------------------------------------------------------------------------------
 
+
 class _Buffer:
     """Thread-safe FIFO of int16 chunks between the producer thread and the audio callback."""
 
@@ -223,8 +235,8 @@ class _Buffer:
                     chunk = self._chunks[i]
                     usable = len(chunk) - (self._offset if i == 0 else 0)
                     take = min(usable, pos)
-                    seg = chunk[len(chunk) - take:].astype(np.float32)
-                    chunk[len(chunk) - take:] = np.round(seg * ramp[pos - take:pos]).astype(np.int16)
+                    seg = chunk[len(chunk) - take :].astype(np.float32)
+                    chunk[len(chunk) - take :] = np.round(seg * ramp[pos - take : pos]).astype(np.int16)
                     pos -= take
                     if pos == 0:
                         break
@@ -240,7 +252,7 @@ class _Buffer:
                 while n < want and self._chunks:
                     chunk = self._chunks[0]
                     take = min(want - n, len(chunk) - self._offset)
-                    out[n:n + take] = chunk[self._offset:self._offset + take]
+                    out[n : n + take] = chunk[self._offset : self._offset + take]
                     n += take
                     self._offset += take
                     if self._offset == len(chunk):
@@ -262,6 +274,7 @@ class _Buffer:
 
 # --- playback -------------------------------------------------------------------------------------
 
+
 def _as_mono(chunk: Any) -> np.ndarray:
     """A chunk (array, or object with ``.samples``) as 1-D float32."""
     data = getattr(chunk, "samples", chunk)
@@ -273,11 +286,23 @@ def _as_mono(chunk: Any) -> np.ndarray:
     return a.reshape(-1)
 
 
-def _open_stream(sd: ModuleType, device: int | None, sample_rate: int, callback: Callable[..., None],
-                 finished: Callable[[], None], latency: float | str | None) -> tuple[Any, int]:
+def _open_stream(
+    sd: ModuleType,
+    device: int | None,
+    sample_rate: int,
+    callback: Callable[..., None],
+    finished: Callable[[], None],
+    latency: float | str | None,
+) -> tuple[Any, int]:
     """Open a mono int16 output stream at ``sample_rate``, else at the device's own rate."""
-    kwargs = dict(channels=1, dtype="int16", device=device, callback=callback, finished_callback=finished,
-                  latency=latency if latency is not None else "high")
+    kwargs = dict(
+        channels=1,
+        dtype="int16",
+        device=device,
+        callback=callback,
+        finished_callback=finished,
+        latency=latency if latency is not None else "high",
+    )
     try:
         return sd.OutputStream(samplerate=sample_rate, **kwargs), sample_rate
     except sd.PortAudioError as first:
@@ -295,16 +320,24 @@ def _open_stream(sd: ModuleType, device: int | None, sample_rate: int, callback:
         except AudioError:
             none = True
         if none:
-            raise AudioError("no audio output device found: enable a sound card or sound server, "
-                             "or write to a file with `csm say -o out.wav`") from None
+            raise AudioError(
+                "no audio output device found: enable a sound card or sound server, "
+                "or write to a file with `csm say -o out.wav`"
+            ) from None
         name = "the default output device" if device is None else f"output device {device}"
-        raise AudioError(f"cannot open {name}: {first}; pick another with --device ({LIST_DEVICES_HINT})") \
-            from None
+        raise AudioError(f"cannot open {name}: {first}; pick another with --device ({LIST_DEVICES_HINT})") from None
 
 
-def play_stream(chunks: Iterable[Any], *, device: str | int | None = None, sample_rate: int = SAMPLE_RATE,
-                rate_hint: float | None = None, expected_total_s: float | None = None,
-                on_start: Callable[[], None] | None = None, latency: float | str | None = None) -> float:
+def play_stream(
+    chunks: Iterable[Any],
+    *,
+    device: str | int | None = None,
+    sample_rate: int = SAMPLE_RATE,
+    rate_hint: float | None = None,
+    expected_total_s: float | None = None,
+    on_start: Callable[[], None] | None = None,
+    latency: float | str | None = None,
+) -> float:
     """Play float32 mono ``chunks`` as they are produced; returns the seconds of audio played.
 
     Chunks are contiguous audio, played back to back (only a 5 ms fade-out at the very end). Start is
@@ -364,9 +397,15 @@ def play_stream(chunks: Iterable[Any], *, device: str | int | None = None, sampl
         # PortAudio/ALSA 'high' latency fills ~1.5x the reported latency in back-to-back callbacks.
         lat = float(getattr(stream, "latency", 0.0) or 0.0)
         fill = 2.0 * lat + 0.02
-        return ready_to_play(buf.buffered / out_rate, meter.produced_s, meter.rate(), done=buf.done,
-                             expected_total_s=expected_total_s, margin_s=meter.max_chunk_s + fill,
-                             min_buffer_s=fill)
+        return ready_to_play(
+            buf.buffered / out_rate,
+            meter.produced_s,
+            meter.rate(),
+            done=buf.done,
+            expected_total_s=expected_total_s,
+            margin_s=meter.max_chunk_s + fill,
+            min_buffer_s=fill,
+        )
 
     def check_failure() -> None:
         if failure:

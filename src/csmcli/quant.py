@@ -46,8 +46,9 @@ def quantize_int8(model: CSMModel) -> CSMModel:
                 setattr(block, name, Int8Linear(getattr(block, name).weight, dtype))
     model.codebook0_head = Int8Linear(model.codebook0_head.weight, dtype)
     model.projection = Int8Linear(model.projection.weight, dtype)
-    model.quantized_heads = nn.ModuleList(Int8Linear(model.audio_head[i].T, dtype)
-                                          for i in range(model.audio_head.shape[0]))
+    model.quantized_heads = nn.ModuleList(
+        Int8Linear(model.audio_head[i].T, dtype) for i in range(model.audio_head.shape[0])
+    )
     del model.audio_head
     model.register_parameter("audio_head", None)
     return model

@@ -74,8 +74,9 @@ class SamplingParams:
         self.frame[row] = 0
 
 
-def sample(logits: Tensor, params: SamplingParams, codebook: int, num_codes: int,
-           recent: Tensor | None = None) -> Tensor:
+def sample(
+    logits: Tensor, params: SamplingParams, codebook: int, num_codes: int, recent: Tensor | None = None
+) -> Tensor:
     """Pick one code per row from ``logits`` ``[B, vocab]``.
 
     ``recent`` (``[B, window]`` codes of this codebook from recent frames, -1 = empty) feeds the

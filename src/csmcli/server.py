@@ -48,15 +48,25 @@ MAX_BODY_BYTES = 256 * 1024
 GENERATE_OWN_FIELDS = ("text", "speaker", "streaming", "voice", "format")
 GENERATE_FIELDS = (*GENERATE_OWN_FIELDS, *OPTION_FIELDS)
 #: Fields ``POST /v1/audio/speech`` takes besides the generation options (``speaker`` is ours).
-SPEECH_OWN_FIELDS = ("model", "input", "voice", "instructions", "response_format", "speed", "stream_format",
-                     "speaker")
+SPEECH_OWN_FIELDS = ("model", "input", "voice", "instructions", "response_format", "speed", "stream_format", "speaker")
 SPEECH_FIELDS = (*SPEECH_OWN_FIELDS, *OPTION_FIELDS)
 #: Audio formats both endpoints answer in (pcm = headerless s16le mono).
 FORMATS = ("wav", "pcm", "flac")
 #: OpenAI voice names and the speaker (with its default preset voice) each one maps to.
 OPENAI_VOICES = {
-    "alloy": 0, "coral": 0, "nova": 0, "sage": 0, "shimmer": 0, "marin": 0,
-    "ash": 1, "ballad": 1, "echo": 1, "fable": 1, "onyx": 1, "verse": 1, "cedar": 1,
+    "alloy": 0,
+    "coral": 0,
+    "nova": 0,
+    "sage": 0,
+    "shimmer": 0,
+    "marin": 0,
+    "ash": 1,
+    "ballad": 1,
+    "echo": 1,
+    "fable": 1,
+    "onyx": 1,
+    "verse": 1,
+    "cedar": 1,
 }
 #: Frames in the first and in later chunks: small for streams (fast first audio), large otherwise.
 STREAM_CHUNKS = (1, 4)
@@ -66,16 +76,16 @@ RETRY_AFTER_S = 1
 #: How often a waiting request checks on its job and its deadline (seconds).
 POLL_S = 0.25
 
-_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 503: "service_unavailable",
-                504: "timeout_error"}
+_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 503: "service_unavailable", 504: "timeout_error"}
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 class ApiError(Exception):
     """An error answered as JSON ``{"error": {"message", "type", "code", "param"}}``."""
 
-    def __init__(self, status: int, message: str, code: str, param: str | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, code: str, param: str | None = None, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -87,8 +97,9 @@ class ApiError(Exception):
         return error_response(self.status, str(self), self.code, self.param, self.headers)
 
 
-def error_response(status: int, message: str, code: str, param: str | None = None,
-                   headers: Mapping[str, str] | None = None) -> web.Response:
+def error_response(
+    status: int, message: str, code: str, param: str | None = None, headers: Mapping[str, str] | None = None
+) -> web.Response:
     """A JSON error body with the OpenAI-style ``type`` for ``status``."""
     kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     body = {"error": {"message": message, "type": kind, "code": code, "param": param}}
@@ -164,8 +175,11 @@ async def read_fields(request: web.Request, limit: int = MAX_BODY_BYTES) -> dict
         raise ApiError(400, f"malformed form body: {exc}", "invalid_body") from None
     json_type = request.content_type == "application/json" or request.content_type.endswith("+json")
     if not json_type and body.lstrip()[:1] not in (b"{", b"["):
-        raise ApiError(415, f"unsupported Content-Type {request.content_type!r}: send a JSON object "
-                            "(application/json) or form fields", "unsupported_media_type")
+        raise ApiError(
+            415,
+            f"unsupported Content-Type {request.content_type!r}: send a JSON object (application/json) or form fields",
+            "unsupported_media_type",
+        )
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as exc:
@@ -196,8 +210,12 @@ def check_fields(fields: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
     unknown = sorted(set(fields) - set(allowed))
     if unknown:
         names = ", ".join(unknown)
-        raise ApiError(400, f"unknown field{'s' if len(unknown) > 1 else ''} {names}; "
-                            f"accepted fields: {', '.join(allowed)}", "unknown_field", unknown[0])
+        raise ApiError(
+            400,
+            f"unknown field{'s' if len(unknown) > 1 else ''} {names}; accepted fields: {', '.join(allowed)}",
+            "unknown_field",
+            unknown[0],
+        )
 
 
 def _absent(value: Any) -> bool:
@@ -213,8 +231,12 @@ def _text(fields: Mapping[str, Any], name: str, limit: int) -> str:
     if not value.strip():
         raise ApiError(400, f"{name} is empty: give some words to speak", "empty_text", name)
     if len(value) > limit:
-        raise ApiError(400, f"{name} is {len(value)} characters; the limit is {limit}: split it into "
-                            "several requests", "text_too_long", name)
+        raise ApiError(
+            400,
+            f"{name} is {len(value)} characters; the limit is {limit}: split it into several requests",
+            "text_too_long",
+            name,
+        )
     return value.strip()
 
 
@@ -255,8 +277,9 @@ def _choice(fields: Mapping[str, Any], name: str, choices: tuple[str, ...], defa
     if value is None:
         return default
     if value.lower() not in choices:
-        raise ApiError(400, f"{name} {value!r} is not supported: use one of {', '.join(choices)}",
-                       f"unsupported_{name}", name)
+        raise ApiError(
+            400, f"{name} {value!r} is not supported: use one of {', '.join(choices)}", f"unsupported_{name}", name
+        )
     return value.lower()
 
 
@@ -277,10 +300,17 @@ def parse_generate(fields: Mapping[str, Any], config: ServerConfig) -> SpeechReq
     streaming = _flag(fields, "streaming", False)
     fmt = _choice(fields, "format", FORMATS, "wav")
     if streaming and fmt == "flac":
-        raise ApiError(400, "flac cannot be streamed: use format wav or pcm, or streaming false",
-                       "unsupported_format", "format")
-    return SpeechRequest(text, speaker, _string(fields, "voice"), _options(fields, config.defaults), fmt,
-                         "audio" if streaming else "whole")
+        raise ApiError(
+            400, "flac cannot be streamed: use format wav or pcm, or streaming false", "unsupported_format", "format"
+        )
+    return SpeechRequest(
+        text,
+        speaker,
+        _string(fields, "voice"),
+        _options(fields, config.defaults),
+        fmt,
+        "audio" if streaming else "whole",
+    )
 
 
 def parse_speech(fields: Mapping[str, Any], config: ServerConfig) -> SpeechRequest:
@@ -297,12 +327,20 @@ def parse_speech(fields: Mapping[str, Any], config: ServerConfig) -> SpeechReque
         except (TypeError, ValueError):
             ok = False
         if not ok:
-            raise ApiError(400, f"speed must be 1.0, got {speed!r}: CSM-1B cannot change its speaking rate",
-                           "unsupported_speed", "speed")
+            raise ApiError(
+                400,
+                f"speed must be 1.0, got {speed!r}: CSM-1B cannot change its speaking rate",
+                "unsupported_speed",
+                "speed",
+            )
     sse = _choice(fields, "stream_format", ("audio", "sse"), "audio") == "sse"
     if sse and fmt == "flac":
-        raise ApiError(400, "stream_format sse sends wav or pcm audio: use response_format wav or pcm",
-                       "unsupported_response_format", "response_format")
+        raise ApiError(
+            400,
+            "stream_format sse sends wav or pcm audio: use response_format wav or pcm",
+            "unsupported_response_format",
+            "response_format",
+        )
     voice = _string(fields, "voice")
     speaker = 0
     if voice is not None and voice.lower() in OPENAI_VOICES:
@@ -347,8 +385,10 @@ class Run:
         end = self.finished_at or time.perf_counter()
         ttfa = f"{self.first_audio_at - self.started:.3f}s" if self.first_audio_at else "-"
         rtf = f"{(end - self.started) / self.audio_seconds:.2f}" if self.samples else "-"
-        return (f"speaker={self.req.speaker} frames={self.frames} audio={self.audio_seconds:.2f}s "
-                f"ttfa={ttfa} rtf={rtf} stop={self.stop_reason} seed={self.req.options.seed}")
+        return (
+            f"speaker={self.req.speaker} frames={self.frames} audio={self.audio_seconds:.2f}s "
+            f"ttfa={ttfa} rtf={rtf} stop={self.stop_reason} seed={self.req.options.seed}"
+        )
 
     def _remaining(self) -> float:
         return self.deadline - time.perf_counter()
@@ -364,9 +404,14 @@ class Run:
         queue: asyncio.Queue[AudioChunk] = asyncio.Queue()
         first, later = WHOLE_CHUNKS if self.req.mode == "whole" else STREAM_CHUNKS
         jobs = self.server.synth.jobs(
-            self.req.text, self.req.speaker, voice=self.req.voice, options=self.req.options,
-            first_chunk_frames=first, chunk_frames=later,
-            sink=lambda chunk: aloop.call_soon_threadsafe(queue.put_nowait, chunk))
+            self.req.text,
+            self.req.speaker,
+            voice=self.req.voice,
+            options=self.req.options,
+            first_chunk_frames=first,
+            chunk_frames=later,
+            sink=lambda chunk: aloop.call_soon_threadsafe(queue.put_nowait, chunk),
+        )
         job = None
         try:
             while (job := await self._next_job(jobs)) is not None:
@@ -487,8 +532,9 @@ class SpeechServer:
             raise
         except Exception:
             log.exception("%s %s %s: internal error", rid, request.method, request.path)
-            response = error_response(500, f"internal server error (request {rid}); see the server log",
-                                      "internal_error")
+            response = error_response(
+                500, f"internal server error (request {rid}); see the server log", "internal_error"
+            )
         if not response.prepared:
             response.headers["X-Request-Id"] = rid
         self._record(request, note, response, started)
@@ -500,13 +546,16 @@ class SpeechServer:
             return
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", "missing_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "missing API key: send 'Authorization: Bearer <key>'",
+                "missing_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         if not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise ApiError(401, "invalid API key", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
-    def _record(self, request: web.Request, note: _Note, response: web.StreamResponse | None,
-                started: float) -> None:
+    def _record(self, request: web.Request, note: _Note, response: web.StreamResponse | None, started: float) -> None:
         """Count the request and log one line about it (health checks only at debug level)."""
         run = note.run
         status = response.status if response is not None else 0
@@ -524,14 +573,21 @@ class SpeechServer:
             c.cancelled += run.outcome == "cancelled"
             c.timed_out += run.outcome == "timeout"
             c.completed += run.outcome == "done"
-        what = str(status) if response is not None else "cut off at shutdown" if self.draining else (
-            "client went away")
+        what = str(status) if response is not None else "cut off at shutdown" if self.draining else ("client went away")
         detail = f" {run.summary()}" if run is not None else ""
         if note.error:
             detail += f" error={note.error}"
         level = logging.DEBUG if request.path == "/health" and status == 200 else logging.INFO
-        log.log(level, "%s %s %s %s in %.2fs%s", note.rid, request.method, request.path, what,
-                time.perf_counter() - started, detail)
+        log.log(
+            level,
+            "%s %s %s %s in %.2fs%s",
+            note.rid,
+            request.method,
+            request.path,
+            what,
+            time.perf_counter() - started,
+            detail,
+        )
 
     # -- routes ---------------------------------------------------------------------------------
 
@@ -539,28 +595,51 @@ class SpeechServer:
         """200 only while the model is loaded, the engine loop runs and the server is not draining."""
         problem = self.problem()
         if problem is not None:
-            return web.json_response({"status": "unavailable", "error": {
-                "message": problem.args[0], "type": "service_unavailable", "code": problem.code}}, status=503)
+            return web.json_response(
+                {
+                    "status": "unavailable",
+                    "error": {"message": problem.args[0], "type": "service_unavailable", "code": problem.code},
+                },
+                status=503,
+            )
         engine = self.synth.engine
-        return web.json_response({
-            "status": "ok", "model": self.config.model_id, "sample_rate": self.sample_rate,
-            "in_flight": self.in_flight, "max_batch_size": engine.max_batch,
-            "max_queue": self.config.max_queue,
-        })
+        return web.json_response(
+            {
+                "status": "ok",
+                "model": self.config.model_id,
+                "sample_rate": self.sample_rate,
+                "in_flight": self.in_flight,
+                "max_batch_size": engine.max_batch,
+                "max_queue": self.config.max_queue,
+            }
+        )
 
     async def stats(self, request: web.Request) -> web.Response:
         """Request counters and what the engine is doing now."""
         engine = self.synth.engine
-        return web.json_response({
-            "requests": dataclasses.asdict(self.counters), "in_flight": self.in_flight,
-            "engine": {"alive": self.loop.alive, "active": engine.active_count,
-                       "waiting": len(engine.waiting), "max_batch_size": engine.max_batch},
-        })
+        return web.json_response(
+            {
+                "requests": dataclasses.asdict(self.counters),
+                "in_flight": self.in_flight,
+                "engine": {
+                    "alive": self.loop.alive,
+                    "active": engine.active_count,
+                    "waiting": len(engine.waiting),
+                    "max_batch_size": engine.max_batch,
+                },
+            }
+        )
 
     async def models(self, request: web.Request) -> web.Response:
         """OpenAI's model list (every ``model`` value is served by this one model)."""
-        return web.json_response({"object": "list", "data": [
-            {"id": self.config.model_id, "object": "model", "created": self.created, "owned_by": "sesame"}]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {"id": self.config.model_id, "object": "model", "created": self.created, "owned_by": "sesame"}
+                ],
+            }
+        )
 
     async def audio_models(self, request: web.Request) -> web.Response:
         """The TTS model list in the shape Open WebUI asks for."""
@@ -569,11 +648,15 @@ class SpeechServer:
     async def voices(self, request: web.Request) -> web.Response:
         """Preset and user voices, ``none``, and the OpenAI names with the speaker each maps to."""
         speaker_of = {name: s for s, name in DEFAULT_VOICES.items()}
-        voices = [{"id": v.name, "name": v.name, "source": v.source, "speaker": speaker_of.get(v.name, 0)}
-                  for v in self.synth.voices.list()]
+        voices = [
+            {"id": v.name, "name": v.name, "source": v.source, "speaker": speaker_of.get(v.name, 0)}
+            for v in self.synth.voices.list()
+        ]
         voices.append({"id": NO_VOICE, "name": NO_VOICE, "source": "builtin", "speaker": 0})
-        voices += [{"id": name, "name": name, "source": "openai", "speaker": s, "voice": DEFAULT_VOICES[s]}
-                   for name, s in OPENAI_VOICES.items()]
+        voices += [
+            {"id": name, "name": name, "source": "openai", "speaker": s, "voice": DEFAULT_VOICES[s]}
+            for name, s in OPENAI_VOICES.items()
+        ]
         return web.json_response({"voices": voices})
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
@@ -592,8 +675,7 @@ class SpeechServer:
             return ApiError(503, "the server is shutting down", "shutting_down")
         if not self.loop.alive:
             reason = f": {type(self.loop.error).__name__}: {self.loop.error}" if self.loop.error else ""
-            return ApiError(503, f"the generation loop has stopped{reason}; restart the server",
-                            "engine_stopped")
+            return ApiError(503, f"the generation loop has stopped{reason}; restart the server", "engine_stopped")
         return None
 
     def submit(self, job: Job) -> None:
@@ -618,13 +700,17 @@ class SpeechServer:
         if problem is not None:
             raise problem
         if req.voice not in (None, NO_VOICE) and req.voice not in {v.name for v in self.synth.voices.list()}:
-            raise ApiError(400, f"unknown voice {req.voice!r}: GET /v1/audio/voices lists the voices",
-                           "unknown_voice", "voice")
+            raise ApiError(
+                400, f"unknown voice {req.voice!r}: GET /v1/audio/voices lists the voices", "unknown_voice", "voice"
+            )
         capacity = self.synth.engine.max_batch + self.config.max_queue
         if self.in_flight >= capacity:
-            raise ApiError(503, f"server busy: {self.in_flight} requests in progress (the limit is "
-                                f"{capacity}); retry shortly", "server_busy",
-                           headers={"Retry-After": str(RETRY_AFTER_S)})
+            raise ApiError(
+                503,
+                f"server busy: {self.in_flight} requests in progress (the limit is {capacity}); retry shortly",
+                "server_busy",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
 
     async def respond(self, request: web.Request, req: SpeechRequest) -> web.StreamResponse:
         """Generate ``req`` and answer with a whole file, an audio stream or server-sent events."""
@@ -642,14 +728,21 @@ class SpeechServer:
 
     def _headers(self, run: Run, whole: bool) -> dict[str, str]:
         fmt = run.req.fmt
-        kind = {"wav": "audio/wav", "flac": "audio/flac",
-                "pcm": f"audio/L16;rate={self.sample_rate};channels=1"}[fmt]
-        headers = {"Content-Type": "text/event-stream" if run.req.mode == "sse" else kind,
-                   "X-Seed": str(run.req.options.seed), "X-Sample-Rate": str(self.sample_rate),
-                   "Cache-Control": "no-store"}
+        kind = {"wav": "audio/wav", "flac": "audio/flac", "pcm": f"audio/L16;rate={self.sample_rate};channels=1"}[fmt]
+        headers = {
+            "Content-Type": "text/event-stream" if run.req.mode == "sse" else kind,
+            "X-Seed": str(run.req.options.seed),
+            "X-Sample-Rate": str(self.sample_rate),
+            "Cache-Control": "no-store",
+        }
         if whole:
-            headers.update({"X-Frames": str(run.frames), "X-Stop-Reason": run.stop_reason,
-                            "X-Audio-Seconds": f"{run.audio_seconds:.3f}"})
+            headers.update(
+                {
+                    "X-Frames": str(run.frames),
+                    "X-Stop-Reason": run.stop_reason,
+                    "X-Audio-Seconds": f"{run.audio_seconds:.3f}",
+                }
+            )
         return headers
 
     async def _whole(self, run: Run, chunks: AsyncIterator[np.ndarray]) -> web.Response:
@@ -661,8 +754,7 @@ class SpeechServer:
             body = await asyncio.to_thread(encode_audio, samples, run.req.fmt, self.sample_rate)
         return web.Response(body=body, headers=self._headers(run, whole=True))
 
-    async def _stream(self, request: web.Request, run: Run,
-                      chunks: AsyncIterator[np.ndarray]) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, run: Run, chunks: AsyncIterator[np.ndarray]) -> web.StreamResponse:
         sse = run.req.mode == "sse"
 
         def frame(data: bytes) -> bytes:
@@ -688,8 +780,13 @@ class SpeechServer:
         except Exception as exc:  # after the headers went out, the stream can only end early
             if response is None:
                 raise
-            log.warning("%s: stream ended early: %s: %s", _NOTE.get().rid, type(exc).__name__, exc,
-                        exc_info=not isinstance(exc, (ApiError, CsmError)))
+            log.warning(
+                "%s: stream ended early: %s: %s",
+                _NOTE.get().rid,
+                type(exc).__name__,
+                exc,
+                exc_info=not isinstance(exc, (ApiError, CsmError)),
+            )
             if sse:
                 code = getattr(exc, "code", "generation_failed")
                 await response.write(_sse({"type": "error", "error": {"message": str(exc), "code": code}}))
@@ -765,8 +862,9 @@ def run_server(synth: Synthesizer, config: ServerConfig, sock: socket.socket) ->
 async def _serve(synth: Synthesizer, config: ServerConfig, sock: socket.socket) -> None:
     server = SpeechServer(synth, config)
     server.start()
-    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None,
-                           shutdown_timeout=config.grace_period)
+    runner = web.AppRunner(
+        server.app(), handler_cancellation=True, access_log=None, shutdown_timeout=config.grace_period
+    )
     try:
         await runner.setup()
         await web.SockSite(runner, sock).start()
@@ -775,12 +873,19 @@ async def _serve(synth: Synthesizer, config: ServerConfig, sock: socket.socket) 
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
-        log.info("listening on http://%s:%d (batch %d, queue %d, %s)", shown, port, synth.engine.max_batch,
-                 config.max_queue, "API key required" if config.api_key else "no API key")
+        log.info(
+            "listening on http://%s:%d (batch %d, queue %d, %s)",
+            shown,
+            port,
+            synth.engine.max_batch,
+            config.max_queue,
+            "API key required" if config.api_key else "no API key",
+        )
         await stop.wait()
         server.draining = True
-        log.info("shutting down: %d request(s) in flight get up to %g s to finish", server.in_flight,
-                 config.grace_period)
+        log.info(
+            "shutting down: %d request(s) in flight get up to %g s to finish", server.in_flight, config.grace_period
+        )
         await runner.cleanup()
     finally:
         server.close()

@@ -94,9 +94,17 @@ def build_model(config: dict, state: dict[str, Tensor], device: torch.device, dt
 class Synthesizer:
     """CSM-1B text-to-speech: ``Synthesizer.load(...)``, then :meth:`generate` or :meth:`stream`."""
 
-    def __init__(self, model: CSMModel, codec: Codec, tokenizer, device: torch.device,  # noqa: ANN001
-                 dtype: torch.dtype, max_batch_size: int = 1, source: Path | None = None,
-                 prompts_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        model: CSMModel,
+        codec: Codec,
+        tokenizer,
+        device: torch.device,  # noqa: ANN001
+        dtype: torch.dtype,
+        max_batch_size: int = 1,
+        source: Path | None = None,
+        prompts_dir: Path | None = None,
+    ) -> None:
         self.model = model
         self.codec = codec
         self.device = device
@@ -117,8 +125,15 @@ class Synthesizer:
         return self.codec.sample_rate
 
     @classmethod
-    def load(cls, model: str = checkpoint.DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto",
-             local_files_only: bool = False, max_batch_size: int = 1) -> Synthesizer:
+    def load(
+        cls,
+        model: str = checkpoint.DEFAULT_MODEL,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        local_files_only: bool = False,
+        max_batch_size: int = 1,
+    ) -> Synthesizer:
         """Load a hub id (through the hub cache) or a local checkpoint directory."""
         torch_device = pick_device(device)
         torch_dtype = pick_dtype(dtype, torch_device)
@@ -140,8 +155,9 @@ class Synthesizer:
             tokenizer = Tokenizer.from_file(str(ckpt.tokenizer_file))
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise CheckpointError(f"{ckpt.tokenizer_file} is not a valid tokenizer: {exc}") from None
-        return cls(net, codec, tokenizer, torch_device, torch_dtype, max_batch_size, source=path,
-                   prompts_dir=ckpt.prompts_dir)
+        return cls(
+            net, codec, tokenizer, torch_device, torch_dtype, max_batch_size, source=path, prompts_dir=ckpt.prompts_dir
+        )
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -149,9 +165,16 @@ class Synthesizer:
         """The prompt rows for ``text`` spoken by ``speaker`` after ``context``."""
         return self.prompts.build(text, speaker, context)
 
-    def job(self, text: str, speaker: int = 0, context: Sequence[Segment] = (),
-            options: GenerationOptions | None = None, first_chunk_frames: int = 1,
-            chunk_frames: int = 8, sink=None) -> Job:  # noqa: ANN001
+    def job(
+        self,
+        text: str,
+        speaker: int = 0,
+        context: Sequence[Segment] = (),
+        options: GenerationOptions | None = None,
+        first_chunk_frames: int = 1,
+        chunk_frames: int = 8,
+        sink=None,
+    ) -> Job:  # noqa: ANN001
         """Build and validate (but do not start) one generation job."""
         options = options or GenerationOptions()
         prompt = self.prompt(text, speaker, context)
@@ -175,10 +198,19 @@ class Synthesizer:
             self._voice_segments[key] = segment
         return [self._voice_segments[key]]
 
-    def jobs(self, text: str, speaker: int = 0, *, voice: str | None = None,
-             context: Sequence[Segment] | None = None, options: GenerationOptions | None = None,
-             first_chunk_frames: int = 1, chunk_frames: int = 8, sink=None,  # noqa: ANN001
-             pause_s: float = PIECE_PAUSE_S) -> Iterator[Job]:
+    def jobs(
+        self,
+        text: str,
+        speaker: int = 0,
+        *,
+        voice: str | None = None,
+        context: Sequence[Segment] | None = None,
+        options: GenerationOptions | None = None,
+        first_chunk_frames: int = 1,
+        chunk_frames: int = 8,
+        sink=None,  # noqa: ANN001
+        pause_s: float = PIECE_PAUSE_S,
+    ) -> Iterator[Job]:
         """Jobs for text of any length, one piece at a time.
 
         The text is split at sentence (then clause, then word) boundaries; each piece is
@@ -192,10 +224,12 @@ class Synthesizer:
         base = list(context) if context is not None else self.voice_context(speaker, voice)
         history: list[Segment] = []
         for k, piece in enumerate(split_text(text)):
-            piece_options = options if options.seed is None or k == 0 else options.replace(
-                seed=(options.seed + k) % 2**32)
-            job = self._fitting_job(piece, speaker, base, history[-HISTORY_PIECES:], piece_options,
-                                    first_chunk_frames, chunk_frames, sink)
+            piece_options = (
+                options if options.seed is None or k == 0 else options.replace(seed=(options.seed + k) % 2**32)
+            )
+            job = self._fitting_job(
+                piece, speaker, base, history[-HISTORY_PIECES:], piece_options, first_chunk_frames, chunk_frames, sink
+            )
             if k:
                 job.lead_samples = round(pause_s * self.sample_rate)
             yield job
@@ -203,9 +237,17 @@ class Synthesizer:
                 return
             history.append(Segment(piece, speaker, codes=job.all_codes()))
 
-    def _fitting_job(self, text: str, speaker: int, base: list[Segment], history: list[Segment],
-                     options: GenerationOptions, first_chunk_frames: int, chunk_frames: int,
-                     sink) -> Job:  # noqa: ANN001
+    def _fitting_job(
+        self,
+        text: str,
+        speaker: int,
+        base: list[Segment],
+        history: list[Segment],
+        options: GenerationOptions,
+        first_chunk_frames: int,
+        chunk_frames: int,
+        sink,
+    ) -> Job:  # noqa: ANN001
         history, base = list(history), list(base)
         while True:
             prompt = self.prompt(text, speaker, [*base, *history])
@@ -214,27 +256,42 @@ class Synthesizer:
                 break
             if history or base:
                 dropped = (history or base).pop(0)
-                log.warning("context too long for the model: dropping the oldest segment (%r)",
-                            dropped.text[:40])
+                log.warning("context too long for the model: dropping the oldest segment (%r)", dropped.text[:40])
                 continue
             if room < 1:
                 raise PromptTooLongError("this piece of text alone fills the model's context")
-            log.warning("max_audio_ms=%d does not fit after the prompt: using %d ms",
-                        options.max_audio_ms, room * FRAME_MS)
+            log.warning(
+                "max_audio_ms=%d does not fit after the prompt: using %d ms", options.max_audio_ms, room * FRAME_MS
+            )
             options = options.replace(max_audio_ms=room * FRAME_MS)
         return Job(prompt, options, first_chunk_frames, chunk_frames, sink)
 
-    def stream(self, text: str, speaker: int = 0, context: Sequence[Segment] | None = None,
-               options: GenerationOptions | None = None, *, voice: str | None = None,
-               first_chunk_frames: int = 1, chunk_frames: int = 8) -> Iterator[AudioChunk]:
+    def stream(
+        self,
+        text: str,
+        speaker: int = 0,
+        context: Sequence[Segment] | None = None,
+        options: GenerationOptions | None = None,
+        *,
+        voice: str | None = None,
+        first_chunk_frames: int = 1,
+        chunk_frames: int = 8,
+    ) -> Iterator[AudioChunk]:
         """Yield audio chunks as frames are generated (the first after ``first_chunk_frames``).
 
         Long text is spoken piece by piece with short pauses.  Concatenated, the chunks carry the
         same codes as :meth:`generate` and the same audio up to float rounding (the decoder runs in
         smaller pieces).  Closing the iterator early cancels the generation.
         """
-        for job in self.jobs(text, speaker, voice=voice, context=context, options=options,
-                             first_chunk_frames=first_chunk_frames, chunk_frames=chunk_frames):
+        for job in self.jobs(
+            text,
+            speaker,
+            voice=voice,
+            context=context,
+            options=options,
+            first_chunk_frames=first_chunk_frames,
+            chunk_frames=chunk_frames,
+        ):
             yield from self.run(job)
 
     def run(self, job: Job) -> Iterator[AudioChunk]:
@@ -254,12 +311,20 @@ class Synthesizer:
                 job.cancel()
                 self.engine.step()
 
-    def generate(self, text: str, speaker: int = 0, context: Sequence[Segment] | None = None,
-                 options: GenerationOptions | None = None, *, voice: str | None = None) -> Audio:
+    def generate(
+        self,
+        text: str,
+        speaker: int = 0,
+        context: Sequence[Segment] | None = None,
+        options: GenerationOptions | None = None,
+        *,
+        voice: str | None = None,
+    ) -> Audio:
         """Synthesize ``text`` completely and return the audio."""
         samples, jobs = [], []
-        for job in self.jobs(text, speaker, voice=voice, context=context, options=options,
-                             first_chunk_frames=8, chunk_frames=32):
+        for job in self.jobs(
+            text, speaker, voice=voice, context=context, options=options, first_chunk_frames=8, chunk_frames=32
+        ):
             jobs.append(job)
             samples += [c.samples for c in self.run(job)]
         return _result(jobs, samples, self.sample_rate)
@@ -282,9 +347,15 @@ def _result(jobs: list[Job], samples: list[np.ndarray], sample_rate: int) -> Aud
     """One Audio from the pieces of an utterance (codes concatenated, stats summed)."""
     audio = np.concatenate(samples) if samples else np.zeros(0, dtype=np.float32)
     first, last = jobs[0].stats, jobs[-1].stats
-    stats = JobStats(prompt_rows=first.prompt_rows, prefix_cached=first.prefix_cached,
-                     frames=sum(j.stats.frames for j in jobs), stop_reason=last.stop_reason,
-                     submitted_at=first.submitted_at, started_at=first.started_at,
-                     first_audio_at=first.first_audio_at, finished_at=last.finished_at)
+    stats = JobStats(
+        prompt_rows=first.prompt_rows,
+        prefix_cached=first.prefix_cached,
+        frames=sum(j.stats.frames for j in jobs),
+        stop_reason=last.stop_reason,
+        submitted_at=first.submitted_at,
+        started_at=first.started_at,
+        first_audio_at=first.first_audio_at,
+        finished_at=last.finished_at,
+    )
     codes = torch.cat([j.all_codes() for j in jobs])
     return Audio(audio.astype(np.float32, copy=False), sample_rate, codes, jobs[0].seed, stats, len(jobs))

@@ -79,8 +79,12 @@ def fit_context_audio(audio: np.ndarray, label: str) -> np.ndarray:
         raise InputError(f"context audio {label} is empty")
     limit = int(MAX_CONTEXT_SECONDS * SAMPLE_RATE)
     if len(audio) > limit:
-        log.warning("context audio %s is %.1f s long; using its first %.0f s",
-                    label, len(audio) / SAMPLE_RATE, MAX_CONTEXT_SECONDS)
+        log.warning(
+            "context audio %s is %.1f s long; using its first %.0f s",
+            label,
+            len(audio) / SAMPLE_RATE,
+            MAX_CONTEXT_SECONDS,
+        )
         audio = audio[:limit]
     return audio
 
@@ -166,9 +170,7 @@ class VoiceLibrary:
 def context_segments(audio_files: list[Path], texts: list[str], speaker: int) -> list[Segment]:
     """Segments from ``--context-audio`` / ``--context-text`` pairs (in order)."""
     if len(audio_files) != len(texts):
-        raise InputError(
-            f"give one --context-text per --context-audio ({len(audio_files)} audio, {len(texts)} texts)"
-        )
+        raise InputError(f"give one --context-text per --context-audio ({len(audio_files)} audio, {len(texts)} texts)")
     segments = []
     for file, text in zip(audio_files, texts, strict=True):
         check_text(text)

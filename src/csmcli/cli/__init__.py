@@ -65,7 +65,6 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if os.environ.get("CSM_DEBUG"):
             raise
-        print(f"csm: internal error: {type(exc).__name__}: {exc} (set CSM_DEBUG=1 for a traceback)",
-              file=sys.stderr)
+        print(f"csm: internal error: {type(exc).__name__}: {exc} (set CSM_DEBUG=1 for a traceback)", file=sys.stderr)
         sys.exit(70)
     sys.exit(result if isinstance(result, int) else 0)

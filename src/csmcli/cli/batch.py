@@ -155,8 +155,9 @@ def voice_of(turn: Turn, voices: dict[str, str]) -> str | None:
     return turn.voice or voices.get(turn.name.casefold()) or voices.get(str(turn.speaker))
 
 
-def plan_tasks(script: Script, fmt: str, base: GenerationOptions, voices: dict[str, str],
-               context_turns: int | None, model: str) -> list[Task]:
+def plan_tasks(
+    script: Script, fmt: str, base: GenerationOptions, voices: dict[str, str], context_turns: int | None, model: str
+) -> list[Task]:
     """A task per turn, with each speaker's voice in effect at that turn (for the context)."""
     chosen = [voice_of(t, voices) for t in script.turns]
     first: dict[int, str | None] = {}
@@ -168,8 +169,15 @@ def plan_tasks(script: Script, fmt: str, base: GenerationOptions, voices: dict[s
         current[turn.speaker] = voice
         options = turn_options(turn, base)
         file = turn_file(turn, fmt)
-        key = {"text": turn.text, "speaker": turn.speaker, "voice": voice, "file": file,
-               "options": dataclasses.asdict(options), "context_turns": context_turns, "model": model}
+        key = {
+            "text": turn.text,
+            "speaker": turn.speaker,
+            "voice": voice,
+            "file": file,
+            "options": dataclasses.asdict(options),
+            "context_turns": context_turns,
+            "model": model,
+        }
         tasks.append(Task(turn, file, options, voice, tuple((s, current[s]) for s in first), key))
     return tasks
 
@@ -192,16 +200,21 @@ def mark_todo(dialogue: Dialogue, force: bool, chained: bool) -> None:
     dialogue.records, dialogue.todo = {}, []
     for task in dialogue.tasks:
         entry = old.get(task.turn.number)
-        keep = (entry is not None and all(entry.get(k) == v for k, v in task.key.items())
-                and dialogue.path(task).is_file() and not (chained and dialogue.todo))
+        keep = (
+            entry is not None
+            and all(entry.get(k) == v for k, v in task.key.items())
+            and dialogue.path(task).is_file()
+            and not (chained and dialogue.todo)
+        )
         if keep:
             dialogue.records[task.turn.number] = entry
         else:
             dialogue.todo.append(task)
 
 
-def read_scripts(paths: list[Path], speakers: dict[str, int] | None, dirs: list[Path],
-                 combined: Path | None, fmt: str) -> tuple[list[Script], list[Path]]:
+def read_scripts(
+    paths: list[Path], speakers: dict[str, int] | None, dirs: list[Path], combined: Path | None, fmt: str
+) -> tuple[list[Script], list[Path]]:
     """Every script parsed and its file names checked, with the combined files; all problems of all
     scripts in one :class:`ScriptError`."""
     scripts, joined, problems = [], [], []
@@ -210,8 +223,7 @@ def read_scripts(paths: list[Path], speakers: dict[str, int] | None, dirs: list[
         try:
             audio_io.format_for(str(target), None)
         except CsmError:
-            raise InputError(f"--combined needs an audio extension (.wav, .flac, .ogg or .raw), "
-                             f"got {target}") from None
+            raise InputError(f"--combined needs an audio extension (.wav, .flac, .ogg or .raw), got {target}") from None
         reserved = {}
         with contextlib.suppress(ValueError):
             reserved[target.resolve().relative_to(folder.resolve()).as_posix().casefold()] = "combined file"
@@ -324,8 +336,13 @@ class Lane:
     """Turns generated one after another.  With ``context_turns`` (not None) each turn hears every
     speaker's voice and the last turns before it, text and audio; without, turns are independent."""
 
-    def __init__(self, dialogue: Dialogue, tasks: list[Task], context_turns: int | None,
-                 on_done: Callable[[Dialogue, Task, float, str], None]) -> None:
+    def __init__(
+        self,
+        dialogue: Dialogue,
+        tasks: list[Task],
+        context_turns: int | None,
+        on_done: Callable[[Dialogue, Task, float, str], None],
+    ) -> None:
         self.dialogue = dialogue
         self.tasks = deque(tasks)
         self.context_turns = context_turns
@@ -339,7 +356,7 @@ class Lane:
         if not self.context_turns or not self.tasks:
             return
         first = self.tasks[0].turn.number
-        kept = [t for t in self.dialogue.tasks if t.turn.number < first][-self.context_turns:]
+        kept = [t for t in self.dialogue.tasks if t.turn.number < first][-self.context_turns :]
         for task in kept:
             codes = load_codes(self.dialogue.codes_path(task), synth.model.num_codebooks)
             if codes is None:
@@ -356,15 +373,20 @@ class Lane:
         from ..textsplit import split_text
 
         voices = [seg for speaker, voice in task.voices for seg in synth.voice_context(speaker, voice)]
-        history = self.history[-self.context_turns:] if self.context_turns else []
+        history = self.history[-self.context_turns :] if self.context_turns else []
         first_piece = split_text(task.turn.text)[0]
         room = synth.engine.max_len - task.options.max_frames
         wanted = len(history)
         while history and len(synth.prompt(first_piece, task.turn.speaker, [*voices, *history])) > room:
             history = history[1:]
         if len(history) < wanted:
-            log.warning("turn %d hears only %d of its %d earlier turns: the rest do not fit the model's "
-                        "context (lower --max-audio-ms to keep more)", task.turn.number, len(history), wanted)
+            log.warning(
+                "turn %d hears only %d of its %d earlier turns: the rest do not fit the model's "
+                "context (lower --max-audio-ms to keep more)",
+                task.turn.number,
+                len(history),
+                wanted,
+            )
         return [*voices, *history]
 
     def next_run(self, synth: Synthesizer) -> Run | None:
@@ -373,8 +395,15 @@ class Lane:
             return None
         task = self.tasks.popleft()
         context = self.context(synth, task)
-        jobs = synth.jobs(task.turn.text, task.turn.speaker, voice=task.voice, context=context,
-                          options=task.options, first_chunk_frames=8, chunk_frames=32)
+        jobs = synth.jobs(
+            task.turn.text,
+            task.turn.speaker,
+            voice=task.voice,
+            context=context,
+            options=task.options,
+            first_chunk_frames=8,
+            chunk_frames=32,
+        )
         return Run(self, task, jobs, synth)
 
     def finish(self, run: Run, synth: Synthesizer) -> None:
@@ -388,10 +417,16 @@ class Lane:
         d.path(task).parent.mkdir(parents=True, exist_ok=True)
         audio_io.write_audio(d.path(task), samples, audio_io.format_for(task.file, None), synth.sample_rate)
         d.records[task.turn.number] = {
-            "turn": task.turn.number, "speaker": task.turn.speaker, "name": task.turn.name,
-            "text": task.turn.text, "voice": task.voice, "file": task.file,
-            "duration": round(len(samples) / synth.sample_rate, 3), "frames": int(codes.shape[0]),
-            "seed": run.finished[0].seed, "stop": run.finished[-1].stats.stop_reason,
+            "turn": task.turn.number,
+            "speaker": task.turn.speaker,
+            "name": task.turn.name,
+            "text": task.turn.text,
+            "voice": task.voice,
+            "file": task.file,
+            "duration": round(len(samples) / synth.sample_rate, 3),
+            "frames": int(codes.shape[0]),
+            "seed": run.finished[0].seed,
+            "stop": run.finished[-1].stats.stop_reason,
             **{k: task.key[k] for k in ("options", "context_turns", "model")},
         }
         d.write_manifest()
@@ -485,9 +520,15 @@ class BatchProgress:
     def __enter__(self) -> BatchProgress:
         if not self.quiet and stderr_is_tty():
             self._bar = Progress(
-                TextColumn("[bold]turns"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TextColumn("ETA"), TimeRemainingColumn(),
-                console=Console(stderr=True), transient=True)
+                TextColumn("[bold]turns"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
             self._bar.start()
             self._task = self._bar.add_task("turns", total=self.total, info="")
         return self
@@ -515,8 +556,10 @@ class BatchProgress:
         self.done += 1
         self.done_seconds += seconds
         budget = ", hit --max-audio-ms" if stop == "budget" else ""
-        self.say(f"csm: [{self.done}/{self.total}] {dialogue.script.label} turn {task.turn.number} "
-                 f"({task.turn.name}, {seconds:.1f} s{budget}) -> {dialogue.path(task)}")
+        self.say(
+            f"csm: [{self.done}/{self.total}] {dialogue.script.label} turn {task.turn.number} "
+            f"({task.turn.name}, {seconds:.1f} s{budget}) -> {dialogue.path(task)}"
+        )
 
     def update(self, active: list[Run]) -> None:
         """Refresh the bar with the turns in flight counted by their share of the frame budget."""
@@ -556,28 +599,49 @@ def model_key(model: str) -> str:
 
 
 def batch(
-    scripts: Annotated[list[Path], typer.Argument(
-        help="Dialogue scripts: .txt ('NAME: line' or '[0] line' per turn) or .jsonl (one object per turn).",
-        show_default=False)],
-    out_dir: Annotated[Path | None, typer.Option(
-        "--out-dir", "-d", help="Folder for the turns, manifest and combined file (several scripts: "
-        "one subfolder each); by default beside the script, named after it.")] = None,
-    combined: Annotated[Path | None, typer.Option(
-        "--combined", help="The whole conversation in one file (default: OUTDIR/dialog.wav).")] = None,
-    pause: Annotated[float, typer.Option(
-        "--pause", help="Seconds of silence between turns in the combined file.")] = 0.4,
-    speakers: Annotated[str | None, typer.Option(
-        "--speakers", help="Names to speaker ids, e.g. Alice=0,Bob=1 (default: 0, 1 in order of "
-        "appearance).")] = None,
-    voices: Annotated[str | None, typer.Option(
-        "--voices", help="Voice per name or speaker id, e.g. Alice=calm,1=none (default: each "
-        "speaker's preset).")] = None,
-    context_turns: Annotated[int, typer.Option(
-        "--context-turns", help="How many earlier turns (text and audio) each turn hears.")] = 3,
-    no_context: Annotated[bool, typer.Option(
-        "--no-context", help="Generate the turns independently and batched (voices still apply).")] = False,
-    batch_size: Annotated[int, typer.Option(
-        "--batch-size", help="Turns generated at once (independent turns, or several scripts).")] = 4,
+    scripts: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Dialogue scripts: .txt ('NAME: line' or '[0] line' per turn) or .jsonl (one object per turn).",
+            show_default=False,
+        ),
+    ],
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out-dir",
+            "-d",
+            help="Folder for the turns, manifest and combined file (several scripts: "
+            "one subfolder each); by default beside the script, named after it.",
+        ),
+    ] = None,
+    combined: Annotated[
+        Path | None, typer.Option("--combined", help="The whole conversation in one file (default: OUTDIR/dialog.wav).")
+    ] = None,
+    pause: Annotated[
+        float, typer.Option("--pause", help="Seconds of silence between turns in the combined file.")
+    ] = 0.4,
+    speakers: Annotated[
+        str | None,
+        typer.Option(
+            "--speakers", help="Names to speaker ids, e.g. Alice=0,Bob=1 (default: 0, 1 in order of appearance)."
+        ),
+    ] = None,
+    voices: Annotated[
+        str | None,
+        typer.Option(
+            "--voices", help="Voice per name or speaker id, e.g. Alice=calm,1=none (default: each speaker's preset)."
+        ),
+    ] = None,
+    context_turns: Annotated[
+        int, typer.Option("--context-turns", help="How many earlier turns (text and audio) each turn hears.")
+    ] = 3,
+    no_context: Annotated[
+        bool, typer.Option("--no-context", help="Generate the turns independently and batched (voices still apply).")
+    ] = False,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Turns generated at once (independent turns, or several scripts).")
+    ] = 4,
     fmt: Annotated[str, typer.Option("--format", help="wav|flac|ogg|raw for the turn files.")] = "wav",
     force: Annotated[bool, typer.Option("--force", help="Redo turns that an earlier run finished.")] = False,
     model: ModelOpt = "sesame/csm-1b",
@@ -613,14 +677,17 @@ def batch(
         report_problems(exc)
     key = model_key(model)
     voice_map = parse_voices(voices, parsed)
-    dialogues = [Dialogue(s, d, c, plan_tasks(s, fmt, options, voice_map, chain, key))
-                 for s, d, c in zip(parsed, dirs, joined, strict=True)]
+    dialogues = [
+        Dialogue(s, d, c, plan_tasks(s, fmt, options, voice_map, chain, key))
+        for s, d, c in zip(parsed, dirs, joined, strict=True)
+    ]
     with contextlib.ExitStack() as stack:
         for d in dialogues:
             prepare_folders(d)
             stack.enter_context(locked(d.out_dir))
-            remove_stale_temps([d.out_dir / MANIFEST, d.combined, *(d.path(t) for t in d.tasks),
-                                *(d.codes_path(t) for t in d.tasks)])
+            remove_stale_temps(
+                [d.out_dir / MANIFEST, d.combined, *(d.path(t) for t in d.tasks), *(d.codes_path(t) for t in d.tasks)]
+            )
             mark_todo(d, force, chained=chain is not None)
         generate(dialogues, chain, batch_size, model, device, dtype, quiet)
         for d in dialogues:
@@ -628,8 +695,9 @@ def batch(
                 print(f"csm: {d.script.label}: {len(d.tasks)} turns joined in {d.combined}", file=sys.stderr)
 
 
-def generate(dialogues: list[Dialogue], chain: int | None, batch_size: int, model: str, device: str,
-             dtype: str, quiet: bool) -> None:
+def generate(
+    dialogues: list[Dialogue], chain: int | None, batch_size: int, model: str, device: str, dtype: str, quiet: bool
+) -> None:
     """Load the model if any turn is pending and generate those turns, files and manifests as they finish."""
     todo = [t for d in dialogues for t in d.todo]
     kept = sum(len(d.tasks) for d in dialogues) - len(todo)
@@ -656,14 +724,18 @@ def generate(dialogues: list[Dialogue], chain: int | None, batch_size: int, mode
         try:
             run_lanes(synth, lanes, slots, progress)
         except KeyboardInterrupt:
-            progress.say(f"csm: stopped after {progress.done} of {len(todo)} turns; run the same command "
-                         "again to continue")
+            progress.say(
+                f"csm: stopped after {progress.done} of {len(todo)} turns; run the same command again to continue"
+            )
             raise
     if not quiet:
         seconds = progress.done_seconds
         kept_note = f"; kept {kept} finished earlier" if kept else ""
-        print(f"csm: generated {len(todo)} turns ({seconds:.1f} s of audio) in {progress.elapsed:.1f} s, "
-              f"{seconds / progress.elapsed:.2f}x real time{kept_note}", file=sys.stderr)
+        print(
+            f"csm: generated {len(todo)} turns ({seconds:.1f} s of audio) in {progress.elapsed:.1f} s, "
+            f"{seconds / progress.elapsed:.2f}x real time{kept_note}",
+            file=sys.stderr,
+        )
 
 
 def register(app: typer.Typer) -> None:

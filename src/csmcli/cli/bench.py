@@ -15,16 +15,19 @@ from .common import DeviceOpt, DtypeOpt, ModelOpt
 
 def bench(
     model: ModelOpt = "sesame/csm-1b",
-    random_weights: Annotated[bool, typer.Option(
-        "--random-weights", help="Full-size CSM-1B architecture with random weights instead of --model.")] = False,
+    random_weights: Annotated[
+        bool,
+        typer.Option("--random-weights", help="Full-size CSM-1B architecture with random weights instead of --model."),
+    ] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: Annotated[str, typer.Option("--quantize", help="none|int8 (weight-only).")] = "none",
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,4,8",
     frames: Annotated[int, typer.Option("--frames", help="Timed frames per measurement.")] = 24,
     prompt_rows: Annotated[int, typer.Option("--prompt-rows", help="Prompt length in rows.")] = 128,
-    baseline: Annotated[str | None, typer.Option(
-        "--baseline", help="Also time `transformers` on the same weights and print the ratio.")] = None,
+    baseline: Annotated[
+        str | None, typer.Option("--baseline", help="Also time `transformers` on the same weights and print the ratio.")
+    ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads [default: physical cores].")] = None,
     no_graphs: Annotated[bool, typer.Option("--no-cuda-graphs", help="Run frames eagerly on CUDA.")] = False,
     compile_: Annotated[bool, typer.Option("--compile", help="Fuse each layer with torch.compile first.")] = False,
@@ -45,8 +48,16 @@ def bench(
     if not sizes or min(sizes) < 1 or frames < 2 or prompt_rows < 2 or prompt_rows + frames + 8 > 2048:
         raise OptionsError("need batch sizes >= 1, frames >= 2 and prompt rows >= 2 within 2048 positions")
     setup = BenchSetup(prompt_rows=prompt_rows, frames=frames, batch_sizes=sizes, baseline=baseline)
-    result = run_bench(None if random_weights else model, device, dtype, quantize, setup, threads,
-                       graphs=not no_graphs, compile=compile_)
+    result = run_bench(
+        None if random_weights else model,
+        device,
+        dtype,
+        quantize,
+        setup,
+        threads,
+        graphs=not no_graphs,
+        compile=compile_,
+    )
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -57,18 +68,28 @@ def _print(r: dict) -> None:
     table = Table(title=f"csm bench: {r['model']}", show_header=False, box=None)
     rows = [
         ("device", f"{r['device']} ({r['device_type']}), {r['threads']} threads, torch {r['torch']}"),
-        ("dtype / quantization", f"{r['dtype']} / {r['quantization']}, CUDA graphs: {r['cuda_graphs']}, "
-         f"compiled: {r['compiled']}"),
+        (
+            "dtype / quantization",
+            f"{r['dtype']} / {r['quantization']}, CUDA graphs: {r['cuda_graphs']}, compiled: {r['compiled']}",
+        ),
         ("prefill", f"{r['prefill_ms']:.1f} ms for {r['prompt_rows']} rows"),
         ("ms per frame (1 stream)", f"{r['ms_per_frame']:.1f} ms  (real-time factor {r['real_time_factor']:.2f})"),
         ("time to first audio", f"{r['time_to_first_audio_ms']:.1f} ms"),
-        (f"  behind a {r['prefix_rows']}-row voice", f"{r['time_to_first_audio_uncached_prefix_ms']:.1f} ms uncached, "
-         f"{r['time_to_first_audio_cached_prefix_ms']:.1f} ms with the prefix cache"),
+        (
+            f"  behind a {r['prefix_rows']}-row voice",
+            f"{r['time_to_first_audio_uncached_prefix_ms']:.1f} ms uncached, "
+            f"{r['time_to_first_audio_cached_prefix_ms']:.1f} ms with the prefix cache",
+        ),
         ("peak memory", f"{r['peak_memory_mb']:.0f} MB"),
     ]
     for size, b in r["batches"].items():
-        rows.append((f"batch {size}", f"{b['ms_per_frame']:.1f} ms/frame, {b['frames_per_s']:.1f} frames/s, "
-                     f"{b['frames_per_s'] / 12.5:.2f}x real time in total"))
+        rows.append(
+            (
+                f"batch {size}",
+                f"{b['ms_per_frame']:.1f} ms/frame, {b['frames_per_s']:.1f} frames/s, "
+                f"{b['frames_per_s'] / 12.5:.2f}x real time in total",
+            )
+        )
     if "baseline" in r:
         rows.append(("transformers", f"{r['baseline']['ms_per_frame']:.1f} ms per frame"))
         rows.append(("speedup", f"{r['speedup_vs_baseline']:.2f}x"))

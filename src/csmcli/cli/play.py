@@ -41,8 +41,9 @@ HISTORY_LINES = 3
 def play(
     text: Annotated[str | None, typer.Argument(help="Text to speak; nothing reads stdin line by line.")] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="Speak the text of this file.")] = None,
-    output_device: Annotated[str | None, typer.Option(
-        "--output-device", "-d", help="Output device index or (part of its) name.")] = None,
+    output_device: Annotated[
+        str | None, typer.Option("--output-device", "-d", help="Output device index or (part of its) name.")
+    ] = None,
     list_devices: Annotated[bool, typer.Option("--list-devices", help="List output devices and exit.")] = False,
     model: ModelOpt = "sesame/csm-1b",
     speaker: SpeakerOpt = 0,
@@ -79,8 +80,7 @@ def play(
         codes = []
 
         def chunks() -> Iterator:
-            for job in synth.jobs(line, speaker, context=ctx, options=options,
-                                  first_chunk_frames=2, chunk_frames=6):
+            for job in synth.jobs(line, speaker, context=ctx, options=options, first_chunk_frames=2, chunk_frames=6):
                 yield from synth.run(job)
                 codes.append(job.all_codes())
 

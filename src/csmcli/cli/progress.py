@@ -22,8 +22,11 @@ class GenerationProgress:
     def __enter__(self) -> GenerationProgress:
         if self.enabled:
             self._progress = Progress(
-                SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                console=Console(stderr=True), transient=True,
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+                transient=True,
             )
             self._progress.start()
             self._task = self._progress.add_task(self.label, total=None)
@@ -40,8 +43,9 @@ class GenerationProgress:
             description=f"{label or self.label}: {frames} frames, {audio_seconds:.1f} s audio, {speed:.2f}x real time",
         )
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._progress is not None:
             self._progress.stop()
 

@@ -39,10 +39,13 @@ from .progress import GenerationProgress
 def say(
     text: Annotated[str | None, typer.Argument(help="Text to speak; '-' or nothing reads stdin.")] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the text from this file.")] = None,
-    output: Annotated[str | None, typer.Option(
-        "--output", "-o", help="Output file, or '-' for stdout [default: stdout when piped].")] = None,
-    fmt: Annotated[str | None, typer.Option(
-        "--format", help="wav|flac|ogg|raw (raw = s16le mono 24 kHz) [default: from the extension].")] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Output file, or '-' for stdout [default: stdout when piped].")
+    ] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option("--format", help="wav|flac|ogg|raw (raw = s16le mono 24 kHz) [default: from the extension]."),
+    ] = None,
     model: ModelOpt = "sesame/csm-1b",
     speaker: SpeakerOpt = 0,
     temperature: TemperatureOpt = None,
@@ -72,8 +75,9 @@ def say(
     show = not quiet and stderr_is_tty()
     context = explicit_context(context_audio, context_text, speaker)
     synth = load_synthesizer(model, device, dtype, show)
-    jobs = synth.jobs(words, speaker, voice=voice, context=context, options=options,
-                      first_chunk_frames=2, chunk_frames=8)
+    jobs = synth.jobs(
+        words, speaker, voice=voice, context=context, options=options, first_chunk_frames=2, chunk_frames=8
+    )
     streaming = output == "-" and kind in ("raw", "wav")
     if streaming and kind == "raw":
         print("csm: writing raw PCM: signed 16-bit little-endian, mono, 24000 Hz", file=sys.stderr)

@@ -31,35 +31,71 @@ log = logging.getLogger("csmcli.server")
 
 def serve(
     model: ModelOpt = "sesame/csm-1b",
-    host: Annotated[str, typer.Option(
-        "--host", rich_help_panel=_SERVER,
-        help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(
-        "--port", "-p", rich_help_panel=_SERVER, help="Port to listen on (0 picks a free one).")] = 8000,
+    host: Annotated[
+        str, typer.Option("--host", rich_help_panel=_SERVER, help="Address to listen on (0.0.0.0 for every interface).")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", "-p", rich_help_panel=_SERVER, help="Port to listen on (0 picks a free one).")
+    ] = 8000,
     temperature: TemperatureOpt = None,
     top_k: TopKOpt = None,
     top_p: TopPOpt = None,
     repetition_penalty: RepetitionPenaltyOpt = None,
     max_audio_ms: MaxAudioMsOpt = None,
     seed: SeedOpt = None,
-    max_batch_size: Annotated[int, typer.Option(
-        "--max-batch-size", "--max_batch_size", rich_help_panel=_SERVER,
-        help="Requests generated together (engine slots).")] = 8,
-    max_queue: Annotated[int, typer.Option(
-        "--max-queue", "--max_queue", rich_help_panel=_SERVER,
-        help="Requests that may wait for a slot; beyond that: 503 with Retry-After.")] = 32,
-    api_key: Annotated[str | None, typer.Option(
-        "--api-key", "--api_key", envvar="CSM_API_KEY", show_default=False, rich_help_panel=_SERVER,
-        help="Require 'Authorization: Bearer KEY' on everything but /health.")] = None,
-    request_timeout: Annotated[float, typer.Option(
-        "--request-timeout", "--request_timeout", rich_help_panel=_SERVER,
-        help="Seconds a request may take, queueing included.")] = 300.0,
-    grace_period: Annotated[float, typer.Option(
-        "--grace-period", "--grace_period", rich_help_panel=_SERVER,
-        help="Seconds in-flight requests get to finish after SIGTERM.")] = 10.0,
-    max_text_chars: Annotated[int, typer.Option(
-        "--max-text-chars", "--max_text_chars", rich_help_panel=_SERVER,
-        help="Longest text a request may carry.")] = 5000,
+    max_batch_size: Annotated[
+        int,
+        typer.Option(
+            "--max-batch-size",
+            "--max_batch_size",
+            rich_help_panel=_SERVER,
+            help="Requests generated together (engine slots).",
+        ),
+    ] = 8,
+    max_queue: Annotated[
+        int,
+        typer.Option(
+            "--max-queue",
+            "--max_queue",
+            rich_help_panel=_SERVER,
+            help="Requests that may wait for a slot; beyond that: 503 with Retry-After.",
+        ),
+    ] = 32,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            "--api_key",
+            envvar="CSM_API_KEY",
+            show_default=False,
+            rich_help_panel=_SERVER,
+            help="Require 'Authorization: Bearer KEY' on everything but /health.",
+        ),
+    ] = None,
+    request_timeout: Annotated[
+        float,
+        typer.Option(
+            "--request-timeout",
+            "--request_timeout",
+            rich_help_panel=_SERVER,
+            help="Seconds a request may take, queueing included.",
+        ),
+    ] = 300.0,
+    grace_period: Annotated[
+        float,
+        typer.Option(
+            "--grace-period",
+            "--grace_period",
+            rich_help_panel=_SERVER,
+            help="Seconds in-flight requests get to finish after SIGTERM.",
+        ),
+    ] = 10.0,
+    max_text_chars: Annotated[
+        int,
+        typer.Option(
+            "--max-text-chars", "--max_text_chars", rich_help_panel=_SERVER, help="Longest text a request may carry."
+        ),
+    ] = 5000,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quiet: QuietOpt = False,
@@ -70,9 +106,15 @@ def serve(
     if not 0 <= port <= 65535:
         raise OptionsError(f"port must be between 0 and 65535, got {port}")
     defaults = generation_options(temperature, top_k, top_p, repetition_penalty, max_audio_ms, seed)
-    config = ServerConfig(defaults=defaults, model_id=_model_id(model), max_queue=max_queue,
-                          api_key=api_key or None, request_timeout=request_timeout,
-                          grace_period=grace_period, max_text_chars=max_text_chars)
+    config = ServerConfig(
+        defaults=defaults,
+        model_id=_model_id(model),
+        max_queue=max_queue,
+        api_key=api_key or None,
+        request_timeout=request_timeout,
+        grace_period=grace_period,
+        max_text_chars=max_text_chars,
+    )
     sock = bind(host, port)
     synth = load_synthesizer(model, device, dtype, not quiet and stderr_is_tty(), max_batch_size)
     log.info("loaded %s on %s (%s); warming up", model, synth.device, str(synth.dtype).removeprefix("torch."))

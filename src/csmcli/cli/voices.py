@@ -13,8 +13,7 @@ from .. import checkpoint
 from ..voices import VoiceLibrary
 from .common import ModelOpt
 
-app = typer.Typer(help="Manage voices: presets from the checkpoint and your own recordings.",
-                  no_args_is_help=True)
+app = typer.Typer(help="Manage voices: presets from the checkpoint and your own recordings.", no_args_is_help=True)
 
 
 def _library(model: str | None) -> VoiceLibrary:
