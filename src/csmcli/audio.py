@@ -11,7 +11,7 @@ import io
 import os
 import struct
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -139,12 +139,14 @@ def _reason(exc: BaseException) -> str:
     return text[0].lower() + text[1:] if text else text
 
 
-def write_audio(path: str | Path, audio: np.ndarray, fmt: str, sample_rate: int = SAMPLE_RATE) -> None:
-    """Write ``audio`` to ``path`` as ``fmt`` atomically: a temp file beside it, then ``os.replace``.
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file that becomes ``path`` only when the block ends without an error.
 
-    On any error the temp file is removed and ``path`` is left as it was.
+    It is written as a temp file beside ``path`` (``.NAME.*.part``), flushed to disk, given the old
+    file's permissions (else the umask's), then renamed over ``path``; on any error the temp file
+    is removed and ``path`` is left as it was.  OSErrors surface as a one-line :class:`AudioError`.
     """
-    fmt = _check_format(fmt)
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
@@ -155,7 +157,7 @@ def write_audio(path: str | Path, audio: np.ndarray, fmt: str, sample_rate: int 
         raise AudioError(f"cannot write {path}: {_reason(exc)}") from None
     try:
         with os.fdopen(fd, "w+b") as f:
-            _encode_to(f, audio, fmt, sample_rate)
+            yield f
             f.flush()
             os.fsync(f.fileno())
             os.fchmod(f.fileno(), _new_file_mode(path))
@@ -166,6 +168,13 @@ def write_audio(path: str | Path, audio: np.ndarray, fmt: str, sample_rate: int 
         if isinstance(exc, (OSError, RuntimeError)):  # RuntimeError: soundfile.LibsndfileError
             raise AudioError(f"cannot write {path}: {_reason(exc)}") from None
         raise
+
+
+def write_audio(path: str | Path, audio: np.ndarray, fmt: str, sample_rate: int = SAMPLE_RATE) -> None:
+    """Write ``audio`` to ``path`` as ``fmt`` atomically (see :func:`atomic_file`)."""
+    fmt = _check_format(fmt)
+    with atomic_file(path) as f:
+        _encode_to(f, audio, fmt, sample_rate)
 
 
 def wav_stream_header(sample_rate: int = SAMPLE_RATE) -> bytes:

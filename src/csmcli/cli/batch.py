@@ -14,8 +14,6 @@ import dataclasses
 import io
 import json
 import logging
-import os
-import secrets
 import sys
 import time
 from collections import deque
@@ -257,19 +255,10 @@ def check_voices(synth: Synthesizer, dialogues: list[Dialogue]) -> None:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file beside it and ``os.replace``; no partial files."""
+    """Write ``data`` to ``path`` atomically (creating its folder); no partial files."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
-    try:
-        with open(tmp, "xb") as f:  # created with the umask's permissions, unlike mkstemp's 0600
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with audio_io.atomic_file(path) as f:
+        f.write(data)
 
 
 def remove_stale_temps(paths: list[Path]) -> None:
