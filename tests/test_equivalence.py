@@ -14,7 +14,7 @@ import torch
 from transformers import CsmConfig, CsmForConditionalGeneration
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from csmcli import GenerationOptions, Segment, Synthesizer
+from csmcli import GenerationOptions, Segment, Synthesizer, kernels
 from csmcli.checkpoint import CSM_1B_CONFIG
 from csmcli.model import rope_inv_freq
 from csmcli.sampling import SamplingParams, sample
@@ -167,3 +167,20 @@ def test_sampling_never_picks_reserved_codes() -> None:
     params.set_row(2, 1.5, 2051, 0.9, 1.0, 9)
     for codebook in range(32):
         assert int(sample(logits, params, codebook, 2048).max()) < 2048
+
+
+@pytest.mark.skipif(not kernels.compiled_gemv(), reason="torch.compile cannot build CPU kernels here")
+@pytest.mark.parametrize("with_context", [False, True], ids=["text-only", "with-context"])
+def test_compiled_gemv_kernels_match_transformers(reference, tiny_dir, monkeypatch, with_context) -> None:  # noqa: ANN001
+    """The same greedy codes with every single-row projection on the compiled gemv kernel."""
+    monkeypatch.setattr(kernels, "_GEMV_MIN_ELEMENTS", 0)
+    synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="float32", max_batch_size=1)
+    layers = [m for m in synth.model.modules() if isinstance(m, kernels.CpuLinear)]
+    assert synth.engine.cpu_kernels == "gemv+packed" and all(m.gemv for m in layers)
+    text, speaker = PROMPTS[2]
+    context = [_context(tiny_dir)] if with_context else []
+    inputs = _reference_inputs(synth, reference, text, speaker, context)
+    with torch.no_grad():
+        ref = reference.generate(**inputs, max_new_tokens=FRAMES, do_sample=False, depth_decoder_do_sample=False)
+    ours = synth.generate(text, speaker, context, GREEDY)
+    assert torch.equal(ours.codes, ref[0])

@@ -106,7 +106,7 @@ def _options(frames: int) -> GenerationOptions:
 
 @torch.inference_mode()
 def measure_engine(engine: Engine, setup: BenchSetup) -> dict[str, Any]:
-    """Prefill time, steady-state ms per frame, time to first audio and batched throughput."""
+    """Prefill time, time to first audio (plain and behind a cached voice) and one stream's ms per frame."""
     device = engine.device
     total = setup.warmup + setup.frames
     out: dict[str, Any] = {}
@@ -131,36 +131,32 @@ def measure_engine(engine: Engine, setup: BenchSetup) -> dict[str, Any]:
     out["time_to_first_audio_ms"] = 1e3 * statistics.median(ttfa)
     out.update(_prefix_ttfa(engine, setup))
 
-    throughput = {}
-    for batch in setup.batch_sizes:
-        if batch > engine.max_batch:
-            continue
-        jobs = [
-            engine.submit(Job(_prompt(setup.prompt_rows, 100 + j), _options(total), chunk_frames=8))
-            for j in range(batch)
-        ]
-        for _ in range(setup.warmup):
-            engine.step()
-        times = []
-        for _ in range(setup.frames):
-            t = time.perf_counter()
-            engine.step()
-            _sync(device)
-            times.append(time.perf_counter() - t)
-        engine.run_until_done(jobs[-1])
-        for job in jobs:
-            engine.run_until_done(job)
-        ms = 1e3 * statistics.median(times)
-        throughput[str(batch)] = {
-            "ms_per_frame": ms,
-            "frames_per_s": batch * 1e3 / ms,
-            "real_time_factor": ms / FRAME_MS,
-        }
-        if batch == 1:
-            out["ms_per_frame"] = ms
-            out["real_time_factor"] = ms / FRAME_MS
-    out["batches"] = throughput
+    one = measure_throughput(engine, setup, 1)
+    out["batches"] = {"1": one}
+    out["ms_per_frame"] = one["ms_per_frame"]
+    out["real_time_factor"] = one["real_time_factor"]
     return out
+
+
+@torch.inference_mode()
+def measure_throughput(engine: Engine, setup: BenchSetup, batch: int) -> dict[str, float]:
+    """Median ms per frame with ``batch`` streams generating together."""
+    total = setup.warmup + setup.frames
+    jobs = [
+        engine.submit(Job(_prompt(setup.prompt_rows, 100 + j), _options(total), chunk_frames=8)) for j in range(batch)
+    ]
+    for _ in range(setup.warmup):
+        engine.step()
+    times = []
+    for _ in range(setup.frames):
+        t = time.perf_counter()
+        engine.step()
+        _sync(engine.device)
+        times.append(time.perf_counter() - t)
+    for job in jobs:
+        engine.run_until_done(job)
+    ms = 1e3 * statistics.median(times)
+    return {"ms_per_frame": ms, "frames_per_s": batch * 1e3 / ms, "real_time_factor": ms / FRAME_MS}
 
 
 def measure_transformers(
@@ -253,6 +249,7 @@ def run_bench(
     threads: int | None = None,
     graphs: bool = True,
     compile: bool = False,
+    cpu_kernels: str | None = None,
 ) -> dict[str, Any]:
     """Load (or randomly build) the model, measure it and optionally the transformers baseline."""
     from .quant import quantize_int8
@@ -278,7 +275,12 @@ def run_bench(
     net: CSMModel = build_model(config, state, torch_device, torch_dtype)
     if quantize == "int8":
         quantize_int8(net)
-    engine = Engine(net, codec, torch_device, torch_dtype, max_batch=max(setup.batch_sizes))
+    # On the CPU one stream gets its own engine: a single-slot engine picks the fastest kernels for
+    # one row (csm say / play), a multi-slot one the kernels that serve several rows (serve, batch).
+    cpu = torch_device.type == "cpu"
+    engine = Engine(
+        net, codec, torch_device, torch_dtype, max_batch=1 if cpu else max(setup.batch_sizes), cpu_kernels=cpu_kernels
+    )
     started = time.perf_counter()
     if compile:
         engine.compile()
@@ -295,6 +297,7 @@ def run_bench(
         "quantization": quantize,
         "threads": torch.get_num_threads(),
         "cuda_graphs": engine.graphs is not None,
+        "cpu_kernels": engine.cpu_kernels,
         "compiled": compile,
         "compile_and_capture_s": setup_s,
         "torch": torch.__version__,
@@ -302,6 +305,15 @@ def run_bench(
         "frames": setup.frames,
     }
     result.update(measure_engine(engine, setup))
+    if cpu and max(setup.batch_sizes) > 1:
+        del engine
+        engine = Engine(
+            net, codec, torch_device, torch_dtype, max_batch=max(setup.batch_sizes), cpu_kernels=cpu_kernels
+        )
+        result["cpu_kernels_batched"] = engine.cpu_kernels
+    for batch in setup.batch_sizes:
+        if batch > 1:
+            result["batches"][str(batch)] = measure_throughput(engine, setup, batch)
     result["peak_memory_mb"] = peak_memory_mb(torch_device)
     if setup.baseline == "transformers":
         del engine, net

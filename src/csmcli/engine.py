@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .errors import PromptTooLongError
+from .kernels import prepare_cpu
 from .model import CSMModel
 from .options import REPETITION_WINDOW, GenerationOptions
 from .prompt import Prompt
@@ -157,8 +158,11 @@ class Engine:
         dtype: torch.dtype,  # noqa: ANN001
         max_batch: int = 1,
         prefix_bytes: int = 256 * 2**20,
+        cpu_kernels: str | None = None,
     ) -> None:
         self.model = model
+        # on the CPU the projections are swapped for faster kernels (see csmcli.kernels)
+        self.cpu_kernels = prepare_cpu(model, cpu_kernels, max_batch) if device.type == "cpu" else None
         self.codec = codec
         self.device = device
         self.dtype = dtype
@@ -175,6 +179,9 @@ class Engine:
         self.slots: list[Job | None] = [None] * max_batch
         self.positions = [0] * max_batch
         self.sample_fn = sample
+        # eager frames narrow sampling to what the live jobs use; graphs keep the general form
+        self.k_max: int | None = None
+        self.use_penalty = True
         self.graphs: dict[int, torch.cuda.CUDAGraph] | None = None
         self.graph_buckets: list[int] = []
         self.graph_codes: dict[int, Tensor] = {}
@@ -284,6 +291,9 @@ class Engine:
                 self.graphs[width].replay()
                 codes = self.graph_codes[width]
             else:
+                jobs = [self.slots[i].options for i in rows]
+                self.k_max = max(o.top_k for o in jobs)
+                self.use_penalty = any(o.repetition_penalty != 1.0 for o in jobs)
                 codes = self._frame(width, max(positions) + 1)
             host_codes = codes.cpu()
             for i in rows:
@@ -346,8 +356,8 @@ class Engine:
     def _sampler(self) -> Callable[[Tensor, int], Tensor]:
         def pick(logits: Tensor, codebook: int) -> Tensor:
             b = logits.shape[0]
-            recent = self.recent[:b, :, codebook]
-            return self.sample_fn(logits, self.params, codebook, NUM_AUDIO_CODES, recent)
+            recent = self.recent[:b, :, codebook] if self.use_penalty else None
+            return self.sample_fn(logits, self.params, codebook, NUM_AUDIO_CODES, recent, self.k_max)
 
         return pick
 

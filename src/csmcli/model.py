@@ -89,9 +89,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class Block(nn.Module):
@@ -123,10 +121,26 @@ class Block(nn.Module):
         k_cache[write] = k.to(k_cache.dtype)
         v_cache[write] = v.to(v_cache.dtype)
         keys, values = k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len]
-        attn = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=True
-        )
+        if t == 1 and mask is None and kv_len <= _SHORT_ATTENTION:
+            attn = _short_attention(q, keys, values)
+        else:
+            attn = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=True
+            )
         return _KERNELS.attn_out_ffn(self, x, attn)
+
+
+# one query over at most this many keys (the depth decoder) skips SDPA's fixed cost
+_SHORT_ATTENTION = 64
+
+
+def _short_attention(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    """One query per head (``[B, H, 1, D]``) attending to every key (``[B, KV, L, D]``), plain ops."""
+    b, h, _, d = q.shape
+    kv = keys.shape[1]
+    grouped = q.reshape(b, kv, h // kv, d)
+    scores = (grouped @ keys.transpose(-1, -2)).float() * (1.0 / math.sqrt(d))
+    return (scores.softmax(dim=-1).to(values.dtype) @ values).view(b, h, 1, d)
 
 
 def _attn_in(block: Block, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -186,6 +200,17 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(spec) for _ in range(spec.n_layers))
         self.norm = RMSNorm(spec.dim, spec.norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(spec.head_dim, spec.rope), persistent=False)
+        self._rope: dict[str, Any] = {}
+
+    def rope_tables(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """RoPE cosines and sines ``[max_len, head_dim]`` for every position, computed once per dtype."""
+        key = (dtype, self.inv_freq.device)
+        if self._rope.get("key") != key:
+            pos = torch.arange(self.spec.max_len, device=self.inv_freq.device).float()
+            freqs = pos[:, None] * self.inv_freq
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._rope = {"key": key, "tables": (emb.cos().to(dtype), emb.sin().to(dtype))}
+        return self._rope["tables"]
 
     def new_cache(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> list[Tensor]:
         """Keys and values for every layer: ``[layers, 2, batch, kv_heads, length, head_dim]``."""
@@ -198,9 +223,8 @@ class Transformer(nn.Module):
         ``mask`` is a boolean ``[B, 1, T, kv_len]`` (True = may attend), or None for causal attention
         over exactly the ``T`` new rows starting at position 0 (``T == kv_len``).
         """
-        freqs = pos.float()[..., None] * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        rope = (emb.cos().to(x.dtype)[:, :, None, :], emb.sin().to(x.dtype)[:, :, None, :])
+        cos, sin = self.rope_tables(x.dtype)
+        rope = (cos[pos][:, :, None, :], sin[pos][:, :, None, :])
         rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(pos)
         write = (rows, slice(None), pos)
         for i, layer in enumerate(self.layers):
@@ -227,7 +251,8 @@ class CSMModel(nn.Module):
         self.projection = nn.Linear(dim, ddim, bias=False)
         self.decoder = Transformer(self.depth_spec)
         self.audio_head = nn.Parameter(torch.empty(self.num_codebooks - 1, ddim, self.vocab))
-        self.quantized_heads: nn.ModuleList | None = None
+        # per-codebook head modules once quantized or prepared for the CPU (else audio_head is used)
+        self.head_layers: nn.ModuleList | None = None
         self.register_buffer("audio_offsets", torch.arange(self.num_codebooks) * self.vocab, persistent=False)
 
     def init_buffers(self, device: torch.device) -> None:
@@ -235,6 +260,7 @@ class CSMModel(nn.Module):
         self.audio_offsets = torch.arange(self.num_codebooks, device=device) * self.vocab
         for net in (self.backbone, self.decoder):
             net.inv_freq = rope_inv_freq(net.spec.head_dim, net.spec.rope).to(device)
+            net._rope = {}
 
     @property
     def max_len(self) -> int:
@@ -275,8 +301,8 @@ class CSMModel(nn.Module):
 
     def head(self, index: int, x: Tensor) -> Tensor:
         """Logits of codebook ``index + 1`` from depth-decoder states ``x`` ``[B, dim]``."""
-        if self.quantized_heads is not None:
-            return self.quantized_heads[index](x)
+        if self.head_layers is not None:
+            return self.head_layers[index](x)
         return x @ self.audio_head[index]
 
     def decode_frame(self, h: Tensor, sample: SampleFn, cache: Tensor) -> Tensor:

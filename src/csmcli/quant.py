@@ -1,7 +1,8 @@
 """Weight-only int8 quantization of CSM's linear layers (per output channel, symmetric).
 
 On the CPU the matrix products run on torch's own int8 weight kernel
-(``torch._weight_int8pack_mm``, the one gpt-fast uses), which reads half the bytes of bf16;
+(``torch._weight_int8pack_mm``, the one gpt-fast uses), which reads half the bytes of bf16, and
+single rows of the wide matrices through the compiled int8 gemv of :mod:`csmcli.kernels`;
 elsewhere the int8 weights are dequantized on the fly.  Embeddings stay in the model's dtype.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .kernels import _Compiled, _gemv_int8
 from .model import CSMModel
 
 
@@ -23,11 +25,16 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", scales.to(dtype))
         self.out_features, self.in_features = w.shape
+        # set by kernels.prepare_cpu: single rows through the compiled int8 gemv
+        self.gemv = False
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).contiguous()
-        if flat.device.type == "cpu":
+        if self.gemv and flat.shape[0] == 1:
+            gemv = _gemv_int8 if torch.compiler.is_compiling() else _Compiled.gemv_int8
+            y = gemv(flat.float(), self.weight, self.scales)
+        elif flat.device.type == "cpu":
             y = torch._weight_int8pack_mm(flat, self.weight, self.scales)
         else:
             y = nn.functional.linear(flat, self.weight.to(flat.dtype)) * self.scales
@@ -46,9 +53,11 @@ def quantize_int8(model: CSMModel) -> CSMModel:
                 setattr(block, name, Int8Linear(getattr(block, name).weight, dtype))
     model.codebook0_head = Int8Linear(model.codebook0_head.weight, dtype)
     model.projection = Int8Linear(model.projection.weight, dtype)
-    model.quantized_heads = nn.ModuleList(
-        Int8Linear(model.audio_head[i].T, dtype) for i in range(model.audio_head.shape[0])
-    )
-    del model.audio_head
-    model.register_parameter("audio_head", None)
+    if model.head_layers is None:
+        heads = model.audio_head
+        model.head_layers = nn.ModuleList(Int8Linear(heads[i].T, dtype) for i in range(heads.shape[0]))
+        del model.audio_head
+        model.register_parameter("audio_head", None)
+    else:
+        raise ValueError("quantize before preparing the model for a device")
     return model

@@ -33,7 +33,10 @@ def code_hashes(n: int, device: torch.device) -> Tensor:
 
 
 def uniform(seed: Tensor, frame: Tensor, codebook: int, hashes: Tensor) -> Tensor:
-    """Uniform floats in (0, 1), ``[B, len(hashes)]``, a pure function of each row's (seed, frame, codebook)."""
+    """Uniform floats in (0, 1), one per code hash, a pure function of each row's (seed, frame, codebook).
+
+    ``hashes`` is ``[n]`` (the same codes for every row) or ``[B, n]`` (each row's own codes).
+    """
     key = _mix32(seed ^ _mix32(frame * 64 + codebook + 1))
     bits = _mix32(key[:, None] ^ hashes)
     return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
@@ -75,32 +78,38 @@ class SamplingParams:
 
 
 def sample(
-    logits: Tensor, params: SamplingParams, codebook: int, num_codes: int, recent: Tensor | None = None
+    logits: Tensor,
+    params: SamplingParams,
+    codebook: int,
+    num_codes: int,
+    recent: Tensor | None = None,
+    k_max: int | None = None,
 ) -> Tensor:
     """Pick one code per row from ``logits`` ``[B, vocab]``.
 
     ``recent`` (``[B, window]`` codes of this codebook from recent frames, -1 = empty) feeds the
-    repetition penalty.  Rows with temperature 0 or top_k 1 take the argmax.
+    repetition penalty; None skips it (every row's penalty is 1).  Only the ``k_max`` best codes
+    of each row are candidates (None: all codes), so ``k_max`` must be at least every row's
+    ``top_k``; the result does not depend on it.  Rows with temperature 0 or top_k 1 take the argmax.
     """
     b = logits.shape[0]
     logits = logits[:, :num_codes].float()
     if recent is not None:
         logits = _penalize(logits, recent, params.repetition_penalty[:b])
-    greedy_pick = logits.argmax(dim=-1)
-    temperature = params.temperature[:b, None].clamp(min=1e-5)
-    scores = logits / temperature
-    ordered, order = scores.sort(dim=-1, descending=True)
-    rank_ok = torch.arange(num_codes, device=logits.device)[None] < params.top_k[:b, None]
+    scores = logits / params.temperature[:b, None].clamp(min=1e-5)
+    k = num_codes if k_max is None else max(1, min(k_max, num_codes))
+    ordered, order = scores.topk(k, dim=-1)
+    rank_ok = torch.arange(k, device=logits.device)[None] < params.top_k[:b, None]
     probs = ordered.masked_fill(~rank_ok, float("-inf")).softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
     top_p = params.top_p[:b, None]
-    keep_sorted = rank_ok & ((mass_before < top_p) | (top_p >= 1))
-    keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
-    u = uniform(params.seed[:b], params.frame[:b], codebook, params.hashes[:num_codes])
+    keep = rank_ok & ((mass_before < top_p) | (top_p >= 1))
+    u = uniform(params.seed[:b], params.frame[:b], codebook, params.hashes[order])
     gumbel = -torch.log(-torch.log(u))
-    sampled = (scores + gumbel).masked_fill(~keep, float("-inf")).argmax(dim=-1)
+    pick = (ordered + gumbel).masked_fill(~keep, float("-inf")).argmax(dim=-1, keepdim=True)
+    sampled = order.gather(1, pick)[:, 0]
     is_greedy = (params.temperature[:b] == 0) | (params.top_k[:b] == 1)
-    return torch.where(is_greedy, greedy_pick, sampled)
+    return torch.where(is_greedy, order[:, 0], sampled)
 
 
 def _penalize(logits: Tensor, recent: Tensor, penalty: Tensor) -> Tensor:

@@ -133,17 +133,27 @@ class Synthesizer:
         dtype: str = "auto",
         local_files_only: bool = False,
         max_batch_size: int = 1,
+        quantize: str = "none",
     ) -> Synthesizer:
-        """Load a hub id (through the hub cache) or a local checkpoint directory."""
+        """Load a hub id (through the hub cache) or a local checkpoint directory.
+
+        ``quantize="int8"`` stores the projections as weight-only int8 (see :mod:`csmcli.quant`).
+        """
+        from .quant import QUANTIZATIONS, quantize_int8
+
         torch_device = pick_device(device)
         torch_dtype = pick_dtype(dtype, torch_device)
         if max_batch_size < 1:
             raise OptionsError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if quantize not in QUANTIZATIONS:
+            raise OptionsError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
         path = checkpoint.resolve(model, local_files_only=local_files_only)
         ckpt = checkpoint.inspect(path)
         state, codec_state = checkpoint.read_tensors(ckpt)
         net = build_model(ckpt.config, state, torch_device, torch_dtype)
         del state
+        if quantize == "int8":
+            quantize_int8(net)
         if codec_state:
             codec = Codec.from_state_dict(ckpt.config["codec_config"], codec_state, torch_device)
         else:

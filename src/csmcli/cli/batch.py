@@ -42,6 +42,7 @@ from ..options import FRAME_MS, GenerationOptions
 from .common import (
     DeviceOpt,
     DtypeOpt,
+    QuantizeOpt,
     MaxAudioMsOpt,
     ModelOpt,
     QuietOpt,
@@ -642,6 +643,7 @@ def batch(
     seed: SeedOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     quiet: QuietOpt = False,
 ) -> None:
     """Speak whole dialogues: one audio file per turn, a manifest and the joined conversation.
@@ -678,14 +680,21 @@ def batch(
                 [d.out_dir / MANIFEST, d.combined, *(d.path(t) for t in d.tasks), *(d.codes_path(t) for t in d.tasks)]
             )
             mark_todo(d, force, chained=chain is not None)
-        generate(dialogues, chain, batch_size, model, device, dtype, quiet)
+        generate(dialogues, chain, batch_size, model, device, dtype, quiet, quantize)
         for d in dialogues:
             if write_combined(d, pause, audio_io.SAMPLE_RATE) and not quiet:
                 print(f"csm: {d.script.label}: {len(d.tasks)} turns joined in {d.combined}", file=sys.stderr)
 
 
 def generate(
-    dialogues: list[Dialogue], chain: int | None, batch_size: int, model: str, device: str, dtype: str, quiet: bool
+    dialogues: list[Dialogue],
+    chain: int | None,
+    batch_size: int,
+    model: str,
+    device: str,
+    dtype: str,
+    quiet: bool,
+    quantize: str = "none",
 ) -> None:
     """Load the model if any turn is pending and generate those turns, files and manifests as they finish."""
     todo = [t for d in dialogues for t in d.todo]
@@ -701,7 +710,7 @@ def generate(
     else:
         lanes_of = [(d, d.todo) for d in dialogues if d.todo]
     slots = min(batch_size, len(lanes_of))
-    synth = load_synthesizer(model, device, dtype, not quiet and stderr_is_tty(), max_batch_size=slots)
+    synth = load_synthesizer(model, device, dtype, not quiet and stderr_is_tty(), slots, quantize)
     try:
         check_voices(synth, dialogues)
     except ScriptError as exc:

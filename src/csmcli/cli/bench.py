@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import OptionsError
-from .common import DeviceOpt, DtypeOpt, ModelOpt
+from .common import DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt
 
 
 def bench(
@@ -21,7 +21,7 @@ def bench(
     ] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    quantize: Annotated[str, typer.Option("--quantize", help="none|int8 (weight-only).")] = "none",
+    quantize: QuantizeOpt = "none",
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,4,8",
     frames: Annotated[int, typer.Option("--frames", help="Timed frames per measurement.")] = 24,
     prompt_rows: Annotated[int, typer.Option("--prompt-rows", help="Prompt length in rows.")] = 128,
@@ -31,14 +31,22 @@ def bench(
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads [default: physical cores].")] = None,
     no_graphs: Annotated[bool, typer.Option("--no-cuda-graphs", help="Run frames eagerly on CUDA.")] = False,
     compile_: Annotated[bool, typer.Option("--compile", help="Fuse each layer with torch.compile first.")] = False,
+    cpu_kernels: Annotated[
+        str | None,
+        typer.Option(
+            "--cpu-kernels", help="auto|packed|plain: CPU matrix kernels \\[default: $CSM_CPU_KERNELS or auto]."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Measure prefill, ms per frame, time to first audio, batch throughput and memory."""
     from ..bench import BenchSetup, run_bench
+    from ..kernels import pick_cpu_kernels
     from ..quant import QUANTIZATIONS
 
     if quantize not in QUANTIZATIONS:
         raise OptionsError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+    cpu_kernels = pick_cpu_kernels(cpu_kernels)
     if baseline not in (None, "transformers"):
         raise OptionsError(f"baseline must be 'transformers', got {baseline!r}")
     try:
@@ -57,6 +65,7 @@ def bench(
         threads,
         graphs=not no_graphs,
         compile=compile_,
+        cpu_kernels=cpu_kernels,
     )
     if as_json:
         typer.echo(json.dumps(result, indent=2))
@@ -71,6 +80,11 @@ def _print(r: dict) -> None:
         (
             "dtype / quantization",
             f"{r['dtype']} / {r['quantization']}, CUDA graphs: {r['cuda_graphs']}, compiled: {r['compiled']}",
+        ),
+        *(
+            [("CPU kernels", f"{r['cpu_kernels']} (batched: {r.get('cpu_kernels_batched', r['cpu_kernels'])})")]
+            if r["cpu_kernels"]
+            else []
         ),
         ("prefill", f"{r['prefill_ms']:.1f} ms for {r['prompt_rows']} rows"),
         ("ms per frame (1 stream)", f"{r['ms_per_frame']:.1f} ms  (real-time factor {r['real_time_factor']:.2f})"),

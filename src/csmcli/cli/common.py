@@ -21,6 +21,15 @@ ModelOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", rich_help_panel=_MODEL, help="auto|cpu|cuda|mps.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", rich_help_panel=_MODEL, help="auto|float32|bfloat16|float16.")]
+QuantizeOpt = Annotated[
+    str,
+    typer.Option(
+        "--quantize",
+        envvar="CSM_QUANTIZE",
+        rich_help_panel=_MODEL,
+        help="none|int8: weight-only int8 (half the weight memory, faster on CPUs; slightly different audio).",
+    ),
+]
 SpeakerOpt = Annotated[int, typer.Option("--speaker", "-s", rich_help_panel=_GEN, help="Speaker id: 0 or 1.")]
 TemperatureOpt = Annotated[
     float | None,

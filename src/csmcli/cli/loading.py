@@ -5,9 +5,11 @@ from __future__ import annotations
 from .progress import status
 
 
-def load_synthesizer(model: str, device: str, dtype: str, show: bool, max_batch_size: int = 1):  # noqa: ANN201
+def load_synthesizer(  # noqa: ANN201
+    model: str, device: str, dtype: str, show: bool, max_batch_size: int = 1, quantize: str = "none"
+):
     """Load ``model`` (hub id or directory) onto ``device``; errors surface as one-line CsmErrors."""
     from ..synthesizer import Synthesizer
 
     with status(show, f"loading {model}"):
-        return Synthesizer.load(model, device=device, dtype=dtype, max_batch_size=max_batch_size)
+        return Synthesizer.load(model, device=device, dtype=dtype, max_batch_size=max_batch_size, quantize=quantize)

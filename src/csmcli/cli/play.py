@@ -15,6 +15,7 @@ from .common import (
     ContextTextOpt,
     DeviceOpt,
     DtypeOpt,
+    QuantizeOpt,
     MaxAudioMsOpt,
     ModelOpt,
     QuietOpt,
@@ -58,6 +59,7 @@ def play(
     context_text: ContextTextOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     quiet: QuietOpt = False,
 ) -> None:
     """Speak TEXT through the speakers as it is generated."""
@@ -72,7 +74,7 @@ def play(
     words = read_text(text, file) if text is not None or file is not None else None
     context = explicit_context(context_audio, context_text, speaker)
     show = not quiet and stderr_is_tty()
-    synth = load_synthesizer(model, device, dtype, show)
+    synth = load_synthesizer(model, device, dtype, show, quantize=quantize)
     base = context if context is not None else synth.voice_context(speaker, voice)
 
     def speak(line: str, history: list[Segment]) -> None:

@@ -18,6 +18,7 @@ from .common import (
     ContextTextOpt,
     DeviceOpt,
     DtypeOpt,
+    QuantizeOpt,
     MaxAudioMsOpt,
     ModelOpt,
     QuietOpt,
@@ -59,6 +60,7 @@ def say(
     context_text: ContextTextOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     quiet: QuietOpt = False,
 ) -> None:
     """Speak TEXT into an audio file (or stdout)."""
@@ -74,7 +76,7 @@ def say(
         check_writable(Path(output))
     show = not quiet and stderr_is_tty()
     context = explicit_context(context_audio, context_text, speaker)
-    synth = load_synthesizer(model, device, dtype, show)
+    synth = load_synthesizer(model, device, dtype, show, quantize=quantize)
     jobs = synth.jobs(
         words, speaker, voice=voice, context=context, options=options, first_chunk_frames=2, chunk_frames=8
     )

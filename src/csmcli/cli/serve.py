@@ -12,6 +12,7 @@ from ..errors import OptionsError
 from .common import (
     DeviceOpt,
     DtypeOpt,
+    QuantizeOpt,
     MaxAudioMsOpt,
     ModelOpt,
     QuietOpt,
@@ -98,6 +99,7 @@ def serve(
     ] = 5000,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     quiet: QuietOpt = False,
 ) -> None:
     """Serve speech over HTTP until SIGTERM or Ctrl-C (generation flags set the request defaults)."""
@@ -116,7 +118,7 @@ def serve(
         max_text_chars=max_text_chars,
     )
     sock = bind(host, port)
-    synth = load_synthesizer(model, device, dtype, not quiet and stderr_is_tty(), max_batch_size)
+    synth = load_synthesizer(model, device, dtype, not quiet and stderr_is_tty(), max_batch_size, quantize)
     log.info("loaded %s on %s (%s); warming up", model, synth.device, str(synth.dtype).removeprefix("torch."))
     log.info("warm-up took %.1f s", warm_up(synth, defaults))
     run_server(synth, config, sock)

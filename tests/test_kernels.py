@@ -1,0 +1,150 @@
+"""CPU kernels (packed oneDNN weights, compiled gemv), the narrowed sampler and the small-op rewrites.
+
+Each fast path is checked against the plain torch computation it replaces; the whole model with
+every projection on the compiled gemv is checked against transformers in test_equivalence.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from csmcli import kernels
+from csmcli.errors import OptionsError
+from csmcli.model import Transformer, TransformerSpec, _short_attention
+from csmcli.quant import Int8Linear
+from csmcli.sampling import SamplingParams, _penalize, sample, uniform
+
+needs_compiler = pytest.mark.skipif(not kernels.compiled_gemv(), reason="torch.compile cannot build CPU kernels here")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_packed_linear_matches_f_linear(dtype: torch.dtype, rows: int) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(96, 64, dtype=dtype)
+    x = torch.randn(2, rows, 64, dtype=dtype)
+    layer = kernels.CpuLinear(w, gemv=False)
+    got = layer(x)
+    assert got.shape == (2, rows, 96) and got.dtype == dtype
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.0, "rtol": 0.0}
+    torch.testing.assert_close(got, F.linear(x, w), **tol)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_linear_matches_f_linear(dtype: torch.dtype) -> None:
+    torch.manual_seed(1)
+    w = torch.randn(300, 200, dtype=dtype)
+    layer = kernels.CpuLinear(w, gemv=True)
+    one = torch.randn(1, 1, 200, dtype=dtype)
+    ref = F.linear(one.float(), w.float())
+    tol = 1e-4 if dtype == torch.float32 else 0.1  # bf16 output rounding of values ~ +-30
+    torch.testing.assert_close(layer(one).float(), ref, atol=tol, rtol=1e-2)
+    several = torch.randn(4, 200, dtype=dtype)  # prefill rows go through F.linear on the same weight
+    torch.testing.assert_close(layer(several), F.linear(several, w), atol=0.0, rtol=0.0)
+
+
+@needs_compiler
+def test_int8_gemv_matches_int8pack() -> None:
+    torch.manual_seed(2)
+    layer = Int8Linear(torch.randn(512, 256) * 0.02, torch.bfloat16)
+    x = torch.randn(1, 256, dtype=torch.bfloat16)
+    packed = layer(x)
+    layer.gemv = True
+    gemv = layer(x)
+    assert gemv.dtype == torch.bfloat16 and gemv.shape == (1, 512)
+    torch.testing.assert_close(gemv.float(), packed.float(), atol=2e-3, rtol=2e-2)
+    dequantized = F.linear(x.float(), layer.weight.float() * layer.scales.float()[:, None])
+    torch.testing.assert_close(gemv.float(), dequantized, atol=2e-3, rtol=2e-2)
+
+
+def test_kernel_choice_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CSM_CPU_KERNELS", "packed")
+    assert kernels.pick_cpu_kernels() == "packed"
+    assert kernels.pick_cpu_kernels("plain") == "plain"
+    with pytest.raises(OptionsError, match="CPU kernels must be one of auto, packed, plain"):
+        kernels.pick_cpu_kernels("fast")
+
+
+def test_gemv_only_for_wide_single_row_matrices() -> None:
+    assert kernels._wants_gemv(16384, 1024) and kernels._wants_gemv(3072, 2048)
+    assert not kernels._wants_gemv(1024, 8192)  # long rows: packed / int8 kernels win there
+    assert not kernels._wants_gemv(96, 64)  # tiny: call overhead would dominate
+
+
+def test_short_attention_matches_sdpa() -> None:
+    torch.manual_seed(3)
+    q = torch.randn(3, 8, 1, 16)
+    k = torch.randn(3, 2, 11, 16)
+    v = torch.randn(3, 2, 11, 16)
+    ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    torch.testing.assert_close(_short_attention(q, k, v), ref, atol=1e-6, rtol=1e-5)
+
+
+def test_rope_tables_match_direct_computation() -> None:
+    spec = TransformerSpec(
+        dim=32,
+        n_layers=1,
+        n_heads=2,
+        n_kv_heads=1,
+        head_dim=16,
+        ffn_dim=64,
+        norm_eps=1e-5,
+        max_len=40,
+        rope={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    net = Transformer(spec)
+    cos, sin = net.rope_tables(torch.float32)
+    pos = torch.tensor([0, 7, 39])
+    freqs = pos.float()[:, None] * net.inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    assert torch.equal(cos[pos], emb.cos()) and torch.equal(sin[pos], emb.sin())
+    assert net.rope_tables(torch.float32)[0] is cos  # cached
+    assert net.rope_tables(torch.bfloat16)[0].dtype == torch.bfloat16
+    assert math.isclose(float(cos[0, 0]), 1.0)
+
+
+def _full_vocabulary_sample(logits, params, codebook, num_codes, recent=None):  # noqa: ANN001, ANN202
+    """The sampler before candidates were narrowed: sort all codes, scatter the keep mask back."""
+    b = logits.shape[0]
+    logits = logits[:, :num_codes].float()
+    if recent is not None:
+        logits = _penalize(logits, recent, params.repetition_penalty[:b])
+    greedy = logits.argmax(dim=-1)
+    scores = logits / params.temperature[:b, None].clamp(min=1e-5)
+    ordered, order = scores.sort(dim=-1, descending=True)
+    rank_ok = torch.arange(num_codes)[None] < params.top_k[:b, None]
+    probs = ordered.masked_fill(~rank_ok, float("-inf")).softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    top_p = params.top_p[:b, None]
+    keep_sorted = rank_ok & ((mass_before < top_p) | (top_p >= 1))
+    keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+    u = uniform(params.seed[:b], params.frame[:b], codebook, params.hashes[:num_codes])
+    sampled = (scores - torch.log(-torch.log(u))).masked_fill(~keep, float("-inf")).argmax(dim=-1)
+    is_greedy = (params.temperature[:b] == 0) | (params.top_k[:b] == 1)
+    return torch.where(is_greedy, greedy, sampled)
+
+
+def test_narrowed_sampling_draws_the_same_codes() -> None:
+    torch.manual_seed(4)
+    params = SamplingParams.empty(5, torch.device("cpu"))
+    settings = [(0.9, 50, 1.0, 1.0), (1.3, 7, 0.8, 1.0), (0.0, 50, 1.0, 1.0), (0.7, 1, 1.0, 1.0), (1.0, 30, 0.5, 1.2)]
+    for row, (temp, k, p, pen) in enumerate(settings):
+        params.set_row(row, temp, k, p, pen, 100 + row)
+    recent = torch.randint(-1, 2048, (5, 16))
+    picked = 0
+    for frame in range(20):
+        params.frame.fill_(frame)
+        logits = torch.randn(5, 2051) * 3
+        for codebook in (0, 5, 31):
+            ref = _full_vocabulary_sample(logits, params, codebook, 2048, recent)
+            assert torch.equal(sample(logits, params, codebook, 2048, recent), ref)
+            assert torch.equal(sample(logits, params, codebook, 2048, recent, k_max=50), ref)
+            no_penalty = _full_vocabulary_sample(logits, params, codebook, 2048)
+            assert torch.equal(sample(logits, params, codebook, 2048, None, k_max=50), no_penalty)
+            picked += int((ref != logits[:, :2048].argmax(-1)).sum())
+    assert picked > 20, "sampling rows should not all be greedy"
