@@ -43,6 +43,28 @@ def gbps(fn, mats: list[torch.Tensor], reps: int = 9) -> float:  # noqa: ANN001
     return sum(m.numel() * m.element_size() for m in mats) / statistics.median(times) / 1e9
 
 
+def measure(n: int, k: int, gemv: bool) -> list[float]:
+    """GB/s of each kernel for an ``n x k`` matrix and one bfloat16 row."""
+    nan = float("nan")
+    copies = max(2, 256_000_000 // (n * k * 2))
+    x = torch.randn(1, k, dtype=torch.bfloat16)
+    xf = x.float()
+    w = [torch.randn(n, k, dtype=torch.bfloat16) for _ in range(copies)]
+    packed = [torch.ops.mkldnn._reorder_linear_weight(m, 1) for m in w]
+    out = [
+        gbps(lambda: [F.linear(x, m) for m in w], w),
+        gbps(lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [None], "") for p in packed], w),
+        gbps(lambda: [kernels._Compiled.gemv(x, m) for m in w], w) if gemv else nan,
+    ]
+    w.clear()
+    packed.clear()
+    q = [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(2 * copies)]
+    s = torch.rand(n, dtype=torch.bfloat16)
+    out.append(gbps(lambda: [torch._weight_int8pack_mm(x, m, s) for m in q], q))
+    out.append(gbps(lambda: [kernels._Compiled.gemv_int8(xf, m, s) for m in q], q) if gemv else nan)
+    return out
+
+
 def main(threads: int) -> None:
     torch.set_num_threads(threads)
     gemv = kernels.compiled_gemv()
@@ -50,24 +72,7 @@ def main(threads: int) -> None:
     print(f"{'shape':16s} {'N x K':>12s}  linear  packed   gemv | int8pack  gemv8   (GB/s of weights)")
     with torch.inference_mode():
         for name, n, k, _ in SHAPES:
-            copies = max(2, 256_000_000 // (n * k * 2))
-            x = torch.randn(1, k, dtype=torch.bfloat16)
-            w = [torch.randn(n, k, dtype=torch.bfloat16) for _ in range(copies)]
-            packed = [torch.ops.mkldnn._reorder_linear_weight(m, 1) for m in w]
-            row = [
-                gbps(lambda: [F.linear(x, m) for m in w], w),
-                gbps(lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [None], "") for p in packed], w),
-                gbps(lambda: [kernels._Compiled.gemv(x, m) for m in w], w) if gemv else float("nan"),
-            ]
-            del w, packed
-            q = [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(2 * copies)]
-            s = torch.rand(n, dtype=torch.bfloat16)
-            xf = x.float()
-            row += [
-                gbps(lambda: [torch._weight_int8pack_mm(x, m, s) for m in q], q),
-                gbps(lambda: [kernels._Compiled.gemv_int8(xf, m, s) for m in q], q) if gemv else float("nan"),
-            ]
-            del q
+            row = measure(n, k, gemv)
             print(f"{name:16s} {n:>5d} x {k:<5d} " + "  ".join(f"{v:6.1f}" for v in row), flush=True)
 
 

@@ -42,9 +42,9 @@ from ..options import FRAME_MS, GenerationOptions
 from .common import (
     DeviceOpt,
     DtypeOpt,
-    QuantizeOpt,
     MaxAudioMsOpt,
     ModelOpt,
+    QuantizeOpt,
     QuietOpt,
     RepetitionPenaltyOpt,
     SeedOpt,

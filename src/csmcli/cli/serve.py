@@ -12,9 +12,9 @@ from ..errors import OptionsError
 from .common import (
     DeviceOpt,
     DtypeOpt,
-    QuantizeOpt,
     MaxAudioMsOpt,
     ModelOpt,
+    QuantizeOpt,
     QuietOpt,
     RepetitionPenaltyOpt,
     SeedOpt,
