@@ -98,6 +98,7 @@ BAD = [
     (["say", "hi", "-m", "someone/not-cached", "-o", "{out}"], "not in the local hub cache"),
     (["say", "hi", "--voice", "nobody", "-o", "{out}"], "unknown voice"),
     (["say", "hi", "--device", "tpu", "-o", "{out}"], "device must be one of"),
+    (["say", "hi", "--quantize", "int4", "-o", "{out}"], "quantize must be one of none, int8"),
 ]
 
 
@@ -133,3 +134,16 @@ def test_corrupt_weights_are_a_one_line_error(tiny_dir, cli_env, tmp_path) -> No
 def test_no_text_on_a_terminal_like_stdin_is_an_error(tiny_dir, cli_env, tmp_path) -> None:  # noqa: ANN001
     r = csm(["say", "-m", str(tiny_dir), "-o", str(tmp_path / "o.wav"), *BASE], cli_env, stdin=b"")
     assert r.returncode == 1 and "text is empty" in r.stderr.decode()
+
+
+def test_int8_weights_speak_and_stay_close(tiny_dir, cli_env, tmp_path) -> None:  # noqa: ANN001
+    """--quantize int8 gives audio of the same length, close to (not equal to) the float model's."""
+    outs = {}
+    for q in ("none", "int8"):
+        outs[q] = tmp_path / f"{q}.wav"
+        args = ["say", "Hello from CSM.", "-m", str(tiny_dir), "-o", str(outs[q]), "--seed", "3", "--quantize", q]
+        r = csm([*args, *BASE], cli_env)
+        assert r.returncode == 0, r.stderr.decode()
+    a, b = read(outs["none"]), read(outs["int8"])
+    assert len(a) == len(b) == 6 * 1920
+    assert np.abs(b).max() > 1e-3

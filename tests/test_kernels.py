@@ -148,3 +148,16 @@ def test_narrowed_sampling_draws_the_same_codes() -> None:
             assert torch.equal(sample(logits, params, codebook, 2048, None, k_max=50), no_penalty)
             picked += int((ref != logits[:, :2048].argmax(-1)).sum())
     assert picked > 20, "sampling rows should not all be greedy"
+
+
+def test_bench_reports_both_engines_on_the_cpu(tiny_dir) -> None:  # noqa: ANN001
+    from csmcli.bench import BenchSetup, run_bench
+
+    setup = BenchSetup(prompt_rows=16, frames=2, batch_sizes=(1, 2), warmup=1, voice_rows=24)
+    r = run_bench(str(tiny_dir), "cpu", "float32", "int8", setup, threads=1, cpu_kernels="packed")
+    assert r["cpu_kernels"] == r["cpu_kernels_batched"] == "packed"
+    assert r["quantization"] == "int8" and r["threads"] == 1
+    assert set(r["batches"]) == {"1", "2"}
+    assert r["ms_per_frame"] == r["batches"]["1"]["ms_per_frame"] > 0
+    assert r["batches"]["2"]["frames_per_s"] > 0 and r["prefill_ms"] > 0
+    assert r["time_to_first_audio_cached_prefix_ms"] > 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -50,44 +51,61 @@ def _gemv_int8(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
 
 
 class _Compiled:
-    """The compiled gemv functions, built on first use; ``None`` where compiling is impossible."""
+    """The compiled gemv functions and which model dtypes they were built and checked for."""
 
     gemv = None
     gemv_int8 = None
-    checked = False
+    ready: set[torch.dtype] = set()
+    failed = False
+    lock = threading.Lock()
 
 
-def compiled_gemv() -> bool:
-    """Compile the gemv kernels once per process; False (with one warning) if no compiler works."""
-    if _Compiled.checked:
-        return _Compiled.gemv is not None
-    _Compiled.checked = True
-    try:
-        gemv = torch.compile(_gemv, dynamic=True)
-        gemv_int8 = torch.compile(_gemv_int8, dynamic=True)
-        with torch.inference_mode():
-            x = torch.randn(1, 64)
-            w = torch.randn(256, 64)
-            if not torch.allclose(gemv(x, w), F.linear(x, w), atol=1e-4, rtol=1e-4):
+def compiled_gemv(dtype: torch.dtype = torch.float32) -> bool:
+    """Build and check the gemv kernels for ``dtype`` models (once per process); False with one
+    warning if that is impossible here (no C++ compiler, unsupported platform...)."""
+    with _Compiled.lock:
+        if _Compiled.failed:
+            return False
+        if dtype in _Compiled.ready:
+            return True
+        try:
+            gemv = _Compiled.gemv or torch.compile(_gemv, dynamic=True)
+            gemv_int8 = _Compiled.gemv_int8 or torch.compile(_gemv_int8, dynamic=True)
+            with torch.inference_mode():  # the engine's mode: the compiled graphs are reused as is
+                x = torch.randn(1, 64).to(dtype)
+                w = torch.randn(256, 64).to(dtype)
+                q = torch.randint(-127, 128, (256, 64), dtype=torch.int8)
+                s = torch.rand(256).to(dtype)
+                tol = 1e-4 if dtype == torch.float32 else 0.1
+                ok = torch.allclose(gemv(x, w).float(), F.linear(x.float(), w.float()), atol=tol, rtol=1e-2)
+                want = F.linear(x.float(), q.float()) * s.float()
+                ok = ok and torch.allclose(gemv_int8(x.float(), q, s).float(), want, atol=tol * 10, rtol=1e-2)
+            if not ok:
                 raise RuntimeError("compiled gemv disagrees with F.linear")
-            q = torch.randint(-127, 128, (256, 64), dtype=torch.int8)
-            s = torch.rand(256)
-            if not torch.allclose(gemv_int8(x, q, s), F.linear(x, q.float()) * s, atol=1e-3, rtol=1e-4):
-                raise RuntimeError("compiled int8 gemv disagrees with F.linear")
-    except Exception as exc:  # no compiler, unsupported platform, ...: fall back to packed
-        log.warning("CPU gemv kernels unavailable (%s); using packed kernels", str(exc).splitlines()[0][:200])
-        return False
-    _Compiled.gemv, _Compiled.gemv_int8 = gemv, gemv_int8
-    return True
+        except Exception as exc:  # fall back to the packed kernels
+            _Compiled.failed = True
+            log.warning("CPU gemv kernels unavailable (%s); using packed kernels", str(exc).splitlines()[0][:200])
+            return False
+        _Compiled.gemv, _Compiled.gemv_int8 = gemv, gemv_int8
+        _Compiled.ready.add(dtype)
+        return True
+
+
+def warm_up(dtype: torch.dtype) -> threading.Thread:
+    """Build the gemv kernels in the background (a few seconds, more on a cold compile cache), e.g.
+    while the weights load; :func:`prepare_cpu` waits for it."""
+    thread = threading.Thread(target=compiled_gemv, args=(dtype,), name="csm-gemv-compile", daemon=True)
+    thread.start()
+    return thread
 
 
 def _wants_gemv(out_features: int, in_features: int) -> bool:
     return in_features <= _GEMV_MAX_IN and out_features * in_features >= _GEMV_MIN_ELEMENTS
 
 
-def _any_wants_gemv(model: nn.Module) -> bool:
-    for net in (model.backbone, model.decoder):
-        s = net.spec
+def wants_gemv(specs) -> bool:  # noqa: ANN001
+    """Whether any projection of transformers shaped like ``specs`` would use the gemv."""
+    for s in specs:
         if _wants_gemv(2 * s.ffn_dim, s.dim) or _wants_gemv((s.n_heads + 2 * s.n_kv_heads) * s.head_dim, s.dim):
             return True
     return False
@@ -149,7 +167,9 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     dtype = model.audio_embeddings.weight.dtype
     packable = torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
     # compile (seconds, once per process) only where some matrix would use the gemv
-    use_gemv = kernels == "auto" and _any_wants_gemv(model) and compiled_gemv()
+    specs = (model.backbone.spec, model.decoder.spec)
+    int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+    use_gemv = kernels == "auto" and (max_batch == 1 or int8) and wants_gemv(specs) and compiled_gemv(dtype)
 
     def swap(layer: nn.Module) -> nn.Module:
         if isinstance(layer, Int8Linear):
@@ -179,7 +199,7 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
         model.register_parameter("audio_head", None)
     elif model.head_layers is not None:
         model.head_layers = nn.ModuleList(swap(layer) for layer in model.head_layers)
-    if not packable and not any(isinstance(m, Int8Linear) for m in model.modules()):
+    if not packable and not int8:
         return "plain"
     used = any(getattr(m, "gemv", False) for m in model.modules())
     return "gemv+packed" if used else "packed"

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import checkpoint
+from . import checkpoint, kernels
 from .codec import Codec
 from .engine import AudioChunk, Engine, Job, JobStats
 from .errors import CheckpointError, OptionsError, PromptTooLongError
-from .model import CSMModel
+from .model import CSMModel, TransformerSpec
 from .options import FRAME_MS, GenerationOptions
 from .prompt import Prompt, PromptBuilder, Segment, check_speaker, check_text
 from .textsplit import split_text
@@ -149,6 +149,17 @@ class Synthesizer:
             raise OptionsError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
         path = checkpoint.resolve(model, local_files_only=local_files_only)
         ckpt = checkpoint.inspect(path)
+        if (
+            torch_device.type == "cpu"
+            and kernels.pick_cpu_kernels() == "auto"
+            and (max_batch_size == 1 or quantize != "none")
+        ):
+            specs = [
+                TransformerSpec.from_config(ckpt.config),
+                TransformerSpec.from_config(ckpt.config["depth_decoder_config"]),
+            ]
+            if kernels.wants_gemv(specs):
+                kernels.warm_up(torch_dtype)  # compiles while the weights load
         state, codec_state = checkpoint.read_tensors(ckpt)
         net = build_model(ckpt.config, state, torch_device, torch_dtype)
         del state
