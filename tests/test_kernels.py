@@ -161,3 +161,13 @@ def test_bench_reports_both_engines_on_the_cpu(tiny_dir) -> None:  # noqa: ANN00
     assert r["ms_per_frame"] == r["batches"]["1"]["ms_per_frame"] > 0
     assert r["batches"]["2"]["frames_per_s"] > 0 and r["prefill_ms"] > 0
     assert r["time_to_first_audio_cached_prefix_ms"] > 0
+
+
+def test_int8_prompt_rows_use_the_float_gemm_with_the_same_result() -> None:
+    from csmcli import quant
+
+    torch.manual_seed(5)
+    layer = Int8Linear(torch.randn(64, 48) * 0.02, torch.bfloat16)
+    rows = torch.randn(quant._DEQUANTIZE_ROWS + 8, 48, dtype=torch.bfloat16)
+    expected = torch._weight_int8pack_mm(rows, layer.weight, layer.scales)
+    torch.testing.assert_close(layer(rows).float(), expected.float(), atol=2e-3, rtol=2e-2)

@@ -14,6 +14,9 @@ from torch import Tensor, nn
 from .kernels import _Compiled, _gemv_int8
 from .model import CSMModel
 
+# from this many rows on (prefill), CPU products dequantize the weight and use the float GEMM
+_DEQUANTIZE_ROWS = 32
+
 
 class Int8Linear(nn.Module):
     """``y = x @ (q * scale).T`` with ``q`` int8 ``[out, in]`` and one scale per output channel."""
@@ -34,9 +37,9 @@ class Int8Linear(nn.Module):
         if self.gemv and flat.shape[0] == 1:
             gemv = _gemv_int8 if torch.compiler.is_compiling() else _Compiled.gemv_int8
             y = gemv(flat.float(), self.weight, self.scales)
-        elif flat.device.type == "cpu":
+        elif flat.device.type == "cpu" and flat.shape[0] < _DEQUANTIZE_ROWS:
             y = torch._weight_int8pack_mm(flat, self.weight, self.scales)
-        else:
+        else:  # GPUs, and prompts on the CPU (compute-bound: the float GEMM is faster there)
             y = nn.functional.linear(flat, self.weight.to(flat.dtype)) * self.scales
         return y.reshape(*shape[:-1], self.out_features)
 
