@@ -102,7 +102,11 @@ def test_rope_tables_match_direct_computation() -> None:
     pos = torch.tensor([0, 7, 39])
     freqs = pos.float()[:, None] * net.inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    assert torch.equal(cos[pos], emb.cos()) and torch.equal(sin[pos], emb.sin())
+    assert torch.equal(cos[pos], emb.cos()) and torch.equal(sin[pos, 8:], emb.sin()[:, 8:])
+    assert torch.equal(sin[pos, :8], -emb.sin()[:, :8])  # rotate-half's sign, folded in
+    x = torch.randn(3, 16)
+    rotated = torch.cat((-x[:, 8:], x[:, :8]), dim=-1)  # the reference's rotate_half
+    torch.testing.assert_close(x * cos[pos] + x.roll(8, dims=-1) * sin[pos], x * emb.cos() + rotated * emb.sin())
     assert net.rope_tables(torch.float32)[0] is cos  # cached
     assert net.rope_tables(torch.bfloat16)[0].dtype == torch.bfloat16
     assert math.isclose(float(cos[0, 0]), 1.0)

@@ -144,15 +144,17 @@ def _short_attention(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
 
 
 def _attn_in(block: Block, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Norm, fused QKV projection and RoPE: queries ``[B, H, T, D]``, keys and values ``[B, T, KV, D]``."""
+    """Norm, fused QKV projection and RoPE: queries ``[B, H, T, D]``, keys and values ``[B, T, KV, D]``.
+
+    ``sin`` carries rotate-half's sign (see :meth:`Transformer.rope_tables`), so one ``roll`` per
+    layer rotates the query and key heads together.
+    """
     s = block.spec
     b, t, _ = x.shape
-    q, k, v = block.wqkv(block.attn_norm(x)).split(
-        [s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim, s.n_kv_heads * s.head_dim], dim=-1
-    )
-    q = _rotate(q.view(b, t, s.n_heads, s.head_dim), cos, sin).transpose(1, 2)
-    k = _rotate(k.view(b, t, s.n_kv_heads, s.head_dim), cos, sin)
-    return q, k, v.view(b, t, s.n_kv_heads, s.head_dim)
+    heads = block.wqkv(block.attn_norm(x)).view(b, t, s.n_heads + 2 * s.n_kv_heads, s.head_dim)
+    qk = heads[:, :, : s.n_heads + s.n_kv_heads]
+    qk = qk * cos + qk.roll(s.head_dim // 2, dims=-1) * sin
+    return qk[:, :, : s.n_heads].transpose(1, 2), qk[:, :, s.n_heads :], heads[:, :, s.n_heads + s.n_kv_heads :]
 
 
 def _attn_out_ffn(block: Block, x: Tensor, attn: Tensor) -> Tensor:
@@ -185,12 +187,6 @@ def compile_kernels() -> None:
     _Kernels.attn_out_ffn = staticmethod(torch.compile(_attn_out_ffn, dynamic=True))
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 class Transformer(nn.Module):
     """A stack of blocks plus final norm; attends over a caller-owned static KV cache."""
 
@@ -203,13 +199,20 @@ class Transformer(nn.Module):
         self._rope: dict[str, Any] = {}
 
     def rope_tables(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """RoPE cosines and sines ``[max_len, head_dim]`` for every position, computed once per dtype."""
+        """RoPE cosines and signed sines ``[max_len, head_dim]`` for every position, once per dtype.
+
+        Rotate-half RoPE is ``x * cos + cat(-x2, x1) * sin``; ``cat(-x2, x1)`` is ``roll(x, D/2)``
+        with the first half negated, so the sines come with that sign folded in (exact: only signs
+        change).
+        """
         key = (dtype, self.inv_freq.device)
         if self._rope.get("key") != key:
             pos = torch.arange(self.spec.max_len, device=self.inv_freq.device).float()
             freqs = pos[:, None] * self.inv_freq
+            sign = torch.ones(self.spec.head_dim, device=pos.device)
+            sign[: self.spec.head_dim // 2] = -1
             emb = torch.cat((freqs, freqs), dim=-1)
-            self._rope = {"key": key, "tables": (emb.cos().to(dtype), emb.sin().to(dtype))}
+            self._rope = {"key": key, "tables": (emb.cos().to(dtype), (emb.sin() * sign).to(dtype))}
         return self._rope["tables"]
 
     def new_cache(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> list[Tensor]:
