@@ -15,6 +15,7 @@ import torch
 
 from csmcli.bench import physical_cores, random_state
 from csmcli.checkpoint import CSM_1B_CONFIG
+from csmcli.kernels import prepare_cpu
 from csmcli.quant import quantize_int8
 from csmcli.synthesizer import build_model
 
@@ -25,6 +26,8 @@ def run(frames: int) -> None:
     ref = build_model(CSM_1B_CONFIG, state, torch.device("cpu"), torch.bfloat16)
     del state
     q = quantize_int8(copy.deepcopy(ref))
+    for net in (ref, q):  # the kernels a one-stream engine (csm say / play) runs
+        print(f"CPU kernels: {prepare_cpu(net, max_batch=1)}")
     g = torch.Generator().manual_seed(0)
     tokens = torch.zeros(64, 33, dtype=torch.long)
     tokens[:, -1] = torch.randint(0, 128000, (64,), generator=g)
