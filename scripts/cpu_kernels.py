@@ -54,7 +54,7 @@ def measure(n: int, k: int, gemv: bool) -> list[float]:
     out = [
         gbps(lambda: [F.linear(x, m) for m in w], w),
         gbps(lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [None], "") for p in packed], w),
-        gbps(lambda: [kernels._Compiled.gemv(x, m) for m in w], w) if gemv else nan,
+        gbps(lambda: [kernels._Compiled.gemv(xf, m) for m in w], w) if gemv else nan,
     ]
     w.clear()
     packed.clear()

@@ -38,8 +38,11 @@ _GEMV_MAX_IN = 2048
 
 
 def _gemv(x: Tensor, w: Tensor) -> Tensor:
-    """``[1, K] x [N, K] -> [1, N]`` accumulated in float32."""
-    return (w.float() * x.float()).sum(-1).to(x.dtype)[None]
+    """``[1, K] x [N, K] -> [1, N]`` in the weight's dtype, accumulated in float32.
+
+    Callers pass ``x`` already in float32: converting it inside would redo the work for every row.
+    """
+    return (w.float() * x.float()).sum(-1).to(w.dtype)[None]
 
 
 def _gemv_int8(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
@@ -77,7 +80,7 @@ def compiled_gemv(dtype: torch.dtype = torch.float32) -> bool:
                 q = torch.randint(-127, 128, (256, 64), dtype=torch.int8)
                 s = torch.rand(256).to(dtype)
                 tol = 1e-4 if dtype == torch.float32 else 0.1
-                ok = torch.allclose(gemv(x, w).float(), F.linear(x.float(), w.float()), atol=tol, rtol=1e-2)
+                ok = torch.allclose(gemv(x.float(), w).float(), F.linear(x.float(), w.float()), atol=tol, rtol=1e-2)
                 want = F.linear(x.float(), q.float()) * s.float()
                 ok = ok and torch.allclose(gemv_int8(x.float(), q, s).float(), want, atol=tol * 10, rtol=1e-2)
             if not ok:
@@ -133,7 +136,7 @@ class CpuLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if self.gemv:
             if flat.shape[0] == 1:
-                y = (_gemv if torch.compiler.is_compiling() else _Compiled.gemv)(flat, self.weight)
+                y = (_gemv if torch.compiler.is_compiling() else _Compiled.gemv)(flat.float(), self.weight)
             else:
                 y = F.linear(flat, self.weight)
         else:
