@@ -106,8 +106,12 @@ def _wants_gemv(out_features: int, in_features: int) -> bool:
     return in_features <= _GEMV_MAX_IN and out_features * in_features >= _GEMV_MIN_ELEMENTS
 
 
-def wants_gemv(specs) -> bool:  # noqa: ANN001
-    """Whether any projection of transformers shaped like ``specs`` would use the gemv."""
+def needs_gemv(kernels: str | None, specs, max_batch: int, int8: bool) -> bool:  # noqa: ANN001
+    """Whether :func:`prepare_cpu` will want the compiled gemv for transformers shaped like
+    ``specs``: ``auto`` kernels, a one-slot engine or int8 weights (whose layout serves both
+    kernels), and some projection wide enough."""
+    if pick_cpu_kernels(kernels) != "auto" or not (max_batch == 1 or int8):
+        return False
     for s in specs:
         if _wants_gemv(2 * s.ffn_dim, s.dim) or _wants_gemv((s.n_heads + 2 * s.n_kv_heads) * s.head_dim, s.dim):
             return True
@@ -170,9 +174,12 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     dtype = model.audio_embeddings.weight.dtype
     packable = torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
     # compile (seconds, once per process) only where some matrix would use the gemv
-    specs = (model.backbone.spec, model.decoder.spec)
     int8 = any(isinstance(m, Int8Linear) for m in model.modules())
-    use_gemv = kernels == "auto" and (max_batch == 1 or int8) and wants_gemv(specs) and compiled_gemv(dtype)
+    specs = (model.backbone.spec, model.decoder.spec)
+    use_gemv = needs_gemv(kernels, specs, max_batch, int8) and compiled_gemv(dtype)
+
+    def float_gemv(out_features: int, in_features: int) -> bool:  # float weights keep one layout
+        return use_gemv and max_batch == 1 and _wants_gemv(out_features, in_features)
 
     def swap(layer: nn.Module) -> nn.Module:
         if isinstance(layer, Int8Linear):
@@ -184,9 +191,7 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
             raise TypeError(f"cannot prepare {type(layer).__name__} for the CPU")
         if not packable:  # e.g. float16, or a torch built without oneDNN: torch's defaults
             return layer
-        n, k = layer.weight.shape
-        gemv = use_gemv and max_batch == 1 and _wants_gemv(n, k)
-        return CpuLinear(layer.weight, gemv)
+        return CpuLinear(layer.weight, float_gemv(*layer.weight.shape))
 
     for net in (model.backbone, model.decoder):
         for block in net.layers:
@@ -196,7 +201,7 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     model.projection = swap(model.projection)
     if model.head_layers is None and packable:
         heads = model.audio_head
-        gemv = use_gemv and max_batch == 1 and _wants_gemv(heads.shape[2], heads.shape[1])
+        gemv = float_gemv(heads.shape[2], heads.shape[1])
         model.head_layers = nn.ModuleList(CpuLinear(heads[i].T, gemv) for i in range(heads.shape[0]))
         del model.audio_head
         model.register_parameter("audio_head", None)

@@ -47,6 +47,15 @@ class Int8Linear(nn.Module):
 QUANTIZATIONS = ("none", "int8")
 
 
+def check_quantization(name: str) -> str:
+    """``name`` if it is a known quantization, else a one-line :class:`OptionsError`."""
+    from .errors import OptionsError
+
+    if name not in QUANTIZATIONS:
+        raise OptionsError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {name!r}")
+    return name
+
+
 def quantize_int8(model: CSMModel) -> CSMModel:
     """Replace every projection of both transformers and all heads by :class:`Int8Linear`, in place."""
     dtype = model.codebook0_head.weight.dtype

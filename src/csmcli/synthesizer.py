@@ -139,26 +139,19 @@ class Synthesizer:
 
         ``quantize="int8"`` stores the projections as weight-only int8 (see :mod:`csmcli.quant`).
         """
-        from .quant import QUANTIZATIONS, quantize_int8
+        from .quant import check_quantization, quantize_int8
 
         torch_device = pick_device(device)
         torch_dtype = pick_dtype(dtype, torch_device)
         if max_batch_size < 1:
             raise OptionsError(f"max_batch_size must be at least 1, got {max_batch_size}")
-        if quantize not in QUANTIZATIONS:
-            raise OptionsError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+        check_quantization(quantize)
         path = checkpoint.resolve(model, local_files_only=local_files_only)
         ckpt = checkpoint.inspect(path)
-        if (
-            torch_device.type == "cpu"
-            and kernels.pick_cpu_kernels() == "auto"
-            and (max_batch_size == 1 or quantize != "none")
-        ):
-            specs = [
-                TransformerSpec.from_config(ckpt.config),
-                TransformerSpec.from_config(ckpt.config["depth_decoder_config"]),
-            ]
-            if kernels.wants_gemv(specs):
+        if torch_device.type == "cpu":
+            cfg = ckpt.config
+            specs = [TransformerSpec.from_config(cfg), TransformerSpec.from_config(cfg["depth_decoder_config"])]
+            if kernels.needs_gemv(None, specs, max_batch_size, quantize != "none"):
                 kernels.warm_up(torch_dtype)  # compiles while the weights load
         state, codec_state = checkpoint.read_tensors(ckpt)
         net = build_model(ckpt.config, state, torch_device, torch_dtype)

@@ -42,10 +42,9 @@ def bench(
     """Measure prefill, ms per frame, time to first audio, batch throughput and memory."""
     from ..bench import BenchSetup, run_bench
     from ..kernels import pick_cpu_kernels
-    from ..quant import QUANTIZATIONS
+    from ..quant import check_quantization
 
-    if quantize not in QUANTIZATIONS:
-        raise OptionsError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+    check_quantization(quantize)
     cpu_kernels = pick_cpu_kernels(cpu_kernels)
     if baseline not in (None, "transformers"):
         raise OptionsError(f"baseline must be 'transformers', got {baseline!r}")
