@@ -1,8 +1,10 @@
 """GPU check: the CUDA path (one CUDA graph per frame and batch bucket) against the CPU engine.
 
 Greedy codes on a tiny random checkpoint must match the CPU engine's exactly (float32, TF32 off),
-seeded sampling must match too, and bfloat16 must produce valid codes.  Prints one line per check
-and exits non-zero on a mismatch.  Usage: python scripts/gpu_check.py OUT_DIR
+seeded sampling must match too (also with top_k above the graphs' 64 candidates, which runs the
+frame eagerly), and bfloat16 must produce valid codes.  Prints one line per check and exits
+non-zero on a mismatch.  ``CSM_COMPILE=1`` checks the torch.compile'd frame instead.
+Usage: python scripts/gpu_check.py OUT_DIR
 """
 
 from __future__ import annotations
@@ -31,11 +33,16 @@ def main(out: Path) -> int:
     gpu = Synthesizer.load(str(tiny), device="cuda", dtype="float32", max_batch_size=4)
     t = time.perf_counter()
     gpu.engine.capture_graphs()
-    report = {"graph_capture_s": time.perf_counter() - t, "graphs": sorted(gpu.engine.graphs or {})}
+    report = {
+        "compiled": gpu.engine.depth_step is not None,
+        "graph_capture_s": time.perf_counter() - t,
+        "graphs": sorted(gpu.engine.graphs or {}),
+    }
     ok = True
     for opts in (
         GenerationOptions(temperature=0, max_audio_ms=24 * 80),
         GenerationOptions(seed=7, max_audio_ms=24 * 80),
+        GenerationOptions(seed=9, top_k=200, max_audio_ms=12 * 80),
     ):
         for text, speaker in PROMPTS:
             a = cpu.generate(text, speaker, options=opts)
@@ -43,7 +50,7 @@ def main(out: Path) -> int:
             same = torch.equal(a.codes, b.codes)
             audio = float(abs(a.samples - b.samples).max())
             print(
-                f"{'greedy' if opts.greedy else 'seeded'} {text[:20]!r}: codes equal={same} "
+                f"{'greedy' if opts.greedy else f'top_k {opts.top_k}'} {text[:20]!r}: codes equal={same} "
                 f"(frames {len(a.codes)}), max audio diff {audio:.2e}"
             )
             ok &= same and audio < 1e-3

@@ -52,11 +52,14 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def random_state(config: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
-    """A transformers-format CSM state dict with random weights (reserved codes never win)."""
+def random_state(config: dict[str, Any], seed: int = 0, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """A transformers-format CSM state dict with random weights (reserved codes never win).
+
+    Drawn on ``device`` (a GPU draws 1.6 G values in a blink; the values differ from the CPU's)."""
     from transformers import CsmConfig, CsmForConditionalGeneration
 
     torch.manual_seed(seed)
+    device = device or torch.device("cpu")
     cfg = CsmConfig(**{k: v for k, v in config.items() if k != "model_type"})
     with torch.device("meta"):
         ref = CsmForConditionalGeneration(cfg)
@@ -64,7 +67,7 @@ def random_state(config: dict[str, Any], seed: int = 0) -> dict[str, torch.Tenso
     for name, tensor in ref.state_dict().items():
         if name.startswith("codec_model."):
             continue
-        t = torch.empty(tensor.shape)
+        t = torch.empty(tensor.shape, device=device)
         if name.endswith("norm.weight"):
             t.fill_(1.0)
         else:
@@ -261,7 +264,7 @@ def run_bench(
         torch.set_num_threads(threads or physical_cores())
     if model is None:
         config = checkpoint.CSM_1B_CONFIG
-        state = random_state(config)
+        state = random_state(config, device=torch_device if torch_device.type == "cuda" else None)
         codec = random_codec(torch_device)
         source = "random weights, full-size CSM-1B architecture"
     else:
@@ -273,6 +276,10 @@ def run_bench(
         codec = Codec.from_state_dict(config["codec_config"], codec_state, torch_device)
         source = str(ckpt.path)
     net: CSMModel = build_model(config, state, torch_device, torch_dtype)
+    if torch_device.type == "cuda":  # keep the source tensors off the GPU: peak memory is the engine's
+        state = {k: v.cpu() for k, v in state.items()} if setup.baseline else {}
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(torch_device)
     if quantize == "int8":
         quantize_int8(net)
     # On the CPU one stream gets its own engine: a single-slot engine picks the fastest kernels for

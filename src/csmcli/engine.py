@@ -24,13 +24,15 @@ from torch import Tensor
 
 from .errors import PromptTooLongError
 from .kernels import prepare_cpu
-from .model import CSMModel
+from .model import CSMModel, DepthStep
 from .options import REPETITION_WINDOW, GenerationOptions
 from .prompt import Prompt
 from .sampling import SamplingParams, sample
 
 #: Codes 0..2047 are Mimi's; 2048..2050 are reserved and never sampled.
 NUM_AUDIO_CODES = 2048
+#: CUDA graphs sample among this many best codes per row (enough for every job with top_k up to it).
+GRAPH_TOP_K = 64
 
 
 @dataclass
@@ -179,7 +181,9 @@ class Engine:
         self.slots: list[Job | None] = [None] * max_batch
         self.positions = [0] * max_batch
         self.sample_fn = sample
-        # eager frames narrow sampling to what the live jobs use; graphs keep the general form
+        self.depth_step: DepthStep | None = None  # None: the model's eager step
+        # eager frames narrow sampling to what the live jobs use; graphs take graph_top_k candidates
+        self.graph_top_k: int | None = GRAPH_TOP_K  # None: every code (what the first release did)
         self.k_max: int | None = None
         self.use_penalty = True
         self.graphs: dict[int, torch.cuda.CUDAGraph] | None = None
@@ -284,15 +288,18 @@ class Engine:
                 return False
             n = rows[-1] + 1
             live = set(rows)
-            width = self._bucket(n) if self.graphs is not None else n
+            jobs = [self.slots[i].options for i in rows]
+            k_max = max(o.top_k for o in jobs)
+            # the graphs sample among the best graph_top_k codes; a job asking for more runs eagerly
+            graphed = self.graphs is not None and (self.graph_top_k is None or k_max <= self.graph_top_k)
+            width = self._bucket(n) if graphed else n
             positions = [self.positions[i] if i in live else 0 for i in range(width)]
             self.pos[:width].copy_(torch.tensor(positions), non_blocking=True)
-            if self.graphs is not None:
+            if graphed:
                 self.graphs[width].replay()
                 codes = self.graph_codes[width]
             else:
-                jobs = [self.slots[i].options for i in rows]
-                self.k_max = max(o.top_k for o in jobs)
+                self.k_max = k_max
                 self.use_penalty = any(o.repetition_penalty != 1.0 for o in jobs)
                 codes = self._frame(width, max(positions) + 1)
             host_codes = codes.cpu()
@@ -307,7 +314,7 @@ class Engine:
         Works only on preallocated state (hidden states, positions, caches, sampling rows), so
         the same function runs eagerly or is captured once per batch bucket as a CUDA graph.
         """
-        codes = self.model.decode_frame(self.hidden[:n], self._sampler(), self.depth_cache)
+        codes = self.model.decode_frame(self.hidden[:n], self._sampler(), self.depth_cache, self.depth_step)
         frame_slot = self.params.frame[:n] % REPETITION_WINDOW
         self.recent[torch.arange(n, device=self.device), frame_slot] = codes
         self.params.frame[:n] += 1
@@ -318,11 +325,14 @@ class Engine:
         return next(b for b in self.graph_buckets if b >= n)
 
     def compile(self) -> None:
-        """Use ``torch.compile``d layer and sampling functions (call before :meth:`capture_graphs`)."""
+        """Use ``torch.compile``: each backbone layer's pointwise work fused, and every depth-decoder
+        step (four layers with their attention and cache writes, the head, sampling and the next
+        step's embedding) compiled whole.  Call before :meth:`capture_graphs`."""
         from .model import compile_kernels
 
         compile_kernels()
         self.sample_fn = torch.compile(sample, dynamic=True)
+        self.depth_step = torch.compile(self.model.depth_step, dynamic=True)
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
@@ -337,6 +347,7 @@ class Engine:
         graphs, outputs = {}, {}
         pool = torch.cuda.graph_pool_handle()
         self.pos.zero_()
+        self.k_max, self.use_penalty = self.graph_top_k, True
         for b in reversed(buckets):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

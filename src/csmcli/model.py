@@ -124,9 +124,9 @@ class Block(nn.Module):
         if t == 1 and mask is None and kv_len <= _SHORT_ATTENTION:
             attn = _short_attention(q, keys, values)
         else:
-            attn = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=True
-            )
+            # a branch, not `is_causal=t > 1`: under torch.compile t may be symbolic, and SDPA takes a plain bool
+            causal = True if mask is None and t > 1 else False  # noqa: SIM210
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return _KERNELS.attn_out_ffn(self, x, attn)
 
 
@@ -308,24 +308,36 @@ class CSMModel(nn.Module):
             return self.head_layers[index](x)
         return x @ self.audio_head[index]
 
-    def decode_frame(self, h: Tensor, sample: SampleFn, cache: Tensor) -> Tensor:
+    def decode_frame(self, h: Tensor, sample: SampleFn, cache: Tensor, step: DepthStep | None = None) -> Tensor:
         """Codebook 0 from backbone states ``h`` ``[B, dim]``, then 31 depth-decoder steps -> ``[B, 32]``.
 
         ``sample(logits [B, vocab], codebook)`` picks one code per row.  The depth decoder's cache
-        ``cache`` is simply overwritten from position 0 every frame.
+        ``cache`` is simply overwritten from position 0 every frame.  ``step`` replaces
+        :meth:`depth_step` (the engine passes a compiled one).
         """
         b = h.shape[0]
+        step = step or self.depth_step
         code = sample(self.codebook0_head(h), 0)
         codes = [code]
         x = self.projection(torch.stack([h, self.audio_embeddings(code)], dim=1))
         pos = torch.arange(2, device=h.device).expand(b, 2)
         for i in range(1, self.num_codebooks):
-            out = self.decoder(x, pos, cache, i + 1, None)
-            code = sample(self.head(i - 1, out[:, -1]), i)
+            code, x = step(x, pos, cache, i, sample)
             codes.append(code)
-            x = self.projection(self.audio_embeddings(code + i * self.vocab))[:, None]
             pos = torch.full((b, 1), i + 1, device=h.device)
         return torch.stack(codes, dim=1)
 
+    def depth_step(self, x: Tensor, pos: Tensor, cache: Tensor, index: int, sample: SampleFn) -> tuple[Tensor, Tensor]:
+        """Depth-decoder step ``index`` (1..31): codes of codebook ``index`` ``[B]`` and the next step's input.
+
+        ``x`` ``[B, T, ddim]`` holds the new rows at positions ``pos`` ``[B, T]`` (two rows at step 1,
+        one after).  Everything a step does is in here, so :meth:`Engine.compile` can hand the whole
+        step (attention, head, sampling, next embedding) to ``torch.compile`` as one graph.
+        """
+        out = self.decoder(x, pos, cache, index + 1, None)
+        code = sample(self.head(index - 1, out[:, -1]), index)
+        return code, self.projection(self.audio_embeddings(code + index * self.vocab))[:, None]
+
 
 SampleFn = Callable[[Tensor, int], Tensor]
+DepthStep = Callable[[Tensor, Tensor, Tensor, int, SampleFn], tuple[Tensor, Tensor]]
