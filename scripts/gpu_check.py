@@ -3,13 +3,15 @@
 Greedy codes on a tiny random checkpoint must match the CPU engine's exactly (float32, TF32 off),
 seeded sampling must match too (also with top_k above the graphs' 64 candidates, which runs the
 frame eagerly), and bfloat16 must produce valid codes.  Prints one line per check and exits
-non-zero on a mismatch.  ``CSM_COMPILE=1`` checks the torch.compile'd frame instead.
-Usage: python scripts/gpu_check.py OUT_DIR
+non-zero on a mismatch.  MODE ``layers`` checks ``Engine.compile()`` (what ``--compile`` and
+``CSM_COMPILE=1`` use), ``step`` ``Engine.compile(whole_step=True)``; the default is no compile.
+Usage: python scripts/gpu_check.py OUT_DIR [eager|layers|step]
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,15 +29,24 @@ torch.backends.cudnn.allow_tf32 = False
 PROMPTS = [("Hello from CSM.", 0), ("How are you doing today?", 1), ("Numbers like 42 and 1999, and clauses.", 0)]
 
 
-def main(out: Path) -> int:
+def on_gpu(tiny: Path, dtype: str, max_batch: int, mode: str) -> Synthesizer:
+    """A CUDA synthesizer compiled as ``mode`` says, with its graphs captured."""
+    os.environ["CSM_CUDA_GRAPHS"], os.environ["CSM_COMPILE"] = "0", "0"  # done here, in order
+    synth = Synthesizer.load(str(tiny), device="cuda", dtype=dtype, max_batch_size=max_batch)
+    if mode != "eager":
+        synth.engine.compile(whole_step=mode == "step")
+    synth.engine.capture_graphs()
+    return synth
+
+
+def main(out: Path, mode: str) -> int:
     tiny = make_tiny_checkpoint(out / "tiny")
     cpu = Synthesizer.load(str(tiny), device="cpu", dtype="float32", max_batch_size=4)
-    gpu = Synthesizer.load(str(tiny), device="cuda", dtype="float32", max_batch_size=4)
     t = time.perf_counter()
-    gpu.engine.capture_graphs()
+    gpu = on_gpu(tiny, "float32", 4, mode)
     report = {
-        "compiled": gpu.engine.depth_step is not None,
-        "graph_capture_s": time.perf_counter() - t,
+        "mode": mode,
+        "load_compile_capture_s": time.perf_counter() - t,
         "graphs": sorted(gpu.engine.graphs or {}),
     }
     ok = True
@@ -61,8 +72,7 @@ def main(out: Path) -> int:
         same = torch.equal(solo.codes, got.codes)
         print(f"batched on GPU vs solo on CPU, row {i}: codes equal={same}")
         ok &= same
-    bf16 = Synthesizer.load(str(tiny), device="cuda", dtype="bfloat16")
-    bf16.engine.capture_graphs()
+    bf16 = on_gpu(tiny, "bfloat16", 1, mode)
     r = bf16.generate("Half precision.", 0, options=GenerationOptions(temperature=0, max_audio_ms=800))
     valid = int(r.codes.max()) < 2048 and bool(torch.isfinite(torch.from_numpy(r.samples)).all())
     print(f"bfloat16 + graphs: {len(r.codes)} frames, valid={valid}")
@@ -74,4 +84,4 @@ def main(out: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1])))
+    sys.exit(main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "eager"))

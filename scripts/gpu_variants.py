@@ -3,12 +3,14 @@
 Full-size CSM-1B with random weights, bfloat16, one slot, CUDA graphs.  Variants, in order:
 ``all-codes`` (graphs sample among all 2048 codes, as the first release did), ``top64`` (graphs
 sample among the best 64, the default), ``layers`` (plus torch.compile of each layer's pointwise
-work, the first release's ``--compile``) and ``step`` (plus the whole depth-decoder step compiled,
-today's ``--compile``).  Each is timed twice, interleaved, with ``csm bench``'s measure_throughput
-(median of 48 frames behind a 128-row prompt).
+work: ``--compile``) and ``step`` (plus each depth-decoder step compiled whole:
+``Engine.compile(whole_step=True)``, experimental).  Each is timed right after its capture and
+again once all are captured (captured graphs keep what they captured), with ``csm bench``'s
+measure_throughput: median of 48 frames behind a 128-row prompt.
 
 Usage: python scripts/gpu_variants.py [OUT_DIR] [--device cpu --config DIR/config.json --frames 4]
-(the options only serve to try the script itself on a machine without a GPU, on a tiny model).
+(the options only serve to try the script itself without a GPU, on a tiny model, with
+CSM_CPU_KERNELS=plain: the compiled variants cannot compile through packed oneDNN weights).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import torch
 from csmcli.bench import BenchSetup, measure_throughput, random_codec, random_state
 from csmcli.checkpoint import CSM_1B_CONFIG
 from csmcli.engine import Engine
-from csmcli.model import compile_kernels
 from csmcli.synthesizer import build_model
 
 
@@ -48,10 +49,7 @@ def main() -> None:
         if variant == "all-codes":
             e.graph_top_k = None
         if variant in ("layers", "step"):
-            compile_kernels()
-            e.compile()
-            if variant == "layers":
-                e.depth_step = None
+            e.compile(whole_step=variant == "step")
         t = time.perf_counter()
         e.capture_graphs()
         print(f"{variant}: compile + capture {time.perf_counter() - t:.1f} s", flush=True)

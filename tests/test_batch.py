@@ -224,21 +224,15 @@ def test_force_redoes_everything_the_same_way(reference: Path, env: dict[str, st
     assert audio_files(tmp_path / "dialog") == audio_files(reference)
 
 
-def test_resume_after_interrupt_equals_an_uninterrupted_run(env: dict[str, str], tmp_path: Path) -> None:
-    # twelve turns, so the interrupt lands mid-run even when this process is slow to read the first line
-    long_dialog = DIALOG * 3
-    reference = tmp_path / "reference"
-    reference.mkdir()
-    (reference / "dialog.txt").write_text(long_dialog)
-    csm(env, reference, "dialog.txt", "--seed", "7", *FAST)
-    reference = reference / "dialog"
-    assert len(manifest(reference)) == 12
-    (tmp_path / "dialog.txt").write_text(long_dialog)
+def test_resume_after_interrupt_equals_an_uninterrupted_run(
+    reference: Path, env: dict[str, str], tmp_path: Path
+) -> None:
+    (tmp_path / "dialog.txt").write_text(DIALOG)
     proc = subprocess.Popen(
         [*CSM, "batch", "dialog.txt", "--seed", "7", *FAST], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
     )
     for line in proc.stderr:
-        if line.startswith("csm: [1/12]"):
+        if line.startswith("csm: [1/4]"):
             proc.send_signal(signal.SIGINT)
             break
     rest = proc.stderr.read()
@@ -246,7 +240,7 @@ def test_resume_after_interrupt_equals_an_uninterrupted_run(env: dict[str, str],
     assert "stopped after" in rest
     out = tmp_path / "dialog"
     entries = manifest(out)
-    assert 1 <= len(entries) < 12
+    assert 1 <= len(entries) < 4
     assert all((out / e["file"]).is_file() for e in entries)
     assert not list(out.rglob("*.part"))
     (out / ".0004_bob.wav.dead.part").write_bytes(b"left by a killed run")

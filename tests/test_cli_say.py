@@ -147,3 +147,10 @@ def test_int8_weights_speak_and_stay_close(tiny_dir, cli_env, tmp_path) -> None:
     a, b = read(outs["none"]), read(outs["int8"])
     assert len(a) == len(b) == 6 * 1920
     assert np.abs(b).max() > 1e-3
+
+
+def test_bench_compile_on_a_cpu_is_a_one_line_error(tiny_dir, cli_env) -> None:  # noqa: ANN001
+    r = csm(["bench", "-m", str(tiny_dir), "--device", "cpu", "--compile", "--frames", "2"], cli_env)
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "--compile is for CUDA devices" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

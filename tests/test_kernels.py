@@ -175,3 +175,34 @@ def test_int8_prompt_rows_use_the_float_gemm_with_the_same_result() -> None:
     rows = torch.randn(quant._DEQUANTIZE_ROWS + 8, 48, dtype=torch.bfloat16)
     expected = torch._weight_int8pack_mm(rows, layer.weight, layer.scales)
     torch.testing.assert_close(layer(rows).float(), expected.float(), atol=2e-3, rtol=2e-2)
+
+
+def test_compiled_depth_step_matches_the_eager_step(tiny_dir, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """``Engine.compile(whole_step=True)`` (the GPU's experimental fused step, compiled here by
+    inductor's C++ backend) gives the eager codes, and compiles each function a bounded number of
+    times: one or two rows, one or several slots; never once per codebook."""
+    import torch._dynamo
+
+    from csmcli import GenerationOptions, Synthesizer
+    from csmcli import model as model_module
+
+    for name in ("attn_in", "attn_out_ffn"):  # compile_kernels swaps these for the whole process
+        monkeypatch.setattr(model_module._Kernels, name, model_module._Kernels.__dict__[name])
+    monkeypatch.setenv("CSM_CPU_KERNELS", "plain")  # oneDNN's packed weights only compile when frozen
+    synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="float32", max_batch_size=2)
+    greedy = GenerationOptions(temperature=0, max_audio_ms=6 * 80)
+    texts = [("Hello from CSM.", 0), ("How are you doing today?", 1)]
+
+    def run() -> list[torch.Tensor]:
+        solo = synth.generate(*texts[0], options=greedy)
+        jobs = [synth.job(t, s, [], GenerationOptions(seed=i, max_audio_ms=6 * 80)) for i, (t, s) in enumerate(texts)]
+        return [solo.codes, *(r.codes for r in synth.generate_many(jobs))]
+
+    eager = run()
+    synth.engine.compile(whole_step=True)
+    assert synth.engine.depth_step is not None
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 4)
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    compiled = run()
+    for a, b in zip(eager, compiled, strict=True):
+        assert len(a) > 0 and torch.equal(a, b)

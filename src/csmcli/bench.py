@@ -20,6 +20,7 @@ import torch
 
 from . import checkpoint
 from .engine import Engine, Job
+from .errors import OptionsError
 from .model import CSMModel
 from .options import FRAME_MS, GenerationOptions
 from .prompt import Prompt
@@ -260,6 +261,8 @@ def run_bench(
 
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
+    if compile and torch_device.type != "cuda":
+        raise OptionsError("--compile is for CUDA devices (the CPU engine compiles its own kernels)")
     if torch_device.type == "cpu":
         torch.set_num_threads(threads or physical_cores())
     if model is None:

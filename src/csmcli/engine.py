@@ -173,6 +173,8 @@ class Engine:
         self.cache = model.backbone.new_cache(max_batch, self.max_len, dtype, device)
         self.depth_cache = model.decoder.new_cache(max_batch, model.num_codebooks + 1, dtype, device)
         self.hidden = torch.zeros(max_batch, model.backbone_spec.dim, dtype=dtype, device=device)
+        for net in (model.backbone, model.decoder):  # built now, so compiled code never sees them change
+            net.rope_tables(dtype)
         self.params = SamplingParams.empty(max_batch, device)
         self.recent = torch.full(
             (max_batch, REPETITION_WINDOW, model.num_codebooks), -1, dtype=torch.long, device=device
@@ -324,15 +326,21 @@ class Engine:
     def _bucket(self, n: int) -> int:
         return next(b for b in self.graph_buckets if b >= n)
 
-    def compile(self) -> None:
-        """Use ``torch.compile``: each backbone layer's pointwise work fused, and every depth-decoder
-        step (four layers with their attention and cache writes, the head, sampling and the next
-        step's embedding) compiled whole.  Call before :meth:`capture_graphs`."""
+    def compile(self, whole_step: bool = False) -> None:
+        """Use ``torch.compile``d layer and sampling functions (call before :meth:`capture_graphs`).
+
+        ``whole_step`` also compiles every depth-decoder step whole (four layers with their attention
+        and cache writes, the head, sampling and the next step's embedding): fewer kernels per frame,
+        four more compiles (one or two rows, one or several slots).  Experimental: checked against
+        the eager step on the CPU, not yet timed on a GPU (``scripts/gpu_variants.py`` does that).
+        Per-codebook head modules (int8) would recompile per codebook, so they keep the eager step.
+        """
         from .model import compile_kernels
 
         compile_kernels()
         self.sample_fn = torch.compile(sample, dynamic=True)
-        self.depth_step = torch.compile(self.model.depth_step, dynamic=True)
+        if whole_step and self.model.head_layers is None:
+            self.depth_step = torch.compile(self.model.depth_step, dynamic=True)
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:

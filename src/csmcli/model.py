@@ -320,7 +320,7 @@ class CSMModel(nn.Module):
         code = sample(self.codebook0_head(h), 0)
         codes = [code]
         x = self.projection(torch.stack([h, self.audio_embeddings(code)], dim=1))
-        pos = torch.arange(2, device=h.device).expand(b, 2)
+        pos = torch.arange(2, device=h.device).repeat(b, 1)  # contiguous like the later steps' positions
         for i in range(1, self.num_codebooks):
             code, x = step(x, pos, cache, i, sample)
             codes.append(code)

@@ -30,7 +30,9 @@ def bench(
     ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads [default: physical cores].")] = None,
     no_graphs: Annotated[bool, typer.Option("--no-cuda-graphs", help="Run frames eagerly on CUDA.")] = False,
-    compile_: Annotated[bool, typer.Option("--compile", help="Fuse each layer with torch.compile first.")] = False,
+    compile_: Annotated[
+        bool, typer.Option("--compile", help="CUDA: fuse each layer with torch.compile first.")
+    ] = False,
     cpu_kernels: Annotated[
         str | None,
         typer.Option(
