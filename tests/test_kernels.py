@@ -201,8 +201,7 @@ def test_compiled_depth_step_matches_the_eager_step(tiny_dir, monkeypatch: pytes
     eager = run()
     synth.engine.compile(whole_step=True)
     assert synth.engine.depth_step is not None
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 4)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
-    compiled = run()
+    with torch._dynamo.config.patch(recompile_limit=4, fail_on_recompile_limit_hit=True):
+        compiled = run()
     for a, b in zip(eager, compiled, strict=True):
         assert len(a) > 0 and torch.equal(a, b)

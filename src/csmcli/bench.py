@@ -56,7 +56,8 @@ def physical_cores() -> int:
 def random_state(config: dict[str, Any], seed: int = 0, device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """A transformers-format CSM state dict with random weights (reserved codes never win).
 
-    Drawn on ``device`` (a GPU draws 1.6 G values in a blink; the values differ from the CPU's)."""
+    Drawn on ``device``: a GPU draws the 1.6 G values in well under a second (the CPU takes tens of
+    seconds); the values then differ from the CPU's."""
     from transformers import CsmConfig, CsmForConditionalGeneration
 
     torch.manual_seed(seed)

@@ -123,10 +123,10 @@ class Block(nn.Module):
         keys, values = k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len]
         if t == 1 and mask is None and kv_len <= _SHORT_ATTENTION:
             attn = _short_attention(q, keys, values)
+        elif mask is None and t > 1:  # a branch, not is_causal=t > 1: t can be symbolic under torch.compile
+            attn = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
         else:
-            # a branch, not `is_causal=t > 1`: under torch.compile t may be symbolic, and SDPA takes a plain bool
-            causal = True if mask is None and t > 1 else False  # noqa: SIM210
-            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         return _KERNELS.attn_out_ffn(self, x, attn)
 
 
