@@ -149,8 +149,10 @@ def test_int8_weights_speak_and_stay_close(tiny_dir, cli_env, tmp_path) -> None:
     assert np.abs(b).max() > 1e-3
 
 
-def test_bench_compile_on_a_cpu_is_a_one_line_error(tiny_dir, cli_env) -> None:  # noqa: ANN001
-    r = csm(["bench", "-m", str(tiny_dir), "--device", "cpu", "--compile", "--frames", "2"], cli_env)
+@pytest.mark.parametrize("command", [["bench", "--frames", "2"], ["say", "hi", "-o", "{tmp}/x.wav"]])
+def test_compile_with_float_cpu_weights_is_a_one_line_error(tiny_dir, cli_env, tmp_path, command) -> None:  # noqa: ANN001
+    args = [a.replace("{tmp}", str(tmp_path)) for a in command]
+    r = csm([*args, "-m", str(tiny_dir), "--device", "cpu", "--compile"], cli_env)
     err = r.stderr.decode()
-    assert r.returncode == 1 and "--compile is for CUDA devices" in err, err
+    assert r.returncode == 1 and "compiling on the CPU needs int8 weights (--quantize int8)" in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

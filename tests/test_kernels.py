@@ -76,13 +76,15 @@ def test_gemv_only_for_wide_single_row_matrices() -> None:
     assert not kernels._wants_gemv(96, 64)  # tiny: call overhead would dominate
 
 
-def test_short_attention_matches_sdpa() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # matmuls / multiply-and-sum
+def test_short_attention_matches_sdpa(dtype: torch.dtype) -> None:
     torch.manual_seed(3)
-    q = torch.randn(3, 8, 1, 16)
-    k = torch.randn(3, 2, 11, 16)
-    v = torch.randn(3, 2, 11, 16)
-    ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    torch.testing.assert_close(_short_attention(q, k, v), ref, atol=1e-6, rtol=1e-5)
+    q = torch.randn(3, 8, 1, 16, dtype=dtype)
+    k = torch.randn(3, 2, 11, 16, dtype=dtype)
+    v = torch.randn(3, 2, 11, 16, dtype=dtype)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    torch.testing.assert_close(_short_attention(q, k, v).float(), ref, **tol)
 
 
 def test_rope_tables_match_direct_computation() -> None:
@@ -177,31 +179,53 @@ def test_int8_prompt_rows_use_the_float_gemm_with_the_same_result() -> None:
     torch.testing.assert_close(layer(rows).float(), expected.float(), atol=2e-3, rtol=2e-2)
 
 
-def test_compiled_depth_step_matches_the_eager_step(tiny_dir, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
-    """``Engine.compile(whole_step=True)`` (the GPU's experimental fused step, compiled here by
-    inductor's C++ backend) gives the eager codes, and compiles each function a bounded number of
-    times: one or two rows, one or several slots; never once per codebook."""
-    import torch._dynamo
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_compiled_engine_matches_the_eager_engine(tiny_dir, monkeypatch: pytest.MonkeyPatch, weights: str) -> None:  # noqa: ANN001
+    """``Engine.compile()`` on the CPU (every depth-decoder step one graph, inductor's C++ backend)
+    gives the eager engine's codes, and compiles everything up front: one graph per shape (one or
+    two rows, one or several slots), none per codebook, top_k or repetition penalty.
+
+    ``float32`` runs plain kernels and the stacked ``audio_head`` (the GPU's layout); ``int8`` the
+    stacked int8 heads with every single-row product on the int8 gemv (the CPU's fast path), so
+    that inductor's own loop for it is checked too."""
+    from torch._dynamo.utils import counters
 
     from csmcli import GenerationOptions, Synthesizer
     from csmcli import model as model_module
 
-    for name in ("attn_in", "attn_out_ffn"):  # compile_kernels swaps these for the whole process
-        monkeypatch.setattr(model_module._Kernels, name, model_module._Kernels.__dict__[name])
-    monkeypatch.setenv("CSM_CPU_KERNELS", "plain")  # oneDNN's packed weights only compile when frozen
-    synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="float32", max_batch_size=2)
+    monkeypatch.setattr(model_module, "_KERNELS", model_module._Kernels())  # compile_kernels swaps these
+    if weights == "float32":
+        monkeypatch.setenv("CSM_CPU_KERNELS", "plain")  # packed oneDNN weights cannot be compiled
+        quantize = "none"
+    else:
+        monkeypatch.setattr(kernels, "_GEMV_MIN_ELEMENTS", 0)  # the tiny matrices take the gemv too
+        quantize = "int8"
+    synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="float32", max_batch_size=2, quantize=quantize)
+    if weights == "int8":
+        assert synth.model.decoder.layers[0].w13.gemv and synth.model.head_layers.weight.dim() == 3
     greedy = GenerationOptions(temperature=0, max_audio_ms=6 * 80)
     texts = [("Hello from CSM.", 0), ("How are you doing today?", 1)]
+    settings = [GenerationOptions(seed=1, max_audio_ms=6 * 80), GenerationOptions(seed=2, top_k=200, max_audio_ms=480)]
+    penalty = GenerationOptions(seed=3, top_k=1, repetition_penalty=1.3, max_audio_ms=6 * 80)
 
     def run() -> list[torch.Tensor]:
         solo = synth.generate(*texts[0], options=greedy)
-        jobs = [synth.job(t, s, [], GenerationOptions(seed=i, max_audio_ms=6 * 80)) for i, (t, s) in enumerate(texts)]
-        return [solo.codes, *(r.codes for r in synth.generate_many(jobs))]
+        also = synth.generate(*texts[1], options=penalty)
+        jobs = [synth.job(t, s, [], o) for (t, s), o in zip(texts, settings, strict=True)]
+        return [solo.codes, also.codes, *(r.codes for r in synth.generate_many(jobs))]
 
     eager = run()
-    synth.engine.compile(whole_step=True)
+    synth.engine.compile()
     assert synth.engine.depth_step is not None
-    with torch._dynamo.config.patch(recompile_limit=4, fail_on_recompile_limit_hit=True):
-        compiled = run()
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = run()
+    assert counters["stats"]["unique_graphs"] == graphs, "a request compiled something"
     for a, b in zip(eager, compiled, strict=True):
         assert len(a) > 0 and torch.equal(a, b)
+
+
+def test_compiling_packed_cpu_weights_is_a_one_line_error(tiny_dir) -> None:  # noqa: ANN001
+    from csmcli import Synthesizer
+
+    with pytest.raises(OptionsError, match="compiling on the CPU needs int8 weights"):
+        Synthesizer.load(str(tiny_dir), device="cpu", dtype="float32", compile=True)

@@ -20,7 +20,6 @@ import torch
 
 from . import checkpoint
 from .engine import Engine, Job
-from .errors import OptionsError
 from .model import CSMModel
 from .options import FRAME_MS, GenerationOptions
 from .prompt import Prompt
@@ -262,8 +261,10 @@ def run_bench(
 
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
-    if compile and torch_device.type != "cuda":
-        raise OptionsError("--compile is for CUDA devices (the CPU engine compiles its own kernels)")
+    if compile and torch_device.type == "cpu":
+        from .kernels import check_compilable
+
+        check_compilable(quantize == "int8", cpu_kernels)
     if torch_device.type == "cpu":
         torch.set_num_threads(threads or physical_cores())
     if model is None:
@@ -322,6 +323,8 @@ def run_bench(
             net, codec, torch_device, torch_dtype, max_batch=max(setup.batch_sizes), cpu_kernels=cpu_kernels
         )
         result["cpu_kernels_batched"] = engine.cpu_kernels
+        if compile:
+            engine.compile()
     for batch in setup.batch_sizes:
         if batch > 1:
             result["batches"][str(batch)] = measure_throughput(engine, setup, batch)

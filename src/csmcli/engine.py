@@ -188,6 +188,7 @@ class Engine:
         self.graph_top_k: int | None = GRAPH_TOP_K  # None: every code (what the first release did)
         self.k_max: int | None = None
         self.use_penalty = True
+        self.compiled = False  # set by compile()
         self.graphs: dict[int, torch.cuda.CUDAGraph] | None = None
         self.graph_buckets: list[int] = []
         self.graph_codes: dict[int, Tensor] = {}
@@ -301,8 +302,10 @@ class Engine:
                 self.graphs[width].replay()
                 codes = self.graph_codes[width]
             else:
-                self.k_max = k_max
-                self.use_penalty = any(o.repetition_penalty != 1.0 for o in jobs)
+                # compiled steps always take at least graph_top_k candidates and the penalty (a
+                # penalty of 1 changes nothing; see sample): the same codes from one graph for all
+                self.k_max = max(k_max, self.graph_top_k or NUM_AUDIO_CODES) if self.compiled else k_max
+                self.use_penalty = self.compiled or any(o.repetition_penalty != 1.0 for o in jobs)
                 codes = self._frame(width, max(positions) + 1)
             host_codes = codes.cpu()
             for i in rows:
@@ -326,21 +329,46 @@ class Engine:
     def _bucket(self, n: int) -> int:
         return next(b for b in self.graph_buckets if b >= n)
 
-    def compile(self, whole_step: bool = False) -> None:
+    def compile(self, whole_step: bool | None = None) -> None:
         """Use ``torch.compile``d layer and sampling functions (call before :meth:`capture_graphs`).
 
         ``whole_step`` also compiles every depth-decoder step whole (four layers with their attention
-        and cache writes, the head, sampling and the next step's embedding): fewer kernels per frame,
-        four more compiles (one or two rows, one or several slots).  Experimental: checked against
-        the eager step on the CPU, not yet timed on a GPU (``scripts/gpu_variants.py`` does that).
-        Per-codebook head modules (int8) would recompile per codebook, so they keep the eager step.
-        """
-        from .model import compile_kernels
+        and cache writes, the head, sampling and the next step's embedding): one call per step instead
+        of ~150 eager ops, and at most four compiles (one or two rows, one or several slots).  The
+        default is the whole step on the CPU, where those eager ops are a third of a frame, and the
+        layers only on a GPU, where the whole step is not yet timed (``scripts/gpu_variants.py``).
 
-        compile_kernels()
-        self.sample_fn = torch.compile(sample, dynamic=True)
-        if whole_step and self.model.head_layers is None:
-            self.depth_step = torch.compile(self.model.depth_step, dynamic=True)
+        On the CPU every projection must be int8 or kept plain (``CSM_CPU_KERNELS=plain``, or a
+        one-slot engine's gemv layers): oneDNN's packed weights are opaque to the compiler.
+        """
+        from .kernels import check_model_compilable
+        from .model import CPU_COMPILE_OPTIONS, compile_kernels
+
+        cpu = self.device.type == "cpu"
+        if cpu:
+            check_model_compilable(self.model)
+        options = CPU_COMPILE_OPTIONS if cpu else None
+        compile_kernels(options)
+        self.sample_fn = torch.compile(sample, dynamic=True, options=options)
+        if cpu if whole_step is None else whole_step:
+            self.depth_step = torch.compile(self.model.depth_step, dynamic=True, options=options)
+        self.compiled = True
+        if cpu:  # compile now rather than in the first requests (capture_graphs does this on a GPU)
+            self._run_frames()
+
+    @torch.inference_mode()
+    def _run_frames(self) -> None:
+        """Run a frame for one slot and for several (each compiles its own graphs) on scratch state.
+
+        Called before any job runs: like :meth:`capture_graphs`' warm-up runs, these scribble on
+        slot state that every job's prefill and :meth:`SamplingParams.set_row` overwrite."""
+        with self.lock:
+            self.pos.zero_()
+            self.k_max, self.use_penalty = self.graph_top_k or NUM_AUDIO_CODES, True
+            for n in sorted({1, min(2, self.max_batch)}):
+                self._frame(n, 1)
+            self.recent.fill_(-1)
+            self.params.frame.zero_()
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
@@ -375,7 +403,8 @@ class Engine:
     def _sampler(self) -> Callable[[Tensor, int], Tensor]:
         def pick(logits: Tensor, codebook: int) -> Tensor:
             b = logits.shape[0]
-            recent = self.recent[:b, :, codebook] if self.use_penalty else None
+            # a slice, not an index: a symbolic codebook then needs no guard on its value (one graph)
+            recent = self.recent[:b, :, codebook : codebook + 1][..., 0] if self.use_penalty else None
             return self.sample_fn(logits, self.params, codebook, NUM_AUDIO_CODES, recent, self.k_max)
 
         return pick

@@ -122,30 +122,60 @@ class CpuLinear(nn.Module):
     """A bias-free linear layer for the CPU: packed oneDNN weights, or plain weights plus gemv.
 
     ``gemv`` keeps the plain ``[out, in]`` weight: single rows go through the compiled gemv,
-    several rows (prefill) through ``F.linear``.  Otherwise the weight is packed once.
+    several rows (prefill) through ``F.linear``.  Otherwise the weight is packed once.  A stack of
+    same-shaped layers (``[n, out, in]``, the depth decoder's heads) is one module called with the
+    layer's ``index``, as for :class:`~csmcli.quant.Int8Linear`.
     """
 
     def __init__(self, weight: Tensor, gemv: bool) -> None:
         super().__init__()
-        self.out_features, self.in_features = weight.shape
+        self.out_features, self.in_features = weight.shape[-2:]
         weight = weight.detach().contiguous()
         self.gemv = gemv
+        self.packed: tuple[Tensor, ...] = ()  # a stack's packed weights (opaque tensors cannot be stacked)
         if gemv:
             self.weight = weight
+        elif weight.dim() == 3:
+            self.weight = None
+            self.packed = tuple(torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weight)
         else:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, index: int | None = None) -> Tensor:
+        weight = self.weight if index is None else (self.packed or self.weight)[index]
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
         if self.gemv:
             if flat.shape[0] == 1:
-                y = (_gemv if torch.compiler.is_compiling() else _Compiled.gemv)(flat.float(), self.weight)
+                y = (_gemv if torch.compiler.is_compiling() else _Compiled.gemv)(flat.float(), weight)
             else:
-                y = F.linear(flat, self.weight)
+                y = F.linear(flat, weight)
         else:
-            y = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), self.weight, None, "none", [None], "")
+            y = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), weight, None, "none", [None], "")
         return y.reshape(*shape[:-1], self.out_features)
+
+
+_CANNOT_COMPILE = (
+    "compiling on the CPU needs int8 weights (--quantize int8) or CSM_CPU_KERNELS=plain: "
+    "float weights are packed for oneDNN, which the compiler cannot read"
+)
+
+
+def check_compilable(int8: bool, kernels: str | None = None) -> None:
+    """Before loading: a one-line :class:`OptionsError` if a CPU model with these settings would
+    have packed weights, which ``torch.compile`` cannot trace (:func:`check_model_compilable`)."""
+    from .errors import OptionsError
+
+    if not int8 and pick_cpu_kernels(kernels) != "plain":
+        raise OptionsError(_CANNOT_COMPILE)
+
+
+def check_model_compilable(model: nn.Module) -> None:
+    """The same rule on a prepared model: no :class:`CpuLinear` may hold packed weights."""
+    from .errors import OptionsError
+
+    if any(isinstance(m, CpuLinear) and not m.gemv for m in model.modules()):
+        raise OptionsError(_CANNOT_COMPILE)
 
 
 def pick_cpu_kernels(name: str | None = None) -> str:
@@ -200,13 +230,12 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     model.codebook0_head = swap(model.codebook0_head)
     model.projection = swap(model.projection)
     if model.head_layers is None and packable:
-        heads = model.audio_head
-        gemv = float_gemv(heads.shape[2], heads.shape[1])
-        model.head_layers = nn.ModuleList(CpuLinear(heads[i].T, gemv) for i in range(heads.shape[0]))
+        heads = model.audio_head  # [codebooks - 1, in, out]
+        model.head_layers = CpuLinear(heads.transpose(1, 2), float_gemv(heads.shape[2], heads.shape[1]))
         del model.audio_head
         model.register_parameter("audio_head", None)
     elif model.head_layers is not None:
-        model.head_layers = nn.ModuleList(swap(layer) for layer in model.head_layers)
+        model.head_layers = swap(model.head_layers)
     if not packable and not int8:
         return "plain"
     used = any(getattr(m, "gemv", False) for m in model.modules())

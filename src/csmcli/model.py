@@ -116,7 +116,9 @@ class Block(nn.Module):
         mask: Tensor | None,
     ) -> Tensor:
         b, t, _ = x.shape
-        q, k, v = _KERNELS.attn_in(self, x, *rope)
+        # compiled kernels serve the steps (one or two rows); prompts are compute-bound, eager is as fast
+        kernels = _KERNELS if t <= 2 else _EAGER
+        q, k, v = kernels.attn_in(self, x, *rope)
         k_cache, v_cache = cache
         k_cache[write] = k.to(k_cache.dtype)
         v_cache[write] = v.to(v_cache.dtype)
@@ -127,7 +129,7 @@ class Block(nn.Module):
             attn = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
         else:
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-        return _KERNELS.attn_out_ffn(self, x, attn)
+        return kernels.attn_out_ffn(self, x, attn)
 
 
 # one query over at most this many keys (the depth decoder) skips SDPA's fixed cost
@@ -135,10 +137,20 @@ _SHORT_ATTENTION = 64
 
 
 def _short_attention(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
-    """One query per head (``[B, H, 1, D]``) attending to every key (``[B, KV, L, D]``), plain ops."""
+    """One query per head (``[B, H, 1, D]``) attending to every key (``[B, KV, L, D]``), plain ops.
+
+    On the CPU the two products are written as multiply-and-sum where that is faster: compiled
+    (inductor fuses them into the step's other loops) and in bfloat16 (for a handful of keys
+    oneDNN's batched matmul is mostly fixed cost).  Eager float32 matmuls are faster as they are.
+    """
     b, h, _, d = q.shape
     kv = keys.shape[1]
     grouped = q.reshape(b, kv, h // kv, d)
+    cpu_sums = q.device.type == "cpu" and (q.dtype != torch.float32 or torch.compiler.is_compiling())
+    if cpu_sums:  # products and sums in float32, as the matmuls accumulate
+        scores = (grouped.float()[:, :, :, None, :] * keys.float()[:, :, None]).sum(-1) * (1.0 / math.sqrt(d))
+        weights = scores.softmax(dim=-1).to(values.dtype).float()
+        return (weights[..., None] * values.float()[:, :, None]).sum(-2).to(values.dtype).view(b, h, 1, d)
     scores = (grouped @ keys.transpose(-1, -2)).float() * (1.0 / math.sqrt(d))
     return (scores.softmax(dim=-1).to(values.dtype) @ values).view(b, h, 1, d)
 
@@ -173,18 +185,27 @@ class _Kernels:
 
 
 _KERNELS = _Kernels()
+_EAGER = _Kernels()
+
+#: inductor options for CPU code: materialise every computed input of a reduction once.  By
+#: default inductor folds small pointwise producers (an RMSNorm) into the reduction that reads
+#: them, and a matrix-vector product then recomputes its input vector for every output row: a
+#: compute-bound loop instead of one that streams the weights (1.3 vs 3.2 ms for a depth layer).
+CPU_COMPILE_OPTIONS = {"realize_opcount_threshold": 1}
 
 
-def compile_kernels() -> None:
+def compile_kernels(options: dict[str, Any] | None = None) -> None:
     """Fuse each layer's pointwise work with ``torch.compile`` (fewer, larger kernels: what CUDA
     graphs of the frame then replay).  The attention itself and its cache writes stay eager, so
-    one compiled graph per shape family serves every layer, step and batch size."""
+    one compiled graph per shape family serves every layer, step and batch size.  The compiled
+    functions serve single-row steps; prompts keep the eager ones.  ``options`` go to inductor
+    (:data:`CPU_COMPILE_OPTIONS` for the CPU)."""
     import torch._dynamo
 
     # backbone and depth decoder differ in width, and prefill, depth and frame steps in length
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-    _Kernels.attn_in = staticmethod(torch.compile(_attn_in, dynamic=True))
-    _Kernels.attn_out_ffn = staticmethod(torch.compile(_attn_out_ffn, dynamic=True))
+    _KERNELS.attn_in = torch.compile(_attn_in, dynamic=True, options=options)
+    _KERNELS.attn_out_ffn = torch.compile(_attn_out_ffn, dynamic=True, options=options)
 
 
 class Transformer(nn.Module):
@@ -254,8 +275,9 @@ class CSMModel(nn.Module):
         self.projection = nn.Linear(dim, ddim, bias=False)
         self.decoder = Transformer(self.depth_spec)
         self.audio_head = nn.Parameter(torch.empty(self.num_codebooks - 1, ddim, self.vocab))
-        # per-codebook head modules once quantized or prepared for the CPU (else audio_head is used)
-        self.head_layers: nn.ModuleList | None = None
+        # the heads as one module called with (x, index) once quantized or prepared for the CPU
+        # (quant.Int8Linear, kernels.CpuLinear); until then audio_head is used
+        self.head_layers: nn.Module | None = None
         self.register_buffer("audio_offsets", torch.arange(self.num_codebooks) * self.vocab, persistent=False)
 
     def init_buffers(self, device: torch.device) -> None:
@@ -305,7 +327,7 @@ class CSMModel(nn.Module):
     def head(self, index: int, x: Tensor) -> Tensor:
         """Logits of codebook ``index + 1`` from depth-decoder states ``x`` ``[B, dim]``."""
         if self.head_layers is not None:
-            return self.head_layers[index](x)
+            return self.head_layers(x, index)
         return x @ self.audio_head[index]
 
     def decode_frame(self, h: Tensor, sample: SampleFn, cache: Tensor, step: DepthStep | None = None) -> Tensor:

@@ -19,28 +19,34 @@ _DEQUANTIZE_ROWS = 32
 
 
 class Int8Linear(nn.Module):
-    """``y = x @ (q * scale).T`` with ``q`` int8 ``[out, in]`` and one scale per output channel."""
+    """``y = x @ (q * scale).T`` with ``q`` int8 ``[out, in]`` and one scale per output channel.
+
+    A stack of same-shaped layers (``[n, out, in]``: the depth decoder's per-codebook heads) is one
+    module called with the layer's ``index``, so compiled code indexes a tensor (one graph serves
+    every codebook) rather than picking a module (one graph per codebook).
+    """
 
     def __init__(self, weight: Tensor, dtype: torch.dtype) -> None:
         super().__init__()
         w = weight.detach().float().contiguous()
-        scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        self.register_buffer("weight", (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
+        scales = w.abs().amax(dim=-1).clamp(min=1e-8) / 127.0
+        self.register_buffer("weight", (w / scales[..., None]).round().clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", scales.to(dtype))
-        self.out_features, self.in_features = w.shape
+        self.out_features, self.in_features = w.shape[-2:]
         # set by kernels.prepare_cpu: single rows through the compiled int8 gemv
         self.gemv = False
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, index: int | None = None) -> Tensor:
+        weight, scales = (self.weight, self.scales) if index is None else (self.weight[index], self.scales[index])
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).contiguous()
         if self.gemv and flat.shape[0] == 1:
             gemv = _gemv_int8 if torch.compiler.is_compiling() else _Compiled.gemv_int8
-            y = gemv(flat.float(), self.weight, self.scales)
+            y = gemv(flat.float(), weight, scales)
         elif flat.device.type == "cpu" and flat.shape[0] < _DEQUANTIZE_ROWS:
-            y = torch._weight_int8pack_mm(flat, self.weight, self.scales)
+            y = torch._weight_int8pack_mm(flat, weight, scales)
         else:  # GPUs, and prompts on the CPU (compute-bound: the float GEMM is faster there)
-            y = nn.functional.linear(flat, self.weight.to(flat.dtype)) * self.scales
+            y = nn.functional.linear(flat, weight.to(flat.dtype)) * scales
         return y.reshape(*shape[:-1], self.out_features)
 
 
@@ -66,8 +72,7 @@ def quantize_int8(model: CSMModel) -> CSMModel:
     model.codebook0_head = Int8Linear(model.codebook0_head.weight, dtype)
     model.projection = Int8Linear(model.projection.weight, dtype)
     if model.head_layers is None:
-        heads = model.audio_head
-        model.head_layers = nn.ModuleList(Int8Linear(heads[i].T, dtype) for i in range(heads.shape[0]))
+        model.head_layers = Int8Linear(model.audio_head.transpose(1, 2), dtype)
         del model.audio_head
         model.register_parameter("audio_head", None)
     else:

@@ -91,6 +91,11 @@ def build_model(config: dict, state: dict[str, Tensor], device: torch.device, dt
     return model.eval()
 
 
+def _compile_requested(compile: bool | None) -> bool:
+    """``compile``, or when it is None whether ``CSM_COMPILE=1``."""
+    return os.environ.get("CSM_COMPILE", "0") == "1" if compile is None else compile
+
+
 class Synthesizer:
     """CSM-1B text-to-speech: ``Synthesizer.load(...)``, then :meth:`generate` or :meth:`stream`."""
 
@@ -104,6 +109,7 @@ class Synthesizer:
         max_batch_size: int = 1,
         source: Path | None = None,
         prompts_dir: Path | None = None,
+        compile: bool | None = None,
     ) -> None:
         self.model = model
         self.codec = codec
@@ -114,7 +120,7 @@ class Synthesizer:
         self.voices = VoiceLibrary(prompts_dir)
         self._voice_segments: dict[tuple, Segment] = {}
         self.engine = Engine(model, codec, device, dtype, max_batch=max_batch_size)
-        if device.type == "cuda" and os.environ.get("CSM_COMPILE", "0") == "1":
+        if _compile_requested(compile):
             self.engine.compile()
         if device.type == "cuda" and os.environ.get("CSM_CUDA_GRAPHS", "1") != "0":
             self.engine.capture_graphs()
@@ -134,10 +140,13 @@ class Synthesizer:
         local_files_only: bool = False,
         max_batch_size: int = 1,
         quantize: str = "none",
+        compile: bool | None = None,
     ) -> Synthesizer:
         """Load a hub id (through the hub cache) or a local checkpoint directory.
 
         ``quantize="int8"`` stores the projections as weight-only int8 (see :mod:`csmcli.quant`).
+        ``compile`` (default: ``CSM_COMPILE=1``) runs :meth:`Engine.compile` before returning: on a
+        GPU the layers, on the CPU (int8 weights) every depth-decoder step whole.
         """
         from .quant import check_quantization, quantize_int8
 
@@ -146,6 +155,9 @@ class Synthesizer:
         if max_batch_size < 1:
             raise OptionsError(f"max_batch_size must be at least 1, got {max_batch_size}")
         check_quantization(quantize)
+        compile = _compile_requested(compile)
+        if compile and torch_device.type == "cpu":
+            kernels.check_compilable(quantize == "int8")
         path = checkpoint.resolve(model, local_files_only=local_files_only)
         ckpt = checkpoint.inspect(path)
         if torch_device.type == "cpu":
@@ -170,7 +182,15 @@ class Synthesizer:
         except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
             raise CheckpointError(f"{ckpt.tokenizer_file} is not a valid tokenizer: {exc}") from None
         return cls(
-            net, codec, tokenizer, torch_device, torch_dtype, max_batch_size, source=path, prompts_dir=ckpt.prompts_dir
+            net,
+            codec,
+            tokenizer,
+            torch_device,
+            torch_dtype,
+            max_batch_size,
+            source=path,
+            prompts_dir=ckpt.prompts_dir,
+            compile=compile,
         )
 
     # -- requests ----------------------------------------------------------------------------

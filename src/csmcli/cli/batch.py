@@ -40,6 +40,7 @@ from ..dialog import (
 from ..errors import AudioError, CsmError, InputError, OptionsError
 from ..options import FRAME_MS, GenerationOptions
 from .common import (
+    CompileOpt,
     DeviceOpt,
     DtypeOpt,
     MaxAudioMsOpt,
@@ -644,6 +645,7 @@ def batch(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = "none",
+    compile_: CompileOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Speak whole dialogues: one audio file per turn, a manifest and the joined conversation.
@@ -680,7 +682,7 @@ def batch(
                 [d.out_dir / MANIFEST, d.combined, *(d.path(t) for t in d.tasks), *(d.codes_path(t) for t in d.tasks)]
             )
             mark_todo(d, force, chained=chain is not None)
-        generate(dialogues, chain, batch_size, model, device, dtype, quiet, quantize)
+        generate(dialogues, chain, batch_size, model, device, dtype, quiet, quantize, compile_)
         for d in dialogues:
             if write_combined(d, pause, audio_io.SAMPLE_RATE) and not quiet:
                 print(f"csm: {d.script.label}: {len(d.tasks)} turns joined in {d.combined}", file=sys.stderr)
@@ -695,6 +697,7 @@ def generate(
     dtype: str,
     quiet: bool,
     quantize: str = "none",
+    compile: bool = False,
 ) -> None:
     """Load the model if any turn is pending and generate those turns, files and manifests as they finish."""
     todo = [t for d in dialogues for t in d.todo]
@@ -710,7 +713,7 @@ def generate(
     else:
         lanes_of = [(d, d.todo) for d in dialogues if d.todo]
     slots = min(batch_size, len(lanes_of))
-    synth = load_synthesizer(model, device, dtype, not quiet and stderr_is_tty(), slots, quantize)
+    synth = load_synthesizer(model, device, dtype, not quiet and stderr_is_tty(), slots, quantize, compile)
     try:
         check_voices(synth, dialogues)
     except ScriptError as exc:

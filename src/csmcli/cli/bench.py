@@ -31,7 +31,10 @@ def bench(
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads [default: physical cores].")] = None,
     no_graphs: Annotated[bool, typer.Option("--no-cuda-graphs", help="Run frames eagerly on CUDA.")] = False,
     compile_: Annotated[
-        bool, typer.Option("--compile", help="CUDA: fuse each layer with torch.compile first.")
+        bool,
+        typer.Option(
+            "--compile", help="torch.compile first: CUDA each layer, CPU each depth step whole (int8 or plain kernels)."
+        ),
     ] = False,
     cpu_kernels: Annotated[
         str | None,

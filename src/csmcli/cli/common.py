@@ -30,6 +30,16 @@ QuantizeOpt = Annotated[
         help="none|int8: weight-only int8 (half the weight memory, faster on CPUs; slightly different audio).",
     ),
 ]
+CompileOpt = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        envvar="CSM_COMPILE",
+        rich_help_panel=_MODEL,
+        help="Compile the frame with torch.compile at start-up (a CPU needs --quantize int8): faster frames after "
+        "10 s to a minute of compiling.",
+    ),
+]
 SpeakerOpt = Annotated[int, typer.Option("--speaker", "-s", rich_help_panel=_GEN, help="Speaker id: 0 or 1.")]
 TemperatureOpt = Annotated[
     float | None,

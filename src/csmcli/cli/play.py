@@ -11,6 +11,7 @@ import typer
 
 from ..prompt import Segment, check_speaker
 from .common import (
+    CompileOpt,
     ContextAudioOpt,
     ContextTextOpt,
     DeviceOpt,
@@ -60,6 +61,7 @@ def play(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = "none",
+    compile_: CompileOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Speak TEXT through the speakers as it is generated."""
@@ -74,7 +76,7 @@ def play(
     words = read_text(text, file) if text is not None or file is not None else None
     context = explicit_context(context_audio, context_text, speaker)
     show = not quiet and stderr_is_tty()
-    synth = load_synthesizer(model, device, dtype, show, quantize=quantize)
+    synth = load_synthesizer(model, device, dtype, show, quantize=quantize, compile=compile_)
     base = context if context is not None else synth.voice_context(speaker, voice)
 
     def speak(line: str, history: list[Segment]) -> None:

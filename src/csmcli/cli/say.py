@@ -14,6 +14,7 @@ from .. import audio as audio_io
 from ..errors import AudioError, InputError
 from ..prompt import check_speaker, check_text
 from .common import (
+    CompileOpt,
     ContextAudioOpt,
     ContextTextOpt,
     DeviceOpt,
@@ -61,6 +62,7 @@ def say(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = "none",
+    compile_: CompileOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Speak TEXT into an audio file (or stdout)."""
@@ -76,7 +78,7 @@ def say(
         check_writable(Path(output))
     show = not quiet and stderr_is_tty()
     context = explicit_context(context_audio, context_text, speaker)
-    synth = load_synthesizer(model, device, dtype, show, quantize=quantize)
+    synth = load_synthesizer(model, device, dtype, show, quantize=quantize, compile=compile_)
     jobs = synth.jobs(
         words, speaker, voice=voice, context=context, options=options, first_chunk_frames=2, chunk_frames=8
     )

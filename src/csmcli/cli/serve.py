@@ -10,6 +10,7 @@ import typer
 
 from ..errors import OptionsError
 from .common import (
+    CompileOpt,
     DeviceOpt,
     DtypeOpt,
     MaxAudioMsOpt,
@@ -100,6 +101,7 @@ def serve(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = "none",
+    compile_: CompileOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Serve speech over HTTP until SIGTERM or Ctrl-C (generation flags set the request defaults)."""
@@ -118,7 +120,7 @@ def serve(
         max_text_chars=max_text_chars,
     )
     sock = bind(host, port)
-    synth = load_synthesizer(model, device, dtype, not quiet and stderr_is_tty(), max_batch_size, quantize)
+    synth = load_synthesizer(model, device, dtype, not quiet and stderr_is_tty(), max_batch_size, quantize, compile_)
     log.info("loaded %s on %s (%s); warming up", model, synth.device, str(synth.dtype).removeprefix("torch."))
     log.info("warm-up took %.1f s", warm_up(synth, defaults))
     run_server(synth, config, sock)
