@@ -335,8 +335,9 @@ class Engine:
         ``whole_step`` also compiles every depth-decoder step whole (four layers with their attention
         and cache writes, the head, sampling and the next step's embedding): one call per step instead
         of ~150 eager ops, and at most four compiles (one or two rows, one or several slots).  The
-        default is the whole step on the CPU, where those eager ops are a third of a frame, and the
-        layers only on a GPU, where the whole step is not yet timed (``scripts/gpu_variants.py``).
+        default is the whole step on the CPU, where those eager ops are about a quarter of a frame,
+        and the layers only on a GPU, where the whole step is not yet timed
+        (``scripts/gpu_variants.py``).
 
         On the CPU every projection must be int8 or kept plain (``CSM_CPU_KERNELS=plain``, or a
         one-slot engine's gemv layers): oneDNN's packed weights are opaque to the compiler.

@@ -190,7 +190,7 @@ _EAGER = _Kernels()
 #: inductor options for CPU code: materialise every computed input of a reduction once.  By
 #: default inductor folds small pointwise producers (an RMSNorm) into the reduction that reads
 #: them, and a matrix-vector product then recomputes its input vector for every output row: a
-#: compute-bound loop instead of one that streams the weights (1.3 vs 3.2 ms for a depth layer).
+#: compute-bound loop instead of one that streams the weights (a depth layer's feed-forward: 1.3 vs 3.2 ms).
 CPU_COMPILE_OPTIONS = {"realize_opcount_threshold": 1}
 
 
