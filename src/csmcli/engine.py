@@ -15,7 +15,8 @@ import secrets
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -304,7 +305,7 @@ class Engine:
             else:
                 # compiled steps always take at least graph_top_k candidates and the penalty (a
                 # penalty of 1 changes nothing; see sample): the same codes from one graph for all
-                self.k_max = max(k_max, self.graph_top_k or NUM_AUDIO_CODES) if self.compiled else k_max
+                self.k_max = max(k_max, self._least_candidates) if self.compiled else k_max
                 self.use_penalty = self.compiled or any(o.repetition_penalty != 1.0 for o in jobs)
                 codes = self._frame(width, max(positions) + 1)
             host_codes = codes.cpu()
@@ -357,48 +358,53 @@ class Engine:
         if cpu:  # compile now rather than in the first requests (capture_graphs does this on a GPU)
             self._run_frames()
 
+    @property
+    def _least_candidates(self) -> int:
+        """How many codes every compiled frame samples among, at least (``graph_top_k``, or all)."""
+        return self.graph_top_k or NUM_AUDIO_CODES
+
+    @contextmanager
+    def _scratch_frames(self, k_max: int | None) -> Iterator[None]:
+        """Frames before any job runs (warm-up, graph capture): they sample among ``k_max`` codes
+        with the penalty on and scribble on slot state, which is reset afterwards (recent codes,
+        frame counters); every job's prefill and :meth:`SamplingParams.set_row` overwrite the rest."""
+        self.pos.zero_()
+        self.k_max, self.use_penalty = k_max, True
+        yield
+        self.recent.fill_(-1)
+        self.params.frame.zero_()
+
     @torch.inference_mode()
     def _run_frames(self) -> None:
-        """Run a frame for one slot and for several (each compiles its own graphs) on scratch state.
-
-        Called before any job runs: like :meth:`capture_graphs`' warm-up runs, these scribble on
-        slot state that every job's prefill and :meth:`SamplingParams.set_row` overwrite."""
-        with self.lock:
-            self.pos.zero_()
-            self.k_max, self.use_penalty = self.graph_top_k or NUM_AUDIO_CODES, True
+        """Run a frame for one slot and for several (each compiles its own graphs), before any job."""
+        with self.lock, self._scratch_frames(self._least_candidates):
             for n in sorted({1, min(2, self.max_batch)}):
                 self._frame(n, 1)
-            self.recent.fill_(-1)
-            self.params.frame.zero_()
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
         """Record the whole frame as one CUDA graph per batch bucket (1, 2, 4, ... max_batch).
 
-        Called once before any job runs: the warm-up runs scribble on slot state, which every
-        job's prefill and :meth:`SamplingParams.set_row` overwrite anyway.
+        Called once before any job runs (see :meth:`_scratch_frames`).
         """
         if self.device.type != "cuda" or self.graphs is not None:
             return
         buckets = sorted({min(2**i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)})
         graphs, outputs = {}, {}
         pool = torch.cuda.graph_pool_handle()
-        self.pos.zero_()
-        self.k_max, self.use_penalty = self.graph_top_k, True
-        for b in reversed(buckets):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._frame(b, self.max_len)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                outputs[b] = self._frame(b, self.max_len)
-            graphs[b] = graph
-        torch.cuda.synchronize()
-        self.recent.fill_(-1)
-        self.params.frame.zero_()
+        with self._scratch_frames(self.graph_top_k):
+            for b in reversed(buckets):
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self._frame(b, self.max_len)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    outputs[b] = self._frame(b, self.max_len)
+                graphs[b] = graph
+            torch.cuda.synchronize()
         self.graph_buckets, self.graph_codes, self.graphs = buckets, outputs, graphs
 
     def _sampler(self) -> Callable[[Tensor, int], Tensor]:
