@@ -19,8 +19,8 @@ from torch import Tensor
 
 from . import convert
 from .errors import CheckpointError
+from .options import DEFAULT_MODEL
 
-DEFAULT_MODEL = "sesame/csm-1b"
 MIMI_MODEL = "kyutai/mimi"
 
 #: What csmcli needs from the hub repository (about 7 GB of its 19 GB: the original-format
@@ -226,7 +226,7 @@ def _weight_files(path: Path, raw: dict[str, Any]) -> list[Path]:
                 raise CheckpointError(f"{path} is missing weight shards {', '.join(missing)}: download it again")
             return shards
         return [file]
-    raise CheckpointError(f"{path} is not a CSM checkpoint: no config.json weights, model.safetensors or ckpt.pt found")
+    raise CheckpointError(f"{path} is not a CSM checkpoint: no weights (model.safetensors, ckpt.pt or a shard index)")
 
 
 def _keys(files: list[Path]) -> list[str]:

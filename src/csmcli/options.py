@@ -7,12 +7,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import OptionsError
+from .errors import InputError, OptionsError
 
-#: Audio frames per second produced by the model (Mimi runs at 12.5 Hz).
-FRAME_RATE = 12.5
-#: Milliseconds of audio per generated frame.
+#: The model ``csm`` and :meth:`Synthesizer.load` use when none is named.
+DEFAULT_MODEL = "sesame/csm-1b"
+#: Milliseconds of audio per generated frame (Mimi runs at 12.5 frames per second).
 FRAME_MS = 80
+#: The speaker ids CSM-1B knows.
+SPEAKERS = (0, 1)
 #: How many recent frames the repetition penalty looks back over.
 REPETITION_WINDOW = 64
 
@@ -92,6 +94,33 @@ class GenerationOptions:
 INT_FIELDS = frozenset({"top_k", "max_audio_ms", "seed"})
 #: Every option field name, in declaration order (the CLI, HTTP and API all use these).
 OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationOptions))
+
+
+def check_text(text: str) -> None:
+    """Reject empty or non-string text with a one-line error."""
+    if not isinstance(text, str) or not text.strip():
+        raise InputError("text is empty: give some words to speak")
+
+
+def check_speaker(speaker: int) -> None:
+    """CSM-1B knows speakers 0 and 1."""
+    if isinstance(speaker, bool) or not isinstance(speaker, int) or speaker not in SPEAKERS:
+        raise InputError(f"speaker must be 0 or 1, got {speaker!r}")
+
+
+def real_time_factor(seconds: float, audio_seconds: float) -> str:
+    """The one speed figure every front end reports: generation time over audio duration, so
+    below 1 is faster than real time; ``-`` when there is no audio."""
+    return f"{seconds / audio_seconds:.2f}" if audio_seconds > 0 else "-"
+
+
+def format_rtf(seconds: float, audio_seconds: float) -> str:
+    """The real-time factor in words, e.g. ``RTF 0.67 (faster than real time)``."""
+    rtf = real_time_factor(seconds, audio_seconds)
+    if rtf == "-":
+        return "RTF -"
+    pace = "faster than" if float(rtf) < 1 else "slower than" if float(rtf) > 1 else "as fast as"
+    return f"RTF {rtf} ({pace} real time)"
 
 
 def _check_number(name: str, value: Any, kind: type) -> None:

@@ -32,7 +32,7 @@ from aiohttp import web
 from .audio import encode_audio, to_int16, wav_stream_header
 from .engine import AudioChunk, EngineLoop, Job
 from .errors import CsmError, OptionsError
-from .options import FRAME_MS, OPTION_FIELDS, GenerationOptions
+from .options import FRAME_MS, OPTION_FIELDS, GenerationOptions, real_time_factor
 from .voices import DEFAULT_VOICES, NO_VOICE
 
 if TYPE_CHECKING:
@@ -384,7 +384,7 @@ class Run:
         """frames, audio length, time to first audio and real-time factor, for the log line."""
         end = self.finished_at or time.perf_counter()
         ttfa = f"{self.first_audio_at - self.started:.3f}s" if self.first_audio_at else "-"
-        rtf = f"{(end - self.started) / self.audio_seconds:.2f}" if self.samples else "-"
+        rtf = real_time_factor(end - self.started, self.audio_seconds)
         return (
             f"speaker={self.req.speaker} frames={self.frames} audio={self.audio_seconds:.2f}s "
             f"ttfa={ttfa} rtf={rtf} stop={self.stop_reason} seed={self.req.options.seed}"

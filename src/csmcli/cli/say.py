@@ -12,32 +12,12 @@ import typer
 
 from .. import audio as audio_io
 from ..errors import AudioError, InputError
-from ..prompt import check_speaker, check_text
-from .common import (
-    CompileOpt,
-    ContextAudioOpt,
-    ContextTextOpt,
-    DeviceOpt,
-    DtypeOpt,
-    MaxAudioMsOpt,
-    ModelOpt,
-    QuantizeOpt,
-    QuietOpt,
-    RepetitionPenaltyOpt,
-    SeedOpt,
-    SpeakerOpt,
-    TemperatureOpt,
-    TopKOpt,
-    TopPOpt,
-    VoiceOpt,
-    explicit_context,
-    generation_options,
-    stderr_is_tty,
-)
-from .loading import load_synthesizer
+from ..options import FRAME_MS, check_text
+from .common import GenerationFlags, ModelFlags, QuietOpt, VoiceFlags, command, stderr_is_tty
 from .progress import GenerationProgress
 
 
+@command
 def say(
     text: Annotated[str | None, typer.Argument(help="Text to speak; '-' or nothing reads stdin.")] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the text from this file.")] = None,
@@ -48,26 +28,14 @@ def say(
         str | None,
         typer.Option("--format", help="wav|flac|ogg|raw (raw = s16le mono 24 kHz) [default: from the extension]."),
     ] = None,
-    model: ModelOpt = "sesame/csm-1b",
-    speaker: SpeakerOpt = 0,
-    temperature: TemperatureOpt = None,
-    top_k: TopKOpt = None,
-    top_p: TopPOpt = None,
-    repetition_penalty: RepetitionPenaltyOpt = None,
-    max_audio_ms: MaxAudioMsOpt = None,
-    seed: SeedOpt = None,
-    voice: VoiceOpt = None,
-    context_audio: ContextAudioOpt = None,
-    context_text: ContextTextOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    quantize: QuantizeOpt = "none",
-    compile_: CompileOpt = False,
+    *,
+    speech: VoiceFlags,
+    generation: GenerationFlags,
+    loader: ModelFlags,
     quiet: QuietOpt = False,
 ) -> None:
     """Speak TEXT into an audio file (or stdout)."""
-    options = generation_options(temperature, top_k, top_p, repetition_penalty, max_audio_ms, seed)
-    check_speaker(speaker)
+    options = generation.options()
     words = read_text(text, file)
     if output is None:
         if sys.stdout.isatty():
@@ -77,10 +45,16 @@ def say(
     if output != "-":
         check_writable(Path(output))
     show = not quiet and stderr_is_tty()
-    context = explicit_context(context_audio, context_text, speaker)
-    synth = load_synthesizer(model, device, dtype, show, quantize=quantize, compile=compile_)
+    context = speech.explicit_context()
+    synth = loader.load(show)
     jobs = synth.jobs(
-        words, speaker, voice=voice, context=context, options=options, first_chunk_frames=2, chunk_frames=8
+        words,
+        speech.speaker,
+        voice=speech.voice,
+        context=context,
+        options=options,
+        first_chunk_frames=2,
+        chunk_frames=8,
     )
     streaming = output == "-" and kind in ("raw", "wav")
     if streaming and kind == "raw":
@@ -99,7 +73,7 @@ def say(
                 else:
                     pieces.append(chunk.samples)
                 frames += chunk.frames
-                progress.update(frames, frames * 0.08)
+                progress.update(frames, frames * FRAME_MS / 1000)
     if streaming:
         return
     samples = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
@@ -134,6 +108,8 @@ def check_writable(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise AudioError(f"cannot write {path}: it is a directory")
+    if parent.exists() and not parent.is_dir():
+        raise AudioError(f"cannot write {path}: {parent} is a file, not a directory")
     if not parent.is_dir():
         raise AudioError(f"cannot write {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
