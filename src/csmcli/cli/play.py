@@ -9,7 +9,6 @@ from typing import Annotated
 
 import typer
 
-from ..utterance import History
 from .common import GenerationFlags, ModelFlags, QuietOpt, VoiceFlags, command, stderr_is_tty
 from .say import read_text
 
@@ -35,6 +34,7 @@ def play(
 ) -> None:
     """Speak TEXT through the speakers as it is generated."""
     from .. import playback
+    from ..utterance import History
 
     if list_devices:
         _print_devices(playback.list_devices())
