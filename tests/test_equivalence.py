@@ -176,7 +176,7 @@ def test_compiled_gemv_kernels_match_transformers(reference, tiny_dir, monkeypat
     monkeypatch.setattr(kernels, "_GEMV_MIN_ELEMENTS", 0)
     synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="float32", max_batch_size=1)
     layers = [m for m in synth.model.modules() if isinstance(m, kernels.CpuLinear)]
-    assert synth.engine.cpu_kernels == "gemv+packed" and all(m.gemv for m in layers)
+    assert synth.engine.cpu_kernels == "gemv+linear" and all(m.gemv for m in layers)
     text, speaker = PROMPTS[2]
     context = [_context(tiny_dir)] if with_context else []
     inputs = _reference_inputs(synth, reference, text, speaker, context)

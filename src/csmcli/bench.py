@@ -254,17 +254,18 @@ def run_bench(
     graphs: bool = True,
     compile: bool = False,
     cpu_kernels: str | None = None,
+    cpu_isa: str | None = None,
 ) -> dict[str, Any]:
     """Load (or randomly build) the model, measure it and optionally the transformers baseline."""
+    from .kernels import check_compilable, cpu_caps
     from .quant import quantize_int8
     from .synthesizer import build_model, pick_device, pick_dtype
 
     torch_device = pick_device(device)
-    torch_dtype = pick_dtype(dtype, torch_device)
-    if compile and torch_device.type == "cpu":
-        from .kernels import check_compilable
-
-        check_compilable(quantize == "int8", cpu_kernels)
+    caps = cpu_caps(cpu_isa) if torch_device.type == "cpu" else None
+    torch_dtype = pick_dtype(dtype, torch_device, caps)
+    if compile and caps:
+        check_compilable(quantize == "int8", cpu_kernels, torch_dtype, caps)
     if torch_device.type == "cpu":
         torch.set_num_threads(threads or physical_cores())
     if model is None:
@@ -291,7 +292,13 @@ def run_bench(
     # one row (csm say / play), a multi-slot one the kernels that serve several rows (serve, batch).
     cpu = torch_device.type == "cpu"
     engine = Engine(
-        net, codec, torch_device, torch_dtype, max_batch=1 if cpu else max(setup.batch_sizes), cpu_kernels=cpu_kernels
+        net,
+        codec,
+        torch_device,
+        torch_dtype,
+        max_batch=1 if cpu else max(setup.batch_sizes),
+        cpu_kernels=cpu_kernels,
+        cpu_caps=caps,
     )
     started = time.perf_counter()
     if compile:
@@ -310,6 +317,8 @@ def run_bench(
         "threads": torch.get_num_threads(),
         "cuda_graphs": engine.graphs is not None,
         "cpu_kernels": engine.cpu_kernels,
+        "cpu_isa": caps.isa if caps else None,
+        "cpu_bf16_packed": caps.bf16_packed if caps else None,
         "compiled": compile,
         "compile_and_capture_s": setup_s,
         "torch": torch.__version__,
@@ -320,7 +329,13 @@ def run_bench(
     if cpu and max(setup.batch_sizes) > 1:
         del engine
         engine = Engine(
-            net, codec, torch_device, torch_dtype, max_batch=max(setup.batch_sizes), cpu_kernels=cpu_kernels
+            net,
+            codec,
+            torch_device,
+            torch_dtype,
+            max_batch=max(setup.batch_sizes),
+            cpu_kernels=cpu_kernels,
+            cpu_caps=caps,
         )
         result["cpu_kernels_batched"] = engine.cpu_kernels
         if compile:

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from .errors import PromptTooLongError
-from .kernels import prepare_cpu
+from .kernels import CpuCaps, prepare_cpu
+from .kernels import cpu_caps as detect_cpu_caps
 from .model import CSMModel, DepthStep
 from .options import REPETITION_WINDOW, GenerationOptions
 from .prompt import Prompt
@@ -162,10 +163,13 @@ class Engine:
         max_batch: int = 1,
         prefix_bytes: int = 256 * 2**20,
         cpu_kernels: str | None = None,
+        cpu_caps: CpuCaps | None = None,
     ) -> None:
         self.model = model
         # on the CPU the projections are swapped for faster kernels (see csmcli.kernels)
-        self.cpu_kernels = prepare_cpu(model, cpu_kernels, max_batch) if device.type == "cpu" else None
+        cpu = device.type == "cpu"
+        self.cpu_caps = (cpu_caps or detect_cpu_caps()) if cpu else None
+        self.cpu_kernels = prepare_cpu(model, cpu_kernels, max_batch, self.cpu_caps) if cpu else None
         self.codec = codec
         self.device = device
         self.dtype = dtype

@@ -20,9 +20,11 @@ compiler works, packed elsewhere), ``packed`` (no compiler), ``plain`` (torch de
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,62 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 CPU_KERNELS = ("auto", "packed", "plain")
+#: Vector instruction-set levels the CPU kernels distinguish, best first.
+CPU_ISAS = ("avx512", "avx2", "default")
+
+
+@dataclass(frozen=True)
+class CpuCaps:
+    """What this CPU gets: the vector instruction set the kernels target and which bf16 paths run.
+
+    ``bf16_packed``: oneDNN's bfloat16 packed weights and matmuls work (they need AVX-512 BW/VL/DQ
+    or AVX-NE-CONVERT); without them bfloat16 weights are read as bfloat16 and multiplied in float32.
+    ``native_bf16``: bfloat16 arithmetic in hardware (AVX512-BF16 or AMX).
+    """
+
+    isa: str
+    bf16_packed: bool
+    native_bf16: bool
+
+    @property
+    def simdlen(self) -> int:
+        """Vector width in bits for inductor's C++ code (0: none)."""
+        return {"avx512": 512, "avx2": 256}.get(self.isa, 0)
+
+
+@functools.cache
+def detect_cpu_caps() -> CpuCaps:
+    """This CPU's capabilities, probed once per process: torch's own vector-ISA choice (which honours
+    ``ATEN_CPU_CAPABILITY``), and oneDNN's bfloat16 reorder and product tried on a tiny matrix (they
+    raise on CPUs without the instructions they need)."""
+    found = torch.backends.cpu.get_cpu_capability().lower()
+    isa = found if found in CPU_ISAS else "default"
+    packed = False
+    if torch.backends.mkldnn.is_available():
+        try:
+            w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8, dtype=torch.bfloat16), 1)
+            y = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 8, dtype=torch.bfloat16), w, None, "none", [None], "")
+            packed = bool(y.float().eq(8).all())
+        except RuntimeError:
+            packed = False
+    native = isa == "avx512" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return CpuCaps(isa, bf16_packed=packed, native_bf16=native)
+
+
+def cpu_caps(isa: str | None = None) -> CpuCaps:
+    """This CPU's capabilities, or those of a CPU limited to ``isa`` (to run, on a better CPU, the
+    paths a lesser one takes).  Asking for more than the CPU has is a one-line :class:`OptionsError`."""
+    from .errors import OptionsError
+
+    detected = detect_cpu_caps()
+    if isa is None or isa == detected.isa:
+        return detected
+    if isa not in CPU_ISAS:
+        raise OptionsError(f"CPU ISA must be one of {', '.join(CPU_ISAS)}, got {isa!r}")
+    if CPU_ISAS.index(isa) < CPU_ISAS.index(detected.isa):
+        raise OptionsError(f"CPU ISA {isa} requested but this CPU offers {detected.isa} at best")
+    return CpuCaps(isa, bf16_packed=False, native_bf16=False)  # a lesser CPU: no extensions
+
 
 # gemv is used for single rows of matrices at least this large with in_features at most _GEMV_MAX_IN
 _GEMV_MIN_ELEMENTS = 1 << 20
@@ -54,26 +112,29 @@ def _gemv_int8(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
 
 
 class _Compiled:
-    """The compiled gemv functions and which model dtypes they were built and checked for."""
+    """The compiled gemv functions per vector width, and which model dtypes they were checked for."""
 
-    gemv = None
-    gemv_int8 = None
-    ready: set[torch.dtype] = set()
+    gemv: dict[int | None, object] = {}
+    gemv_int8: dict[int | None, object] = {}
+    ready: set[tuple[torch.dtype, int | None]] = set()
     failed = False
     lock = threading.Lock()
 
 
-def compiled_gemv(dtype: torch.dtype = torch.float32) -> bool:
-    """Build and check the gemv kernels for ``dtype`` models (once per process); False with one
-    warning if that is impossible here (no C++ compiler, unsupported platform...)."""
+def compiled_gemv(dtype: torch.dtype = torch.float32, caps: CpuCaps | None = None) -> bool:
+    """Build and check the gemv kernels for ``dtype`` models on ``caps``' instruction set (once per
+    process); False with one warning if that is impossible here (no C++ compiler...)."""
+    # inductor's own choice on this CPU; the lesser CPU's vector width where caps were lowered
+    simd = None if caps in (None, detect_cpu_caps()) else caps.simdlen
     with _Compiled.lock:
         if _Compiled.failed:
             return False
-        if dtype in _Compiled.ready:
+        if (dtype, simd) in _Compiled.ready:
             return True
         try:
-            gemv = _Compiled.gemv or torch.compile(_gemv, dynamic=True)
-            gemv_int8 = _Compiled.gemv_int8 or torch.compile(_gemv_int8, dynamic=True)
+            options = None if simd is None else {"cpp.simdlen": simd}
+            gemv = _Compiled.gemv.get(simd) or torch.compile(_gemv, dynamic=True, options=options)
+            gemv_int8 = _Compiled.gemv_int8.get(simd) or torch.compile(_gemv_int8, dynamic=True, options=options)
             with torch.inference_mode():  # the engine's mode: the compiled graphs are reused as is
                 x = torch.randn(1, 64).to(dtype)
                 w = torch.randn(256, 64).to(dtype)
@@ -89,51 +150,83 @@ def compiled_gemv(dtype: torch.dtype = torch.float32) -> bool:
             _Compiled.failed = True
             log.warning("CPU gemv kernels unavailable (%s); using packed kernels", str(exc).splitlines()[0][:200])
             return False
-        _Compiled.gemv, _Compiled.gemv_int8 = gemv, gemv_int8
-        _Compiled.ready.add(dtype)
+        _Compiled.gemv[simd], _Compiled.gemv_int8[simd] = gemv, gemv_int8
+        _Compiled.ready.add((dtype, simd))
         return True
 
 
-def warm_up(dtype: torch.dtype) -> threading.Thread:
+def warm_up(dtype: torch.dtype, caps: CpuCaps | None = None) -> threading.Thread:
     """Build the gemv kernels in the background (a few seconds, more on a cold compile cache), e.g.
     while the weights load; :func:`prepare_cpu` waits for it."""
-    thread = threading.Thread(target=compiled_gemv, args=(dtype,), name="csm-gemv-compile", daemon=True)
+    thread = threading.Thread(target=compiled_gemv, args=(dtype, caps), name="csm-gemv-compile", daemon=True)
     thread.start()
     return thread
 
 
-def _wants_gemv(out_features: int, in_features: int) -> bool:
-    return in_features <= _GEMV_MAX_IN and out_features * in_features >= _GEMV_MIN_ELEMENTS
+def compiled_gemv_fns(caps: CpuCaps) -> tuple:
+    """The compiled ``(gemv, gemv_int8)`` for ``caps``' instruction set (built by :func:`compiled_gemv`)."""
+    simd = None if caps == detect_cpu_caps() else caps.simdlen
+    return _Compiled.gemv[simd], _Compiled.gemv_int8[simd]
 
 
-def needs_gemv(kernels: str | None, specs, max_batch: int, int8: bool) -> bool:  # noqa: ANN001
+def _wants_gemv(out_features: int, in_features: int, any_width: bool = False) -> bool:
+    """Single rows of this matrix go through the gemv: it is large enough, and (unless ``any_width``:
+    bfloat16 without oneDNN's bf16 kernels, where gemv is the only path reading bf16) not too wide."""
+    return (any_width or in_features <= _GEMV_MAX_IN) and out_features * in_features >= _GEMV_MIN_ELEMENTS
+
+
+def _upcasts(dtype: torch.dtype, caps: CpuCaps) -> bool:
+    """bfloat16 weights on a CPU without oneDNN's bf16 kernels: several rows are multiplied in float32."""
+    return dtype == torch.bfloat16 and not caps.bf16_packed
+
+
+def needs_gemv(
+    kernels: str | None,
+    specs,
+    max_batch: int,
+    int8: bool,
+    caps: CpuCaps | None = None,  # noqa: ANN001
+    dtype: torch.dtype = torch.float32,
+) -> bool:
     """Whether :func:`prepare_cpu` will want the compiled gemv for transformers shaped like
-    ``specs``: ``auto`` kernels, a one-slot engine or int8 weights (whose layout serves both
-    kernels), and some projection wide enough."""
-    if pick_cpu_kernels(kernels) != "auto" or not (max_batch == 1 or int8):
+    ``specs``: ``auto`` kernels, a one-slot engine, int8 weights (whose layout serves both kernels)
+    or bfloat16 weights the CPU cannot pack, and some projection wide enough."""
+    caps = caps or cpu_caps()
+    upcast = _upcasts(dtype, caps) and not int8
+    if pick_cpu_kernels(kernels) != "auto" or not (max_batch == 1 or int8 or upcast):
         return False
     for s in specs:
-        if _wants_gemv(2 * s.ffn_dim, s.dim) or _wants_gemv((s.n_heads + 2 * s.n_kv_heads) * s.head_dim, s.dim):
-            return True
+        for out_f, in_f in (
+            (2 * s.ffn_dim, s.dim),
+            ((s.n_heads + 2 * s.n_kv_heads) * s.head_dim, s.dim),
+            (s.dim, s.ffn_dim),
+        ):
+            if _wants_gemv(out_f, in_f, upcast):
+                return True
     return False
 
 
 class CpuLinear(nn.Module):
     """A bias-free linear layer for the CPU: packed oneDNN weights, or plain weights plus gemv.
 
-    ``gemv`` keeps the plain ``[out, in]`` weight: single rows go through the compiled gemv,
-    several rows (prefill) through ``F.linear``.  Otherwise the weight is packed once.  A stack of
-    same-shaped layers (``[n, out, in]``, the depth decoder's heads) is one module called with the
-    layer's ``index``, as for :class:`~csmcli.quant.Int8Linear`.
+    With ``gemv`` (the compiled ``(x, w)`` function) the plain ``[out, in]`` weight is kept: single
+    rows go through it, several rows (prefill) through ``F.linear``.  Otherwise the weight is packed
+    once, unless it is bfloat16 and ``caps`` says oneDNN's bf16 kernels do not run here: then it
+    stays plain and products run in float32.  A stack of same-shaped layers (``[n, out, in]``, the
+    depth decoder's heads) is one module called with the layer's ``index``, as for
+    :class:`~csmcli.quant.Int8Linear`.
     """
 
-    def __init__(self, weight: Tensor, gemv: bool) -> None:
+    def __init__(self, weight: Tensor, gemv=None, caps: CpuCaps | None = None) -> None:  # noqa: ANN001
         super().__init__()
         self.out_features, self.in_features = weight.shape[-2:]
         weight = weight.detach().contiguous()
-        self.gemv = gemv
+        self.gemv_fn = gemv
+        # several rows in float32: bfloat16 weights where oneDNN has no bf16 kernels
+        self.upcast = _upcasts(weight.dtype, caps or cpu_caps())
+        self.packed_weights = gemv is None and not self.upcast
         self.packed: tuple[Tensor, ...] = ()  # a stack's packed weights (opaque tensors cannot be stacked)
-        if gemv:
+        if not self.packed_weights:
             self.weight = weight
         elif weight.dim() == 3:
             self.weight = None
@@ -141,17 +234,23 @@ class CpuLinear(nn.Module):
         else:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
 
+    @property
+    def gemv(self) -> bool:
+        """True when single rows go through the compiled gemv."""
+        return self.gemv_fn is not None
+
     def forward(self, x: Tensor, index: int | None = None) -> Tensor:
         weight = self.weight if index is None else (self.packed or self.weight)[index]
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
-        if self.gemv:
-            if flat.shape[0] == 1:
-                y = (_gemv if torch.compiler.is_compiling() else _Compiled.gemv)(flat.float(), weight)
-            else:
-                y = F.linear(flat, weight)
-        else:
+        if self.gemv_fn is not None and flat.shape[0] == 1:
+            y = (_gemv if torch.compiler.is_compiling() else self.gemv_fn)(flat.float(), weight)
+        elif self.packed_weights:
             y = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), weight, None, "none", [None], "")
+        elif self.upcast:
+            y = F.linear(flat.float(), weight.float()).to(weight.dtype)
+        else:
+            y = F.linear(flat, weight)
         return y.reshape(*shape[:-1], self.out_features)
 
 
@@ -161,12 +260,14 @@ _CANNOT_COMPILE = (
 )
 
 
-def check_compilable(int8: bool, kernels: str | None = None) -> None:
+def check_compilable(
+    int8: bool, kernels: str | None = None, dtype: torch.dtype = torch.float32, caps: CpuCaps | None = None
+) -> None:
     """Before loading: a one-line :class:`OptionsError` if a CPU model with these settings would
     have packed weights, which ``torch.compile`` cannot trace (:func:`check_model_compilable`)."""
     from .errors import OptionsError
 
-    if not int8 and pick_cpu_kernels(kernels) != "plain":
+    if not int8 and pick_cpu_kernels(kernels) != "plain" and not _upcasts(dtype, caps or cpu_caps()):
         raise OptionsError(_CANNOT_COMPILE)
 
 
@@ -174,7 +275,7 @@ def check_model_compilable(model: nn.Module) -> None:
     """The same rule on a prepared model: no :class:`CpuLinear` may hold packed weights."""
     from .errors import OptionsError
 
-    if any(isinstance(m, CpuLinear) and not m.gemv for m in model.modules()):
+    if any(isinstance(m, CpuLinear) and m.packed_weights for m in model.modules()):
         raise OptionsError(_CANNOT_COMPILE)
 
 
@@ -188,40 +289,51 @@ def pick_cpu_kernels(name: str | None = None) -> str:
     return name
 
 
-def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1) -> str:
-    """Swap the model's projections for CPU kernels in place; returns what was used.
+def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1, caps: CpuCaps | None = None) -> str:
+    """Swap the model's projections for CPU kernels in place; returns what was used: ``plain``, or
+    the several-rows path (``packed``; ``linear``: plain float weights; ``float32``: bf16 weights
+    multiplied in float32), preceded by ``gemv+`` when single rows take the compiled gemv.
 
     Float layers become :class:`CpuLinear`; :class:`~csmcli.quant.Int8Linear` layers keep their
     int8 weights and gain the gemv path for single rows.  With ``max_batch > 1`` float layers are
     packed even where gemv would be faster for one row (several rows at once need the packed layout,
-    and keeping both would double the weights' memory).
+    and keeping both would double the weights' memory).  bfloat16 weights on a CPU without oneDNN's
+    bf16 kernels (``caps``) are never packed: single rows take the gemv, several rows float32.
     """
     from .quant import Int8Linear
 
+    caps = caps or cpu_caps()
     kernels = pick_cpu_kernels(kernels)
     if kernels == "plain":
         return "plain"
     dtype = model.audio_embeddings.weight.dtype
     packable = torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
+    upcast = _upcasts(dtype, caps)
     # compile (seconds, once per process) only where some matrix would use the gemv
     int8 = any(isinstance(m, Int8Linear) for m in model.modules())
     specs = (model.backbone.spec, model.decoder.spec)
-    use_gemv = needs_gemv(kernels, specs, max_batch, int8) and compiled_gemv(dtype)
+    use_gemv = needs_gemv(kernels, specs, max_batch, int8, caps, dtype) and compiled_gemv(dtype, caps)
+    gemv, gemv_int8 = compiled_gemv_fns(caps) if use_gemv else (None, None)
 
-    def float_gemv(out_features: int, in_features: int) -> bool:  # float weights keep one layout
-        return use_gemv and max_batch == 1 and _wants_gemv(out_features, in_features)
+    def float_gemv(out_features: int, in_features: int):  # noqa: ANN202  (float weights keep one layout)
+        wanted = (max_batch == 1 or upcast) and _wants_gemv(out_features, in_features, upcast)
+        return gemv if use_gemv and wanted else None
 
     def swap(layer: nn.Module) -> nn.Module:
         if isinstance(layer, Int8Linear):
-            layer.gemv = use_gemv and _wants_gemv(layer.out_features, layer.in_features)
+            wanted = use_gemv and _wants_gemv(layer.out_features, layer.in_features)
+            layer.gemv_fn = gemv_int8 if wanted else None
+            layer.upcast = upcast
             return layer
         if isinstance(layer, CpuLinear):  # prepared before: repack if several rows now need it
-            return CpuLinear(layer.weight, False) if layer.gemv and max_batch > 1 else layer
+            if layer.gemv and max_batch > 1 and not layer.upcast:
+                return CpuLinear(layer.weight, None, caps)
+            return layer
         if not isinstance(layer, nn.Linear) or layer.bias is not None:
             raise TypeError(f"cannot prepare {type(layer).__name__} for the CPU")
         if not packable:  # e.g. float16, or a torch built without oneDNN: torch's defaults
             return layer
-        return CpuLinear(layer.weight, float_gemv(*layer.weight.shape))
+        return CpuLinear(layer.weight, float_gemv(*layer.weight.shape), caps)
 
     for net in (model.backbone, model.decoder):
         for block in net.layers:
@@ -231,7 +343,7 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     model.projection = swap(model.projection)
     if model.head_layers is None and packable:
         heads = model.audio_head  # [codebooks - 1, in, out]
-        model.head_layers = CpuLinear(heads.transpose(1, 2), float_gemv(heads.shape[2], heads.shape[1]))
+        model.head_layers = CpuLinear(heads.transpose(1, 2), float_gemv(heads.shape[2], heads.shape[1]), caps)
         del model.audio_head
         model.register_parameter("audio_head", None)
     elif model.head_layers is not None:
@@ -239,4 +351,6 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     if not packable and not int8:
         return "plain"
     used = any(getattr(m, "gemv", False) for m in model.modules())
-    return "gemv+packed" if used else "packed"
+    packed = any(getattr(m, "packed_weights", False) for m in model.modules()) or int8
+    rest = "packed" if packed else "float32" if upcast else "linear"  # what several rows run on
+    return f"gemv+{rest}" if used else rest

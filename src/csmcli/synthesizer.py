@@ -62,13 +62,13 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+def pick_dtype(name: str, device: torch.device, caps: kernels.CpuCaps | None = None) -> torch.dtype:
     """``auto`` is bfloat16 on CUDA and on CPUs with native bfloat16 (AVX512-BF16 or AMX), float16
-    on MPS, float32 on other CPUs (where bfloat16 arithmetic is emulated and slower)."""
+    on MPS, float32 on other CPUs (where bfloat16 arithmetic is emulated and slower).  ``caps``: the
+    CPU's capabilities (default: detected)."""
     if name == "auto":
         if device.type == "cpu":
-            native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-            return torch.bfloat16 if native else torch.float32
+            return torch.bfloat16 if (caps or kernels.cpu_caps()).native_bf16 else torch.float32
         return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
     if name not in DTYPES:
         raise OptionsError(f"dtype must be one of auto, {', '.join(DTYPES)}, got {name!r}")
@@ -109,6 +109,8 @@ class Synthesizer:
         source: Path | None = None,
         prompts_dir: Path | None = None,
         compile: bool | None = None,
+        cpu_kernels: str | None = None,
+        cpu_caps: kernels.CpuCaps | None = None,
     ) -> None:
         self.model = model
         self.codec = codec
@@ -118,7 +120,9 @@ class Synthesizer:
         self.prompts = PromptBuilder(tokenizer, codec.encode, model.num_codebooks)
         self.voices = VoiceLibrary(prompts_dir)
         self._voice_segments: dict[tuple, Segment] = {}
-        self.engine = Engine(model, codec, device, dtype, max_batch=max_batch_size)
+        self.engine = Engine(
+            model, codec, device, dtype, max_batch=max_batch_size, cpu_kernels=cpu_kernels, cpu_caps=cpu_caps
+        )
         if _compile_requested(compile):
             self.engine.compile()
         if device.type == "cuda" and os.environ.get("CSM_CUDA_GRAPHS", "1") != "0":
@@ -140,30 +144,36 @@ class Synthesizer:
         max_batch_size: int = 1,
         quantize: str = "none",
         compile: bool | None = None,
+        cpu_kernels: str | None = None,
+        cpu_isa: str | None = None,
     ) -> Synthesizer:
         """Load a hub id (through the hub cache) or a local checkpoint directory.
 
         ``quantize="int8"`` stores the projections as weight-only int8 (see :mod:`csmcli.quant`).
         ``compile`` (default: ``CSM_COMPILE=1``) runs :meth:`Engine.compile` before returning: on a
         GPU the layers, on the CPU (int8 weights) every depth-decoder step whole.
+        ``cpu_kernels`` (``auto``, ``packed``, ``plain``) picks the CPU matrix kernels, ``cpu_isa``
+        (``avx512``, ``avx2``, ``default``) runs the paths a CPU with only that instruction set takes
+        (default: what this CPU offers; see :func:`csmcli.kernels.cpu_caps`).
         """
         from .quant import check_quantization, quantize_int8
 
         torch_device = pick_device(device)
-        torch_dtype = pick_dtype(dtype, torch_device)
+        caps = kernels.cpu_caps(cpu_isa) if torch_device.type == "cpu" else None
+        torch_dtype = pick_dtype(dtype, torch_device, caps)
         if max_batch_size < 1:
             raise OptionsError(f"max_batch_size must be at least 1, got {max_batch_size}")
         check_quantization(quantize)
         compile = _compile_requested(compile)
         if compile and torch_device.type == "cpu":
-            kernels.check_compilable(quantize == "int8")
+            kernels.check_compilable(quantize == "int8", cpu_kernels, torch_dtype, caps)
         path = checkpoint.resolve(model, local_files_only=local_files_only)
         ckpt = checkpoint.inspect(path)
         if torch_device.type == "cpu":
             cfg = ckpt.config
             specs = [TransformerSpec.from_config(cfg), TransformerSpec.from_config(cfg["depth_decoder_config"])]
-            if kernels.needs_gemv(None, specs, max_batch_size, quantize != "none"):
-                kernels.warm_up(torch_dtype)  # compiles while the weights load
+            if kernels.needs_gemv(cpu_kernels, specs, max_batch_size, quantize != "none", caps, torch_dtype):
+                kernels.warm_up(torch_dtype, caps)  # compiles while the weights load
         state, codec_state = checkpoint.read_tensors(ckpt)
         net = build_model(ckpt.config, state, torch_device, torch_dtype)
         del state
@@ -190,6 +200,8 @@ class Synthesizer:
             source=path,
             prompts_dir=ckpt.prompts_dir,
             compile=compile,
+            cpu_kernels=cpu_kernels,
+            cpu_caps=caps,
         )
 
     # -- requests ----------------------------------------------------------------------------

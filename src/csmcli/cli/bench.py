@@ -42,9 +42,11 @@ def bench(
     from ..bench import BenchSetup, run_bench
     from ..kernels import pick_cpu_kernels
     from ..quant import check_quantization
+    from .loading import cpu_settings
 
     check_quantization(loader.quantize)
-    cpu_kernels = pick_cpu_kernels(cpu_kernels)
+    cpu = cpu_settings()
+    cpu_kernels = pick_cpu_kernels(cpu_kernels or cpu["cpu_kernels"])
     if baseline not in (None, "transformers"):
         raise OptionsError(f"baseline must be 'transformers', got {baseline!r}")
     try:
@@ -64,6 +66,7 @@ def bench(
         graphs=not no_graphs,
         compile=loader.compile,
         cpu_kernels=cpu_kernels,
+        cpu_isa=cpu["cpu_isa"],
     )
     if as_json:
         typer.echo(json.dumps(result, indent=2))
@@ -80,7 +83,13 @@ def _print(r: dict) -> None:
             f"{r['dtype']} / {r['quantization']}, CUDA graphs: {r['cuda_graphs']}, compiled: {r['compiled']}",
         ),
         *(
-            [("CPU kernels", f"{r['cpu_kernels']} (batched: {r.get('cpu_kernels_batched', r['cpu_kernels'])})")]
+            [
+                (
+                    "CPU path",
+                    f"{r['cpu_isa']}, bf16 packed: {r['cpu_bf16_packed']}, kernels {r['cpu_kernels']} "
+                    f"(batched: {r.get('cpu_kernels_batched', r['cpu_kernels'])})",
+                )
+            ]
             if r["cpu_kernels"]
             else []
         ),
