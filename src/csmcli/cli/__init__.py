@@ -84,11 +84,19 @@ def _exit_on_closed_stdout() -> None:
     sys.exit(141)
 
 
+def _run(argv: list[str] | None) -> object:
+    """Parse and run one command, leaving every exception to :func:`main` (click's own ``main``
+    would turn a closed stdout into a silent status 1)."""
+    command = typer.main.get_command(app)
+    with command.make_context("csm", list(sys.argv[1:] if argv is None else argv)) as ctx:
+        return command.invoke(ctx)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; every user error becomes one line on stderr and a non-zero exit, never a traceback."""
     _setup_logging()
     try:
-        result = app(args=argv, prog_name="csm", standalone_mode=False)
+        result = _run(argv)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except NoArgsIsHelpError as exc:
