@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,8 @@ log = logging.getLogger("csmcli")
 PIECE_PAUSE_S = 0.25
 #: How many earlier pieces of a long text condition the next one.
 HISTORY_PIECES = 2
+#: Encoded voices kept in memory (each holds up to 30 s of audio and its codes).
+VOICE_CACHE = 32
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -118,7 +122,8 @@ class Synthesizer:
         self.source = source
         self.prompts = PromptBuilder(tokenizer, codec.encode, model.num_codebooks)
         self.voices = VoiceLibrary(prompts_dir)
-        self._voice_segments: dict[tuple, Segment] = {}
+        self._voice_segments: OrderedDict[tuple, Segment] = OrderedDict()  # the most recently used last
+        self._voice_lock = threading.Lock()
         self.engine = Engine(model, codec, device, dtype, max_batch=max_batch_size)
         if _compile_requested(compile):
             self.engine.compile()
@@ -218,19 +223,28 @@ class Synthesizer:
 
     def voice_context(self, speaker: int = 0, voice: str | None = None) -> list[Segment]:
         """Context segments for a voice: ``None`` = the speaker's default preset (if the checkpoint
-        has one), ``"none"`` = no context, otherwise a preset or user voice by name."""
+        has one), ``"none"`` = no context, otherwise a preset or user voice by name.
+
+        A voice is read and encoded once and cached (the :data:`VOICE_CACHE` most recently used).
+        That first time takes a while; it holds a voice lock, never the engine's, so a server runs
+        it in a worker thread while the engine keeps generating for everyone else.
+        """
         check_speaker(speaker)
         if voice == NO_VOICE:
             return []
         chosen = self.voices.default_for(speaker) if voice is None else self.voices.get(voice)
         if chosen is None:
             return []
-        key = (chosen.name, chosen.audio_path, speaker)
-        if key not in self._voice_segments:
-            segment = Segment(chosen.text, speaker, chosen.load())
-            self.prompts.segment_rows(segment)  # encode once; the codes stay on the segment
-            self._voice_segments[key] = segment
-        return [self._voice_segments[key]]
+        key = (chosen.name, chosen.audio_path, chosen.stamp, chosen.text, speaker)
+        with self._voice_lock:
+            if key not in self._voice_segments:
+                segment = Segment(chosen.text, speaker, chosen.load())
+                self.prompts.segment_rows(segment)  # encode once; the codes stay on the segment
+                self._voice_segments[key] = segment
+                while len(self._voice_segments) > VOICE_CACHE:
+                    self._voice_segments.popitem(last=False)
+            self._voice_segments.move_to_end(key)
+            return [self._voice_segments[key]]
 
     def jobs(
         self,

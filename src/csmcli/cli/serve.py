@@ -89,7 +89,7 @@ def serve(
             "--grace-period",
             "--grace_period",
             rich_help_panel=_SERVER,
-            help="Seconds in-flight requests get to finish after SIGTERM.",
+            help="Seconds in-flight requests get to finish after SIGTERM (a second signal exits at once).",
         ),
     ] = 10.0,
     max_text_chars: Annotated[
@@ -98,6 +98,33 @@ def serve(
             "--max-text-chars", "--max_text_chars", rich_help_panel=_SERVER, help="Longest text a request may carry."
         ),
     ] = 5000,
+    keepalive_timeout: Annotated[
+        float,
+        typer.Option(
+            "--keepalive-timeout",
+            "--keepalive_timeout",
+            rich_help_panel=_SERVER,
+            help="Seconds an idle connection (or one still sending its first headers) is kept open.",
+        ),
+    ] = 15.0,
+    read_timeout: Annotated[
+        float,
+        typer.Option(
+            "--read-timeout",
+            "--read_timeout",
+            rich_help_panel=_SERVER,
+            help="Seconds a request body may take to arrive (slower: 408).",
+        ),
+    ] = 30.0,
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            "--max-connections",
+            "--max_connections",
+            rich_help_panel=_SERVER,
+            help="Open connections allowed; more get 503 and are closed.",
+        ),
+    ] = 256,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = "none",
@@ -118,6 +145,9 @@ def serve(
         request_timeout=request_timeout,
         grace_period=grace_period,
         max_text_chars=max_text_chars,
+        keepalive_timeout=keepalive_timeout,
+        read_timeout=read_timeout,
+        max_connections=max_connections,
     )
     sock = bind(host, port)
     synth = load_synthesizer(model, device, dtype, not quiet and stderr_is_tty(), max_batch_size, quantize, compile_)
