@@ -155,10 +155,9 @@ def check_strings(fields: dict[str, Any]) -> dict[str, Any]:
     for key, value in fields.items():
         for text in (key, value):
             if isinstance(text, str) and not _encodable(text):
-                name = key if _encodable(key) else shown(key)
-                raise ApiError(
-                    400, f"field {name} holds a lone surrogate (invalid Unicode)", "invalid_unicode", shown(key)
-                )
+                name = key if isinstance(key, str) and _encodable(key) else shown(key)
+                message = f"field {name!r} holds a lone surrogate (invalid Unicode)"
+                raise ApiError(400, message, "invalid_unicode", name)
     return fields
 
 

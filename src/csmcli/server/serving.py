@@ -39,7 +39,25 @@ CUT_S = 0.5
 
 
 class JsonErrorHandler(RequestHandler):
-    """aiohttp's connection handler, with its own request errors answered as JSON."""
+    """aiohttp's connection handler, with its own request errors answered as JSON and a refusal
+    (503, closed at once) for a connection past its server's limit."""
+
+    limiter: LimitedServer | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Serve the connection, or refuse it when the server already has its most."""
+        limiter = self.limiter
+        if limiter is not None and len(limiter.connections) >= limiter.max_connections:
+            limiter.refused += 1
+            body = error_body(503, "too many open connections; retry shortly", "too_many_connections")
+            head = (
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: {RETRY_AFTER_S}\r\nConnection: close\r\n\r\n"
+            )
+            transport.write(head.encode() + body)  # type: ignore[attr-defined]
+            transport.close()
+            return
+        super().connection_made(transport)
 
     def handle_error(
         self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
@@ -63,26 +81,11 @@ class LimitedServer(web.Server):
         self.max_connections = max_connections
         self.refused = 0
 
-    def __call__(self) -> asyncio.Protocol:
-        """The protocol for a new connection: a handler, or a refusal past the limit."""
-        if len(self.connections) >= self.max_connections:
-            self.refused += 1
-            return RefusedConnection()
-        return JsonErrorHandler(self, loop=self._loop, **self._kwargs)
-
-
-class RefusedConnection(asyncio.Protocol):
-    """Answers 503 with ``Retry-After`` and closes, without reading the request."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Write the refusal and close."""
-        body = error_body(503, "too many open connections; retry shortly", "too_many_connections")
-        head = (
-            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
-            f"Content-Length: {len(body)}\r\nRetry-After: {RETRY_AFTER_S}\r\nConnection: close\r\n\r\n"
-        )
-        transport.write(head.encode() + body)  # type: ignore[attr-defined]
-        transport.close()
+    def __call__(self) -> RequestHandler:
+        """The handler for a new connection (it checks the limit once the connection is made)."""
+        handler = JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+        handler.limiter = self
+        return handler
 
 
 class Runner(web.AppRunner):

@@ -121,14 +121,14 @@ class Run:
             options=self.req.options,
             first_chunk_frames=first,
             chunk_frames=later,
-            sink=lambda chunk: aloop.call_soon_threadsafe(self._arrive, queue, chunk),
+            sink=lambda chunk: aloop.call_soon_threadsafe(self.arrive, queue, chunk),
         )
         job = None
         try:
             while (job := await self._in_time(asyncio.to_thread(self._advance, jobs))) is not None:
                 self.jobs.append(job)
                 self.server.submit(job)
-                async for samples in self._drain(job, queue):
+                async for samples in self.drain(job, queue):
                     yield samples
             self.outcome = "done"
         finally:
@@ -143,7 +143,7 @@ class Run:
         with self.server.synth.engine.lock:
             return next(jobs, None)
 
-    def _arrive(self, queue: asyncio.Queue[AudioChunk | None], chunk: AudioChunk) -> None:
+    def arrive(self, queue: asyncio.Queue[AudioChunk | None], chunk: AudioChunk) -> None:
         """A chunk from the engine (on the event loop): queue it, its job's end after a final one, and
         cut the request if its reader lets more than ``max_buffered_s`` of audio pile up."""
         queue.put_nowait(chunk)
@@ -160,7 +160,8 @@ class Run:
             if self.transport is not None:
                 self.transport.abort()
 
-    async def _drain(self, job: Job, queue: asyncio.Queue[AudioChunk | None]) -> AsyncIterator[np.ndarray]:
+    async def drain(self, job: Job, queue: asyncio.Queue[AudioChunk | None]) -> AsyncIterator[np.ndarray]:
+        """``job``'s audio from ``queue`` until its end item; raises the job's error, or 504 past the deadline."""
         end_queued = False
         while True:
             remaining = self._remaining()
