@@ -533,6 +533,7 @@ def test_a_full_server_answers_503_with_retry_after(guarded: ServerProcess) -> N
 
 def test_a_request_past_the_time_limit_gets_504(guarded: ServerProcess) -> None:
     auth = {"Authorization": f"Bearer {API_KEY}"}
+    before = stats(guarded, **auth)["requests"]
     started = time.monotonic()
     slow = requests.post(
         guarded.url("/generate"), json={"text": "Far too long.", "max_audio_ms": 600_000}, headers=auth, timeout=60
@@ -542,7 +543,27 @@ def test_a_request_past_the_time_limit_gets_504(guarded: ServerProcess) -> None:
     deadline = time.monotonic() + 15
     while stats(guarded, **auth)["engine"]["active"] and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert stats(guarded, **auth)["requests"]["timed_out"] == 1
+    after = stats(guarded, **auth)["requests"]
+    assert after["timed_out"] == 1 and after["client_errors"] == before["client_errors"]  # counted once
+
+
+def test_a_stream_past_the_time_limit_is_cut_not_ended(guarded: ServerProcess) -> None:
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"text": "Far too long.", "max_audio_ms": 600_000, "streaming": True}
+    received = []
+    with (
+        pytest.raises(requests.exceptions.ChunkedEncodingError),
+        requests.post(guarded.url("/generate"), json=body, headers=auth, stream=True, timeout=60) as response,
+    ):
+        assert response.status_code == 200
+        for chunk in response.iter_content(chunk_size=None):
+            received.append(chunk)
+    assert received  # audio came, then the connection was cut without the chunked terminator
+    assert re.search(r"stream cut before its end: ApiError: the request took longer", guarded.log())
+    deadline = time.monotonic() + 15
+    while stats(guarded, **auth)["engine"]["active"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert stats(guarded, **auth)["requests"]["timed_out"] == 2
 
 
 @contextlib.contextmanager
