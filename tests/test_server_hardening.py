@@ -11,17 +11,21 @@ import asyncio
 import contextlib
 import json
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_server import assert_error
 
 from csmcli.engine import AudioChunk, JobStats
 from csmcli.options import OPTION_FIELDS, GenerationOptions
@@ -448,3 +452,68 @@ def test_the_server_still_serves_after_the_fuzz(live: Live) -> None:
     assert status == 200 and len(body) == 44 + 2 * SAMPLES
     assert live.server.counters.failed == 0
     assert set(OPTION_FIELDS) <= set(GENERATE_FIELDS)
+
+
+# -- the engine loop and the flags --------------------------------------------------------------
+
+
+def test_health_and_requests_fail_once_the_generation_loop_dies(
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from csmcli import Synthesizer
+
+    synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="float32", max_batch_size=2)
+    server = SpeechServer(synth, ServerConfig(model_id="tiny"))
+    with serving(server) as port, ThreadPoolExecutor(1) as pool:
+        url = f"http://127.0.0.1:{port}"
+        assert requests.get(f"{url}/health", timeout=10).json()["status"] == "ok"
+        pending = pool.submit(requests.post, f"{url}/generate", json={"text": "Doomed.", "voice": "none"}, timeout=60)
+        deadline = time.monotonic() + 30
+        while not synth.engine.active_count and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+        def broken_step() -> bool:
+            raise RuntimeError("the GPU fell off the bus")
+
+        monkeypatch.setattr(synth.engine, "step", broken_step)
+        error = assert_error(pending.result(), 503, "engine_stopped")
+        assert "GPU fell off" in error["message"]
+        health = requests.get(f"{url}/health", timeout=10)
+        assert health.status_code == 503 and health.json()["error"]["code"] == "engine_stopped"
+        assert_error(requests.post(f"{url}/generate", json={"text": "Anyone?"}, timeout=10), 503, "engine_stopped")
+
+
+def test_serve_help_lists_both_spellings_of_the_flags(cli_env: dict[str, str]) -> None:
+    out = subprocess.run(
+        ["csm", "serve", "--help"],
+        env={**cli_env, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    for flag in (
+        "--model",
+        "--host",
+        "--port",
+        "--temperature",
+        "--top-k",
+        "--top_k",
+        "--top-p",
+        "--top_p",
+        "--repetition-penalty",
+        "--repetition_penalty",
+        "--max-audio-ms",
+        "--seed",
+        "--max-batch-size",
+        "--max-queue",
+        "--api-key",
+        "--request-timeout",
+        "--device",
+        "--dtype",
+        "--keepalive-timeout",
+        "--read-timeout",
+        "--max-connections",
+        "--max_connections",
+    ):
+        assert flag in out, flag

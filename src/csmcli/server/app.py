@@ -165,7 +165,7 @@ class SpeechServer:
         if run is not None:
             c.frames += run.frames
             c.audio_seconds += run.audio_seconds
-            c.cancelled += run.outcome == "cancelled"
+            c.cancelled += run.outcome in ("cancelled", "slow_client")
             c.timed_out += run.outcome == "timeout"
             c.completed += run.outcome == "done"
         if response is None:
