@@ -205,8 +205,8 @@ def print_table(args: argparse.Namespace, figures: dict) -> None:
         ("rejected (503, retried)", str(figures["rejected"])),
         ("errors", ", ".join(f"{k}: {v}" for k, v in figures["errors"].items()) or "none"),
         ("cut off at the end", str(figures["cut_off"])),
-        ("time to first audio p50", _seconds(figures["ttfa_p50_s"])),
-        ("time to first audio p95", _seconds(figures["ttfa_p95_s"])),
+        ("time to first audio p50", as_ms(figures["ttfa_p50_s"])),
+        ("time to first audio p95", as_ms(figures["ttfa_p95_s"])),
         ("real-time factor p50", _plain(figures["rtf_p50"])),
         ("real-time factor p95", _plain(figures["rtf_p95"])),
         (
@@ -222,7 +222,8 @@ def print_table(args: argparse.Namespace, figures: dict) -> None:
         print(f"{name:<{width}}  {value}")
 
 
-def _seconds(x: float | None) -> str:
+def as_ms(x: float | None) -> str:
+    """Seconds shown as whole milliseconds ("-" for none)."""
     return "-" if x is None else f"{x * 1000:.0f} ms"
 
 

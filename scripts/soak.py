@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-from loadtest import backoff, percentile, retry_after
+from loadtest import as_ms, backoff, percentile, retry_after
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 MALFORMED = (
@@ -210,7 +210,7 @@ def print_table(args: argparse.Namespace, tally: Tally, rss: tuple[float, float]
         ("truncated but looking complete", c["truncated_as_complete"]),
         ("hung up mid-stream (on purpose)", c["hung_up"]),
         ("slow headers closed by the server", c["slow_cut_by_server"]),
-        ("first audio p50 / p99", f"{_ms(p50)} / {_ms(p99)}"),
+        ("first audio p50 / p99", f"{as_ms(p50)} / {as_ms(p99)}"),
         ("server RSS start / end", f"{rss[0]:.0f} MiB / {rss[1]:.0f} MiB"),
         ("server exit code after SIGTERM", code),
     ]
@@ -220,10 +220,6 @@ def print_table(args: argparse.Namespace, tally: Tally, rss: tuple[float, float]
     print(f"|{'-' * (width + 2)}|-------|")
     for name, value in rows:
         print(f"| {name:<{width}} | {value} |")
-
-
-def _ms(x: float | None) -> str:
-    return "-" if x is None else f"{x * 1000:.0f} ms"
 
 
 async def soak(args: argparse.Namespace, url: str, tally: Tally) -> None:

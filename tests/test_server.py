@@ -8,6 +8,7 @@ slot, no queue, a short request time limit) for auth, 503, timeouts and SIGTERM 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -17,6 +18,7 @@ import subprocess
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -77,6 +79,18 @@ class ServerProcess:
         self._log.close()
 
 
+@contextlib.contextmanager
+def all_ready(processes: list[ServerProcess]) -> Iterator[None]:
+    """Wait for every server to listen; stop them all (killing if need be) on the way out."""
+    try:
+        for process in processes:
+            process.wait_ready()
+        yield
+    finally:
+        for process in processes:
+            process.stop()
+
+
 @pytest.fixture(scope="module")
 def servers(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     """Both servers, started in parallel and stopped (killed if need be) at the end of the module."""
@@ -114,13 +128,8 @@ def servers(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: 
             root / "guarded.log",
         ),
     ]
-    try:
-        for process in started:
-            process.wait_ready()
+    with all_ready(started):
         yield started
-    finally:
-        for process in started:
-            process.stop()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from test_server import ServerProcess
+from test_server import ServerProcess, all_ready
 
 GRACE_S = 5
 
@@ -27,13 +27,8 @@ def processes(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa
         ServerProcess([*args, "--grace-period", str(GRACE_S)], env, root / "graceful.log"),
         ServerProcess([*args, "--grace-period", "120"], env, root / "impatient.log"),
     ]
-    try:
-        for process in started:
-            process.wait_ready()
+    with all_ready(started):
         yield started
-    finally:
-        for process in started:
-            process.stop()
 
 
 def hold_a_stream(server: ServerProcess) -> tuple[threading.Thread, list[float], list[BaseException]]:
