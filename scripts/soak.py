@@ -154,7 +154,7 @@ async def slow_headers(host: str, port: int, tally: Tally) -> None:
     tally.counts["sent"] += 1
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        for piece in (b"POST /generate HTTP/1.1\r\n", b"Host: x\r\n", b"X-Slow: 1\r\n") * 40:
+        for piece in (b"POST /generate HTTP/1.1\r\nHost: x\r\n", *(f"X-Slow-{i}: 1\r\n".encode() for i in range(120))):
             writer.write(piece)
             await writer.drain()
             if await _closed(reader, 1.0):

@@ -168,14 +168,11 @@ class SpeechServer:
             c.cancelled += run.outcome in ("cancelled", "slow_client")
             c.timed_out += run.outcome == "timeout"
             c.completed += run.outcome == "done"
+        cut = status == 200 and run is not None and run.outcome in ("timeout", "slow_client", "error")
         if response is None:
             what = "cut off at shutdown" if self.draining else "client went away"
         else:
-            what = (
-                str(status)
-                if run is None or run.outcome not in ("timeout", "slow_client", "error")
-                else (f"{status} cut ({run.outcome})")
-            )
+            what = f"200 cut ({run.outcome})" if cut else str(status)
         detail = f" {run.summary()}" if run is not None else ""
         if note.error:
             detail += f" error={note.error}"

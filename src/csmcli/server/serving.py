@@ -63,9 +63,14 @@ class JsonErrorHandler(RequestHandler):
         self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
     ) -> web.StreamResponse:
         """The JSON error for a request aiohttp could not parse or handle (the connection closes after it)."""
-        super().handle_error(request, status, exc, message)  # logs it; raises if the answer has begun
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response has begun: it cannot become an error response")
         phrase = HTTPStatus(status).phrase
         detail = (message or "").strip().splitlines()[0][: 2 * SHOWN_CHARS] if message else ""
+        if status >= 500:
+            log.error("%s %s: %s", status, phrase, detail or type(exc).__name__, exc_info=exc)
+        else:  # one line, no traceback: anyone can send garbage
+            log.info("%s from %s: %s", status, request.remote, detail or phrase)
         response = error_response(
             status, f"{phrase}: {detail}" if detail else phrase, phrase.lower().replace(" ", "_").replace("-", "_")
         )
