@@ -50,6 +50,7 @@ class Tally:
 
     counts: Counter = field(default_factory=Counter)
     first_audio: list[float] = field(default_factory=list)
+    rss_mb: list[float] = field(default_factory=list)  # the server's, once a minute
 
 
 class Server:
@@ -212,6 +213,7 @@ def print_table(args: argparse.Namespace, tally: Tally, rss: tuple[float, float]
         ("slow headers closed by the server", c["slow_cut_by_server"]),
         ("first audio p50 / p99", f"{as_ms(p50)} / {as_ms(p99)}"),
         ("server RSS start / end", f"{rss[0]:.0f} MiB / {rss[1]:.0f} MiB"),
+        ("server RSS each minute (MiB)", " ".join(f"{x:.0f}" for x in tally.rss_mb)),
         ("server exit code after SIGTERM", code),
     ]
     rows += [(k, v) for k, v in sorted(c.items()) if k.startswith("failed:")]
@@ -222,11 +224,20 @@ def print_table(args: argparse.Namespace, tally: Tally, rss: tuple[float, float]
         print(f"| {name:<{width}} | {value} |")
 
 
-async def soak(args: argparse.Namespace, url: str, tally: Tally) -> None:
+async def watch_memory(server: Server, tally: Tally) -> None:
+    """Sample the server's RSS once a minute (flat after warm-up, or growing?)."""
+    while True:
+        tally.rss_mb.append(server.rss_mb())
+        await asyncio.sleep(60)
+
+
+async def soak(args: argparse.Namespace, server: Server, tally: Tally) -> None:
+    url = server.url
     stop_at = time.perf_counter() + args.duration
+    watcher = asyncio.create_task(watch_memory(server, tally))
     tasks = [asyncio.create_task(client(i, url, args, stop_at, tally)) for i in range(args.clients)]
     done, pending = await asyncio.wait(tasks, timeout=args.duration + args.request_timeout + 30)
-    for task in pending:
+    for task in (*pending, watcher):
         task.cancel()
     for task in done:
         if task.exception() is not None:
@@ -251,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         rss_start = server.rss_mb()
         tally = Tally()
         started = time.perf_counter()
-        asyncio.run(soak(args, server.url, tally))
+        asyncio.run(soak(args, server, tally))
         wall = time.perf_counter() - started
         rss_end = server.rss_mb()
     finally:
