@@ -17,6 +17,8 @@ FRAME_MS = 80
 SPEAKERS = (0, 1)
 #: How many recent frames the repetition penalty looks back over.
 REPETITION_WINDOW = 64
+#: Largest ``top_k``: the audio codes per codebook (a larger k would filter nothing, and overflows the sampler).
+MAX_TOP_K = 2051
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,8 @@ class GenerationOptions:
             _check_number("seed", self.seed, int)
         if not 0 <= self.temperature <= 10:
             raise OptionsError(f"temperature must be between 0 and 10 (0 = greedy), got {self.temperature}")
-        if self.top_k < 1:
-            raise OptionsError(f"top_k must be at least 1, got {self.top_k}")
+        if not 1 <= self.top_k <= MAX_TOP_K:
+            raise OptionsError(f"top_k must be between 1 and {MAX_TOP_K}, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise OptionsError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if not 1 <= self.repetition_penalty <= 10:
@@ -125,10 +127,13 @@ def format_rtf(seconds: float, audio_seconds: float) -> str:
 
 def _check_number(name: str, value: Any, kind: type) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        ok = ok and float(value).is_integer()
+    if ok and isinstance(value, int):
+        ok = kind is int or abs(value) < 2**1000  # float() of a bigger int overflows
+    elif ok and kind is int:
+        ok = value.is_integer()
     if not ok or (isinstance(value, float) and not math.isfinite(value)):
-        raise OptionsError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+        shown = repr(value) if len(repr(value)) < 40 else f"{repr(value)[:20]}... ({len(repr(value))} characters)"
+        raise OptionsError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {shown}")
 
 
 def _coerce(name: str, value: Any, kind: type) -> int | float:

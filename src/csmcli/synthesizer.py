@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,8 @@ from .voices import NO_VOICE, VoiceLibrary
 log = logging.getLogger("csmcli")
 #: Silence between the pieces of a long text.
 PIECE_PAUSE_S = 0.25
+#: Encoded voices kept in memory (each holds up to 30 s of audio and its codes).
+VOICE_CACHE = 32
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -104,7 +108,7 @@ class Synthesizer:
         model: CSMModel,
         codec: Codec,
         tokenizer,
-        device: torch.device,  # noqa: ANN001
+        device: torch.device,
         dtype: torch.dtype,
         max_batch_size: int = 1,
         source: Path | None = None,
@@ -120,7 +124,8 @@ class Synthesizer:
         self.source = source
         self.prompts = PromptBuilder(tokenizer, codec.encode, model.num_codebooks)
         self.voices = VoiceLibrary(prompts_dir)
-        self._voice_segments: dict[tuple, Segment] = {}
+        self._voice_segments: OrderedDict[tuple, Segment] = OrderedDict()  # the most recently used last
+        self._voice_lock = threading.Lock()
         self.engine = Engine(
             model, codec, device, dtype, max_batch=max_batch_size, cpu_kernels=cpu_kernels, cpu_caps=cpu_caps
         )
@@ -220,7 +225,7 @@ class Synthesizer:
         first_chunk_frames: int = 1,
         chunk_frames: int = 8,
         sink=None,
-    ) -> Job:  # noqa: ANN001
+    ) -> Job:
         """Build and validate (but do not start) one generation job."""
         options = options or GenerationOptions()
         prompt = self.prompt(text, speaker, context)
@@ -230,19 +235,28 @@ class Synthesizer:
 
     def voice_context(self, speaker: int = 0, voice: str | None = None) -> list[Segment]:
         """Context segments for a voice: ``None`` = the speaker's default preset (if the checkpoint
-        has one), ``"none"`` = no context, otherwise a preset or user voice by name."""
+        has one), ``"none"`` = no context, otherwise a preset or user voice by name.
+
+        A voice is read and encoded once and cached (the :data:`VOICE_CACHE` most recently used).
+        That first time takes a while; it holds a voice lock, never the engine's, so a server runs
+        it in a worker thread while the engine keeps generating for everyone else.
+        """
         check_speaker(speaker)
         if voice == NO_VOICE:
             return []
         chosen = self.voices.default_for(speaker) if voice is None else self.voices.get(voice)
         if chosen is None:
             return []
-        key = (chosen.name, chosen.audio_path, speaker)
-        if key not in self._voice_segments:
-            segment = Segment(chosen.text, speaker, chosen.load())
-            self.prompts.segment_rows(segment)  # encode once; the codes stay on the segment
-            self._voice_segments[key] = segment
-        return [self._voice_segments[key]]
+        key = (chosen.name, chosen.audio_path, chosen.stamp, chosen.text, speaker)
+        with self._voice_lock:
+            if key not in self._voice_segments:
+                segment = Segment(chosen.text, speaker, chosen.load())
+                self.prompts.segment_rows(segment)  # encode once; the codes stay on the segment
+                self._voice_segments[key] = segment
+                while len(self._voice_segments) > VOICE_CACHE:
+                    self._voice_segments.popitem(last=False)
+            self._voice_segments.move_to_end(key)
+            return [self._voice_segments[key]]
 
     def utterance(
         self,
@@ -255,7 +269,7 @@ class Synthesizer:
         options: GenerationOptions | None = None,
         first_chunk_frames: int = 1,
         chunk_frames: int = 8,
-        sink=None,  # noqa: ANN001
+        sink=None,
         pause_s: float = PIECE_PAUSE_S,
     ) -> Utterance:
         """One request for text of any length, spoken piece by piece (see :class:`Utterance`).
@@ -267,8 +281,7 @@ class Synthesizer:
         options = options or GenerationOptions()
         check_text(text)
         check_speaker(speaker)
-        with self.engine.lock:  # a new voice is encoded by the codec, which the engine also uses
-            base = list(context) if context is not None else self.voice_context(speaker, voice)
+        base = list(context) if context is not None else self.voice_context(speaker, voice)
         return Utterance(
             self,
             split_text(text),
@@ -420,8 +433,8 @@ class Synthesizer:
         self.engine.clear_prefix_cache()
 
     def background_loop(self) -> EngineLoop:
-        """A started thread that steps the engine while jobs are waiting or running (for servers)."""
-        return EngineLoop(self.engine).start()
+        """A thread (not yet started) that steps the engine while jobs are waiting or running (for servers)."""
+        return EngineLoop(self.engine)
 
     @property
     def capacity(self) -> int:

@@ -59,13 +59,37 @@ def serve(
         typer.Option(
             "--grace-period",
             "--grace_period",
-            help="Seconds in-flight requests get to finish after SIGTERM.",
+            help="Seconds in-flight requests get to finish after SIGTERM (a second signal exits at once).",
         ),
     ] = 10.0,
     max_text_chars: Annotated[
         int,
         typer.Option("--max-text-chars", "--max_text_chars", help="Longest text a request may carry."),
     ] = 5000,
+    keepalive_timeout: Annotated[
+        float,
+        typer.Option(
+            "--keepalive-timeout",
+            "--keepalive_timeout",
+            help="Seconds an idle connection (or one still sending its first headers) is kept open.",
+        ),
+    ] = 15.0,
+    read_timeout: Annotated[
+        float,
+        typer.Option(
+            "--read-timeout",
+            "--read_timeout",
+            help="Seconds a request body may take to arrive (slower: 408).",
+        ),
+    ] = 30.0,
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            "--max-connections",
+            "--max_connections",
+            help="Open connections allowed; more get 503 and are closed.",
+        ),
+    ] = 256,
     *,
     generation: GenerationFlags,
     loader: ModelFlags,
@@ -85,6 +109,9 @@ def serve(
         request_timeout=request_timeout,
         grace_period=grace_period,
         max_text_chars=max_text_chars,
+        keepalive_timeout=keepalive_timeout,
+        read_timeout=read_timeout,
+        max_connections=max_connections,
     )
     sock = bind(host, port)
     synth = loader.load(not quiet and stderr_is_tty(), max_batch_size)
