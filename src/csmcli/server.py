@@ -117,6 +117,8 @@ class ServerConfig:
     request_timeout: float = 300.0
     grace_period: float = 10.0
     max_text_chars: int = MAX_TEXT_CHARS
+    read_only_voices: bool = False
+    max_voices: int = 100
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:
@@ -127,6 +129,8 @@ class ServerConfig:
             raise OptionsError(f"grace_period must be 0 or more seconds, got {self.grace_period}")
         if self.max_text_chars < 1:
             raise OptionsError(f"max_text_chars must be at least 1, got {self.max_text_chars}")
+        if self.max_voices < 0:
+            raise OptionsError(f"max_voices must be 0 or more, got {self.max_voices}")
 
 
 @dataclass(frozen=True)
@@ -498,14 +502,16 @@ class SpeechServer:
 
     def app(self) -> web.Application:
         """The routes, with the error, auth and logging middleware."""
+        from . import voices_http
+
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._middleware])
         app.router.add_get("/health", self.health)
         app.router.add_post("/generate", self.generate)
         app.router.add_post("/v1/audio/speech", self.speech)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/audio/models", self.audio_models)
-        app.router.add_get("/v1/audio/voices", self.voices)
         app.router.add_get("/v1/stats", self.stats)
+        voices_http.add_routes(app, self)  # the voices API and the playground page
         return app
 
     # -- middleware -----------------------------------------------------------------------------
@@ -541,8 +547,10 @@ class SpeechServer:
         return response
 
     def _authorize(self, request: web.Request) -> None:
+        from .voices_http import is_public  # the playground page asks for the key itself
+
         key = self.config.api_key
-        if not key or request.path == "/health":
+        if not key or request.path == "/health" or is_public(request.path):
             return
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -644,20 +652,6 @@ class SpeechServer:
     async def audio_models(self, request: web.Request) -> web.Response:
         """The TTS model list in the shape Open WebUI asks for."""
         return web.json_response({"models": [{"id": self.config.model_id}]})
-
-    async def voices(self, request: web.Request) -> web.Response:
-        """Preset and user voices, ``none``, and the OpenAI names with the speaker each maps to."""
-        speaker_of = {name: s for s, name in DEFAULT_VOICES.items()}
-        voices = [
-            {"id": v.name, "name": v.name, "source": v.source, "speaker": speaker_of.get(v.name, 0)}
-            for v in self.synth.voices.list()
-        ]
-        voices.append({"id": NO_VOICE, "name": NO_VOICE, "source": "builtin", "speaker": 0})
-        voices += [
-            {"id": name, "name": name, "source": "openai", "speaker": s, "voice": DEFAULT_VOICES[s]}
-            for name, s in OPENAI_VOICES.items()
-        ]
-        return web.json_response({"voices": voices})
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         """vox-serve's ``POST /generate``."""

@@ -98,6 +98,15 @@ def serve(
             "--max-text-chars", "--max_text_chars", rich_help_panel=_SERVER, help="Longest text a request may carry."
         ),
     ] = 5000,
+    read_only_voices: Annotated[
+        bool,
+        typer.Option(
+            "--read-only-voices",
+            "--read_only_voices",
+            rich_help_panel=_SERVER,
+            help="Refuse voice uploads and deletions over HTTP (POST/DELETE /v1/audio/voices).",
+        ),
+    ] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = "none",
@@ -118,6 +127,7 @@ def serve(
         request_timeout=request_timeout,
         grace_period=grace_period,
         max_text_chars=max_text_chars,
+        read_only_voices=read_only_voices,
     )
     sock = bind(host, port)
     synth = load_synthesizer(model, device, dtype, not quiet and stderr_is_tty(), max_batch_size, quantize, compile_)
