@@ -42,13 +42,13 @@ class LiveServer:
         self.home = home
         self.server = SpeechServer(self.synth, ServerConfig(model_id="csm-tiny", **config))
         self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()  # everything runs on this thread's loop (a browser driver may own the main thread's)
         self.runner = web.AppRunner(self.server.app(), handler_cancellation=True, access_log=None)
         sock = socket.create_server(("127.0.0.1", 0))
         self.server.start()
-        self.loop.run_until_complete(self.runner.setup())
-        self.loop.run_until_complete(web.SockSite(self.runner, sock).start())
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.runner.setup(), self.loop).result(30)
+        asyncio.run_coroutine_threadsafe(web.SockSite(self.runner, sock).start(), self.loop).result(30)
         self.base = f"http://127.0.0.1:{sock.getsockname()[1]}"
 
     def url(self, path: str) -> str:

@@ -12,6 +12,7 @@ const state = (window.csmPlayground = {
   phase: "starting",
   error: null,
   last: null,
+  live: null,
   downloaded: null,
   savedVoice: null,
 });
@@ -158,6 +159,7 @@ async function speak(event) {
   const requestStart = performance.now();
   state.phase = "speaking";
   state.last = null;
+  state.live = null;
   setBusy(true);
   setStatus("Speaking…");
   let seed = null;
@@ -174,7 +176,10 @@ async function speak(event) {
       sampleRate,
       requestStart,
       signal: controller.signal,
-      onProgress: (s) => showMetrics(s, seed),
+      onProgress: (s) => {
+        state.live = { samples: s.samples, firstScheduledAt: s.firstScheduledAt };
+        showMetrics(s, seed);
+      },
     });
     showMetrics(stats, seed);
     const { pcm, ...summary } = stats;
