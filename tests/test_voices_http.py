@@ -306,6 +306,9 @@ def test_uploads_must_be_multipart_with_one_audio_file(server: LiveServer) -> No
     assert_error(text_as_file, 400, "invalid_type", "text")
     twice = [("name", (None, "x")), ("text", (None, "Hi.")), ("audio", ("a.wav", b"1")), ("audio", ("b.wav", b"2"))]
     assert_error(requests.post(url, files=twice, timeout=10), 400, "duplicate_field", "audio")
+    for content_type in ("multipart/form-data; boundary=b", "multipart/form-data"):
+        garbled = requests.post(url, data=b"--b\r\nnot a part header\r\n", headers={"Content-Type": content_type})
+        assert_error(garbled, 400, "invalid_body")
 
 
 def test_presets_and_builtin_names_cannot_be_deleted_and_unknown_ones_are_404(server: LiveServer) -> None:

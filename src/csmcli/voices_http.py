@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .errors import AudioError, InputError
 from .server import FORMATS, OPENAI_VOICES, ApiError, check_fields
@@ -234,8 +235,9 @@ async def read_upload(request: web.Request, limit: int = MAX_UPLOAD_BYTES) -> Up
             else:
                 raw = await _read_part(part, MAX_FIELD_BYTES, part.name)
                 upload.fields[part.name] = raw.decode(part.get_charset("utf-8"))
-    except (ValueError, UnicodeDecodeError, LookupError, AssertionError) as exc:
-        raise ApiError(400, f"malformed multipart body: {exc}", "invalid_body") from None
+    except (ValueError, UnicodeDecodeError, LookupError, HttpProcessingError) as exc:
+        reason = str(exc).strip().replace("\n", " ") or type(exc).__name__
+        raise ApiError(400, f"malformed multipart body: {reason}", "invalid_body") from None
     return upload
 
 
