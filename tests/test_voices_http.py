@@ -14,6 +14,7 @@ import socket
 import subprocess
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -309,6 +310,29 @@ def test_uploads_must_be_multipart_with_one_audio_file(server: LiveServer) -> No
     for content_type in ("multipart/form-data; boundary=b", "multipart/form-data"):
         garbled = requests.post(url, data=b"--b\r\nnot a part header\r\n", headers={"Content-Type": content_type})
         assert_error(garbled, 400, "invalid_body")
+
+
+def test_decoding_runs_in_a_worker_thread_while_the_server_keeps_answering(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import csmcli.voices_http as voices_http
+
+    release, entered = threading.Event(), threading.Event()
+    decode = voices_http.decode_upload
+
+    def held_decode(data: bytes) -> tuple:
+        entered.set()
+        assert release.wait(30), "never released"
+        return decode(data)
+
+    monkeypatch.setattr(voices_http, "decode_upload", held_decode)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(upload, server, "held")
+        assert entered.wait(30)
+        # The decoder is stuck, yet the event loop answers: it is not decoding there.
+        assert requests.get(server.url("/health"), timeout=5).status_code == 200
+        release.set()
+        assert pending.result().status_code == 201
 
 
 def test_presets_and_builtin_names_cannot_be_deleted_and_unknown_ones_are_404(server: LiveServer) -> None:
