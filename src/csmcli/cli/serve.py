@@ -90,6 +90,14 @@ def serve(
             help="Open connections allowed; more get 503 and are closed.",
         ),
     ] = 256,
+    read_only_voices: Annotated[
+        bool,
+        typer.Option(
+            "--read-only-voices",
+            "--read_only_voices",
+            help="Refuse voice uploads and deletions over HTTP (POST/DELETE /v1/audio/voices).",
+        ),
+    ] = False,
     *,
     generation: GenerationFlags,
     loader: ModelFlags,
@@ -112,6 +120,7 @@ def serve(
         keepalive_timeout=keepalive_timeout,
         read_timeout=read_timeout,
         max_connections=max_connections,
+        read_only_voices=read_only_voices,
     )
     sock = bind(host, port)
     synth = loader.load(not quiet and stderr_is_tty(), max_batch_size)

@@ -21,11 +21,11 @@ from aiohttp import web
 
 from ..engine import Job
 from ..errors import CsmError
-from ..voices import DEFAULT_VOICES, NO_VOICE
+from ..voices import NO_VOICE
+from . import voices_api
 from .config import ServerConfig
 from .requests import (
     MAX_BODY_BYTES,
-    OPENAI_VOICES,
     ApiError,
     SpeechRequest,
     error_response,
@@ -91,8 +91,8 @@ class SpeechServer:
         app.router.add_post("/v1/audio/speech", self.speech)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/audio/models", self.audio_models)
-        app.router.add_get("/v1/audio/voices", self.voices)
         app.router.add_get("/v1/stats", self.stats)
+        voices_api.add_routes(app, self)  # the voices API and the playground page
         return app
 
     # -- middleware -----------------------------------------------------------------------------
@@ -131,7 +131,7 @@ class SpeechServer:
 
     def _authorize(self, request: web.Request) -> None:
         key = self.config.api_key
-        if not key or request.path == "/health":
+        if not key or request.path == "/health" or voices_api.is_public(request.path):
             return
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -237,20 +237,6 @@ class SpeechServer:
     async def audio_models(self, request: web.Request) -> web.Response:
         """The TTS model list in the shape Open WebUI asks for."""
         return web.json_response({"models": [{"id": self.config.model_id}]})
-
-    async def voices(self, request: web.Request) -> web.Response:
-        """Preset and user voices, ``none``, and the OpenAI names with the speaker each maps to."""
-        speaker_of = {name: s for s, name in DEFAULT_VOICES.items()}
-        voices = [
-            {"id": v.name, "name": v.name, "source": v.source, "speaker": speaker_of.get(v.name, 0)}
-            for v in self.synth.voices.list()
-        ]
-        voices.append({"id": NO_VOICE, "name": NO_VOICE, "source": "builtin", "speaker": 0})
-        voices += [
-            {"id": name, "name": name, "source": "openai", "speaker": s, "voice": DEFAULT_VOICES[s]}
-            for name, s in OPENAI_VOICES.items()
-        ]
-        return web.json_response({"voices": voices})
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         """vox-serve's ``POST /generate``."""

@@ -30,6 +30,8 @@ class ServerConfig:
     read_timeout: float = 30.0
     max_connections: int = 256
     max_buffered_s: float = 60.0
+    read_only_voices: bool = False
+    max_voices: int = 100
 
     def __post_init__(self) -> None:
         if self.max_queue < 0:
@@ -41,6 +43,8 @@ class ServerConfig:
             raise OptionsError(f"grace_period must be 0 or more seconds, got {self.grace_period}")
         if self.max_text_chars < 1:
             raise OptionsError(f"max_text_chars must be at least 1, got {self.max_text_chars}")
+        if self.max_voices < 0:
+            raise OptionsError(f"max_voices must be 0 or more, got {self.max_voices}")
         if self.max_connections < 1:
             raise OptionsError(f"max_connections must be at least 1, got {self.max_connections}")
         if self.api_key is not None and not self.api_key.isascii():
