@@ -294,8 +294,9 @@ def test_form_bodies_and_json_without_content_type(server: ServerProcess) -> Non
     np.testing.assert_array_equal(read_wav(curl), samples)
 
 
-def test_long_text_is_spoken_piece_by_piece(server: ServerProcess) -> None:
-    from csmcli.synthesizer import PIECE_PAUSE_S
+def test_long_text_stays_within_the_request_budget_streamed_or_whole(server: ServerProcess) -> None:
+    """max_audio_ms bounds the whole request, however many pieces the text has (a random model
+    never ends a piece, so its first piece takes the whole budget; test_api covers the pieces)."""
     from csmcli.textsplit import split_text
 
     text = " ".join(
@@ -307,9 +308,9 @@ def test_long_text_is_spoken_piece_by_piece(server: ServerProcess) -> None:
     assert pieces > 1
     body = {"text": text, "max_audio_ms": 160, "seed": 9}
     whole = requests.post(server.url("/generate"), json=body, timeout=120)
-    assert whole.headers["X-Frames"] == str(2 * pieces)
+    assert whole.headers["X-Frames"] == "2"
     samples = read_wav(whole.content)
-    assert len(samples) == 2 * pieces * 1920 + (pieces - 1) * round(PIECE_PAUSE_S * 24000)
+    assert len(samples) == 2 * 1920
     streamed = requests.post(server.url("/generate"), json={**body, "streaming": True}, timeout=120)
     assert np.abs(read_wav(streamed.content).astype(int) - samples).max() <= 1
 
