@@ -89,6 +89,7 @@ FORMATS: dict[str, Format] = {
             container="OGG",
             codec="VORBIS",
             aliases=("vorbis",),
+            # libsndfile writes Vorbis in whole Ogg pages (about 4 KB), so the stream leaves in ~0.5 s steps.
             note="ogg = Vorbis",
         ),
         Format(
