@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .formats import extensions_help, for_path
 from .errors import CsmError, InputError
+from .formats import extensions_help, for_path
 from .options import OPTION_FIELDS, GenerationOptions
 
 #: Speaker ids CSM-1B knows.
