@@ -338,3 +338,15 @@ def test_say_streams_opus_through_a_pipe(tiny_dir, cli_env) -> None:  # noqa: AN
     )
     assert proc.returncode == 0, proc.stderr.decode()
     check_decodes(proc.stdout, "opus", N, STREAMED_SLACK["opus"])
+
+
+def test_batch_out_names_take_every_format_extension() -> None:
+    from csmcli.dialog import check_out_name
+
+    for fmt in formats.FORMATS.values():
+        check_out_name(f"part/one{fmt.extensions[0]}")
+    with pytest.raises(ValueError) as err:
+        check_out_name("one.mp4")
+    assert (
+        str(err.value) == "'out' needs an audio extension (.wav, .raw, .flac, .ogg, .mp3, .opus or .aac), got 'one.mp4'"
+    )
