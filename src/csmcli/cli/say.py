@@ -5,16 +5,21 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, BinaryIO
 
-import numpy as np
 import typer
 
-from .. import audio as audio_io
+from .. import formats
+from ..audio import atomic_file
 from ..errors import AudioError, InputError
 from ..options import FRAME_MS, check_text
 from .common import GenerationFlags, ModelFlags, QuietOpt, VoiceFlags, command, stderr_is_tty
 from .progress import GenerationProgress
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from ..synthesizer import Job, Synthesizer
 
 
 @command
@@ -26,8 +31,9 @@ def say(
     ] = None,
     fmt: Annotated[
         str | None,
-        typer.Option("--format", help="wav|flac|ogg|raw (raw = s16le mono 24 kHz) [default: from the extension]."),
+        typer.Option("--format", help=f"{formats.choices_help()}; default: from the extension, else wav."),
     ] = None,
+    bitrate: Annotated[str | None, typer.Option("--bitrate", help=formats.bitrate_help())] = None,
     *,
     speech: VoiceFlags,
     generation: GenerationFlags,
@@ -41,7 +47,8 @@ def say(
         if sys.stdout.isatty():
             raise InputError("no output given: pass -o FILE (or -o - for stdout), or use `csm play`")
         output = "-"
-    kind = audio_io.format_for(None if output == "-" else output, fmt)
+    kind = formats.for_path(None if output == "-" else output, fmt)
+    formats.check_bitrate(kind, bitrate)
     if output != "-":
         check_writable(Path(output))
     show = not quiet and stderr_is_tty()
@@ -56,32 +63,27 @@ def say(
         first_chunk_frames=2,
         chunk_frames=8,
     )
-    streaming = output == "-" and kind in ("raw", "wav")
-    if streaming and kind == "raw":
-        print("csm: writing raw PCM: signed 16-bit little-endian, mono, 24000 Hz", file=sys.stderr)
-    pieces = []
-    out = sys.stdout.buffer
+    if output == "-":
+        if kind == "raw":
+            print(f"csm: writing raw PCM: signed 16-bit little-endian, mono, {synth.sample_rate} Hz", file=sys.stderr)
+        encode_to(sys.stdout.buffer, formats.Encoder(kind, synth.sample_rate, bitrate), synth, jobs, show)
+    else:
+        with atomic_file(output) as f:
+            encode_to(f, formats.Encoder(kind, synth.sample_rate, bitrate, out=f), synth, jobs, show)
+
+
+def encode_to(out: BinaryIO, encoder: formats.Encoder, synth: Synthesizer, jobs: Iterator[Job], show: bool) -> None:
+    """Run ``jobs`` and encode each decoded chunk as it comes; what the encoder hands back goes to ``out`` at once."""
     with GenerationProgress(show) as progress:
-        if streaming and kind == "wav":
-            out.write(audio_io.wav_stream_header(synth.sample_rate))
         frames = 0
         for job in jobs:
-            for chunk in synth.run(job):
-                if streaming:
-                    out.write(audio_io.to_int16(chunk.samples).tobytes())
-                    out.flush()
-                else:
-                    pieces.append(chunk.samples)
+            for chunk in synth.stream_job(job):
+                out.write(encoder.feed(chunk.samples))
+                out.flush()
                 frames += chunk.frames
                 progress.update(frames, frames * FRAME_MS / 1000)
-    if streaming:
-        return
-    samples = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
-    if output == "-":
-        out.write(audio_io.encode_audio(samples, kind, synth.sample_rate))
-        out.flush()
-    else:
-        audio_io.write_audio(output, samples, kind, synth.sample_rate)
+    out.write(encoder.finish())
+    out.flush()
 
 
 def read_text(text: str | None, file: Path | None) -> str:
