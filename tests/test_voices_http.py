@@ -23,8 +23,8 @@ import requests
 import soundfile as sf
 
 from csmcli.server import ServerConfig, SpeechServer
-from csmcli.voices import VoiceLibrary
 from csmcli.server.voices_api import MAX_UPLOAD_BYTES
+from csmcli.voices import VoiceLibrary
 
 API_KEY = "voices-key-1"
 TRANSCRIPT = "Hello there, this is my voice."
