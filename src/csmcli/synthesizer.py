@@ -441,11 +441,6 @@ class Synthesizer:
         """How many jobs generate at once (``max_batch_size``)."""
         return self.engine.max_batch
 
-    @property
-    def max_len(self) -> int:
-        """The model's context length in positions (prompt rows plus frames)."""
-        return self.engine.max_len
-
     def stats(self) -> dict[str, int]:
         """What the engine is doing now: jobs ``active`` (in a slot), ``waiting``, and ``max_batch_size``."""
         return self.engine.stats()
