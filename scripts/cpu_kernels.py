@@ -1,6 +1,6 @@
 """Time each CPU matrix kernel on CSM-1B's single-row shapes (microseconds per product).
 
-What ``csmcli.kernels`` chooses between: float32 ``F.linear`` and oneDNN-packed weights, bfloat16
+What ``csmcli.cpu`` chooses between: float32 ``F.linear`` and oneDNN-packed weights, bfloat16
 ``F.linear`` / packed (only where the CPU has oneDNN's bf16 kernels) / the compiled gemv,
 ``torch._weight_int8pack_mm`` and the compiled int8 gemv.  Each shape is timed over enough copies
 of the matrix to overflow the caches, as a frame does.  The last line sums each column over one
@@ -20,8 +20,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from csmcli import kernels
+from csmcli import cpu
 from csmcli.bench import physical_cores
+from csmcli.gemv import GemvKernels
 
 # (name, out_features, in_features, uses per frame)
 SHAPES = [
@@ -50,7 +51,7 @@ def micros(fn, count: int, reps: int = 7) -> float:  # noqa: ANN001
     return statistics.median(times) / count * 1e6
 
 
-def measure(n: int, k: int, caps: kernels.CpuCaps, gemv: tuple) -> list[float]:
+def measure(n: int, k: int, caps: cpu.CpuCaps, gemv: GemvKernels | None) -> list[float]:
     """Microseconds per product of each kernel for an ``n x k`` matrix and one row."""
     nan = float("nan")
     copies = max(2, 256_000_000 // (n * k * 2))
@@ -67,12 +68,12 @@ def measure(n: int, k: int, caps: kernels.CpuCaps, gemv: tuple) -> list[float]:
         else:
             out.append(nan)
         if dtype == torch.bfloat16:
-            out.append(micros(lambda: [gemv[0](x.float(), m) for m in w], len(w)) if gemv[0] else nan)  # noqa: B023
+            out.append(micros(lambda: [gemv.gemv(x.float(), m) for m in w], len(w)) if gemv else nan)  # noqa: B023
     x = torch.randn(1, k, dtype=torch.bfloat16)
     q = [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(2 * copies)]
     s = torch.rand(n, dtype=torch.bfloat16)
     out.append(micros(lambda: [torch._weight_int8pack_mm(x, m, s) for m in q], len(q)))
-    out.append(micros(lambda: [gemv[1](x.float(), m, s) for m in q], len(q)) if gemv[1] else nan)
+    out.append(micros(lambda: [gemv.gemv_int8(x.float(), m, s) for m in q], len(q)) if gemv else nan)
     return out
 
 
@@ -82,10 +83,9 @@ def main() -> None:
     parser.add_argument("--isa", default=None, help="limit the CPU paths to this instruction set")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    caps = kernels.cpu_caps(args.isa)
-    ok = kernels.compiled_gemv(torch.bfloat16, caps)
-    gemv = kernels.compiled_gemv_fns(caps) if ok else (None, None)
-    print(f"threads {args.threads}, torch {torch.__version__}, {caps}, compiled gemv: {ok}")
+    caps = cpu.cpu_caps(args.isa)
+    gemv = cpu.gemv_kernels(torch.bfloat16, caps)
+    print(f"threads {args.threads}, torch {torch.__version__}, {caps}, compiled gemv: {gemv is not None}")
     print(f"{'shape':16s} {'N x K':>12s} " + " ".join(f"{c:>11s}" for c in COLUMNS) + "   (us per product)")
     totals = [0.0] * len(COLUMNS)
     with torch.inference_mode():

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from csmcli import kernels
+from csmcli import cpu
 from csmcli.errors import OptionsError
 
-AVX2 = kernels.cpu_caps("avx2")
+AVX2 = cpu.cpu_caps("avx2")
 EPYC_ERROR = (
     "mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert or avx512bw, avx512vl and avx512dq"
 )
@@ -44,25 +44,25 @@ def no_onednn_bf16(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
         return reorder(w, *args)
 
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse_bf16)
-    kernels.detect_cpu_caps.cache_clear()
+    cpu.detect_cpu_caps.cache_clear()
     yield
-    kernels.detect_cpu_caps.cache_clear()
+    cpu.detect_cpu_caps.cache_clear()
 
 
 def test_cpu_caps_are_detected_and_can_only_be_lowered() -> None:
-    caps = kernels.cpu_caps()
+    caps = cpu.cpu_caps()
     assert caps.isa == {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "default")
-    assert kernels.CpuCaps("avx2", bf16_packed=False, native_bf16=False) == AVX2
-    assert AVX2.simdlen == 256 and kernels.cpu_caps("default").simdlen == 0
+    assert cpu.CpuCaps("avx2", bf16_packed=False, native_bf16=False) == AVX2
+    assert AVX2.simdlen == 256 and cpu.cpu_caps("default").simdlen == 0
     with pytest.raises(OptionsError, match="CPU ISA must be one of avx512, avx2, default"):
-        kernels.cpu_caps("sse4")
+        cpu.cpu_caps("sse4")
     if caps.isa != "avx512":
         with pytest.raises(OptionsError, match="this CPU offers"):
-            kernels.cpu_caps("avx512")
+            cpu.cpu_caps("avx512")
 
 
 def test_the_probe_finds_no_bf16_packing(no_onednn_bf16) -> None:  # noqa: ANN001
-    assert not kernels.detect_cpu_caps().bf16_packed
+    assert not cpu.detect_cpu_caps().bf16_packed
 
 
 @pytest.mark.parametrize("caps", [None, AVX2], ids=["probed", "avx2"])
@@ -74,7 +74,7 @@ def test_linear_without_onednn_bf16(no_onednn_bf16, caps, dtype: torch.dtype, ro
     torch.manual_seed(0)
     w = torch.randn(96, 64, dtype=dtype)
     x = torch.randn(2, rows, 64, dtype=dtype)
-    layer = kernels.CpuLinear(w, caps=caps)
+    layer = cpu.CpuLinear(w, caps=caps)
     assert layer.packed_weights == (dtype == torch.float32) and layer.upcast == (dtype == torch.bfloat16)
     got = layer(x)
     assert got.shape == (2, rows, 96) and got.dtype == dtype
@@ -90,12 +90,12 @@ def test_bfloat16_model_on_the_avx2_path(tiny_dir, no_onednn_bf16, monkeypatch, 
     greedy codes of the float32 model."""
     from csmcli import GenerationOptions, Synthesizer
 
-    monkeypatch.setattr(kernels, "_GEMV_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(cpu, "GEMV_MIN_ELEMENTS", 0)
     synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="bfloat16", quantize=quantize, cpu_isa="avx2")
     assert synth.engine.cpu_caps == AVX2
-    layers = [m for m in synth.model.modules() if isinstance(m, kernels.CpuLinear)]
+    layers = [m for m in synth.model.modules() if isinstance(m, cpu.CpuLinear)]
     assert not any(m.packed_weights for m in layers)
-    if kernels.compiled_gemv(torch.bfloat16, AVX2):
+    if cpu.gemv_kernels(torch.bfloat16, AVX2) is not None:
         assert synth.engine.cpu_kernels.startswith("gemv+") and synth.model.decoder.layers[0].w13.gemv
     audio = synth.generate("Hello from CSM.", options=GenerationOptions(temperature=0, max_audio_ms=480))
     assert audio.stats.frames == 6 and len(audio.samples) == 6 * 1920

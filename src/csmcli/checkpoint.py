@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +99,6 @@ class Checkpoint:
     weight_format: str
     tokenizer_file: Path
     prompts_dir: Path | None = None
-    has_codec: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve(model: str, local_files_only: bool = False) -> Path:
@@ -199,7 +197,6 @@ def inspect(path: Path) -> Checkpoint:
         weight_format=fmt,
         tokenizer_file=tokenizer,
         prompts_dir=prompts if prompts.is_dir() else None,
-        has_codec=any(k.startswith("codec_model.") for k in keys),
     )
 
 

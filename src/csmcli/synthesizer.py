@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -15,11 +14,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import checkpoint, kernels
+from . import checkpoint
 from .codec import Codec
-from .engine import AudioChunk, Engine, EngineLoop, Job, JobStats
-from .errors import CheckpointError, OptionsError, PromptTooLongError
-from .model import CSMModel, TransformerSpec
+from .cpu import CpuCaps
+from .engine import AudioChunk, EngineLoop, Job, JobStats
+from .errors import PromptTooLongError
+from .loader import load_parts, make_engine
+from .model import CSMModel
 from .options import FRAME_MS, GenerationOptions
 from .prompt import Prompt, PromptBuilder, Segment, check_speaker, check_text
 from .textsplit import split_text
@@ -31,9 +32,6 @@ log = logging.getLogger("csmcli")
 PIECE_PAUSE_S = 0.25
 #: Encoded voices kept in memory (each holds up to 30 s of audio and its codes).
 VOICE_CACHE = 32
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -53,53 +51,6 @@ class Audio:
         return len(self.samples) / self.sample_rate
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple's MPS, then the CPU; asking for a missing one is an error."""
-    if name not in DEVICES:
-        raise OptionsError(f"device must be one of {', '.join(DEVICES)}, got {name!r}")
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if cuda else "mps" if mps else "cpu"
-    if name == "cuda" and not cuda:
-        raise OptionsError("device cuda requested but no CUDA GPU is usable by this torch build")
-    if name == "mps" and not mps:
-        raise OptionsError("device mps requested but Apple's MPS backend is not available")
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device, caps: kernels.CpuCaps | None = None) -> torch.dtype:
-    """``auto`` is bfloat16 on CUDA and on CPUs with native bfloat16 (AVX512-BF16 or AMX), float16
-    on MPS, float32 on other CPUs (where bfloat16 arithmetic is emulated and slower).  ``caps``: the
-    CPU's capabilities (default: detected)."""
-    if name == "auto":
-        if device.type == "cpu":
-            return torch.bfloat16 if (caps or kernels.cpu_caps()).native_bf16 else torch.float32
-        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
-    if name not in DTYPES:
-        raise OptionsError(f"dtype must be one of auto, {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
-
-
-def build_model(config: dict, state: dict[str, Tensor], device: torch.device, dtype: torch.dtype) -> CSMModel:
-    """Instantiate :class:`CSMModel` on ``device`` straight from a state dict (no random init pass)."""
-    with torch.device("meta"):
-        model = CSMModel(config)
-    ours = checkpoint.to_model_state(state, config)
-    ours = {k: v.to(device=device, dtype=dtype) for k, v in ours.items()}
-    try:
-        model.load_state_dict(ours, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint tensors do not fit its config: {str(exc).splitlines()[0]}") from None
-    model.init_buffers(device)
-    model.requires_grad_(False)
-    return model.eval()
-
-
-def _compile_requested(compile: bool | None) -> bool:
-    """``compile``, or when it is None whether ``CSM_COMPILE=1``."""
-    return os.environ.get("CSM_COMPILE", "0") == "1" if compile is None else compile
-
-
 class Synthesizer:
     """CSM-1B text-to-speech: ``Synthesizer.load(...)``, then :meth:`generate` or :meth:`stream`."""
 
@@ -113,9 +64,10 @@ class Synthesizer:
         max_batch_size: int = 1,
         source: Path | None = None,
         prompts_dir: Path | None = None,
-        compile: bool | None = None,
+        compile: bool = False,
         cpu_kernels: str | None = None,
-        cpu_caps: kernels.CpuCaps | None = None,
+        cpu_caps: CpuCaps | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         self.model = model
         self.codec = codec
@@ -126,13 +78,17 @@ class Synthesizer:
         self.voices = VoiceLibrary(prompts_dir)
         self._voice_segments: OrderedDict[tuple, Segment] = OrderedDict()  # the most recently used last
         self._voice_lock = threading.Lock()
-        self.engine = Engine(
-            model, codec, device, dtype, max_batch=max_batch_size, cpu_kernels=cpu_kernels, cpu_caps=cpu_caps
+        self.engine = make_engine(
+            model,
+            codec,
+            device,
+            dtype,
+            max_batch_size,
+            compile=compile,
+            cuda_graphs=cuda_graphs,
+            cpu_kernels=cpu_kernels,
+            cpu_caps=cpu_caps,
         )
-        if _compile_requested(compile):
-            self.engine.compile()
-        if device.type == "cuda" and os.environ.get("CSM_CUDA_GRAPHS", "1") != "0":
-            self.engine.capture_graphs()
 
     @property
     def sample_rate(self) -> int:
@@ -149,65 +105,47 @@ class Synthesizer:
         local_files_only: bool = False,
         max_batch_size: int = 1,
         quantize: str = "none",
-        compile: bool | None = None,
+        compile: bool = False,
         cpu_kernels: str | None = None,
         cpu_isa: str | None = None,
+        cuda_graphs: bool = True,
+        mimi: str = checkpoint.MIMI_MODEL,
     ) -> Synthesizer:
-        """Load a hub id (through the hub cache) or a local checkpoint directory.
+        """Load a hub id (through the hub cache) or a local checkpoint directory (see :mod:`csmcli.loader`).
 
         ``quantize="int8"`` stores the projections as weight-only int8 (see :mod:`csmcli.quant`).
-        ``compile`` (default: ``CSM_COMPILE=1``) runs :meth:`Engine.compile` before returning: on a
-        GPU the layers, on the CPU (int8 weights) every depth-decoder step whole.
-        ``cpu_kernels`` (``auto``, ``packed``, ``plain``) picks the CPU matrix kernels, ``cpu_isa``
-        (``avx512``, ``avx2``, ``default``) runs the paths a CPU with only that instruction set takes
-        (default: what this CPU offers; see :func:`csmcli.kernels.cpu_caps`).
+        ``compile`` runs :meth:`Engine.compile` before returning: on a GPU the layers, on the CPU
+        (int8 weights) every depth-decoder step whole.  ``cpu_kernels`` (``auto``, ``packed``,
+        ``plain``) picks the CPU matrix kernels, ``cpu_isa`` (``avx512``, ``avx2``, ``default``) runs
+        the paths a CPU with only that instruction set takes (default: what this CPU offers; see
+        :func:`csmcli.cpu.cpu_caps`).  ``cuda_graphs`` captures each frame as CUDA graphs on a GPU;
+        ``mimi`` is where the codec comes from when the checkpoint has none.
         """
-        from .quant import check_quantization, quantize_int8
-
-        torch_device = pick_device(device)
-        caps = kernels.cpu_caps(cpu_isa) if torch_device.type == "cpu" else None
-        torch_dtype = pick_dtype(dtype, torch_device, caps)
-        if max_batch_size < 1:
-            raise OptionsError(f"max_batch_size must be at least 1, got {max_batch_size}")
-        check_quantization(quantize)
-        compile = _compile_requested(compile)
-        if compile and torch_device.type == "cpu":
-            kernels.check_compilable(quantize == "int8", cpu_kernels, torch_dtype, caps)
-        path = checkpoint.resolve(model, local_files_only=local_files_only)
-        ckpt = checkpoint.inspect(path)
-        if torch_device.type == "cpu":
-            cfg = ckpt.config
-            specs = [TransformerSpec.from_config(cfg), TransformerSpec.from_config(cfg["depth_decoder_config"])]
-            if kernels.needs_gemv(cpu_kernels, specs, max_batch_size, quantize != "none", caps, torch_dtype):
-                kernels.warm_up(torch_dtype, caps)  # compiles while the weights load
-        state, codec_state = checkpoint.read_tensors(ckpt)
-        net = build_model(ckpt.config, state, torch_device, torch_dtype)
-        del state
-        if quantize == "int8":
-            quantize_int8(net)
-        if codec_state:
-            codec = Codec.from_state_dict(ckpt.config["codec_config"], codec_state, torch_device)
-        else:
-            mimi = os.environ.get("CSM_MIMI", checkpoint.MIMI_MODEL)
-            codec = Codec.from_pretrained(checkpoint.resolve(mimi, local_files_only), torch_device)
-        from tokenizers import Tokenizer
-
-        try:
-            tokenizer = Tokenizer.from_file(str(ckpt.tokenizer_file))
-        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
-            raise CheckpointError(f"{ckpt.tokenizer_file} is not a valid tokenizer: {exc}") from None
-        return cls(
-            net,
-            codec,
-            tokenizer,
-            torch_device,
-            torch_dtype,
-            max_batch_size,
-            source=path,
-            prompts_dir=ckpt.prompts_dir,
+        parts = load_parts(
+            model,
+            device=device,
+            dtype=dtype,
+            local_files_only=local_files_only,
+            max_batch_size=max_batch_size,
+            quantize=quantize,
             compile=compile,
             cpu_kernels=cpu_kernels,
-            cpu_caps=caps,
+            cpu_isa=cpu_isa,
+            mimi=mimi,
+        )
+        return cls(
+            parts.model,
+            parts.codec,
+            parts.tokenizer,
+            parts.device,
+            parts.dtype,
+            max_batch_size,
+            source=parts.path,
+            prompts_dir=parts.prompts_dir,
+            compile=compile,
+            cpu_kernels=cpu_kernels,
+            cpu_caps=parts.cpu_caps,
+            cuda_graphs=cuda_graphs,
         )
 
     # -- requests ----------------------------------------------------------------------------

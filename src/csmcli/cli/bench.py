@@ -40,13 +40,13 @@ def bench(
 ) -> None:
     """Measure prefill, ms per frame, time to first audio, batch throughput and memory."""
     from ..bench import BenchSetup, run_bench
-    from ..kernels import pick_cpu_kernels
+    from ..cpu import check_cpu_kernels
     from ..quant import check_quantization
-    from .loading import cpu_settings
+    from .loading import load_settings
 
     check_quantization(loader.quantize)
-    cpu = cpu_settings()
-    cpu_kernels = pick_cpu_kernels(cpu_kernels or cpu["cpu_kernels"])
+    cpu = load_settings()
+    cpu_kernels = check_cpu_kernels(cpu_kernels or cpu["cpu_kernels"])
     if baseline not in (None, "transformers"):
         raise OptionsError(f"baseline must be 'transformers', got {baseline!r}")
     try:
@@ -67,6 +67,7 @@ def bench(
         compile=loader.compile,
         cpu_kernels=cpu_kernels,
         cpu_isa=cpu["cpu_isa"],
+        mimi=cpu.get("mimi"),
     )
     if as_json:
         typer.echo(json.dumps(result, indent=2))

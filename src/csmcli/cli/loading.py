@@ -1,23 +1,41 @@
 """Loading the synthesizer for a command, with a spinner on stderr.
 
-The environment variables that tune loading are read here (and only here in the package), then
-passed down as parameters: ``CSM_CPU_ISA`` (limit the CPU paths to ``avx512``, ``avx2`` or
-``default``) and ``CSM_CPU_KERNELS`` (``auto``, ``packed`` or ``plain``).
+The environment variables that tune loading are read here, and only here in the package, then
+passed to :func:`csmcli.loader.load_parts` as parameters:
+
+* ``CSM_CPU_ISA``: run the CPU paths of a lesser CPU (``avx512``, ``avx2``, ``default``).
+* ``CSM_CPU_KERNELS``: CPU matrix kernels (``auto``, ``packed``, ``plain``).
+* ``CSM_CUDA_GRAPHS=0``: run frames eagerly on CUDA.
+* ``CSM_MIMI``: where the codec comes from when a checkpoint has none (hub id or directory).
+
+(``CSM_COMPILE``, ``CSM_QUANTIZE`` and ``CSM_MODEL`` are the defaults of command-line options.)
 """
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
 from .progress import status
 
+if TYPE_CHECKING:
+    from ..synthesizer import Synthesizer
+
 
 def cpu_settings() -> dict[str, str | None]:
-    """The CPU settings from the environment: ``cpu_isa`` and ``cpu_kernels`` (None when unset)."""
+    """``cpu_isa`` and ``cpu_kernels`` from the environment (None when unset)."""
     return {"cpu_isa": os.environ.get("CSM_CPU_ISA") or None, "cpu_kernels": os.environ.get("CSM_CPU_KERNELS") or None}
 
 
-def load_synthesizer(  # noqa: ANN201
+def load_settings() -> dict[str, Any]:
+    """Every loader parameter the environment sets (see the module docstring)."""
+    settings: dict[str, Any] = {**cpu_settings(), "cuda_graphs": os.environ.get("CSM_CUDA_GRAPHS", "1") != "0"}
+    if os.environ.get("CSM_MIMI"):
+        settings["mimi"] = os.environ["CSM_MIMI"]
+    return settings
+
+
+def load_synthesizer(
     model: str,
     device: str,
     dtype: str,
@@ -25,7 +43,7 @@ def load_synthesizer(  # noqa: ANN201
     max_batch_size: int = 1,
     quantize: str = "none",
     compile: bool = False,
-):
+) -> Synthesizer:
     """Load ``model`` (hub id or directory) onto ``device``; errors surface as one-line CsmErrors."""
     from ..synthesizer import Synthesizer
 
@@ -37,5 +55,5 @@ def load_synthesizer(  # noqa: ANN201
             max_batch_size=max_batch_size,
             quantize=quantize,
             compile=compile,
-            **cpu_settings(),
+            **load_settings(),
         )

@@ -1,36 +1,35 @@
-"""Matrix products for the CPU engine, chosen per matrix to run near the memory-bandwidth floor.
+"""What this CPU gets: its capabilities, and the matrix kernels the CPU engine uses for each projection.
 
-One CSM frame is ~600 matrix-vector products (the backbone once, the depth decoder 31 times), so
-on a CPU its speed is how fast the weights stream from memory.  torch's default ``F.linear`` reaches
-about half of this machine's read bandwidth for one row; two better paths, both from torch itself:
+On a CPU a frame's speed is how fast the weights stream from memory.  Per matrix, the choice is:
 
-* **packed** (no compiler needed): weights reordered once into oneDNN's blocked layout
+* **packed**: weights reordered once into oneDNN's blocked layout
   (``torch.ops.mkldnn._reorder_linear_weight``, what ``torch.compile`` itself uses for frozen CPU
-  linears).  Same results as ``F.linear`` in bfloat16, about 2x its speed for 1 to 8 rows.
-* **gemv** (needs a C++ compiler, as ``torch.compile`` on the CPU does): one row as a fused
-  multiply-and-sum that inductor turns into a vectorised loop reading each weight once, in the
-  weight's own dtype (bfloat16, float32 or int8 with per-channel scales).  Faster again than packed
-  on the wide matrices (``in_features <= 2048``); not used for ``in_features`` 8192, where the
-  packed / int8 kernels win.
+  linears).  Same results as ``F.linear`` and faster for 1 to 8 rows.  bfloat16 packing needs
+  AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; :func:`cpu_caps` probes for it.
+* **gemv** (:mod:`csmcli.gemv`, needs a C++ compiler): single rows as a compiled loop reading each
+  weight once; used for the wide matrices (``in_features <= 2048``), where it beats packed, and for
+  every bfloat16 matrix on CPUs that cannot pack bfloat16.
+* **plain**: torch's defaults.
 
-``CSM_CPU_KERNELS`` (or the ``cpu_kernels`` argument) picks: ``auto`` (gemv where it helps and a
-compiler works, packed elsewhere), ``packed`` (no compiler), ``plain`` (torch defaults).
-``scripts/cpu_kernels.py`` measures every choice on this machine's shapes.
+``cpu_kernels`` picks ``auto`` (gemv where it helps and a compiler works, packed elsewhere),
+``packed`` (no compiler) or ``plain``; ``cpu_isa`` limits the choice to what a CPU with a lesser
+instruction set gets.  ``scripts/cpu_kernels.py`` times every choice on this machine's shapes.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-import os
-import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-log = logging.getLogger(__name__)
+from .errors import OptionsError
+from .gemv import GemvKernels, compiled_gemv, gemv, warm_up
+from .model import TransformerSpec
+from .quant import Int8Linear
 
 CPU_KERNELS = ("auto", "packed", "plain")
 #: Vector instruction-set levels the CPU kernels distinguish, best first.
@@ -76,103 +75,43 @@ def detect_cpu_caps() -> CpuCaps:
 
 
 def cpu_caps(isa: str | None = None) -> CpuCaps:
-    """This CPU's capabilities, or those of a CPU limited to ``isa`` (to run, on a better CPU, the
-    paths a lesser one takes).  Asking for more than the CPU has is a one-line :class:`OptionsError`."""
-    from .errors import OptionsError
-
+    """This CPU's capabilities, or those of a CPU with just the ``isa`` instruction set (``avx2``: an
+    AVX2 + FMA CPU without AVX-NE-CONVERT, whose oneDNN cannot pack bfloat16), to run the paths such a
+    CPU takes.  Asking for more than the CPU has is a one-line :class:`OptionsError`."""
     detected = detect_cpu_caps()
-    if isa is None or isa == detected.isa:
+    if isa is None or isa == detected.isa == "avx512":
         return detected
     if isa not in CPU_ISAS:
         raise OptionsError(f"CPU ISA must be one of {', '.join(CPU_ISAS)}, got {isa!r}")
     if CPU_ISAS.index(isa) < CPU_ISAS.index(detected.isa):
         raise OptionsError(f"CPU ISA {isa} requested but this CPU offers {detected.isa} at best")
-    return CpuCaps(isa, bf16_packed=False, native_bf16=False)  # a lesser CPU: no extensions
+    return CpuCaps(isa, bf16_packed=False, native_bf16=False)  # the bare instruction set: no extensions
 
 
-# gemv is used for single rows of matrices at least this large with in_features at most _GEMV_MAX_IN
-_GEMV_MIN_ELEMENTS = 1 << 20
-_GEMV_MAX_IN = 2048
+# gemv is used for single rows of matrices at least this large with in_features at most GEMV_MAX_IN
+GEMV_MIN_ELEMENTS = 1 << 20
+GEMV_MAX_IN = 2048
 
 
-def _gemv(x: Tensor, w: Tensor) -> Tensor:
-    """``[1, K] x [N, K] -> [1, N]`` in the weight's dtype, accumulated in float32.
-
-    Callers pass ``x`` already in float32: converting it inside would redo the work for every row.
-    """
-    return (w.float() * x.float()).sum(-1).to(w.dtype)[None]
+def _simdlen(caps: CpuCaps | None) -> int | None:
+    """inductor's own vector width on this CPU; the lesser CPU's where caps were lowered."""
+    return None if caps in (None, detect_cpu_caps()) else caps.simdlen
 
 
-def _gemv_int8(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
-    """``[1, K] x int8 [N, K] * scales [N] -> [1, N]`` in the scales' dtype, accumulated in float32.
-
-    Callers pass ``x`` already in float32: converting it inside would redo the work for every row.
-    """
-    return ((w.float() * x.float()).sum(-1) * scales.float()).to(scales.dtype)[None]
+def gemv_kernels(dtype: torch.dtype, caps: CpuCaps | None = None) -> GemvKernels | None:
+    """The compiled gemv kernels for ``dtype`` models on ``caps``' CPU; None where they cannot be built."""
+    return compiled_gemv(dtype, _simdlen(caps))
 
 
-class _Compiled:
-    """The compiled gemv functions per vector width, and which model dtypes they were checked for."""
-
-    gemv: dict[int | None, object] = {}
-    gemv_int8: dict[int | None, object] = {}
-    ready: set[tuple[torch.dtype, int | None]] = set()
-    failed = False
-    lock = threading.Lock()
+def warm_up_gemv(dtype: torch.dtype, caps: CpuCaps | None = None) -> None:
+    """Start building :func:`gemv_kernels` in the background (e.g. while the weights load)."""
+    warm_up(dtype, _simdlen(caps))
 
 
-def compiled_gemv(dtype: torch.dtype = torch.float32, caps: CpuCaps | None = None) -> bool:
-    """Build and check the gemv kernels for ``dtype`` models on ``caps``' instruction set (once per
-    process); False with one warning if that is impossible here (no C++ compiler...)."""
-    # inductor's own choice on this CPU; the lesser CPU's vector width where caps were lowered
-    simd = None if caps in (None, detect_cpu_caps()) else caps.simdlen
-    with _Compiled.lock:
-        if _Compiled.failed:
-            return False
-        if (dtype, simd) in _Compiled.ready:
-            return True
-        try:
-            options = None if simd is None else {"cpp.simdlen": simd}
-            gemv = _Compiled.gemv.get(simd) or torch.compile(_gemv, dynamic=True, options=options)
-            gemv_int8 = _Compiled.gemv_int8.get(simd) or torch.compile(_gemv_int8, dynamic=True, options=options)
-            with torch.inference_mode():  # the engine's mode: the compiled graphs are reused as is
-                x = torch.randn(1, 64).to(dtype)
-                w = torch.randn(256, 64).to(dtype)
-                q = torch.randint(-127, 128, (256, 64), dtype=torch.int8)
-                s = torch.rand(256).to(dtype)
-                tol = 1e-4 if dtype == torch.float32 else 0.1
-                ok = torch.allclose(gemv(x.float(), w).float(), F.linear(x.float(), w.float()), atol=tol, rtol=1e-2)
-                want = F.linear(x.float(), q.float()) * s.float()
-                ok = ok and torch.allclose(gemv_int8(x.float(), q, s).float(), want, atol=tol * 10, rtol=1e-2)
-            if not ok:
-                raise RuntimeError("compiled gemv disagrees with F.linear")
-        except Exception as exc:  # fall back to the packed kernels
-            _Compiled.failed = True
-            log.warning("CPU gemv kernels unavailable (%s); using packed kernels", str(exc).splitlines()[0][:200])
-            return False
-        _Compiled.gemv[simd], _Compiled.gemv_int8[simd] = gemv, gemv_int8
-        _Compiled.ready.add((dtype, simd))
-        return True
-
-
-def warm_up(dtype: torch.dtype, caps: CpuCaps | None = None) -> threading.Thread:
-    """Build the gemv kernels in the background (a few seconds, more on a cold compile cache), e.g.
-    while the weights load; :func:`prepare_cpu` waits for it."""
-    thread = threading.Thread(target=compiled_gemv, args=(dtype, caps), name="csm-gemv-compile", daemon=True)
-    thread.start()
-    return thread
-
-
-def compiled_gemv_fns(caps: CpuCaps) -> tuple:
-    """The compiled ``(gemv, gemv_int8)`` for ``caps``' instruction set (built by :func:`compiled_gemv`)."""
-    simd = None if caps == detect_cpu_caps() else caps.simdlen
-    return _Compiled.gemv[simd], _Compiled.gemv_int8[simd]
-
-
-def _wants_gemv(out_features: int, in_features: int, any_width: bool = False) -> bool:
+def wants_gemv(out_features: int, in_features: int, any_width: bool = False) -> bool:
     """Single rows of this matrix go through the gemv: it is large enough, and (unless ``any_width``:
     bfloat16 without oneDNN's bf16 kernels, where gemv is the only path reading bf16) not too wide."""
-    return (any_width or in_features <= _GEMV_MAX_IN) and out_features * in_features >= _GEMV_MIN_ELEMENTS
+    return (any_width or in_features <= GEMV_MAX_IN) and out_features * in_features >= GEMV_MIN_ELEMENTS
 
 
 def _upcasts(dtype: torch.dtype, caps: CpuCaps) -> bool:
@@ -182,10 +121,10 @@ def _upcasts(dtype: torch.dtype, caps: CpuCaps) -> bool:
 
 def needs_gemv(
     kernels: str | None,
-    specs,
+    specs: Iterable[TransformerSpec],
     max_batch: int,
     int8: bool,
-    caps: CpuCaps | None = None,  # noqa: ANN001
+    caps: CpuCaps | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> bool:
     """Whether :func:`prepare_cpu` will want the compiled gemv for transformers shaped like
@@ -193,7 +132,7 @@ def needs_gemv(
     or bfloat16 weights the CPU cannot pack, and some projection wide enough."""
     caps = caps or cpu_caps()
     upcast = _upcasts(dtype, caps) and not int8
-    if pick_cpu_kernels(kernels) != "auto" or not (max_batch == 1 or int8 or upcast):
+    if check_cpu_kernels(kernels) != "auto" or not (max_batch == 1 or int8 or upcast):
         return False
     for s in specs:
         for out_f, in_f in (
@@ -201,7 +140,7 @@ def needs_gemv(
             ((s.n_heads + 2 * s.n_kv_heads) * s.head_dim, s.dim),
             (s.dim, s.ffn_dim),
         ):
-            if _wants_gemv(out_f, in_f, upcast):
+            if wants_gemv(out_f, in_f, upcast):
                 return True
     return False
 
@@ -209,7 +148,7 @@ def needs_gemv(
 class CpuLinear(nn.Module):
     """A bias-free linear layer for the CPU: packed oneDNN weights, or plain weights plus gemv.
 
-    With ``gemv`` (the compiled ``(x, w)`` function) the plain ``[out, in]`` weight is kept: single
+    With ``gemv_fn`` (the compiled :func:`~csmcli.gemv.gemv`) the plain ``[out, in]`` weight is kept: single
     rows go through it, several rows (prefill) through ``F.linear``.  Otherwise the weight is packed
     once, unless it is bfloat16 and ``caps`` says oneDNN's bf16 kernels do not run here: then it
     stays plain and products run in float32.  A stack of same-shaped layers (``[n, out, in]``, the
@@ -217,14 +156,16 @@ class CpuLinear(nn.Module):
     :class:`~csmcli.quant.Int8Linear`.
     """
 
-    def __init__(self, weight: Tensor, gemv=None, caps: CpuCaps | None = None) -> None:  # noqa: ANN001
+    def __init__(
+        self, weight: Tensor, gemv_fn: Callable[[Tensor, Tensor], Tensor] | None = None, caps: CpuCaps | None = None
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape[-2:]
         weight = weight.detach().contiguous()
-        self.gemv_fn = gemv
+        self.gemv_fn = gemv_fn
         # several rows in float32: bfloat16 weights where oneDNN has no bf16 kernels
         self.upcast = _upcasts(weight.dtype, caps or cpu_caps())
-        self.packed_weights = gemv is None and not self.upcast
+        self.packed_weights = gemv_fn is None and not self.upcast
         self.packed: tuple[Tensor, ...] = ()  # a stack's packed weights (opaque tensors cannot be stacked)
         if not self.packed_weights:
             self.weight = weight
@@ -244,7 +185,7 @@ class CpuLinear(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
         if self.gemv_fn is not None and flat.shape[0] == 1:
-            y = (_gemv if torch.compiler.is_compiling() else self.gemv_fn)(flat.float(), weight)
+            y = (gemv if torch.compiler.is_compiling() else self.gemv_fn)(flat.float(), weight)
         elif self.packed_weights:
             y = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), weight, None, "none", [None], "")
         elif self.upcast:
@@ -265,25 +206,19 @@ def check_compilable(
 ) -> None:
     """Before loading: a one-line :class:`OptionsError` if a CPU model with these settings would
     have packed weights, which ``torch.compile`` cannot trace (:func:`check_model_compilable`)."""
-    from .errors import OptionsError
-
-    if not int8 and pick_cpu_kernels(kernels) != "plain" and not _upcasts(dtype, caps or cpu_caps()):
+    if not int8 and check_cpu_kernels(kernels) != "plain" and not _upcasts(dtype, caps or cpu_caps()):
         raise OptionsError(_CANNOT_COMPILE)
 
 
 def check_model_compilable(model: nn.Module) -> None:
     """The same rule on a prepared model: no :class:`CpuLinear` may hold packed weights."""
-    from .errors import OptionsError
-
     if any(isinstance(m, CpuLinear) and m.packed_weights for m in model.modules()):
         raise OptionsError(_CANNOT_COMPILE)
 
 
-def pick_cpu_kernels(name: str | None = None) -> str:
-    """The kernel choice: ``name``, else ``CSM_CPU_KERNELS``, else ``auto``."""
-    from .errors import OptionsError
-
-    name = name or os.environ.get("CSM_CPU_KERNELS") or "auto"
+def check_cpu_kernels(name: str | None = None) -> str:
+    """``name`` (default ``auto``) if it is a known kernel choice, else a one-line :class:`OptionsError`."""
+    name = name or "auto"
     if name not in CPU_KERNELS:
         raise OptionsError(f"CPU kernels must be one of {', '.join(CPU_KERNELS)}, got {name!r}")
     return name
@@ -300,10 +235,8 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     and keeping both would double the weights' memory).  bfloat16 weights on a CPU without oneDNN's
     bf16 kernels (``caps``) are never packed: single rows take the gemv, several rows float32.
     """
-    from .quant import Int8Linear
-
     caps = caps or cpu_caps()
-    kernels = pick_cpu_kernels(kernels)
+    kernels = check_cpu_kernels(kernels)
     if kernels == "plain":
         return "plain"
     dtype = model.audio_embeddings.weight.dtype
@@ -312,17 +245,17 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     # compile (seconds, once per process) only where some matrix would use the gemv
     int8 = any(isinstance(m, Int8Linear) for m in model.modules())
     specs = (model.backbone.spec, model.decoder.spec)
-    use_gemv = needs_gemv(kernels, specs, max_batch, int8, caps, dtype) and compiled_gemv(dtype, caps)
-    gemv, gemv_int8 = compiled_gemv_fns(caps) if use_gemv else (None, None)
+    built = gemv_kernels(dtype, caps) if needs_gemv(kernels, specs, max_batch, int8, caps, dtype) else None
+    use_gemv = built is not None
 
     def float_gemv(out_features: int, in_features: int):  # noqa: ANN202  (float weights keep one layout)
-        wanted = (max_batch == 1 or upcast) and _wants_gemv(out_features, in_features, upcast)
-        return gemv if use_gemv and wanted else None
+        wanted = (max_batch == 1 or upcast) and wants_gemv(out_features, in_features, upcast)
+        return built.gemv if use_gemv and wanted else None
 
     def swap(layer: nn.Module) -> nn.Module:
         if isinstance(layer, Int8Linear):
-            wanted = use_gemv and _wants_gemv(layer.out_features, layer.in_features)
-            layer.gemv_fn = gemv_int8 if wanted else None
+            wanted = use_gemv and wants_gemv(layer.out_features, layer.in_features)
+            layer.gemv_fn = built.gemv_int8 if wanted else None
             layer.upcast = upcast
             return layer
         if isinstance(layer, CpuLinear):  # prepared before: repack if several rows now need it
