@@ -105,7 +105,7 @@ def test_jsonl_turns_and_problems() -> None:
     ]
     assert [p.split(":")[1] for p in problems] == ["3", "4", "5", "6", "7", "8", "9"]
     assert "unknown field 'colour'" in problems[3]
-    assert "top_k must be at least 1" in problems[4]
+    assert "top_k must be between 1 and 2051" in problems[4]
     assert "'speaker' is missing" in problems[6]
 
 
