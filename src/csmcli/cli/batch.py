@@ -56,6 +56,7 @@ from .common import (
     stderr_is_tty,
 )
 from .loading import load_synthesizer
+from .ray_options import RayCpusOpt, RayOpt
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -646,6 +647,8 @@ def batch(
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = "none",
     compile_: CompileOpt = False,
+    ray: RayOpt = None,
+    ray_cpus: RayCpusOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Speak whole dialogues: one audio file per turn, a manifest and the joined conversation.
@@ -682,7 +685,14 @@ def batch(
                 [d.out_dir / MANIFEST, d.combined, *(d.path(t) for t in d.tasks), *(d.codes_path(t) for t in d.tasks)]
             )
             mark_todo(d, force, chained=chain is not None)
-        generate(dialogues, chain, batch_size, model, device, dtype, quiet, quantize, compile_)
+        if ray is None:
+            generate(dialogues, chain, batch_size, model, device, dtype, quiet, quantize, compile_)
+        else:
+            from .ray_batch import generate_on_ray
+
+            generate_on_ray(
+                ray, ray_cpus, dialogues, chain, batch_size, model, device, dtype, quiet, quantize, compile_
+            )
         for d in dialogues:
             if write_combined(d, pause, audio_io.SAMPLE_RATE) and not quiet:
                 print(f"csm: {d.script.label}: {len(d.tasks)} turns joined in {d.combined}", file=sys.stderr)

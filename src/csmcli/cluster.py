@@ -1,0 +1,449 @@
+"""Ray workers for ``csm batch --ray``: the lanes of a local run, spread over a cluster.
+
+The driver plans the work as a local run does and alone writes the manifests; each worker (a Ray
+actor holding one Synthesizer on a GPU, or on a few CPU cores) runs the lanes it is given with
+continuous batching and writes their codes and audio files into the shared output folders.  A lane
+is one script's pending turns with context (they depend on each other, so they stay on one worker)
+or a single independent turn.  A worker that dies loses only its turns in flight: its lanes go
+back to the queue without the turns it reported and resume from the codes files, as a rerun does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .cli.batch import Dialogue, Lane, Run, Task, check_voices
+from .dialog import ScriptError
+from .errors import CsmError, InputError
+
+if TYPE_CHECKING:
+    from .synthesizer import Synthesizer
+
+#: The extra that installs Ray.
+EXTRA = "csmcli[ray]"
+#: CPU cores per worker on a cluster without GPUs (fewer when a node has fewer).
+DEFAULT_WORKER_CPUS = 4
+#: How long one poll of a worker waits for news, in seconds.
+POLL_S = 0.5
+#: Replacement workers started for dead ones, per worker of the job.
+RESTARTS_PER_WORKER = 2
+
+
+def import_ray():  # noqa: ANN201
+    """The ``ray`` module, or a one-line error naming the extra that installs it."""
+    try:
+        import ray
+    except ImportError:
+        raise InputError(f'--ray needs Ray: pip install "{EXTRA}"') from None
+    return ray
+
+
+def check_address(address: str) -> str:
+    """``auto``, ``local``, ``ray://host:port`` or a cluster's ``host:port``; anything else is an error."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if address in ("auto", "local") or (host and port.isdigit()):
+        return address
+    raise InputError(f"--ray: expected auto, local, ray://HOST:PORT or HOST:PORT, got {address!r}")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where the cluster is and how big a worker is: one GPU each, else ``cpus_per_worker`` cores."""
+
+    address: str = "auto"
+    cpus_per_worker: int | None = None
+    max_workers: int | None = None
+    device: str = "auto"
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ClusterStatus:
+    """The job as the progress display sees it."""
+
+    workers: int
+    frames: int
+    in_flight_frames: int
+    elapsed: float
+
+
+@dataclass
+class ClusterSummary:
+    """What a finished job did."""
+
+    turns: int
+    frames: int
+    elapsed: float
+    workers: int
+    lost: int
+
+
+class ClusterProgress(Protocol):
+    """What the job reports to its front end, from the driver's thread."""
+
+    def turn_done(self, dialogue: Dialogue, task: Task, seconds: float, stop: str) -> None: ...
+
+    def status(self, status: ClusterStatus) -> None: ...
+
+    def say(self, message: str) -> None: ...
+
+
+# -- the worker ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TurnDone:
+    """A turn's files are written; ``record`` is its manifest entry."""
+
+    lane: int
+    record: dict[str, Any]
+    seconds: float
+    stop: str
+
+
+@dataclass
+class LaneDone:
+    """Every turn of the lane is written."""
+
+    lane: int
+
+
+@dataclass
+class Failed:
+    """The worker stopped on an error; ``user`` when it is the input's fault (a CsmError)."""
+
+    message: str
+    user: bool
+
+
+class QuietDialogue(Dialogue):
+    """A worker's copy of a dialogue: absolute paths, and no manifest (the driver, which hears of every
+    turn, writes it)."""
+
+    @classmethod
+    def of(cls, dialogue: Dialogue) -> QuietDialogue:
+        """The copy sent to workers, whose working folder is not the driver's."""
+        d = dialogue
+        return cls(d.script, d.out_dir.resolve(), d.combined.resolve(), d.tasks, todo=list(d.todo))
+
+    def write_manifest(self) -> None:
+        """Nothing: the manifest is the driver's."""
+
+
+class Worker:
+    """One model; runs the lanes it is given side by side in its engine batch (the Ray actor)."""
+
+    def __init__(self, load: Callable[[], Synthesizer], slots: int) -> None:
+        self.load = load
+        self.slots = slots
+        self.synth: Synthesizer | None = None
+        self.inbox: queue.SimpleQueue[Lane] = queue.SimpleQueue()
+        self.lane_ids: dict[Lane, int] = {}
+        self.events: list[TurnDone | LaneDone | Failed] = []
+        self.news = threading.Condition()
+        self.frames = 0
+        self.in_flight = 0
+        self.stopping = threading.Event()
+
+    def start(self, folders: list[str], token: str, dialogues: list[Dialogue]) -> dict[str, Any]:
+        """Load the model, leave a probe file in every output folder and check the scripts' voices."""
+        node = socket.gethostname()
+        try:
+            for folder in folders:
+                (Path(folder) / f".csm-probe-{token}").write_text(node)
+        except OSError as exc:
+            return {"node": node, "error": f"a worker on {node} cannot write to {folder}: {exc.strerror or exc}"}
+        try:
+            self.synth = self.load()
+            check_voices(self.synth, dialogues)
+        except ScriptError as exc:
+            return {"node": node, "problems": exc.problems}
+        except CsmError as exc:
+            return {"node": node, "error": f"worker on {node}: {exc}"}
+        threading.Thread(target=self.loop, name="csm-worker", daemon=True).start()
+        return {"node": node, "device": str(self.synth.device)}
+
+    def add(self, lane_id: int, dialogue: Dialogue, tasks: list[Task], chain: int | None) -> None:
+        """Queue a lane: ``tasks`` of ``dialogue`` in order (with context when ``chain`` is not None)."""
+
+        def done(d: Dialogue, task: Task, seconds: float, stop: str) -> None:
+            record = d.records[task.turn.number]
+            self.frames += record["frames"]
+            self.emit(TurnDone(lane_id, record, seconds, stop))
+
+        lane = Lane(dialogue, tasks, chain, done)
+        self.lane_ids[lane] = lane_id
+        self.inbox.put(lane)
+
+    def poll(self, timeout: float) -> tuple[list[TurnDone | LaneDone | Failed], int, int]:
+        """The news since the last poll (waiting up to ``timeout`` for some), frames done and in flight."""
+        with self.news:
+            if not self.events:
+                self.news.wait(timeout)
+            events, self.events = self.events, []
+        return events, self.frames, self.in_flight
+
+    def stop(self) -> None:
+        """Stop after the current frame."""
+        self.stopping.set()
+
+    def emit(self, event: TurnDone | LaneDone | Failed) -> None:
+        """Queue news for the driver's next poll."""
+        with self.news:
+            self.events.append(event)
+            self.news.notify_all()
+
+    def loop(self) -> None:
+        """Run the lanes: up to ``slots`` at once, a new one joining as soon as one finishes."""
+        synth, active = self.synth, []
+        try:
+            while not self.stopping.is_set():
+                self.take(active, block=not active)
+                if not active:
+                    continue
+                synth.engine.step()
+                for run in list(active):
+                    if run.advance(synth):
+                        continue
+                    active.remove(run)
+                    run.lane.finish(run, synth)
+                    following = run.lane.next_run(synth)
+                    if following is None:
+                        self.emit(LaneDone(self.lane_ids.pop(run.lane)))
+                    else:
+                        active.append(following)
+                self.in_flight = sum(r.frames for r in active)
+        except CsmError as exc:
+            self.emit(Failed(str(exc), user=True))
+        except Exception as exc:  # noqa: BLE001 - reported to the driver, which stops the job
+            self.emit(Failed(f"worker on {socket.gethostname()} failed: {type(exc).__name__}: {exc}", user=False))
+
+    def take(self, active: list[Run], block: bool) -> None:
+        """Start queued lanes while there is room (waiting briefly for one when idle)."""
+        while len(active) < self.slots:
+            try:
+                lane = self.inbox.get(block=block, timeout=POLL_S)
+            except queue.Empty:
+                return
+            block = False
+            lane.start_history(self.synth)
+            run = lane.next_run(self.synth)
+            if run is None:
+                self.emit(LaneDone(self.lane_ids.pop(lane)))
+            else:
+                active.append(run)
+
+
+# -- the driver ---------------------------------------------------------------------------------
+
+
+@dataclass
+class LaneWork:
+    """A lane as the driver tracks it: the turns not reported yet are what a new worker gets."""
+
+    id: int
+    dialogue: Dialogue
+    tasks: list[Task]
+
+    def remaining(self) -> list[Task]:
+        """The lane's turns without a manifest entry from this run."""
+        return [t for t in self.tasks if t.turn.number not in self.dialogue.records]
+
+
+@dataclass
+class WorkerState:
+    """A worker's actor, the lanes it holds and its last poll."""
+
+    index: int
+    actor: Any
+    ref: Any
+    ready: bool = False
+    node: str = ""
+    lanes: set[int] = field(default_factory=set)
+    frames: int = 0
+    in_flight: int = 0
+
+
+def connect(address: str) -> bool:
+    """Join (``auto``, ``host:port``, ``ray://``) or start (``local``) a cluster; False when already joined."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise InputError(f"--ray {address}: cannot reach the Ray cluster: {exc}") from None
+    return True
+
+
+def worker_shape(ray: Any, config: ClusterConfig) -> tuple[int, dict[str, float]]:
+    """How many workers fit the cluster and each one's resources: a GPU each, else some CPU cores."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus and config.device != "cpu":
+        return gpus, {"num_gpus": 1, "num_cpus": 1}
+    if config.device not in ("auto", "cpu"):
+        raise InputError(f"--device {config.device}: the Ray cluster has no GPUs")
+    cores = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    per = config.cpus_per_worker or min(DEFAULT_WORKER_CPUS, max(cores, default=1))
+    count = sum(c // per for c in cores)
+    if not count:
+        raise InputError(f"no node of the Ray cluster has {per} CPU cores for a worker; ask for fewer")
+    return count, {"num_cpus": per}
+
+
+class ClusterJob:
+    """Generate planned lanes on a Ray cluster; files and manifests as a local run writes them."""
+
+    def __init__(
+        self, config: ClusterConfig, load: Callable[[], Synthesizer], slots: int, progress: ClusterProgress
+    ) -> None:
+        self.config = config
+        self.load = load
+        self.slots = slots
+        self.progress = progress
+        self.workers: dict[Any, WorkerState] = {}
+        self.started = 0
+        self.lost = 0
+        self.dead_frames = 0
+
+    def run(
+        self, dialogues: list[Dialogue], lanes: list[tuple[Dialogue, list[Task]]], chain: int | None
+    ) -> ClusterSummary:
+        """Run every lane to the end (or raise); Ray is started for the job only when ``local``."""
+        ray = import_ray()
+        owned = connect(self.config.address)
+        clock = time.perf_counter()
+        try:
+            count, shape = worker_shape(ray, self.config)
+            count = min(count, len(lanes), self.config.max_workers or count)
+            self.actor_class = ray.remote(Worker).options(
+                max_concurrency=4, runtime_env={"env_vars": self.config.env}, **shape
+            )
+            self.dialogues, self.token = dialogues, uuid.uuid4().hex
+            self.copies = {id(d): QuietDialogue.of(d) for d in dialogues}
+            self.count = count
+            for _ in range(count):
+                self.spawn()
+            self.work = {i: LaneWork(i, d, tasks) for i, (d, tasks) in enumerate(lanes)}
+            self.queue = deque(self.work.values())
+            self.chain = chain
+            done = self.drive(ray, clock)
+        finally:
+            for state in self.workers.values():
+                with contextlib.suppress(Exception):
+                    ray.kill(state.actor)
+            if owned:
+                ray.shutdown()
+        return ClusterSummary(done, self.total_frames(), time.perf_counter() - clock, self.started, self.lost)
+
+    def spawn(self) -> None:
+        """Start a worker: it loads the model, probes the output folders and checks the voices."""
+        copies = list(self.copies.values())
+        folders = sorted({str(d.out_dir) for d in copies})
+        actor = self.actor_class.remote(self.load, self.slots)
+        ref = actor.start.remote(folders, f"{self.token}-{self.started}", copies)
+        self.workers[ref] = WorkerState(self.started, actor, ref)
+        self.started += 1
+
+    def drive(self, ray: Any, clock: float) -> int:
+        """Hand out lanes and collect news until every lane is done; the number of turns generated."""
+        done = 0
+        while self.queue or any(w.lanes for w in self.workers.values()):
+            if not self.workers:
+                raise CsmError("every Ray worker died; run the same command again to continue")
+            self.dispatch()
+            ready, _ = ray.wait(list(self.workers), num_returns=1, timeout=POLL_S)
+            for ref in ready:
+                state = self.workers.pop(ref)
+                try:
+                    reply = ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    self.bury(state)
+                    continue
+                done += self.handle(state, reply)
+                state.ref = state.actor.poll.remote(POLL_S)
+                self.workers[state.ref] = state
+            self.progress.status(
+                ClusterStatus(
+                    sum(w.ready for w in self.workers.values()),
+                    self.total_frames(),
+                    sum(w.in_flight for w in self.workers.values()),
+                    time.perf_counter() - clock,
+                )
+            )
+        return done
+
+    def handle(self, state: WorkerState, reply: Any) -> int:
+        """Act on a worker's answer (its start report, or a poll); the number of turns it finished."""
+        if not state.ready:
+            self.started_worker(state, reply)
+            return 0
+        events, state.frames, state.in_flight = reply
+        finished = 0
+        for event in events:
+            if isinstance(event, Failed):
+                raise CsmError(event.message)
+            work = self.work[event.lane]
+            if isinstance(event, LaneDone):
+                state.lanes.discard(event.lane)
+                continue
+            task = next(t for t in work.tasks if t.turn.number == event.record["turn"])
+            work.dialogue.records[task.turn.number] = event.record
+            work.dialogue.write_manifest()
+            self.progress.turn_done(work.dialogue, task, event.seconds, event.stop)
+            finished += 1
+        return finished
+
+    def started_worker(self, state: WorkerState, report: dict[str, Any]) -> None:
+        """Check a new worker's start report: its errors stop the job; the probes prove shared storage."""
+        if "problems" in report:
+            raise ScriptError(report["problems"])
+        if "error" in report:
+            raise InputError(report["error"])
+        for d in self.dialogues:
+            probe = d.out_dir / f".csm-probe-{self.token}-{state.index}"
+            if not probe.is_file():
+                raise InputError(
+                    f"{d.out_dir} is not shared with the worker on {report['node']}: put the output folder on "
+                    "storage that every node mounts at the same path"
+                )
+            probe.unlink(missing_ok=True)
+        state.ready, state.node = True, report["node"]
+
+    def dispatch(self) -> None:
+        """Give queued lanes to the ready workers holding the fewest, keeping each at most one beyond its batch."""
+        while self.queue:
+            ready = [w for w in self.workers.values() if w.ready and len(w.lanes) <= self.slots]
+            if not ready:
+                return
+            state = min(ready, key=lambda w: (len(w.lanes), w.index))
+            work = self.queue.popleft()
+            tasks = work.remaining()
+            if tasks:
+                state.actor.add.remote(work.id, self.copies[id(work.dialogue)], tasks, self.chain)
+                state.lanes.add(work.id)
+
+    def bury(self, state: WorkerState) -> None:
+        """A worker died: its lanes go back to the front of the queue and a replacement starts."""
+        self.lost += 1
+        self.dead_frames += state.frames
+        for lane in sorted(state.lanes, reverse=True):
+            self.queue.appendleft(self.work[lane])
+        where = f" on {state.node}" if state.node else ""
+        self.progress.say(f"csm: worker {state.index}{where} died; {len(state.lanes)} lanes go to other workers")
+        if self.lost <= RESTARTS_PER_WORKER * self.count:
+            self.spawn()
+
+    def total_frames(self) -> int:
+        """Frames generated by every worker of the job, the dead ones' included."""
+        return self.dead_frames + sum(w.frames for w in self.workers.values())
