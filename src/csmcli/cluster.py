@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .cli.batch import Dialogue, Lane, Run, Task, check_voices
+from .cli.batch import Dialogue, Lane, Run, Task, check_voices, remove_stale_temps
 from .dialog import ScriptError
 from .errors import CsmError, InputError
 
@@ -35,6 +35,8 @@ EXTRA = "csmcli[ray]"
 DEFAULT_WORKER_CPUS = 4
 #: How long one poll of a worker waits for news, in seconds.
 POLL_S = 0.5
+#: Workers' actor names start with this, then the worker's number (as the dashboard shows them).
+WORKER_NAME = "csm-worker"
 #: Replacement workers started for dead ones, per worker of the job.
 RESTARTS_PER_WORKER = 2
 
@@ -326,9 +328,8 @@ class ClusterJob:
         try:
             count, shape = worker_shape(ray, self.config)
             count = min(count, len(lanes), self.config.max_workers or count)
-            self.actor_class = ray.remote(Worker).options(
-                max_concurrency=4, runtime_env={"env_vars": self.config.env}, **shape
-            )
+            self.actor_class = ray.remote(Worker)
+            self.actor_options = {"max_concurrency": 4, "runtime_env": {"env_vars": self.config.env}, **shape}
             self.dialogues, self.token = dialogues, uuid.uuid4().hex
             self.copies = {id(d): QuietDialogue.of(d) for d in dialogues}
             self.count = count
@@ -350,7 +351,8 @@ class ClusterJob:
         """Start a worker: it loads the model, probes the output folders and checks the voices."""
         copies = list(self.copies.values())
         folders = sorted({str(d.out_dir) for d in copies})
-        actor = self.actor_class.remote(self.load, self.slots)
+        name = f"{WORKER_NAME}-{self.started}-{self.token[:8]}"
+        actor = self.actor_class.options(name=name, **self.actor_options).remote(self.load, self.slots)
         ref = actor.start.remote(folders, f"{self.token}-{self.started}", copies)
         self.workers[ref] = WorkerState(self.started, actor, ref)
         self.started += 1
@@ -438,7 +440,11 @@ class ClusterJob:
         self.lost += 1
         self.dead_frames += state.frames
         for lane in sorted(state.lanes, reverse=True):
-            self.queue.appendleft(self.work[lane])
+            work = self.work[lane]
+            remove_stale_temps(
+                [p for t in work.remaining() for p in (work.dialogue.path(t), work.dialogue.codes_path(t))]
+            )
+            self.queue.appendleft(work)
         where = f" on {state.node}" if state.node else ""
         self.progress.say(f"csm: worker {state.index}{where} died; {len(state.lanes)} lanes go to other workers")
         if self.lost <= RESTARTS_PER_WORKER * self.count:

@@ -84,7 +84,7 @@ def generate_on_ray(
             raise
     if not quiet:
         kept = sum(len(d.tasks) for d in dialogues) - len(todo)
-        lost = f"; {summary.lost} workers died and their turns were redone elsewhere" if summary.lost else ""
+        lost = f"; workers lost and replaced: {summary.lost}" if summary.lost else ""
         print(
             f"csm: generated {summary.turns} turns ({progress.done_seconds:.1f} s of audio) in "
             f"{summary.elapsed:.1f} s on {summary.workers} Ray workers, "
