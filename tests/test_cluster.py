@@ -5,6 +5,7 @@ The command runs in this process (it joins the module's cluster), so Ray starts 
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -66,19 +67,31 @@ def outputs(folder: Path) -> dict[str, bytes]:
     }
 
 
-def test_cluster_run_equals_local_run(cluster: str, work: Path, capfd: pytest.CaptureFixture) -> None:
+@pytest.fixture(scope="module")
+def reference(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The local run of the scripts with context, the same seed: what every cluster run must write."""
+    folder = tmp_path_factory.mktemp("local")
+    for name, text in SCRIPTS.items():
+        (folder / name).write_text(text)
+    scripts = [str(folder / name) for name in sorted(SCRIPTS)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CSM_HOME", str(folder / "home"))
+        batch(*scripts, "-d", str(folder / "out"), "-m", str(tiny_dir), "-q", *FAST)
+    return folder / "out"
+
+
+def test_cluster_run_equals_local_run(cluster: str, reference: Path, work: Path, capfd: pytest.CaptureFixture) -> None:
     scripts = sorted(SCRIPTS)
-    batch(*scripts, "-d", "local", *FAST)
     batch(*scripts, "-d", "ray", *FAST, "--ray", cluster, "--ray-cpus", "1")
     err = capfd.readouterr().err
     assert "generated 10 turns" in err and "on 2 Ray workers" in err, err
-    local, remote = outputs(work / "local"), outputs(work / "ray")
+    local, remote = outputs(reference), outputs(work / "ray")
     assert len(local) == 3 * 2 + 2 * (4 + 3 + 3) and remote == local
     assert not list((work / "ray").rglob("*.part")) and not list((work / "ray").rglob(".csm-probe-*"))
     batch("dialog.txt", "-d", "local1", "--no-context", *FAST)
     batch("dialog.txt", "-d", "ray1", "--no-context", *FAST, "--ray", cluster, "--ray-cpus", "1")
     assert outputs(work / "ray1") == outputs(work / "local1")
-    assert outputs(work / "ray1")["0001_alice.wav"] != outputs(work / "local")["dialog/0001_alice.wav"]
+    assert outputs(work / "ray1")["0002_bob.wav"] != local["dialog/0002_bob.wav"]
 
 
 def kill_first_worker_after_a_turn(folder: Path) -> threading.Thread:
@@ -101,16 +114,16 @@ def kill_first_worker_after_a_turn(folder: Path) -> threading.Thread:
 
 
 def test_killed_worker_loses_nothing_and_a_rerun_resumes(
-    cluster: str, work: Path, capfd: pytest.CaptureFixture
+    cluster: str, reference: Path, work: Path, capfd: pytest.CaptureFixture
 ) -> None:
     scripts = sorted(SCRIPTS)
-    batch(*scripts, "-d", "local", *FAST)
     killer = kill_first_worker_after_a_turn(work / "ray")
     batch(*scripts, "-d", "ray", *FAST, "--ray", cluster, "--ray-cpus", "1")
     killer.join()
     err = capfd.readouterr().err
-    assert "worker 0" in err and "died" in err and "workers lost and replaced: 1" in err, err
-    assert outputs(work / "ray") == outputs(work / "local")
+    assert re.search(r"worker 0 on \S+ died; its [12] unfinished scripts start over", err), err
+    assert "workers lost and replaced: 1" in err
+    assert outputs(work / "ray") == outputs(reference)
 
     dialog = work / "ray" / "dialog"
     entries = (dialog / "manifest.jsonl").read_text().splitlines()
@@ -121,7 +134,7 @@ def test_killed_worker_loses_nothing_and_a_rerun_resumes(
     err = capfd.readouterr().err
     assert "generated 2 turns" in err and "kept 8 finished earlier" in err, err
     assert {p.name: p.stat().st_mtime_ns for p in dialog.glob("000[12]_*.wav")} == kept
-    assert outputs(work / "ray") == outputs(work / "local")
+    assert outputs(work / "ray") == outputs(reference)
     batch(*scripts, "-d", "ray", *FAST, "--ray", cluster)
     assert "all 10 turns are already done" in capfd.readouterr().err
 

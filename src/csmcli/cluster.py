@@ -317,6 +317,7 @@ class ClusterJob:
         self.started = 0
         self.lost = 0
         self.dead_frames = 0
+        self.count = 0
 
     def run(
         self, dialogues: list[Dialogue], lanes: list[tuple[Dialogue, list[Task]]], chain: int | None
@@ -345,7 +346,7 @@ class ClusterJob:
                     ray.kill(state.actor)
             if owned:
                 ray.shutdown()
-        return ClusterSummary(done, self.total_frames(), time.perf_counter() - clock, self.started, self.lost)
+        return ClusterSummary(done, self.total_frames(), time.perf_counter() - clock, self.count, self.lost)
 
     def spawn(self) -> None:
         """Start a worker: it loads the model, probes the output folders and checks the voices."""
@@ -423,9 +424,12 @@ class ClusterJob:
         state.ready, state.node = True, report["node"]
 
     def dispatch(self) -> None:
-        """Give queued lanes to the ready workers holding the fewest, keeping each at most one beyond its batch."""
+        """Give queued lanes to the ready workers holding the fewest: each its share of the unfinished
+        lanes (so the first worker up does not take them all), and at most one beyond its batch."""
         while self.queue:
-            ready = [w for w in self.workers.values() if w.ready and len(w.lanes) <= self.slots]
+            outstanding = len(self.queue) + sum(len(w.lanes) for w in self.workers.values())
+            cap = min(self.slots + 1, -(-outstanding // len(self.workers)))
+            ready = [w for w in self.workers.values() if w.ready and len(w.lanes) < cap]
             if not ready:
                 return
             state = min(ready, key=lambda w: (len(w.lanes), w.index))
@@ -446,7 +450,8 @@ class ClusterJob:
             )
             self.queue.appendleft(work)
         where = f" on {state.node}" if state.node else ""
-        self.progress.say(f"csm: worker {state.index}{where} died; {len(state.lanes)} lanes go to other workers")
+        kind = "turns" if self.chain is None else "scripts"
+        self.progress.say(f"csm: worker {state.index}{where} died; its {len(state.lanes)} unfinished {kind} start over")
         if self.lost <= RESTARTS_PER_WORKER * self.count:
             self.spawn()
 
