@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -72,24 +74,70 @@ def test_prefix_cache_gives_exactly_the_uncached_codes(synth) -> None:  # noqa: 
     assert np.array_equal(first.samples, second.samples)
 
 
+@contextlib.contextmanager
+def eos_every(synth, frames: int) -> Iterator[None]:  # noqa: ANN001
+    """The model ends each utterance after ``frames`` frames (a random model never stops by itself):
+    every ``frames + 1``-th frame comes out all zeros, the end-of-speech frame."""
+    engine, original = synth.engine, synth.engine.sample_fn
+    count = [0]
+
+    def sample(logits, params, codebook, *rest):  # noqa: ANN001, ANN202
+        codes = original(logits, params, codebook, *rest)
+        count[0] += codebook == 0
+        return torch.zeros_like(codes) if count[0] % (frames + 1) == 0 else codes
+
+    engine.sample_fn = sample
+    try:
+        yield
+    finally:
+        engine.sample_fn = original
+
+
+LONG_TEXT = "This sentence is one of many that together are far too long for a single piece. " * 8
+
+
 def test_long_text_is_split_and_pieces_carry_the_voice(synth) -> None:  # noqa: ANN001
-    sentence = "This sentence is one of many that together are far too long for a single piece. "
-    text = sentence * 8
-    opts = GenerationOptions(seed=2, max_audio_ms=240)
-    jobs = []
-    for job in synth.jobs(text, 0, options=opts):
-        list(synth.run(job))
-        jobs.append(job)
-    assert len(jobs) >= 3
-    first, second = jobs[0].prompt, jobs[1].prompt
-    # piece 2's context: the voice preset, then piece 1's text rows followed by its generated codes
-    own_rows = first.tokens[first.prefix_len :]
-    assert torch.equal(second.tokens[first.prefix_len : len(first)], own_rows)
-    assert torch.equal(second.tokens[len(first) : len(first) + jobs[0].stats.frames, :32], jobs[0].all_codes())
-    audio = synth.generate(text, 0, options=opts)
+    opts = GenerationOptions(seed=2, max_audio_ms=2400)
+    with eos_every(synth, 3):
+        utterance = synth.utterance(LONG_TEXT, 0, options=opts)
+        job = utterance.next_job()
+        while job is not None:
+            list(synth.stream_job(job))
+            job = utterance.next_job(job)
+        jobs = utterance.jobs
+        assert len(jobs) >= 3 and all(j.stats.frames == 3 for j in jobs)
+        first, second = jobs[0].prompt, jobs[1].prompt
+        # piece 2's context: the voice preset, then piece 1's text rows followed by its generated codes
+        own_rows = first.tokens[first.prefix_len :]
+        assert torch.equal(second.tokens[first.prefix_len : len(first)], own_rows)
+        assert torch.equal(second.tokens[len(first) : len(first) + jobs[0].stats.frames, :32], jobs[0].all_codes())
+        audio = synth.generate(LONG_TEXT, 0, options=opts)
     pause = round(0.25 * 24000)
     assert audio.pieces == len(jobs)
+    assert torch.equal(audio.codes, utterance.codes())
     assert len(audio.samples) == sum(j.stats.frames for j in jobs) * 1920 + pause * (len(jobs) - 1)
+
+
+def test_max_audio_ms_limits_the_whole_request(synth) -> None:  # noqa: ANN001
+    opts = GenerationOptions(seed=2, max_audio_ms=5 * 80)
+    with eos_every(synth, 3):
+        audio = synth.generate(LONG_TEXT, 0, options=opts)
+        chunks = list(synth.stream(LONG_TEXT, 0, options=opts))
+    assert audio.pieces == 2 and audio.stats.frames == 5 and audio.stats.stop_reason == "budget"
+    assert sum(c.frames for c in chunks) == 5
+    assert synth.generate(LONG_TEXT, 0, options=opts).stats.frames == 5  # one piece takes it all
+
+
+def test_the_next_piece_needs_the_last_one_finished(synth) -> None:  # noqa: ANN001
+    utterance = synth.utterance(LONG_TEXT, 0, options=GenerationOptions(seed=1, max_audio_ms=800))
+    job = utterance.next_job()
+    with pytest.raises(ValueError, match="returned last"):
+        utterance.next_job()
+    with pytest.raises(RuntimeError, match="has not finished"):
+        utterance.next_job(job)
+    job.cancel()
+    list(synth.stream_job(job))
+    assert utterance.next_job(job) is None and utterance.stop_reason == "cancelled"
 
 
 def test_context_that_does_not_fit_is_dropped_with_a_warning(synth, caplog) -> None:  # noqa: ANN001

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from csmcli.dialog import ScriptError, parse_jsonl, parse_speakers, parse_text, read_script, slug, turn_file
+from csmcli.dialog import parse_jsonl, parse_script, parse_speakers, parse_text, slug, turn_file
 from csmcli.errors import InputError
 
 CSM = [sys.executable, "-m", "csmcli"]
@@ -67,6 +67,23 @@ def test_text_problems_have_line_numbers() -> None:
     assert problems == ["d.txt:2: speaker 'Eve' is not in --speakers (Alice, Bob)"]
 
 
+def test_the_suggested_mapping_for_many_speakers_is_valid() -> None:
+    source = "Ann: a\nBen: b\nCy: c\nDee: d\nCy: e\n"
+    for parse, text in ((parse_text, source), (parse_jsonl, _as_jsonl(source))):
+        _, problems = parse(text, "d")
+        assert [p.split(":")[1] for p in problems] == ["3", "4", "5"]
+        suggested = {p.rsplit("--speakers ", 1)[1] for p in problems}
+        assert suggested == {"Ann=0,Ben=1,Cy=0,Dee=1"}
+        turns, problems = parse(text, "d", parse_speakers(suggested.pop()))
+        assert problems == [] and [t.speaker for t in turns] == [0, 1, 0, 1, 0]
+
+
+def _as_jsonl(source: str) -> str:
+    """A ``NAME: text`` script as JSON Lines."""
+    lines = [line.split(": ", 1) for line in source.splitlines()]
+    return "\n".join(json.dumps({"text": text, "speaker": name}) for name, text in lines)
+
+
 def test_jsonl_turns_and_problems() -> None:
     source = "\n".join(
         [
@@ -102,16 +119,15 @@ def test_file_names_and_clashes(tmp_path: Path) -> None:
         '{"text": "b", "speaker": 0, "out": "X.wav"}\n'
         '{"text": "c", "speaker": 0, "out": "all.wav"}\n'
     )
-    with pytest.raises(ScriptError) as err:
-        read_script(script, reserved={"all.wav": "combined file"})
-    assert err.value.problems == [
+    _, problems = parse_script(script, reserved={"all.wav": "combined file"})
+    assert problems == [
         f"{script}:2: file 'X.wav' is also used by line 1",
         f"{script}:3: file 'all.wav' is the combined file",
     ]
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n\n")
-    with pytest.raises(ScriptError, match="no turns"):
-        read_script(empty)
+    _, problems = parse_script(empty)
+    assert len(problems) == 1 and "no turns" in problems[0]
 
 
 # -- the command ------------------------------------------------------------------------------
@@ -216,6 +232,22 @@ def test_rerun_keeps_finished_turns_and_redoes_changed_ones(
     assert audio_files(tmp_path / "dialog")["0004_bob.wav"] != audio_files(reference)["0004_bob.wav"]
 
 
+def test_a_shorter_changed_script_replaces_the_earlier_runs_files(
+    reference: Path, env: dict[str, str], tmp_path: Path
+) -> None:
+    shutil.copytree(reference, tmp_path / "dialog")
+    lines = DIALOG.splitlines()
+    (tmp_path / "dialog.txt").write_text("\n".join([*lines[:4], "alice: Fine."]) + "\n")
+    proc = csm(env, tmp_path, "dialog.txt", "--seed", "7", *FAST)
+    assert "generated 1 turn (" in proc.stderr and "kept 2" in proc.stderr
+    assert "3 turns joined" in proc.stderr
+    out = tmp_path / "dialog"
+    assert sorted(audio_files(out)) == ["0001_alice.wav", "0002_bob.wav", "0003_alice.wav", "dialog.wav"]
+    assert sorted(p.name for p in (out / ".codes").iterdir()) == ["0001.npy", "0002.npy", "0003.npy"]
+    assert [e["turn"] for e in manifest(out)] == [1, 2, 3]
+    assert len(sf.read(out / "dialog.wav")[0]) == 3 * 3 * 1920 + 2 * round(0.4 * RATE)
+
+
 def test_force_redoes_everything_the_same_way(reference: Path, env: dict[str, str], tmp_path: Path) -> None:
     shutil.copytree(reference, tmp_path / "dialog")
     (tmp_path / "dialog.txt").write_text(DIALOG)
@@ -270,7 +302,8 @@ def test_several_scripts_run_side_by_side(reference: Path, env: dict[str, str], 
     ]
     assert entries[2]["options"]["temperature"] == 0.5
     assert sf.info(other / "parts" / "second.flac").format == "FLAC"
-    assert len(sf.read(other / "dialog.wav")[0]) == 3 * 3 * 1920 + 2 * round(0.4 * RATE)
+    assert not (other / "dialog.wav").exists()  # the combined file is named after the script
+    assert len(sf.read(other / "other.wav")[0]) == 3 * 3 * 1920 + 2 * round(0.4 * RATE)
 
 
 def test_batched_equals_sequential_for_seeded_independent_turns(env: dict[str, str], tmp_path: Path) -> None:

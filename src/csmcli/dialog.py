@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -104,6 +105,14 @@ def parse_speakers(spec: str | None) -> dict[str, int] | None:
     return mapping
 
 
+class ThirdSpeaker(ValueError):
+    """A name beyond the two speakers CSM-1B has, with no ``--speakers`` mapping given."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
 class SpeakerNames:
     """Maps names to speaker ids: a fixed mapping, or ids in order of first appearance."""
 
@@ -111,6 +120,7 @@ class SpeakerNames:
         self.fixed = fixed is not None
         self.ids: dict[str, int] = {}
         self.spelling: dict[str, str] = {}
+        self.unmapped: dict[str, str] = {}
         for name, speaker in (fixed or {}).items():
             self._add(name, speaker)
 
@@ -119,18 +129,16 @@ class SpeakerNames:
         self.spelling.setdefault(name.casefold(), name)
 
     def resolve(self, name: str) -> tuple[int, str]:
-        """The speaker id and display name for ``name``; :class:`ValueError` with the reason if none."""
+        """The speaker id and display name for ``name``; :class:`ValueError` with the reason if none
+        (:class:`ThirdSpeaker` for a name beyond the first two)."""
         key = name.casefold()
         if key not in self.ids:
             if self.fixed:
                 known = ", ".join(self.spelling.values())
                 raise ValueError(f"speaker {name!r} is not in --speakers ({known})")
             if len(self.ids) >= len(SPEAKER_IDS):
-                pairs = [f"{n}={i}" for n, i in zip(self.spelling.values(), SPEAKER_IDS, strict=True)]
-                raise ValueError(
-                    f"a third speaker {name!r}: CSM-1B has two (0 and 1); map names to ids, "
-                    f"e.g. --speakers {','.join([*pairs, f'{name}=0'])}"
-                )
+                self.unmapped.setdefault(key, name)
+                raise ThirdSpeaker(name)
             self._add(name, SPEAKER_IDS[len(self.ids)])
         return self.ids[key], self.spelling[key]
 
@@ -138,15 +146,20 @@ class SpeakerNames:
         """A display name for a bare speaker id: the first name mapped to it, else ``speakerN``."""
         return next((self.spelling[k] for k, v in self.ids.items() if v == speaker), f"speaker{speaker}")
 
+    def suggestion(self) -> str:
+        """A ``--speakers`` value that maps every name seen onto 0 and 1 (later names alternate)."""
+        pairs = [f"{n}={i}" for n, i in zip(self.spelling.values(), SPEAKER_IDS, strict=False)]
+        pairs += [f"{n}={SPEAKER_IDS[k % 2]}" for k, n in enumerate(self.unmapped.values())]
+        return ",".join(pairs)
 
-def read_script(
-    path: Path, speakers: dict[str, int] | None = None, fmt: str = "wav", reserved: dict[str, str] | None = None
-) -> Script:
-    """Read and check a script; :class:`ScriptError` lists every problem (see :func:`parse_script`)."""
-    script, problems = parse_script(path, speakers, fmt, reserved)
-    if problems:
-        raise ScriptError(problems)
-    return script
+    def explain(self, problem: ValueError) -> str:
+        """The message for a turn's problem; a third speaker's names a mapping for the whole script."""
+        if isinstance(problem, ThirdSpeaker):
+            return (
+                f"a third speaker {problem.name!r}: CSM-1B has two (0 and 1); map every name to one of "
+                f"them, e.g. --speakers {self.suggestion()}"
+            )
+        return str(problem)
 
 
 def parse_script(
@@ -185,21 +198,27 @@ def _lines(source: str) -> list[tuple[int, str]]:
 
 def parse_text(source: str, label: str, speakers: dict[str, int] | None = None) -> tuple[list[Turn], list[str]]:
     """Turns of a plain-text script and the problems found (``LABEL:LINE: message``)."""
+    return _parse_lines(source, label, speakers, _text_turn)
+
+
+def _parse_lines(
+    source: str, label: str, speakers: dict[str, int] | None, one_turn: Callable[[str, SpeakerNames, int, int], Turn]
+) -> tuple[list[Turn], list[str]]:
+    """Each turn line through ``one_turn(line, names, number, line_no)``; problems as ``LABEL:LINE: message``
+    (written once every line is read, so a suggested ``--speakers`` names every speaker)."""
     names = SpeakerNames(speakers)
     turns: list[Turn] = []
-    problems: list[str] = []
+    found: list[tuple[int, ValueError]] = []
     for number, line in _lines(source):
         try:
-            speaker, name, text = _text_turn(line, names)
+            turns.append(one_turn(line, names, len(turns) + 1, number))
         except ValueError as exc:
-            problems.append(f"{label}:{number}: {exc}")
-            continue
-        turns.append(Turn(len(turns) + 1, number, text, speaker, name))
-    return turns, problems
+            found.append((number, exc))
+    return turns, [f"{label}:{number}: {names.explain(exc)}" for number, exc in found]
 
 
-def _text_turn(line: str, names: SpeakerNames) -> tuple[int, str, str]:
-    """``(speaker, name, text)`` of one ``NAME: text`` or ``[N] text`` line."""
+def _text_turn(line: str, names: SpeakerNames, number: int, line_no: int) -> Turn:
+    """One ``NAME: text`` or ``[N] text`` line."""
     bracket = _BRACKET.fullmatch(line)
     if bracket:
         tag, text = bracket.groups()
@@ -217,22 +236,12 @@ def _text_turn(line: str, names: SpeakerNames) -> tuple[int, str, str]:
         speaker, name = names.resolve(named.group(1).strip())
     if not text.strip():
         raise ValueError(f"nothing to say for {name}")
-    return speaker, name, text.strip()
+    return Turn(number, line_no, text.strip(), speaker, name)
 
 
 def parse_jsonl(source: str, label: str, speakers: dict[str, int] | None = None) -> tuple[list[Turn], list[str]]:
     """Turns of a JSON Lines script and the problems found (``LABEL:LINE: message``)."""
-    names = SpeakerNames(speakers)
-    turns: list[Turn] = []
-    problems: list[str] = []
-    for number, line in _lines(source):
-        try:
-            turn = _json_turn(line, names, len(turns) + 1, number)
-        except ValueError as exc:
-            problems.append(f"{label}:{number}: {exc}")
-            continue
-        turns.append(turn)
-    return turns, problems
+    return _parse_lines(source, label, speakers, _json_turn)
 
 
 def _json_turn(line: str, names: SpeakerNames, number: int, line_no: int) -> Turn:

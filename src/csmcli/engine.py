@@ -227,6 +227,25 @@ class Engine:
         """Jobs currently holding a slot."""
         return sum(s is not None for s in self.slots)
 
+    def stats(self) -> dict[str, int]:
+        """Jobs ``active`` (holding a slot) and ``waiting``, and the slots there are (``max_batch_size``)."""
+        with self.lock:
+            return {"active": self.active_count, "waiting": len(self.waiting), "max_batch_size": self.max_batch}
+
+    @torch.inference_mode()
+    def admit(self) -> int:
+        """Prefill waiting jobs into free slots without generating a frame (:meth:`step` does this
+        first); how many jobs started."""
+        with self.lock:
+            before = self.active_count
+            self._admit()
+            return self.active_count - before
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every stored context prefix."""
+        with self.lock:
+            self.prefix_store.clear()
+
     def _admit(self) -> None:
         while self.waiting and None in self.slots:
             job = self.waiting.popleft()

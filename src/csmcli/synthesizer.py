@@ -14,19 +14,18 @@ from torch import Tensor
 
 from . import checkpoint, kernels
 from .codec import Codec
-from .engine import AudioChunk, Engine, Job, JobStats
+from .engine import AudioChunk, Engine, EngineLoop, Job, JobStats
 from .errors import CheckpointError, OptionsError, PromptTooLongError
 from .model import CSMModel, TransformerSpec
 from .options import FRAME_MS, GenerationOptions
 from .prompt import Prompt, PromptBuilder, Segment, check_speaker, check_text
 from .textsplit import split_text
+from .utterance import Utterance
 from .voices import NO_VOICE, VoiceLibrary
 
 log = logging.getLogger("csmcli")
 #: Silence between the pieces of a long text.
 PIECE_PAUSE_S = 0.25
-#: How many earlier pieces of a long text condition the next one.
-HISTORY_PIECES = 2
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -232,6 +231,43 @@ class Synthesizer:
             self._voice_segments[key] = segment
         return [self._voice_segments[key]]
 
+    def utterance(
+        self,
+        text: str,
+        speaker: int = 0,
+        *,
+        voice: str | None = None,
+        context: Sequence[Segment] | None = None,
+        history: Sequence[Segment] = (),
+        options: GenerationOptions | None = None,
+        first_chunk_frames: int = 1,
+        chunk_frames: int = 8,
+        sink=None,  # noqa: ANN001
+        pause_s: float = PIECE_PAUSE_S,
+    ) -> Utterance:
+        """One request for text of any length, spoken piece by piece (see :class:`Utterance`).
+
+        Each piece hears the voice (or ``context``), then ``history`` (earlier utterances, e.g. a
+        :class:`History`'s segments), then the pieces before it.  ``options.max_audio_ms`` limits
+        the whole request.  Safe to call while a background loop steps the engine.
+        """
+        options = options or GenerationOptions()
+        check_text(text)
+        check_speaker(speaker)
+        with self.engine.lock:  # a new voice is encoded by the codec, which the engine also uses
+            base = list(context) if context is not None else self.voice_context(speaker, voice)
+        return Utterance(
+            self,
+            split_text(text),
+            speaker,
+            base,
+            list(history),
+            options,
+            (first_chunk_frames, chunk_frames),
+            sink,
+            pause_s,
+        )
+
     def jobs(
         self,
         text: str,
@@ -245,52 +281,50 @@ class Synthesizer:
         sink=None,  # noqa: ANN001
         pause_s: float = PIECE_PAUSE_S,
     ) -> Iterator[Job]:
-        """Jobs for text of any length, one piece at a time.
-
-        The text is split at sentence (then clause, then word) boundaries; each piece is
-        conditioned on the voice (or ``context``) and the pieces before it.  Run each job to
-        completion before asking for the next: the next piece's context is built from its codes.
-        Context that does not fit is dropped oldest first with a warning, never an error.
-        """
-        options = options or GenerationOptions()
-        check_text(text)
-        check_speaker(speaker)
-        base = list(context) if context is not None else self.voice_context(speaker, voice)
-        history: list[Segment] = []
-        for k, piece in enumerate(split_text(text)):
-            piece_options = (
-                options if options.seed is None or k == 0 else options.replace(seed=(options.seed + k) % 2**32)
-            )
-            job = self._fitting_job(
-                piece, speaker, base, history[-HISTORY_PIECES:], piece_options, first_chunk_frames, chunk_frames, sink
-            )
-            if k:
-                job.lead_samples = round(pause_s * self.sample_rate)
+        """The jobs of :meth:`utterance`, one piece at a time; each must have finished before the next
+        is asked for (:meth:`Utterance.next_job` raises otherwise)."""
+        utterance = self.utterance(
+            text,
+            speaker,
+            voice=voice,
+            context=context,
+            options=options,
+            first_chunk_frames=first_chunk_frames,
+            chunk_frames=chunk_frames,
+            sink=sink,
+            pause_s=pause_s,
+        )
+        job = utterance.next_job()
+        while job is not None:
             yield job
-            if job.stats.stop_reason in ("cancelled", "error", ""):
-                return
-            history.append(Segment(piece, speaker, codes=job.all_codes()))
+            job = utterance.next_job(job)
 
-    def _fitting_job(
+    def fit_context(
         self,
         text: str,
         speaker: int,
-        base: list[Segment],
-        history: list[Segment],
+        base: Sequence[Segment],
+        history: Sequence[Segment],
         options: GenerationOptions,
-        first_chunk_frames: int,
-        chunk_frames: int,
-        sink,
-    ) -> Job:  # noqa: ANN001
+    ) -> tuple[Prompt, GenerationOptions]:
+        """The prompt for ``text`` after ``base`` (voices) and ``history`` (earlier utterances), and the
+        options, such that the prompt plus the frame budget fit the model.
+
+        What does not fit is dropped with a warning, never an error: the oldest history first, then
+        the oldest base segment; text alone too long for the budget gets a smaller budget.
+        """
         history, base = list(history), list(base)
         while True:
             prompt = self.prompt(text, speaker, [*base, *history])
             room = self.engine.max_len - len(prompt)
             if room >= options.max_frames:
-                break
+                return prompt, options
             if history or base:
                 dropped = (history or base).pop(0)
-                log.warning("context too long for the model: dropping the oldest segment (%r)", dropped.text[:40])
+                log.warning(
+                    "context too long for the model: dropping the oldest segment (%r); lower max_audio_ms to keep more",
+                    dropped.text[:40],
+                )
                 continue
             if room < 1:
                 raise PromptTooLongError("this piece of text alone fills the model's context")
@@ -298,7 +332,6 @@ class Synthesizer:
                 "max_audio_ms=%d does not fit after the prompt: using %d ms", options.max_audio_ms, room * FRAME_MS
             )
             options = options.replace(max_audio_ms=room * FRAME_MS)
-        return Job(prompt, options, first_chunk_frames, chunk_frames, sink)
 
     def stream(
         self,
@@ -317,7 +350,7 @@ class Synthesizer:
         same codes as :meth:`generate` and the same audio up to float rounding (the decoder runs in
         smaller pieces).  Closing the iterator early cancels the generation.
         """
-        for job in self.jobs(
+        utterance = self.utterance(
             text,
             speaker,
             voice=voice,
@@ -325,11 +358,12 @@ class Synthesizer:
             options=options,
             first_chunk_frames=first_chunk_frames,
             chunk_frames=chunk_frames,
-        ):
-            yield from self.run(job)
+        )
+        yield from utterance.chunks()
 
-    def run(self, job: Job) -> Iterator[AudioChunk]:
-        """Drive the engine for ``job`` in this thread, yielding its chunks as they come."""
+    def stream_job(self, job: Job) -> Iterator[AudioChunk]:
+        """Step the engine for ``job`` in this thread, yielding its chunks as they come; closing the
+        iterator early cancels the job."""
         self.engine.submit(job)
         try:
             while True:
@@ -345,6 +379,8 @@ class Synthesizer:
                 job.cancel()
                 self.engine.step()
 
+    run = stream_job
+
     def generate(
         self,
         text: str,
@@ -355,13 +391,11 @@ class Synthesizer:
         voice: str | None = None,
     ) -> Audio:
         """Synthesize ``text`` completely and return the audio."""
-        samples, jobs = [], []
-        for job in self.jobs(
+        utterance = self.utterance(
             text, speaker, voice=voice, context=context, options=options, first_chunk_frames=8, chunk_frames=32
-        ):
-            jobs.append(job)
-            samples += [c.samples for c in self.run(job)]
-        return _result(jobs, samples, self.sample_rate)
+        )
+        samples = [c.samples for c in utterance.chunks()]
+        return _result(utterance.jobs, samples, self.sample_rate)
 
     def generate_many(self, jobs: Sequence[Job]) -> list[Audio]:
         """Run independent jobs batched (up to ``max_batch_size`` at once) and return their audio."""
@@ -375,6 +409,42 @@ class Synthesizer:
                 raise job.error
             out.append(_result([job], [c.samples for c in job.pop_chunks()], self.sample_rate))
         return out
+
+    # -- the engine, for schedulers, servers and benchmarks ---------------------------------------
+
+    def submit(self, job: Job) -> Job:
+        """Queue ``job`` (checked first: errors raise here); it starts at a later :meth:`step`."""
+        return self.engine.submit(job)
+
+    def step(self) -> bool:
+        """Start waiting jobs in free slots, then generate one frame for every running job; False when idle."""
+        return self.engine.step()
+
+    def admit(self) -> int:
+        """Start waiting jobs in free slots (prefill their prompts) without generating a frame; how many started."""
+        return self.engine.admit()
+
+    def clear_prefix_cache(self) -> None:
+        """Forget the cached context prefixes (the next prompt with a voice computes its prefix again)."""
+        self.engine.clear_prefix_cache()
+
+    def background_loop(self) -> EngineLoop:
+        """A started thread that steps the engine while jobs are waiting or running (for servers)."""
+        return EngineLoop(self.engine).start()
+
+    @property
+    def capacity(self) -> int:
+        """How many jobs generate at once (``max_batch_size``)."""
+        return self.engine.max_batch
+
+    @property
+    def max_len(self) -> int:
+        """The model's context length in positions (prompt rows plus frames)."""
+        return self.engine.max_len
+
+    def stats(self) -> dict[str, int]:
+        """What the engine is doing now: jobs ``active`` (in a slot), ``waiting``, and ``max_batch_size``."""
+        return self.engine.stats()
 
 
 def _result(jobs: list[Job], samples: list[np.ndarray], sample_rate: int) -> Audio:

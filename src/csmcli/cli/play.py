@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from ..prompt import Segment, check_speaker
+from ..prompt import check_speaker
+from ..utterance import History
 from .common import (
     CompileOpt,
     ContextAudioOpt,
@@ -78,30 +79,22 @@ def play(
     show = not quiet and stderr_is_tty()
     synth = load_synthesizer(model, device, dtype, show, quantize=quantize, compile=compile_)
     base = context if context is not None else synth.voice_context(speaker, voice)
+    history = History(HISTORY_LINES)
 
-    def speak(line: str, history: list[Segment]) -> None:
-        ctx = [*base, *history]
-        codes = []
-
-        def chunks() -> Iterator:
-            for job in synth.jobs(line, speaker, context=ctx, options=options, first_chunk_frames=2, chunk_frames=6):
-                yield from synth.run(job)
-                codes.append(job.all_codes())
-
+    def speak(line: str) -> None:
+        utterance = synth.utterance(
+            line, speaker, context=base, history=history.segments, options=options, first_chunk_frames=2, chunk_frames=6
+        )
         expected = min(len(line) / CHARS_PER_SECOND, options.max_audio_ms / 1000)
-        playback.play_stream(chunks(), device=out, expected_total_s=expected)
-        if codes:
-            import torch
-
-            history.append(Segment(line, speaker, codes=torch.cat(codes)))
-            del history[:-HISTORY_LINES]
+        playback.play_stream(utterance.chunks(), device=out, expected_total_s=expected)
+        if utterance.frames:
+            history.add(line, speaker, codes=utterance.codes())
 
     if words is not None:
-        speak(words, [])
+        speak(words)
         return
-    history: list[Segment] = []
     for line in _lines():
-        speak(line, history)
+        speak(line)
 
 
 def _lines() -> Iterator[str]:
