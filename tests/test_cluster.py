@@ -145,9 +145,10 @@ def test_missing_extra_and_bad_addresses_are_one_line_errors(
     for address, message in [
         ("nowhere", "--ray: expected auto, local, ray://HOST:PORT or HOST:PORT, got 'nowhere'"),
         ("ray://host", "--ray: expected auto, local, ray://HOST:PORT or HOST:PORT, got 'ray://host'"),
+        ("", "--ray-cpus must be at least 1, got 0"),
     ]:
         with pytest.raises(SystemExit) as exit_:
-            main(["batch", "dialog.txt", "--ray", address])
+            main(["batch", "dialog.txt", *(["--ray", address] if address else ["--ray-cpus", "0"])])
         assert exit_.value.code == 1
         assert capsys.readouterr().err == f"csm: error: {message}\n"
     monkeypatch.setitem(__import__("sys").modules, "ray", None)

@@ -11,7 +11,7 @@ back to the queue without the turns it reported and resume from the codes files,
 from __future__ import annotations
 
 import contextlib
-import queue
+import dataclasses
 import socket
 import threading
 import time
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .cli.batch import Dialogue, Lane, Run, Task, check_voices, remove_stale_temps
+from .batchrun import Dialogue, Lane, Task, TurnInFlight, check_voices, remove_stale_temps, run_lanes
 from .dialog import ScriptError
 from .errors import CsmError, InputError
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 EXTRA = "csmcli[ray]"
 #: CPU cores per worker on a cluster without GPUs (fewer when a node has fewer).
 DEFAULT_WORKER_CPUS = 4
-#: How long one poll of a worker waits for news, in seconds.
+#: How long one poll of a worker waits for news, in seconds (and the driver for a poll).
 POLL_S = 0.5
 #: Workers' actor names start with this, then the worker's number (as the dashboard shows them).
 WORKER_NAME = "csm-worker"
@@ -105,19 +105,12 @@ class ClusterProgress(Protocol):
 
 @dataclass
 class TurnDone:
-    """A turn's files are written; ``record`` is its manifest entry."""
+    """A turn's files are written; ``record`` is its manifest entry for the dialogue in ``folder``."""
 
-    lane: int
+    folder: str
     record: dict[str, Any]
     seconds: float
     stop: str
-
-
-@dataclass
-class LaneDone:
-    """Every turn of the lane is written."""
-
-    lane: int
 
 
 @dataclass
@@ -143,22 +136,24 @@ class QuietDialogue(Dialogue):
 
 
 class Worker:
-    """One model; runs the lanes it is given side by side in its engine batch (the Ray actor)."""
+    """One model; runs the lanes it is given side by side in its engine batch (the Ray actor).
+
+    :func:`run_lanes` drains the worker's queue of lanes, which :meth:`add` fills from the actor's
+    other threads, so a lane joins the batch as soon as another one leaves it.
+    """
 
     def __init__(self, load: Callable[[], Synthesizer], slots: int) -> None:
         self.load = load
         self.slots = slots
         self.synth: Synthesizer | None = None
-        self.inbox: queue.SimpleQueue[Lane] = queue.SimpleQueue()
-        self.lane_ids: dict[Lane, int] = {}
-        self.events: list[TurnDone | LaneDone | Failed] = []
+        self.waiting: deque[Lane] = deque()
+        self.events: list[TurnDone | Failed] = []
         self.news = threading.Condition()
         self.frames = 0
         self.in_flight = 0
-        self.stopping = threading.Event()
 
     def start(self, folders: list[str], token: str, dialogues: list[Dialogue]) -> dict[str, Any]:
-        """Load the model, leave a probe file in every output folder and check the scripts' voices."""
+        """Leave a probe file in every output folder, load the model and check the scripts' voices."""
         node = socket.gethostname()
         try:
             for folder in folders:
@@ -175,19 +170,13 @@ class Worker:
         threading.Thread(target=self.loop, name="csm-worker", daemon=True).start()
         return {"node": node, "device": str(self.synth.device)}
 
-    def add(self, lane_id: int, dialogue: Dialogue, tasks: list[Task], chain: int | None) -> None:
+    def add(self, dialogue: Dialogue, tasks: list[Task], chain: int | None) -> None:
         """Queue a lane: ``tasks`` of ``dialogue`` in order (with context when ``chain`` is not None)."""
+        with self.news:
+            self.waiting.append(Lane(dialogue, tasks, chain))
+            self.news.notify_all()
 
-        def done(d: Dialogue, task: Task, seconds: float, stop: str) -> None:
-            record = d.records[task.turn.number]
-            self.frames += record["frames"]
-            self.emit(TurnDone(lane_id, record, seconds, stop))
-
-        lane = Lane(dialogue, tasks, chain, done)
-        self.lane_ids[lane] = lane_id
-        self.inbox.put(lane)
-
-    def poll(self, timeout: float) -> tuple[list[TurnDone | LaneDone | Failed], int, int]:
+    def poll(self, timeout: float) -> tuple[list[TurnDone | Failed], int, int]:
         """The news since the last poll (waiting up to ``timeout`` for some), frames done and in flight."""
         with self.news:
             if not self.events:
@@ -195,55 +184,35 @@ class Worker:
             events, self.events = self.events, []
         return events, self.frames, self.in_flight
 
-    def stop(self) -> None:
-        """Stop after the current frame."""
-        self.stopping.set()
-
-    def emit(self, event: TurnDone | LaneDone | Failed) -> None:
+    def emit(self, event: TurnDone | Failed) -> None:
         """Queue news for the driver's next poll."""
         with self.news:
             self.events.append(event)
             self.news.notify_all()
 
+    def turn_done(self, dialogue: Dialogue, task: Task, seconds: float, stop: str) -> None:
+        """A turn's files are written: tell the driver, with its manifest entry."""
+        record = dialogue.records[task.turn.number]
+        self.frames += record["frames"]
+        self.emit(TurnDone(str(dialogue.out_dir), record, seconds, stop))
+
+    def stepped(self, active: list[TurnInFlight]) -> None:
+        """Count the frames of the turns in flight, for the driver's display."""
+        self.in_flight = sum(t.frames for t in active)
+
     def loop(self) -> None:
-        """Run the lanes: up to ``slots`` at once, a new one joining as soon as one finishes."""
-        synth, active = self.synth, []
+        """Run lanes as they come, until the actor is killed or an error stops it."""
         try:
-            while not self.stopping.is_set():
-                self.take(active, block=not active)
-                if not active:
-                    continue
-                synth.engine.step()
-                for run in list(active):
-                    if run.advance(synth):
-                        continue
-                    active.remove(run)
-                    run.lane.finish(run, synth)
-                    following = run.lane.next_run(synth)
-                    if following is None:
-                        self.emit(LaneDone(self.lane_ids.pop(run.lane)))
-                    else:
-                        active.append(following)
-                self.in_flight = sum(r.frames for r in active)
+            while True:
+                with self.news:
+                    while not self.waiting:
+                        self.news.wait()
+                run_lanes(self.synth, self.waiting, self.slots, self.turn_done, self.stepped)
+                self.in_flight = 0
         except CsmError as exc:
             self.emit(Failed(str(exc), user=True))
         except Exception as exc:  # noqa: BLE001 - reported to the driver, which stops the job
             self.emit(Failed(f"worker on {socket.gethostname()} failed: {type(exc).__name__}: {exc}", user=False))
-
-    def take(self, active: list[Run], block: bool) -> None:
-        """Start queued lanes while there is room (waiting briefly for one when idle)."""
-        while len(active) < self.slots:
-            try:
-                lane = self.inbox.get(block=block, timeout=POLL_S)
-            except queue.Empty:
-                return
-            block = False
-            lane.start_history(self.synth)
-            run = lane.next_run(self.synth)
-            if run is None:
-                self.emit(LaneDone(self.lane_ids.pop(lane)))
-            else:
-                active.append(run)
 
 
 # -- the driver ---------------------------------------------------------------------------------
@@ -319,10 +288,9 @@ class ClusterJob:
         self.dead_frames = 0
         self.count = 0
 
-    def run(
-        self, dialogues: list[Dialogue], lanes: list[tuple[Dialogue, list[Task]]], chain: int | None
-    ) -> ClusterSummary:
-        """Run every lane to the end (or raise); Ray is started for the job only when ``local``."""
+    def run(self, dialogues: list[Dialogue], lanes: list[Lane], chain: int | None) -> ClusterSummary:
+        """Run every lane (of :func:`make_lanes`) to the end, or raise; Ray is started for the job only
+        when the address is ``local``."""
         ray = import_ray()
         owned = connect(self.config.address)
         clock = time.perf_counter()
@@ -336,7 +304,12 @@ class ClusterJob:
             self.count = count
             for _ in range(count):
                 self.spawn()
-            self.work = {i: LaneWork(i, d, tasks) for i, (d, tasks) in enumerate(lanes)}
+            self.work = {i: LaneWork(i, lane.dialogue, list(lane.tasks)) for i, lane in enumerate(lanes)}
+            self.lane_of = {
+                (str(self.copies[id(w.dialogue)].out_dir), t.turn.number): w
+                for w in self.work.values()
+                for t in w.tasks
+            }
             self.queue = deque(self.work.values())
             self.chain = chain
             done = self.drive(ray, clock)
@@ -396,13 +369,12 @@ class ClusterJob:
         for event in events:
             if isinstance(event, Failed):
                 raise CsmError(event.message)
-            work = self.work[event.lane]
-            if isinstance(event, LaneDone):
-                state.lanes.discard(event.lane)
-                continue
+            work = self.lane_of[event.folder, event.record["turn"]]
             task = next(t for t in work.tasks if t.turn.number == event.record["turn"])
             work.dialogue.records[task.turn.number] = event.record
             work.dialogue.write_manifest()
+            if not work.remaining():
+                state.lanes.discard(work.id)
             self.progress.turn_done(work.dialogue, task, event.seconds, event.stop)
             finished += 1
         return finished
@@ -436,7 +408,7 @@ class ClusterJob:
             work = self.queue.popleft()
             tasks = work.remaining()
             if tasks:
-                state.actor.add.remote(work.id, self.copies[id(work.dialogue)], tasks, self.chain)
+                state.actor.add.remote(self.copies[id(work.dialogue)], tasks, self.chain)
                 state.lanes.add(work.id)
 
     def bury(self, state: WorkerState) -> None:
@@ -445,9 +417,7 @@ class ClusterJob:
         self.dead_frames += state.frames
         for lane in sorted(state.lanes, reverse=True):
             work = self.work[lane]
-            remove_stale_temps(
-                [p for t in work.remaining() for p in (work.dialogue.path(t), work.dialogue.codes_path(t))]
-            )
+            remove_stale_temps(dataclasses.replace(work.dialogue, tasks=work.remaining()))
             self.queue.appendleft(work)
         where = f" on {state.node}" if state.node else ""
         kind = "turns" if self.chain is None else "scripts"

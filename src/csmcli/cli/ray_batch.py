@@ -6,11 +6,11 @@ import functools
 import os
 import sys
 
+from ..batchrun import Dialogue, make_lanes, model_key
 from ..cluster import ClusterConfig, ClusterJob, ClusterStatus
 from ..dialog import ScriptError
-from ..errors import OptionsError
 from ..options import FRAME_MS
-from .batch import BatchProgress, Dialogue, generate, model_key, report_problems
+from .batch import BatchProgress, generate, report_problems, turns
 
 #: Environment variables the workers get from the command's environment (model cache, voices, offline mode).
 FORWARDED_ENV = ("CSM_", "HF_")
@@ -47,17 +47,13 @@ def generate_on_ray(
     compile: bool,
 ) -> None:
     """Generate the pending turns on the cluster at ``address``; the same files and manifests as locally."""
-    if cpus is not None and cpus < 1:
-        raise OptionsError(f"--ray-cpus must be at least 1, got {cpus}")
     todo = [t for d in dialogues for t in d.todo]
     if not todo:  # nothing to spread: the local path reports it without loading anything
         generate(dialogues, chain, batch_size, model, device, dtype, quiet, quantize, compile)
         return
     from ..synthesizer import Synthesizer
 
-    lanes = (
-        [(d, [t]) for d in dialogues for t in d.todo] if chain is None else [(d, d.todo) for d in dialogues if d.todo]
-    )
+    lanes = make_lanes(dialogues, chain)
     slots = min(batch_size, len(lanes))
     load = functools.partial(
         Synthesizer.load,
@@ -86,7 +82,7 @@ def generate_on_ray(
         kept = sum(len(d.tasks) for d in dialogues) - len(todo)
         lost = f"; workers lost and replaced: {summary.lost}" if summary.lost else ""
         print(
-            f"csm: generated {summary.turns} turns ({progress.done_seconds:.1f} s of audio) in "
+            f"csm: generated {turns(summary.turns)} ({progress.done_seconds:.1f} s of audio) in "
             f"{summary.elapsed:.1f} s on {summary.workers} Ray workers, "
             f"{summary.frames / max(summary.elapsed, 1e-6):.1f} frames/s"
             + (f"; kept {kept} finished earlier" if kept else "")

@@ -18,6 +18,15 @@ def ray_address(value: str | None) -> str | None:
     return value
 
 
+def ray_cpus(value: int | None) -> int | None:
+    """``--ray-cpus`` is a positive number of cores."""
+    if value is not None and value < 1:
+        from ..errors import OptionsError
+
+        raise OptionsError(f"--ray-cpus must be at least 1, got {value}")
+    return value
+
+
 RayOpt = Annotated[
     str | None,
     typer.Option(
@@ -33,6 +42,7 @@ RayCpusOpt = Annotated[
     int | None,
     typer.Option(
         "--ray-cpus",
+        callback=ray_cpus,
         help="CPU cores per Ray worker on a cluster without GPUs (default: 4, or a node's all if it has fewer).",
     ),
 ]
