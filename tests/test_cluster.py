@@ -6,6 +6,9 @@ The command runs in this process (it joins the module's cluster), so Ray starts 
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +25,7 @@ SCRIPTS = {
     '{"text": "Third.", "speaker": "ann", "temperature": 0.5, "seed": 99}\n',
     "third.txt": "Carol: One more.\nDave: And another.\nCarol: The last one.\n",
 }
+CSM = [sys.executable, "-m", "csmcli"]
 FAST = ["--device", "cpu", "--dtype", "float32", "--max-audio-ms", "160", "--seed", "7"]
 
 
@@ -137,6 +141,30 @@ def test_killed_worker_loses_nothing_and_a_rerun_resumes(
     assert outputs(work / "ray") == outputs(reference)
     batch(*scripts, "-d", "ray", *FAST, "--ray", cluster)
     assert "all 10 turns are already done" in capfd.readouterr().err
+
+
+def test_ctrl_c_stops_the_job_and_a_rerun_resumes(cluster: str, reference: Path, work: Path) -> None:
+    import ray
+
+    scripts = sorted(SCRIPTS)
+    command = [*CSM, "batch", *scripts, "-d", "ray", *FAST, "--ray", cluster, "--ray-cpus", "1"]
+    proc = subprocess.Popen(command, cwd=work, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.startswith("csm: [1/10]"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(60) == 130, rest
+    assert "stopped after" in rest and "run the same command again to continue" in rest
+    deadline = time.monotonic() + 30  # the job's workers go with it
+    while [a for a in ray.util.list_named_actors() if a.startswith(WORKER_NAME)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [a for a in ray.util.list_named_actors() if a.startswith(WORKER_NAME)]
+    finished = sum(len((work / "ray" / s.split(".")[0] / "manifest.jsonl").read_text().splitlines()) for s in scripts)
+    assert 1 <= finished < 10
+    proc = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=300)
+    assert f"kept {finished} finished earlier" in proc.stderr, proc.stderr
+    assert outputs(work / "ray") == outputs(reference)
 
 
 def test_missing_extra_and_bad_addresses_are_one_line_errors(

@@ -60,7 +60,9 @@ def check_address(address: str) -> str:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Where the cluster is and how big a worker is: one GPU each, else ``cpus_per_worker`` cores."""
+    """Where the cluster is (``address``, see :func:`check_address`) and its workers: one per GPU
+    unless ``device`` is ``cpu``, else one per ``cpus_per_worker`` cores; at most ``max_workers``;
+    ``env``: environment variables every worker gets."""
 
     address: str = "auto"
     cpus_per_worker: int | None = None
@@ -115,10 +117,9 @@ class TurnDone:
 
 @dataclass
 class Failed:
-    """The worker stopped on an error; ``user`` when it is the input's fault (a CsmError)."""
+    """The worker stopped on an error, which stops the job."""
 
     message: str
-    user: bool
 
 
 class QuietDialogue(Dialogue):
@@ -210,9 +211,9 @@ class Worker:
                 run_lanes(self.synth, self.waiting, self.slots, self.turn_done, self.stepped)
                 self.in_flight = 0
         except CsmError as exc:
-            self.emit(Failed(str(exc), user=True))
+            self.emit(Failed(str(exc)))
         except Exception as exc:  # noqa: BLE001 - reported to the driver, which stops the job
-            self.emit(Failed(f"worker on {socket.gethostname()} failed: {type(exc).__name__}: {exc}", user=False))
+            self.emit(Failed(f"worker on {socket.gethostname()} failed: {type(exc).__name__}: {exc}"))
 
 
 # -- the driver ---------------------------------------------------------------------------------
@@ -381,18 +382,19 @@ class ClusterJob:
 
     def started_worker(self, state: WorkerState, report: dict[str, Any]) -> None:
         """Check a new worker's start report: its errors stop the job; the probes prove shared storage."""
+        probes = {d.out_dir: d.out_dir / f".csm-probe-{self.token}-{state.index}" for d in self.dialogues}
+        unseen = [folder for folder, probe in probes.items() if not probe.is_file()]
+        for probe in probes.values():
+            probe.unlink(missing_ok=True)
         if "problems" in report:
             raise ScriptError(report["problems"])
         if "error" in report:
             raise InputError(report["error"])
-        for d in self.dialogues:
-            probe = d.out_dir / f".csm-probe-{self.token}-{state.index}"
-            if not probe.is_file():
-                raise InputError(
-                    f"{d.out_dir} is not shared with the worker on {report['node']}: put the output folder on "
-                    "storage that every node mounts at the same path"
-                )
-            probe.unlink(missing_ok=True)
+        if unseen:
+            raise InputError(
+                f"{unseen[0]} is not shared with the worker on {report['node']}: put the output folder on "
+                "storage that every node mounts at the same path"
+            )
         state.ready, state.node = True, report["node"]
 
     def dispatch(self) -> None:

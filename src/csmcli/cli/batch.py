@@ -239,14 +239,13 @@ def batch(
             stack.enter_context(locked(d.out_dir))
             remove_stale_temps(d)
             mark_todo(d, force, chained=chain is not None)
-        if ray is None:
+        if ray is None or not any(d.todo for d in dialogues):
             generate(dialogues, chain, batch_size, model, device, dtype, quiet, quantize, compile_)
         else:
             from .ray_batch import generate_on_ray
 
-            generate_on_ray(
-                ray, ray_cpus, dialogues, chain, batch_size, model, device, dtype, quiet, quantize, compile_
-            )
+            load = {"device": device, "dtype": dtype, "quantize": quantize, "compile": compile_}
+            generate_on_ray(ray, ray_cpus, dialogues, chain, batch_size, quiet, model, **load)
         for d in dialogues:
             if write_combined(d, pause, audio_io.SAMPLE_RATE) and not quiet:
                 print(f"csm: {d.script.label}: {turns(len(d.tasks))} joined in {d.combined}", file=sys.stderr)

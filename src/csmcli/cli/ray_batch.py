@@ -5,12 +5,13 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from typing import Any
 
 from ..batchrun import Dialogue, make_lanes, model_key
 from ..cluster import ClusterConfig, ClusterJob, ClusterStatus
 from ..dialog import ScriptError
 from ..options import FRAME_MS
-from .batch import BatchProgress, generate, report_problems, turns
+from .batch import BatchProgress, report_problems, turns
 
 #: Environment variables the workers get from the command's environment (model cache, voices, offline mode).
 FORWARDED_ENV = ("CSM_", "HF_")
@@ -39,33 +40,21 @@ def generate_on_ray(
     dialogues: list[Dialogue],
     chain: int | None,
     batch_size: int,
-    model: str,
-    device: str,
-    dtype: str,
     quiet: bool,
-    quantize: str,
-    compile: bool,
+    model: str,
+    **load_args: Any,
 ) -> None:
-    """Generate the pending turns on the cluster at ``address``; the same files and manifests as locally."""
-    todo = [t for d in dialogues for t in d.todo]
-    if not todo:  # nothing to spread: the local path reports it without loading anything
-        generate(dialogues, chain, batch_size, model, device, dtype, quiet, quantize, compile)
-        return
+    """Generate the pending turns on the cluster at ``address`` with ``model`` loaded by every worker
+    (``load_args``: :meth:`Synthesizer.load`'s device, dtype, quantize, compile); the same files and
+    manifests as a local run."""
     from ..synthesizer import Synthesizer
 
+    todo = [t for d in dialogues for t in d.todo]
     lanes = make_lanes(dialogues, chain)
     slots = min(batch_size, len(lanes))
-    load = functools.partial(
-        Synthesizer.load,
-        model_key(model),
-        device=device,
-        dtype=dtype,
-        max_batch_size=slots,
-        quantize=quantize,
-        compile=compile,
-    )
+    load = functools.partial(Synthesizer.load, model_key(model), max_batch_size=slots, **load_args)
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
-    config = ClusterConfig(address, cpus_per_worker=cpus, device=device, env=env)
+    config = ClusterConfig(address, cpus_per_worker=cpus, device=load_args.get("device", "auto"), env=env)
     for d in dialogues:
         d.write_manifest()
     with ClusterDisplay(quiet, len(todo)) as progress:
