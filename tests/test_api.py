@@ -200,3 +200,19 @@ def test_static_shape_frames_match_the_dynamic_path(synth) -> None:  # noqa: ANN
         engine.graphs, engine.graph_buckets, engine.graph_codes = None, [], {}
     for a, b in zip(expected, got, strict=True):
         assert torch.equal(a, b.codes)
+
+
+def test_engine_operations_through_the_synthesizer(synth) -> None:  # noqa: ANN001
+    from csmcli.bench import BenchSetup, measure_engine
+
+    idle = {"active": 0, "waiting": 0, "max_batch_size": synth.capacity}
+    assert synth.stats() == idle
+    job = synth.submit(synth.job("Queued.", 0, [], GenerationOptions(seed=1, max_audio_ms=160)))
+    assert synth.stats()["waiting"] == 1
+    assert synth.admit() == 1 and synth.stats() == {**idle, "active": 1}
+    while synth.step():
+        pass
+    assert job.stats.frames == 2 and job.stats.stop_reason == "budget"
+    figures = measure_engine(synth, BenchSetup(prompt_rows=16, frames=2, warmup=1, voice_rows=16))
+    assert figures["prefill_ms"] > 0 and figures["batches"]["1"]["ms_per_frame"] > 0
+    assert synth.stats() == idle

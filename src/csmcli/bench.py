@@ -14,7 +14,7 @@ import resource
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -108,34 +108,60 @@ def _options(frames: int) -> GenerationOptions:
     return GenerationOptions(seed=1, max_audio_ms=frames * FRAME_MS)
 
 
+class FrameLoop(Protocol):
+    """What the measurements drive, through public operations only: a
+    :class:`~csmcli.synthesizer.Synthesizer` (or the :class:`~csmcli.engine.Engine` behind one)."""
+
+    device: torch.device
+
+    def submit(self, job: Job) -> Job: ...
+
+    def step(self) -> bool: ...
+
+    def admit(self) -> int: ...
+
+    def clear_prefix_cache(self) -> None: ...
+
+
+def _run_to_end(loop: FrameLoop, job: Job) -> None:
+    while not job.done.is_set():
+        loop.step()
+
+
+def _first_audio_s(loop: FrameLoop, job: Job) -> float:
+    """Seconds from submitting ``job`` to its first chunk; the job then runs to its end."""
+    loop.submit(job)
+    t = time.perf_counter()
+    while not job.pop_chunks():
+        loop.step()
+    elapsed = time.perf_counter() - t
+    _run_to_end(loop, job)
+    return elapsed
+
+
 @torch.inference_mode()
-def measure_engine(engine: Engine, setup: BenchSetup) -> dict[str, Any]:
+def measure_engine(loop: FrameLoop, setup: BenchSetup) -> dict[str, Any]:
     """Prefill time, time to first audio (plain and behind a cached voice) and one stream's ms per frame."""
-    device = engine.device
+    device = loop.device
     total = setup.warmup + setup.frames
     out: dict[str, Any] = {}
     prefill = []
     for i in range(3):
-        job = Job(_prompt(setup.prompt_rows, i), _options(total))
+        job = loop.submit(Job(_prompt(setup.prompt_rows, i), _options(total)))
         _sync(device)
         t = time.perf_counter()
-        engine._prefill(0, job)
+        loop.admit()
         _sync(device)
         prefill.append(time.perf_counter() - t)
+        job.cancel()
+        _run_to_end(loop, job)
     out["prefill_ms"] = 1e3 * statistics.median(prefill)
 
-    ttfa = []
-    for i in range(3):
-        job = engine.submit(Job(_prompt(setup.prompt_rows, 10 + i), _options(2), first_chunk_frames=1))
-        t = time.perf_counter()
-        while not job.pop_chunks():
-            engine.step()
-        ttfa.append(time.perf_counter() - t)
-        engine.run_until_done(job)
+    ttfa = [_first_audio_s(loop, Job(_prompt(setup.prompt_rows, 10 + i), _options(2))) for i in range(3)]
     out["time_to_first_audio_ms"] = 1e3 * statistics.median(ttfa)
-    out.update(_prefix_ttfa(engine, setup))
+    out.update(_prefix_ttfa(loop, setup))
 
-    one = measure_throughput(engine, setup, 1)
+    one = measure_throughput(loop, setup, 1)
     out["batches"] = {"1": one}
     out["ms_per_frame"] = one["ms_per_frame"]
     out["real_time_factor"] = one["real_time_factor"]
@@ -143,22 +169,22 @@ def measure_engine(engine: Engine, setup: BenchSetup) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def measure_throughput(engine: Engine, setup: BenchSetup, batch: int) -> dict[str, float]:
+def measure_throughput(loop: FrameLoop, setup: BenchSetup, batch: int) -> dict[str, float]:
     """Median ms per frame with ``batch`` streams generating together."""
     total = setup.warmup + setup.frames
     jobs = [
-        engine.submit(Job(_prompt(setup.prompt_rows, 100 + j), _options(total), chunk_frames=8)) for j in range(batch)
+        loop.submit(Job(_prompt(setup.prompt_rows, 100 + j), _options(total), chunk_frames=8)) for j in range(batch)
     ]
     for _ in range(setup.warmup):
-        engine.step()
+        loop.step()
     times = []
     for _ in range(setup.frames):
         t = time.perf_counter()
-        engine.step()
-        _sync(engine.device)
+        loop.step()
+        _sync(loop.device)
         times.append(time.perf_counter() - t)
     for job in jobs:
-        engine.run_until_done(job)
+        _run_to_end(loop, job)
     ms = 1e3 * statistics.median(times)
     return {"ms_per_frame": ms, "frames_per_s": batch * 1e3 / ms, "real_time_factor": ms / FRAME_MS}
 
@@ -212,7 +238,7 @@ def measure_transformers(
     return {"ms_per_frame": ms, "real_time_factor": ms / FRAME_MS}
 
 
-def _prefix_ttfa(engine: Engine, setup: BenchSetup) -> dict[str, float]:
+def _prefix_ttfa(loop: FrameLoop, setup: BenchSetup) -> dict[str, float]:
     """Time to first audio for a prompt behind a voice-sized prefix, without and with the prefix cache."""
     voice = _prompt(setup.voice_rows, 1000)
     text = _prompt(24, 1001)
@@ -220,18 +246,11 @@ def _prefix_ttfa(engine: Engine, setup: BenchSetup) -> dict[str, float]:
     prompt.prefix_len = len(voice)
     out = {}
     for label in ("uncached", "cached"):
-        if label == "uncached":
-            engine.prefix_store.clear()
-        times = []
+        times = []  # the last uncached run leaves the prefix cached for the cached runs
         for _ in range(3):
             if label == "uncached":
-                engine.prefix_store.clear()
-            job = engine.submit(Job(prompt, _options(2), first_chunk_frames=1))
-            t = time.perf_counter()
-            while not job.pop_chunks():
-                engine.step()
-            times.append(time.perf_counter() - t)
-            engine.run_until_done(job)
+                loop.clear_prefix_cache()
+            times.append(_first_audio_s(loop, Job(prompt, _options(2))))
         out[f"time_to_first_audio_{label}_prefix_ms"] = 1e3 * statistics.median(times)
     out["prefix_rows"] = len(voice)
     return out

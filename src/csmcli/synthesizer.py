@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -268,32 +269,10 @@ class Synthesizer:
             pause_s,
         )
 
-    def jobs(
-        self,
-        text: str,
-        speaker: int = 0,
-        *,
-        voice: str | None = None,
-        context: Sequence[Segment] | None = None,
-        options: GenerationOptions | None = None,
-        first_chunk_frames: int = 1,
-        chunk_frames: int = 8,
-        sink=None,  # noqa: ANN001
-        pause_s: float = PIECE_PAUSE_S,
-    ) -> Iterator[Job]:
-        """The jobs of :meth:`utterance`, one piece at a time; each must have finished before the next
-        is asked for (:meth:`Utterance.next_job` raises otherwise)."""
-        utterance = self.utterance(
-            text,
-            speaker,
-            voice=voice,
-            context=context,
-            options=options,
-            first_chunk_frames=first_chunk_frames,
-            chunk_frames=chunk_frames,
-            sink=sink,
-            pause_s=pause_s,
-        )
+    def jobs(self, text: str, speaker: int = 0, **request: Any) -> Iterator[Job]:
+        """The jobs of :meth:`utterance` (same arguments), one piece at a time; each must have finished
+        before the next is asked for (:meth:`Utterance.next_job` raises otherwise)."""
+        utterance = self.utterance(text, speaker, **request)
         job = utterance.next_job()
         while job is not None:
             yield job
@@ -436,11 +415,6 @@ class Synthesizer:
     def capacity(self) -> int:
         """How many jobs generate at once (``max_batch_size``)."""
         return self.engine.max_batch
-
-    @property
-    def max_len(self) -> int:
-        """The model's context length in positions (prompt rows plus frames)."""
-        return self.engine.max_len
 
     def stats(self) -> dict[str, int]:
         """What the engine is doing now: jobs ``active`` (in a slot), ``waiting``, and ``max_batch_size``."""
