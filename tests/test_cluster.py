@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from csmcli.cli import app, main
-from csmcli.cluster import WORKER_NAME
+from csmcli.cluster import PROBE, WORKER_NAME
 
 SCRIPTS = {
     "dialog.txt": "Alice: Hello there, Bob.\nBob: Hi Alice! How are you?\nalice: Fine, thanks. And you?\n"
@@ -98,19 +98,22 @@ def test_cluster_run_equals_local_run(cluster: str, reference: Path, work: Path,
     assert outputs(work / "ray1")["0002_bob.wav"] != local["dialog/0002_bob.wav"]
 
 
-def kill_first_worker_after_a_turn(folder: Path) -> threading.Thread:
-    """A thread that kills worker 0 (it holds two of the three scripts) once any turn is in a manifest."""
+def kill_worker_0_when_busy(folder: Path) -> threading.Thread:
+    """A thread that kills worker 0 once it has started (its probe files came and went: it then gets
+    scripts at once) and some turn is in a manifest."""
     import ray
 
     def kill() -> None:
-        deadline = time.monotonic() + 120
+        seen, deadline = False, time.monotonic() + 120
         while time.monotonic() < deadline:
-            if any(m.read_text().strip() for m in folder.glob("*/manifest.jsonl")):
+            probes = list(folder.glob(f"*/{PROBE}*-0"))
+            seen = seen or bool(probes)
+            if seen and not probes and any(m.read_text().strip() for m in folder.glob("*/manifest.jsonl")):
                 for actor in ray.util.list_named_actors():
                     if actor.startswith(f"{WORKER_NAME}-0-"):
                         ray.kill(ray.get_actor(actor))
                         return
-            time.sleep(0.05)
+            time.sleep(0.02)
 
     thread = threading.Thread(target=kill, daemon=True)
     thread.start()
@@ -121,7 +124,7 @@ def test_killed_worker_loses_nothing_and_a_rerun_resumes(
     cluster: str, reference: Path, work: Path, capfd: pytest.CaptureFixture
 ) -> None:
     scripts = sorted(SCRIPTS)
-    killer = kill_first_worker_after_a_turn(work / "ray")
+    killer = kill_worker_0_when_busy(work / "ray")
     batch(*scripts, "-d", "ray", *FAST, "--ray", cluster, "--ray-cpus", "1")
     killer.join()
     err = capfd.readouterr().err
