@@ -1,22 +1,28 @@
-"""Effective bandwidth of each CPU matrix kernel on CSM-1B's single-row shapes (GB/s of weights read).
+"""Time each CPU matrix kernel on CSM-1B's single-row shapes (microseconds per product).
 
-What ``csmcli.kernels`` chooses between: ``F.linear`` (torch's default), oneDNN-packed weights,
-the compiled gemv (bf16), ``torch._weight_int8pack_mm`` and the compiled int8 gemv.  Each shape is
-timed over enough copies of the matrix to overflow the caches, as a frame does.
-Usage: python scripts/cpu_kernels.py [THREADS]
+What ``csmcli.cpu`` chooses between: float32 ``F.linear`` and oneDNN-packed weights, bfloat16
+``F.linear`` / packed (only where the CPU has oneDNN's bf16 kernels) / the compiled gemv,
+``torch._weight_int8pack_mm`` and the compiled int8 gemv.  Each shape is timed over enough copies
+of the matrix to overflow the caches, as a frame does.  The last line sums each column over one
+frame's products (the backbone once, the depth decoder 31 times).
+
+Usage: python scripts/cpu_kernels.py [--threads N] [--isa avx512|avx2|default]
+(``--isa avx2`` runs the paths an AVX2-only CPU takes; ``ATEN_CPU_CAPABILITY=avx2`` in the
+environment also makes torch's own kernels use AVX2.)
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from csmcli import kernels
+from csmcli import cpu
 from csmcli.bench import physical_cores
+from csmcli.gemv import GemvKernels
 
 # (name, out_features, in_features, uses per frame)
 SHAPES = [
@@ -30,9 +36,11 @@ SHAPES = [
     ("depth w2", 1024, 8192, 124),
     ("depth head", 2051, 1024, 31),
 ]
+COLUMNS = ("f32 linear", "f32 packed", "bf16 linear", "bf16 packed", "bf16 gemv", "int8pack", "int8 gemv")
 
 
-def gbps(fn, mats: list[torch.Tensor], reps: int = 9) -> float:  # noqa: ANN001
+def micros(fn, count: int, reps: int = 7) -> float:  # noqa: ANN001
+    """Median microseconds per product of ``fn``, which runs ``count`` products."""
     for _ in range(2):
         fn()
     times = []
@@ -40,41 +48,53 @@ def gbps(fn, mats: list[torch.Tensor], reps: int = 9) -> float:  # noqa: ANN001
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return sum(m.numel() * m.element_size() for m in mats) / statistics.median(times) / 1e9
+    return statistics.median(times) / count * 1e6
 
 
-def measure(n: int, k: int, gemv: bool) -> list[float]:
-    """GB/s of each kernel for an ``n x k`` matrix and one bfloat16 row."""
+def measure(n: int, k: int, caps: cpu.CpuCaps, gemv: GemvKernels | None) -> list[float]:
+    """Microseconds per product of each kernel for an ``n x k`` matrix and one row."""
     nan = float("nan")
     copies = max(2, 256_000_000 // (n * k * 2))
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(1, k, dtype=dtype)
+        w = [torch.randn(n, k, dtype=dtype) for _ in range(copies if dtype == torch.bfloat16 else copies // 2 + 1)]
+        out.append(micros(lambda: [F.linear(x, m) for m in w], len(w)))  # noqa: B023
+        if dtype == torch.float32 or caps.bf16_packed:
+            packed = [torch.ops.mkldnn._reorder_linear_weight(m, 1) for m in w]
+            run = lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [None], "") for p in packed]  # noqa: B023, E731
+            out.append(micros(run, len(w)))
+            del packed
+        else:
+            out.append(nan)
+        if dtype == torch.bfloat16:
+            out.append(micros(lambda: [gemv.gemv(x.float(), m) for m in w], len(w)) if gemv else nan)  # noqa: B023
     x = torch.randn(1, k, dtype=torch.bfloat16)
-    xf = x.float()
-    w = [torch.randn(n, k, dtype=torch.bfloat16) for _ in range(copies)]
-    packed = [torch.ops.mkldnn._reorder_linear_weight(m, 1) for m in w]
-    out = [
-        gbps(lambda: [F.linear(x, m) for m in w], w),
-        gbps(lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [None], "") for p in packed], w),
-        gbps(lambda: [kernels._Compiled.gemv(xf, m) for m in w], w) if gemv else nan,
-    ]
-    w.clear()
-    packed.clear()
     q = [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(2 * copies)]
     s = torch.rand(n, dtype=torch.bfloat16)
-    out.append(gbps(lambda: [torch._weight_int8pack_mm(x, m, s) for m in q], q))
-    out.append(gbps(lambda: [kernels._Compiled.gemv_int8(xf, m, s) for m in q], q) if gemv else nan)
+    out.append(micros(lambda: [torch._weight_int8pack_mm(x, m, s) for m in q], len(q)))
+    out.append(micros(lambda: [gemv.gemv_int8(x.float(), m, s) for m in q], len(q)) if gemv else nan)
     return out
 
 
-def main(threads: int) -> None:
-    torch.set_num_threads(threads)
-    gemv = kernels.compiled_gemv()
-    print(f"threads {threads}, torch {torch.__version__}, compiled gemv: {gemv}")
-    print(f"{'shape':16s} {'N x K':>12s}  linear  packed   gemv | int8pack  gemv8   (GB/s of weights)")
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=physical_cores())
+    parser.add_argument("--isa", default=None, help="limit the CPU paths to this instruction set")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    caps = cpu.cpu_caps(args.isa)
+    gemv = cpu.gemv_kernels(torch.bfloat16, caps)
+    print(f"threads {args.threads}, torch {torch.__version__}, {caps}, compiled gemv: {gemv is not None}")
+    print(f"{'shape':16s} {'N x K':>12s} " + " ".join(f"{c:>11s}" for c in COLUMNS) + "   (us per product)")
+    totals = [0.0] * len(COLUMNS)
     with torch.inference_mode():
-        for name, n, k, _ in SHAPES:
-            row = measure(n, k, gemv)
-            print(f"{name:16s} {n:>5d} x {k:<5d} " + "  ".join(f"{v:6.1f}" for v in row), flush=True)
+        for name, n, k, uses in SHAPES:
+            row = measure(n, k, caps, gemv)
+            totals = [t + v * uses for t, v in zip(totals, row, strict=True)]
+            print(f"{name:16s} {n:>5d} x {k:<5d} " + " ".join(f"{v:11.1f}" for v in row), flush=True)
+    print(f"{'ms per frame':29s} " + " ".join(f"{t / 1e3:11.1f}" for t in totals))
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else physical_cores())
+    main()

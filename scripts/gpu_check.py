@@ -11,7 +11,6 @@ Usage: python scripts/gpu_check.py OUT_DIR [eager|layers|step]
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,8 +30,7 @@ PROMPTS = [("Hello from CSM.", 0), ("How are you doing today?", 1), ("Numbers li
 
 def on_gpu(tiny: Path, dtype: str, max_batch: int, mode: str) -> Synthesizer:
     """A CUDA synthesizer compiled as ``mode`` says, with its graphs captured."""
-    os.environ["CSM_CUDA_GRAPHS"], os.environ["CSM_COMPILE"] = "0", "0"  # done here, in order
-    synth = Synthesizer.load(str(tiny), device="cuda", dtype=dtype, max_batch_size=max_batch)
+    synth = Synthesizer.load(str(tiny), device="cuda", dtype=dtype, max_batch_size=max_batch, cuda_graphs=False)
     if mode != "eager":
         synth.engine.compile(whole_step=mode == "step")
     synth.engine.capture_graphs()

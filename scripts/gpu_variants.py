@@ -9,8 +9,8 @@ again once all are captured (captured graphs keep what they captured), with ``cs
 measure_throughput: median of 48 frames behind a 128-row prompt.
 
 Usage: python scripts/gpu_variants.py [OUT_DIR] [--device cpu --config DIR/config.json --frames 4]
-(the options only serve to try the script itself without a GPU, on a tiny model, with
-CSM_CPU_KERNELS=plain: the compiled variants cannot compile through packed oneDNN weights).
+(the options only serve to try the script itself without a GPU, on a tiny model; the CPU engines
+use plain kernels: the compiled variants cannot compile through packed oneDNN weights).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from csmcli.bench import BenchSetup, measure_throughput, random_codec, random_state
+from csmcli.bench import BenchSetup, measure_throughput
 from csmcli.checkpoint import CSM_1B_CONFIG
 from csmcli.engine import Engine
-from csmcli.synthesizer import build_model
+from csmcli.loader import build_model, random_codec, random_state
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
     setup = BenchSetup(frames=args.frames, warmup=4)
 
     def engine(variant: str) -> Engine:
-        e = Engine(net, codec, device, dtype, max_batch=1)
+        e = Engine(net, codec, device, dtype, max_batch=1, cpu_kernels="plain")
         if variant == "all-codes":
             e.graph_top_k = None
         if variant in ("layers", "step"):
@@ -58,7 +58,7 @@ def main() -> None:
     results: dict[str, list[float]] = {}
     variants = ["all-codes", "top64", "layers", "step"]
     engines = {}
-    for v in variants:  # the compiled variants patch module-level kernels: eager ones go first
+    for v in variants:  # each engine holds its own compiled functions
         engines[v] = engine(v)
         results[v] = [measure_throughput(engines[v], setup, 1)["ms_per_frame"]]
         print(f"{v}: {results[v][0]:.2f} ms/frame", flush=True)

@@ -13,11 +13,11 @@ import sys
 
 import torch
 
-from csmcli.bench import physical_cores, random_state
+from csmcli.bench import physical_cores
 from csmcli.checkpoint import CSM_1B_CONFIG
-from csmcli.kernels import prepare_cpu
+from csmcli.cpu import prepare_cpu
+from csmcli.loader import build_model, random_state
 from csmcli.quant import quantize_int8
-from csmcli.synthesizer import build_model
 
 
 def run(frames: int) -> None:

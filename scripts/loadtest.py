@@ -3,10 +3,12 @@
 Usage: ``python scripts/loadtest.py [--url http://127.0.0.1:8000] [-n 4] [-t 30] [--max-audio-ms 4000]``.
 
 Each client posts streaming ``/generate`` requests (or OpenAI ``/v1/audio/speech`` ones) back to back
-until the time is up, then waits for its last request (up to ``--grace`` seconds).  Reported per
-request: time to first audio (request sent -> first PCM byte), real-time factor (wall time / audio
-length, below 1 is faster than real time) and errors by kind; overall: audio seconds produced per
-wall-clock second.  The server must be on this machine: the script refuses other hosts.
+until the time is up, then waits for its last request (up to ``--grace`` seconds).  A busy server's
+503 is counted as rejected and its ``Retry-After`` honoured (doubling on each refusal in a row); a
+stream whose body ends before its end (the server cuts it) counts as ``truncated``, a failure.
+Reported per request: time to first audio (request sent -> first PCM byte), real-time factor (wall
+time / audio length, below 1 is faster than real time) and errors by kind; overall: audio seconds
+produced per wall-clock second.  The server must be on this machine: the script refuses other hosts.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import ipaddress
 import json
 import os
+import random
 import socket
 import sys
 import time
@@ -27,6 +30,8 @@ import numpy as np
 
 SAMPLE_RATE = 24_000
 WAV_HEADER_BYTES = 44
+#: Longest wait between retries of a refused request (seconds).
+MAX_BACKOFF_S = 30.0
 TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
     "Streaming speech should start quickly and keep ahead of playback.",
@@ -43,6 +48,7 @@ class Result:
     audio_seconds: float = 0.0
     wall: float = 0.0
     error: str | None = None
+    retry_after: float | None = None  # set on a 503 that said when to retry
 
     @property
     def rtf(self) -> float | None:
@@ -89,6 +95,8 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: dict) -> R
                 except (ValueError, KeyError, TypeError):
                     code = text[:40]
                 result.error = f"HTTP {response.status} {code}"
+                if response.status == 503 and "Retry-After" in response.headers:
+                    result.retry_after = retry_after(response.headers["Retry-After"])
                 return result
             skip = WAV_HEADER_BYTES if response.content_type == "audio/wav" else 0
             async for data in response.content.iter_any():
@@ -96,6 +104,8 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: dict) -> R
                 if result.ttfa is None and received > skip:
                     result.ttfa = time.perf_counter() - started
             received -= skip
+    except aiohttp.ClientPayloadError:  # the body stopped before its end: a cut stream, not a short one
+        result.error = "truncated"
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         result.error = type(exc).__name__
     result.wall = time.perf_counter() - started
@@ -108,10 +118,31 @@ async def client(
 ) -> None:
     """Send requests back to back until ``stop_at``."""
     n = index
+    refusals = 0
     while time.perf_counter() < stop_at:
         url, body = request_for(args, n)
-        results.append(await one_request(session, url, body))
+        result = await one_request(session, url, body)
+        results.append(result)
+        if result.retry_after is not None:
+            refusals += 1
+            await asyncio.sleep(backoff(result.retry_after, refusals))
+            continue  # the same request again
+        refusals = 0
         n += args.clients
+
+
+def retry_after(value: str) -> float:
+    """Seconds from a ``Retry-After`` header (a number of seconds; anything else means 1)."""
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return 1.0
+
+
+def backoff(retry_after_s: float, refusals: int) -> float:
+    """The wait before retrying: ``Retry-After`` doubled for each refusal in a row, capped, with jitter
+    so refused clients do not all come back at once."""
+    return min(MAX_BACKOFF_S, max(retry_after_s, 0.05) * 2 ** (refusals - 1)) * random.uniform(1.0, 1.5)
 
 
 async def run(args: argparse.Namespace) -> tuple[list[Result], float, int]:
@@ -144,7 +175,7 @@ def report(args: argparse.Namespace, results: list[Result], wall: float, cut_off
     rtf = [r.rtf for r in ok if r.rtf is not None]
     errors: dict[str, int] = {}
     for r in results:
-        if r.error is not None:
+        if r.error is not None and r.retry_after is None:
             errors[r.error] = errors.get(r.error, 0) + 1
     audio = sum(r.audio_seconds for r in ok)
     return {
@@ -152,6 +183,7 @@ def report(args: argparse.Namespace, results: list[Result], wall: float, cut_off
         "duration_s": args.duration,
         "requests": len(results),
         "ok": len(ok),
+        "rejected": sum(r.retry_after is not None for r in results),
         "errors": errors,
         "cut_off": cut_off,
         "audio_s": round(audio, 2),
@@ -170,10 +202,11 @@ def print_table(args: argparse.Namespace, figures: dict) -> None:
         ("target", f"{args.url} ({args.endpoint}, streaming pcm)"),
         ("clients x duration", f"{figures['clients']} x {figures['duration_s']:g} s"),
         ("requests ok / total", f"{figures['ok']} / {figures['requests']}"),
+        ("rejected (503, retried)", str(figures["rejected"])),
         ("errors", ", ".join(f"{k}: {v}" for k, v in figures["errors"].items()) or "none"),
         ("cut off at the end", str(figures["cut_off"])),
-        ("time to first audio p50", _seconds(figures["ttfa_p50_s"])),
-        ("time to first audio p95", _seconds(figures["ttfa_p95_s"])),
+        ("time to first audio p50", as_ms(figures["ttfa_p50_s"])),
+        ("time to first audio p95", as_ms(figures["ttfa_p95_s"])),
         ("real-time factor p50", _plain(figures["rtf_p50"])),
         ("real-time factor p95", _plain(figures["rtf_p95"])),
         (
@@ -189,7 +222,8 @@ def print_table(args: argparse.Namespace, figures: dict) -> None:
         print(f"{name:<{width}}  {value}")
 
 
-def _seconds(x: float | None) -> str:
+def as_ms(x: float | None) -> str:
+    """Seconds shown as whole milliseconds ("-" for none)."""
     return "-" if x is None else f"{x * 1000:.0f} ms"
 
 

@@ -336,7 +336,7 @@ def test_invalid_scripts_report_every_line_and_generate_nothing(env: dict[str, s
 def test_bad_options_fail_before_loading(env: dict[str, str], tmp_path: Path) -> None:
     (tmp_path / "dialog.txt").write_text(DIALOG)
     for args, message in [
-        (["--combined", "x.mp3"], "--combined needs an audio extension"),
+        (["--combined", "x.mp4"], "--combined needs an audio extension"),
         (["--voices", "Zed=none"], "--voices: no speaker 'zed'"),
     ]:
         proc = csm(env, tmp_path, "dialog.txt", *args, check=False)

@@ -125,8 +125,7 @@ def test_ckpt_pt_in_original_format_loads(tiny_dir, tiny_original_dir, tmp_path,
     torch.save({"model": {f"_orig_mod.{k}": v for k, v in state.items()}}, only_pt / "ckpt.pt")
     mimi = tmp_path / "mimi"
     synth.codec.model.save_pretrained(mimi)
-    monkeypatch.setenv("CSM_MIMI", str(mimi))
-    loaded = Synthesizer.load(str(only_pt), device="cpu", dtype="float32")
+    loaded = Synthesizer.load(str(only_pt), device="cpu", dtype="float32", mimi=str(mimi))
     assert torch.equal(
         loaded.generate("Pickled.", 1, options=GREEDY).codes, synth.generate("Pickled.", 1, options=GREEDY).codes
     )

@@ -25,7 +25,7 @@ def read(path: Path) -> np.ndarray:
 
 
 @pytest.mark.parametrize("ext", ["wav", "flac", "ogg"])
-def test_formats_from_extension(tiny_dir, cli_env, tmp_path, ext) -> None:  # noqa: ANN001
+def test_formats_from_extension(tiny_dir, cli_env, tmp_path, ext) -> None:
     out = tmp_path / f"hello.{ext}"
     r = csm(["say", "Hello from CSM.", "-m", str(tiny_dir), "-o", str(out), "--seed", "3", *BASE], cli_env)
     assert r.returncode == 0, r.stderr.decode()
@@ -34,7 +34,7 @@ def test_formats_from_extension(tiny_dir, cli_env, tmp_path, ext) -> None:  # no
     assert np.abs(audio).max() > 1e-3
 
 
-def test_raw_to_stdout_stdin_text_and_python_m(tiny_dir, cli_env, tmp_path) -> None:  # noqa: ANN001
+def test_raw_to_stdout_stdin_text_and_python_m(tiny_dir, cli_env, tmp_path) -> None:
     r = csm(
         ["say", "-m", str(tiny_dir), "-o", "-", "--format", "raw", "--seed", "3", *BASE],
         cli_env,
@@ -52,7 +52,7 @@ def test_raw_to_stdout_stdin_text_and_python_m(tiny_dir, cli_env, tmp_path) -> N
     assert np.array_equal(pcm, expected), "stdin + raw stdout differs from the same request to a file"
 
 
-def test_wav_to_stdout_reads_whole(tiny_dir, cli_env, tmp_path) -> None:  # noqa: ANN001
+def test_wav_to_stdout_reads_whole(tiny_dir, cli_env, tmp_path) -> None:
     r = csm(["say", "Hi there.", "-m", str(tiny_dir), "-o", "-", *BASE], cli_env)
     assert r.returncode == 0, r.stderr.decode()
     path = tmp_path / "piped.wav"
@@ -60,7 +60,7 @@ def test_wav_to_stdout_reads_whole(tiny_dir, cli_env, tmp_path) -> None:  # noqa
     assert len(read(path)) == 6 * 1920
 
 
-def test_text_file_seed_reproducible_and_speakers_differ(tiny_dir, cli_env, tmp_path) -> None:  # noqa: ANN001
+def test_text_file_seed_reproducible_and_speakers_differ(tiny_dir, cli_env, tmp_path) -> None:
     text = tmp_path / "t.txt"
     text.write_text("The same words, twice.\n")
     outs = []
@@ -74,7 +74,7 @@ def test_text_file_seed_reproducible_and_speakers_differ(tiny_dir, cli_env, tmp_
     assert not np.array_equal(outs[0], outs[3]), "different seeds gave the same audio"
 
 
-def test_greedy_is_deterministic_without_seed(tiny_dir, cli_env, tmp_path) -> None:  # noqa: ANN001
+def test_greedy_is_deterministic_without_seed(tiny_dir, cli_env, tmp_path) -> None:
     a, b = tmp_path / "a.wav", tmp_path / "b.wav"
     for out in (a, b):
         r = csm(["say", "Greedy.", "-m", str(tiny_dir), "-o", str(out), "--temperature", "0", *BASE], cli_env)
@@ -103,7 +103,7 @@ BAD = [
 
 
 @pytest.mark.parametrize(("args", "message"), BAD, ids=[b[1][:24] for b in BAD])
-def test_bad_input_is_one_line_error(tiny_dir, cli_env, tmp_path, args, message) -> None:  # noqa: ANN001
+def test_bad_input_is_one_line_error(tiny_dir, cli_env, tmp_path, args, message) -> None:
     out = tmp_path / "out.wav"
     filled = [a.format(out=out, tmp=tmp_path) for a in args]
     if "-m" not in filled:
@@ -118,7 +118,7 @@ def test_bad_input_is_one_line_error(tiny_dir, cli_env, tmp_path, args, message)
     assert not list(tmp_path.glob("*.tmp*")) and not list(tmp_path.glob(".*out*")), "half-written file left"
 
 
-def test_corrupt_weights_are_a_one_line_error(tiny_dir, cli_env, tmp_path) -> None:  # noqa: ANN001
+def test_corrupt_weights_are_a_one_line_error(tiny_dir, cli_env, tmp_path) -> None:
     broken = tmp_path / "broken"
     broken.mkdir()
     for item in tiny_dir.iterdir():
@@ -131,12 +131,12 @@ def test_corrupt_weights_are_a_one_line_error(tiny_dir, cli_env, tmp_path) -> No
     assert r.returncode == 1 and "corrupt" in err and "Traceback" not in err, err
 
 
-def test_no_text_on_a_terminal_like_stdin_is_an_error(tiny_dir, cli_env, tmp_path) -> None:  # noqa: ANN001
+def test_no_text_on_a_terminal_like_stdin_is_an_error(tiny_dir, cli_env, tmp_path) -> None:
     r = csm(["say", "-m", str(tiny_dir), "-o", str(tmp_path / "o.wav"), *BASE], cli_env, stdin=b"")
     assert r.returncode == 1 and "text is empty" in r.stderr.decode()
 
 
-def test_int8_weights_speak_and_stay_close(tiny_dir, cli_env, tmp_path) -> None:  # noqa: ANN001
+def test_int8_weights_speak_and_stay_close(tiny_dir, cli_env, tmp_path) -> None:
     """--quantize int8 gives audio of the same length, close to (not equal to) the float model's."""
     outs = {}
     for q in ("none", "int8"):
@@ -150,7 +150,7 @@ def test_int8_weights_speak_and_stay_close(tiny_dir, cli_env, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("command", [["bench", "--frames", "2"], ["say", "hi", "-o", "{tmp}/x.wav"]])
-def test_compile_with_float_cpu_weights_is_a_one_line_error(tiny_dir, cli_env, tmp_path, command) -> None:  # noqa: ANN001
+def test_compile_with_float_cpu_weights_is_a_one_line_error(tiny_dir, cli_env, tmp_path, command) -> None:
     args = [a.replace("{tmp}", str(tmp_path)) for a in command]
     r = csm([*args, "-m", str(tiny_dir), "--device", "cpu", "--compile"], cli_env)
     err = r.stderr.decode()

@@ -14,8 +14,9 @@ import torch
 from transformers import CsmConfig, CsmForConditionalGeneration
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from csmcli import GenerationOptions, Segment, Synthesizer, kernels
+from csmcli import GenerationOptions, Segment, Synthesizer, cpu
 from csmcli.checkpoint import CSM_1B_CONFIG
+from csmcli.gemv import compiled_gemv
 from csmcli.model import rope_inv_freq
 from csmcli.sampling import SamplingParams, sample
 
@@ -135,8 +136,7 @@ def test_original_format_gives_the_same_codes(synth, tiny_dir, tiny_original_dir
     """Sesame's key names with interleaved RoPE, converted on load, give exactly the same output."""
     mimi_dir = tiny_original_dir.parent / "mimi"
     synth.codec.model.save_pretrained(mimi_dir)
-    monkeypatch.setenv("CSM_MIMI", str(mimi_dir))
-    original = Synthesizer.load(str(tiny_original_dir), device="cpu", dtype="float32")
+    original = Synthesizer.load(str(tiny_original_dir), device="cpu", dtype="float32", mimi=str(mimi_dir))
     for text, speaker in PROMPTS[:2]:
         a = synth.generate(text, speaker, options=GREEDY)
         b = original.generate(text, speaker, options=GREEDY)
@@ -169,14 +169,14 @@ def test_sampling_never_picks_reserved_codes() -> None:
         assert int(sample(logits, params, codebook, 2048).max()) < 2048
 
 
-@pytest.mark.skipif(not kernels.compiled_gemv(), reason="torch.compile cannot build CPU kernels here")
+@pytest.mark.skipif(compiled_gemv() is None, reason="torch.compile cannot build CPU kernels here")
 @pytest.mark.parametrize("with_context", [False, True], ids=["text-only", "with-context"])
 def test_compiled_gemv_kernels_match_transformers(reference, tiny_dir, monkeypatch, with_context) -> None:  # noqa: ANN001
     """The same greedy codes with every single-row projection on the compiled gemv kernel."""
-    monkeypatch.setattr(kernels, "_GEMV_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(cpu, "GEMV_MIN_ELEMENTS", 0)
     synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="float32", max_batch_size=1)
-    layers = [m for m in synth.model.modules() if isinstance(m, kernels.CpuLinear)]
-    assert synth.engine.cpu_kernels == "gemv+packed" and all(m.gemv for m in layers)
+    layers = [m for m in synth.model.modules() if isinstance(m, cpu.CpuLinear)]
+    assert synth.engine.cpu_kernels == "gemv+linear" and all(m.gemv for m in layers)
     text, speaker = PROMPTS[2]
     context = [_context(tiny_dir)] if with_context else []
     inputs = _reference_inputs(synth, reference, text, speaker, context)

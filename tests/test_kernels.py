@@ -12,13 +12,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from csmcli import kernels
+from csmcli import cpu
+from csmcli.engine import Engine
 from csmcli.errors import OptionsError
-from csmcli.model import Transformer, TransformerSpec, _short_attention
+from csmcli.gemv import compiled_gemv
+from csmcli.model import EAGER_LAYERS, Transformer, TransformerSpec, short_attention
 from csmcli.quant import Int8Linear
 from csmcli.sampling import SamplingParams, _penalize, sample, uniform
 
-needs_compiler = pytest.mark.skipif(not kernels.compiled_gemv(), reason="torch.compile cannot build CPU kernels here")
+GEMV = compiled_gemv()
+needs_compiler = pytest.mark.skipif(GEMV is None, reason="torch.compile cannot build CPU kernels here")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -27,11 +30,15 @@ def test_packed_linear_matches_f_linear(dtype: torch.dtype, rows: int) -> None:
     torch.manual_seed(0)
     w = torch.randn(96, 64, dtype=dtype)
     x = torch.randn(2, rows, 64, dtype=dtype)
-    layer = kernels.CpuLinear(w, gemv=False)
+    layer = cpu.CpuLinear(w)
     got = layer(x)
     assert got.shape == (2, rows, 96) and got.dtype == dtype
-    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.0, "rtol": 0.0}
-    torch.testing.assert_close(got, F.linear(x, w), **tol)
+    assert layer.packed_weights == (dtype == torch.float32 or cpu.cpu_caps().bf16_packed)
+    if layer.packed_weights:
+        tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.0, "rtol": 0.0}
+        torch.testing.assert_close(got, F.linear(x, w), **tol)
+    else:  # a CPU without oneDNN's bf16 kernels: the product in float32, rounded once
+        torch.testing.assert_close(got, F.linear(x.float(), w.float()).to(dtype), atol=0.0, rtol=0.0)
 
 
 @needs_compiler
@@ -39,7 +46,7 @@ def test_packed_linear_matches_f_linear(dtype: torch.dtype, rows: int) -> None:
 def test_gemv_linear_matches_f_linear(dtype: torch.dtype) -> None:
     torch.manual_seed(1)
     w = torch.randn(300, 200, dtype=dtype)
-    layer = kernels.CpuLinear(w, gemv=True)
+    layer = cpu.CpuLinear(w, GEMV.gemv)
     one = torch.randn(1, 1, 200, dtype=dtype)
     ref = F.linear(one.float(), w.float())
     tol = 1e-4 if dtype == torch.float32 else 0.1  # bf16 output rounding of values ~ +-30
@@ -54,7 +61,7 @@ def test_int8_gemv_matches_int8pack() -> None:
     layer = Int8Linear(torch.randn(512, 256) * 0.02, torch.bfloat16)
     x = torch.randn(1, 256, dtype=torch.bfloat16)
     packed = layer(x)
-    layer.gemv = True
+    layer.gemv_fn = GEMV.gemv_int8
     gemv = layer(x)
     assert gemv.dtype == torch.bfloat16 and gemv.shape == (1, 512)
     torch.testing.assert_close(gemv.float(), packed.float(), atol=2e-3, rtol=2e-2)
@@ -62,18 +69,17 @@ def test_int8_gemv_matches_int8pack() -> None:
     torch.testing.assert_close(gemv.float(), dequantized, atol=2e-3, rtol=2e-2)
 
 
-def test_kernel_choice_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CSM_CPU_KERNELS", "packed")
-    assert kernels.pick_cpu_kernels() == "packed"
-    assert kernels.pick_cpu_kernels("plain") == "plain"
+def test_kernel_choice_is_validated() -> None:
+    assert cpu.check_cpu_kernels() == "auto"
+    assert cpu.check_cpu_kernels("plain") == "plain"
     with pytest.raises(OptionsError, match="CPU kernels must be one of auto, packed, plain"):
-        kernels.pick_cpu_kernels("fast")
+        cpu.check_cpu_kernels("fast")
 
 
 def test_gemv_only_for_wide_single_row_matrices() -> None:
-    assert kernels._wants_gemv(16384, 1024) and kernels._wants_gemv(3072, 2048)
-    assert not kernels._wants_gemv(1024, 8192)  # long rows: packed / int8 kernels win there
-    assert not kernels._wants_gemv(96, 64)  # tiny: call overhead would dominate
+    assert cpu.wants_gemv(16384, 1024) and cpu.wants_gemv(3072, 2048)
+    assert not cpu.wants_gemv(1024, 8192)  # long rows: packed / int8 kernels win there
+    assert not cpu.wants_gemv(96, 64)  # tiny: call overhead would dominate
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # matmuls / multiply-and-sum
@@ -84,7 +90,7 @@ def test_short_attention_matches_sdpa(dtype: torch.dtype) -> None:
     v = torch.randn(3, 2, 11, 16, dtype=dtype)
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
     tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
-    torch.testing.assert_close(_short_attention(q, k, v).float(), ref, **tol)
+    torch.testing.assert_close(short_attention(q, k, v).float(), ref, **tol)
 
 
 def test_rope_tables_match_direct_computation() -> None:
@@ -174,7 +180,7 @@ def test_int8_prompt_rows_use_the_float_gemm_with_the_same_result() -> None:
 
     torch.manual_seed(5)
     layer = Int8Linear(torch.randn(64, 48) * 0.02, torch.bfloat16)
-    rows = torch.randn(quant._DEQUANTIZE_ROWS + 8, 48, dtype=torch.bfloat16)
+    rows = torch.randn(quant.DEQUANTIZE_ROWS + 8, 48, dtype=torch.bfloat16)
     expected = torch._weight_int8pack_mm(rows, layer.weight, layer.scales)
     torch.testing.assert_close(layer(rows).float(), expected.float(), atol=2e-3, rtol=2e-2)
 
@@ -191,16 +197,15 @@ def test_compiled_engine_matches_the_eager_engine(tiny_dir, monkeypatch: pytest.
     from torch._dynamo.utils import counters
 
     from csmcli import GenerationOptions, Synthesizer
-    from csmcli import model as model_module
 
-    monkeypatch.setattr(model_module, "_KERNELS", model_module._Kernels())  # compile_kernels swaps these
     if weights == "float32":
-        monkeypatch.setenv("CSM_CPU_KERNELS", "plain")  # packed oneDNN weights cannot be compiled
-        quantize = "none"
+        kernels, quantize = "plain", "none"  # packed oneDNN weights cannot be compiled
     else:
-        monkeypatch.setattr(kernels, "_GEMV_MIN_ELEMENTS", 0)  # the tiny matrices take the gemv too
-        quantize = "int8"
-    synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="float32", max_batch_size=2, quantize=quantize)
+        monkeypatch.setattr(cpu, "GEMV_MIN_ELEMENTS", 0)  # the tiny matrices take the gemv too
+        kernels, quantize = None, "int8"
+    synth = Synthesizer.load(
+        str(tiny_dir), device="cpu", dtype="float32", max_batch_size=2, quantize=quantize, cpu_kernels=kernels
+    )
     if weights == "int8":
         assert synth.model.decoder.layers[0].w13.gemv and synth.model.head_layers.weight.dim() == 3
     greedy = GenerationOptions(temperature=0, max_audio_ms=6 * 80)
@@ -222,6 +227,13 @@ def test_compiled_engine_matches_the_eager_engine(tiny_dir, monkeypatch: pytest.
     assert counters["stats"]["unique_graphs"] == graphs, "a request compiled something"
     for a, b in zip(eager, compiled, strict=True):
         assert len(a) > 0 and torch.equal(a, b)
+    # the compiled functions are this engine's: another engine on the same model stays eager
+    other = Engine(synth.model, synth.codec, synth.device, synth.dtype, max_batch=2, cpu_kernels=kernels)
+    assert other.layer_fns is EAGER_LAYERS and other.depth_step is None
+    job = other.submit(synth.job(*texts[0], [], greedy))
+    other.run_until_done(job)
+    assert torch.equal(job.all_codes(), synth.generate(*texts[0], [], greedy).codes)  # compiled = eager, above
+    assert counters["stats"]["unique_graphs"] == graphs, "the eager engine ran compiled code"
 
 
 def test_compiling_packed_cpu_weights_is_a_one_line_error(tiny_dir) -> None:  # noqa: ANN001

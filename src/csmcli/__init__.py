@@ -6,10 +6,14 @@ The public API is imported lazily so that ``csm --help`` does not pay for import
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 __all__ = ["Audio", "AudioChunk", "CsmError", "GenerationOptions", "Segment", "Synthesizer"]
-__version__ = "0.1.0"
+try:
+    __version__ = version("csmcli")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 _WHERE = {
     "Audio": "synthesizer",

@@ -7,7 +7,6 @@ Everything written as PCM is clipped to [-1, 1] first, so loud samples never wra
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import struct
 import tempfile
@@ -22,23 +21,6 @@ from .errors import AudioError, OptionsError
 #: Output sample rate of CSM-1B (Hz).
 SAMPLE_RATE = 24000
 
-#: Output formats: raw is signed 16-bit little-endian mono PCM with no header.
-FORMATS = ("wav", "flac", "ogg", "raw")
-
-_EXTENSIONS = {
-    ".wav": "wav",
-    ".wave": "wav",
-    ".flac": "flac",
-    ".ogg": "ogg",
-    ".oga": "ogg",
-    ".raw": "raw",
-    ".pcm": "raw",
-}
-_ALIASES = {"wave": "wav", "pcm": "raw", "s16le": "raw", "vorbis": "ogg"}
-#: soundfile (format, subtype) per container format.
-_SF_FORMATS = {"wav": ("WAV", "PCM_16"), "flac": ("FLAC", "PCM_16"), "ogg": ("OGG", "VORBIS")}
-_ALLOWED = ", ".join(FORMATS)
-
 
 def to_int16(x: np.ndarray) -> np.ndarray:
     """Float samples in [-1, 1] to int16 PCM; out-of-range samples are clipped, never wrapped.
@@ -50,7 +32,7 @@ def to_int16(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round(y * np.float32(32768.0)), -32768, 32767).astype(np.int16)
 
 
-def _mono_f32(audio: np.ndarray) -> np.ndarray:
+def mono_f32(audio: np.ndarray) -> np.ndarray:
     """``audio`` as a contiguous 1-D float32 array (an (n, 1) column is accepted)."""
     a = np.asarray(audio, dtype=np.float32)
     if a.ndim == 2 and a.shape[1] == 1:
@@ -60,62 +42,23 @@ def _mono_f32(audio: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def _pcm16le(audio: np.ndarray) -> bytes:
+def pcm16le(audio: np.ndarray) -> bytes:
     """Signed 16-bit little-endian PCM bytes of ``audio``."""
-    return to_int16(_mono_f32(audio)).astype("<i2", copy=False).tobytes()
-
-
-def _check_format(fmt: str) -> str:
-    """Normalise ``fmt`` (case, leading dot, aliases) or raise naming the allowed formats."""
-    name = fmt.strip().lower().lstrip(".")
-    name = _ALIASES.get(name, name)
-    if name not in FORMATS:
-        raise AudioError(f"unknown audio format '{fmt}': use one of {_ALLOWED}")
-    return name
-
-
-def format_for(path: str | None, explicit: str | None) -> str:
-    """The output format: ``explicit`` (``--format``) if given, else from ``path``'s extension.
-
-    ``None`` or ``-`` (stdout) defaults to wav.
-    """
-    if explicit:
-        return _check_format(explicit)
-    if path is None or path == "-":
-        return "wav"
-    suffix = Path(path).suffix.lower()
-    if suffix in _EXTENSIONS:
-        return _EXTENSIONS[suffix]
-    what = f"extension '{suffix}'" if suffix else "no extension"
-    raise AudioError(
-        f"cannot tell the audio format of {path} ({what}): use .wav, .flac, .ogg or .raw, or pass --format ({_ALLOWED})"
-    )
-
-
-def _encode_to(fileobj: BinaryIO, audio: np.ndarray, fmt: str, sample_rate: int) -> None:
-    """Encode ``audio`` as ``fmt`` into an open binary file object."""
-    if fmt == "raw":
-        fileobj.write(_pcm16le(audio))
-        return
-    import soundfile as sf
-
-    container, subtype = _SF_FORMATS[fmt]
-    mono = _mono_f32(audio)
-    # PCM subtypes get int16 (libsndfile would wrap loud floats); Vorbis gets clipped floats.
-    data = np.clip(mono, -1.0, 1.0) if subtype == "VORBIS" else to_int16(mono)
-    with sf.SoundFile(fileobj, mode="w", samplerate=sample_rate, channels=1, format=container, subtype=subtype) as f:
-        f.write(data)
+    return to_int16(mono_f32(audio)).astype("<i2", copy=False).tobytes()
 
 
 def encode_audio(audio: np.ndarray, fmt: str, sample_rate: int = SAMPLE_RATE) -> bytes:
-    """``audio`` encoded in memory as ``fmt`` (wav, flac, ogg or raw), e.g. for stdout or HTTP."""
-    fmt = _check_format(fmt)
-    buf = io.BytesIO()
-    try:
-        _encode_to(buf, audio, fmt, sample_rate)
-    except RuntimeError as exc:  # soundfile.LibsndfileError
-        raise AudioError(f"cannot encode {fmt} audio: {exc}") from None
-    return buf.getvalue()
+    """``audio`` encoded in memory as one whole ``fmt`` file: :func:`csmcli.formats.encode`."""
+    from . import formats  # formats builds on this module's PCM helpers, so it is imported when used
+
+    return formats.encode(audio, fmt, sample_rate)
+
+
+def format_for(path: str | None, explicit: str | None) -> str:
+    """The output format name for ``path`` or ``--format``: :func:`csmcli.formats.for_path`."""
+    from . import formats
+
+    return formats.for_path(path, explicit)
 
 
 def _new_file_mode(path: Path) -> int:
@@ -170,77 +113,35 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
         raise
 
 
-def write_audio(path: str | Path, audio: np.ndarray, fmt: str, sample_rate: int = SAMPLE_RATE) -> None:
-    """Write ``audio`` to ``path`` as ``fmt`` atomically (see :func:`atomic_file`)."""
-    fmt = _check_format(fmt)
-    with atomic_file(path) as f:
-        _encode_to(f, audio, fmt, sample_rate)
+def write_audio(
+    path: str | Path, audio: np.ndarray, fmt: str, sample_rate: int = SAMPLE_RATE, bitrate: str | int | None = None
+) -> None:
+    """Write ``audio`` to ``path`` as ``fmt`` atomically: :func:`csmcli.formats.write_file`."""
+    from . import formats
+
+    formats.write_file(path, audio, fmt, sample_rate, bitrate)
 
 
-def wav_stream_header(sample_rate: int = SAMPLE_RATE) -> bytes:
-    """A 44-byte PCM16 mono WAV header for a stream of unknown length (RIFF and data sizes 0xFFFFFFFF)."""
-    unknown = 0xFFFFFFFF
+def wav_header(sample_rate: int = SAMPLE_RATE, samples: int | None = None) -> bytes:
+    """A 44-byte PCM16 mono WAV header for ``samples`` samples, or for a stream of unknown length.
+
+    A stream's RIFF and data sizes are 0xFFFFFFFF, which readers take as "until the end".
+    """
+    riff, data = (0xFFFFFFFF, 0xFFFFFFFF) if samples is None else (36 + 2 * samples, 2 * samples)
     return (
         b"RIFF"
-        + struct.pack("<I", unknown)
+        + struct.pack("<I", riff)
         + b"WAVE"
         + b"fmt "
         + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
         + b"data"
-        + struct.pack("<I", unknown)
+        + struct.pack("<I", data)
     )
 
 
-class StreamWriter:
-    """Write audio chunks to a binary stream (e.g. stdout) as they arrive, flushing after each.
-
-    ``raw`` writes s16le mono PCM only; ``wav`` writes :func:`wav_stream_header` before the first chunk.
-    """
-
-    def __init__(self, stream: BinaryIO, fmt: str = "wav", sample_rate: int = SAMPLE_RATE) -> None:
-        """Stream to ``stream`` in ``fmt`` (wav or raw) at ``sample_rate``."""
-        fmt = _check_format(fmt)
-        if fmt not in ("wav", "raw"):
-            raise AudioError(f"cannot stream {fmt} audio: use --format wav or raw, or write to a file")
-        self.stream = stream
-        self.fmt = fmt
-        self.sample_rate = sample_rate
-        self.samples_written = 0
-        self._started = False
-
-    def _start(self) -> None:
-        """Write the header (wav) once."""
-        if not self._started:
-            self._started = True
-            if self.fmt == "wav":
-                self.stream.write(wav_stream_header(self.sample_rate))
-
-    def write(self, chunk: np.ndarray) -> None:
-        """Append ``chunk`` (float mono) and flush."""
-        self._start()
-        data = _pcm16le(chunk)
-        self.stream.write(data)
-        self.stream.flush()
-        self.samples_written += len(data) // 2
-
-    def close(self) -> None:
-        """Finish the stream: a wav with no chunks still gets its header. Does not close ``stream``."""
-        self._start()
-        self.stream.flush()
-
-    @property
-    def seconds_written(self) -> float:
-        """Seconds of audio written so far."""
-        return self.samples_written / self.sample_rate
-
-    def __enter__(self) -> StreamWriter:
-        """Context manager: :meth:`close` on exit."""
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        """Flush on a clean exit; on an error leave the stream as it is."""
-        if exc[0] is None:
-            self.close()
+def wav_stream_header(sample_rate: int = SAMPLE_RATE) -> bytes:
+    """:func:`wav_header` for a stream of unknown length (the server's streamed WAV)."""
+    return wav_header(sample_rate)
 
 
 def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -281,25 +182,11 @@ def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-def fade(
-    audio: np.ndarray, fade_in_s: float = 0.0, fade_out_s: float = 0.0, sample_rate: int = SAMPLE_RATE
-) -> np.ndarray:
-    """A copy of ``audio`` with linear fade-in/fade-out ramps of the given lengths."""
-    out = np.array(_mono_f32(audio), dtype=np.float32, copy=True)
-    n_in = min(len(out), max(0, round(fade_in_s * sample_rate)))
-    n_out = min(len(out), max(0, round(fade_out_s * sample_rate)))
-    if n_in:
-        out[:n_in] *= np.linspace(0.0, 1.0, n_in, endpoint=False, dtype=np.float32)
-    if n_out:
-        out[len(out) - n_out :] *= np.linspace(1.0, 0.0, n_out + 1, dtype=np.float32)[1:]
-    return out
-
-
 def concat_with_pauses(chunks: Sequence[np.ndarray], pause_s: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Join mono pieces with ``pause_s`` seconds of silence between them (none before or after)."""
     if pause_s < 0:
         raise OptionsError(f"pause must be >= 0 seconds, got {pause_s}")
-    pieces = [_mono_f32(c) for c in chunks]
+    pieces = [mono_f32(c) for c in chunks]
     if not pieces:
         return np.zeros(0, dtype=np.float32)
     gap = np.zeros(round(pause_s * sample_rate), dtype=np.float32)

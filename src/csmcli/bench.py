@@ -18,9 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from . import checkpoint
 from .engine import Engine, Job
-from .model import CSMModel
 from .options import FRAME_MS, GenerationOptions
 from .prompt import Prompt
 
@@ -50,43 +48,6 @@ def physical_cores() -> int:
         except OSError:
             cores.add(("", str(cpu)))
     return max(1, len(cores))
-
-
-def random_state(config: dict[str, Any], seed: int = 0, device: torch.device | None = None) -> dict[str, torch.Tensor]:
-    """A transformers-format CSM state dict with random weights (reserved codes never win).
-
-    Drawn on ``device``: a GPU draws the 1.6 G values in well under a second (the CPU takes tens of
-    seconds); the values then differ from the CPU's."""
-    from transformers import CsmConfig, CsmForConditionalGeneration
-
-    torch.manual_seed(seed)
-    device = device or torch.device("cpu")
-    cfg = CsmConfig(**{k: v for k, v in config.items() if k != "model_type"})
-    with torch.device("meta"):
-        ref = CsmForConditionalGeneration(cfg)
-    state = {}
-    for name, tensor in ref.state_dict().items():
-        if name.startswith("codec_model."):
-            continue
-        t = torch.empty(tensor.shape, device=device)
-        if name.endswith("norm.weight"):
-            t.fill_(1.0)
-        else:
-            t.normal_(0.0, 0.02)
-        state[name] = t
-    state["lm_head.weight"][2048:] = 0
-    state["depth_decoder.codebooks_head.weight"][:, :, 2048:] = 0
-    return state
-
-
-def random_codec(device: torch.device):  # noqa: ANN201
-    """Full-size Mimi with random weights (decoding cost does not depend on the values)."""
-    from transformers import MimiConfig, MimiModel
-
-    from .codec import Codec
-
-    torch.manual_seed(0)
-    return Codec(MimiModel(MimiConfig()).eval().to(device))
 
 
 def _sync(device: torch.device) -> None:
@@ -273,53 +234,46 @@ def run_bench(
     graphs: bool = True,
     compile: bool = False,
     cpu_kernels: str | None = None,
+    cpu_isa: str | None = None,
+    mimi: str | None = None,
 ) -> dict[str, Any]:
-    """Load (or randomly build) the model, measure it and optionally the transformers baseline."""
-    from .quant import quantize_int8
-    from .synthesizer import build_model, pick_device, pick_dtype
+    """Load (or randomly build, ``model=None``) the model, measure it and optionally the transformers baseline.
 
-    torch_device = pick_device(device)
-    torch_dtype = pick_dtype(dtype, torch_device)
-    if compile and torch_device.type == "cpu":
-        from .kernels import check_compilable
+    Loading is :func:`csmcli.loader.load_parts`' (``mimi``: the codec for checkpoints without one)."""
+    from .loader import load_parts, make_engine
 
-        check_compilable(quantize == "int8", cpu_kernels)
-    if torch_device.type == "cpu":
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         torch.set_num_threads(threads or physical_cores())
-    if model is None:
-        config = checkpoint.CSM_1B_CONFIG
-        state = random_state(config, device=torch_device if torch_device.type == "cuda" else None)
-        codec = random_codec(torch_device)
-        source = "random weights, full-size CSM-1B architecture"
-    else:
-        ckpt = checkpoint.inspect(checkpoint.resolve(model))
-        config = ckpt.config
-        state, codec_state = checkpoint.read_tensors(ckpt)
-        from .codec import Codec
-
-        codec = Codec.from_state_dict(config["codec_config"], codec_state, torch_device)
-        source = str(ckpt.path)
-    net: CSMModel = build_model(config, state, torch_device, torch_dtype)
-    if torch_device.type == "cuda":  # keep the source tensors off the GPU: peak memory is the engine's
-        state = {k: v.cpu() for k, v in state.items()} if setup.baseline else {}
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(torch_device)
-    if quantize == "int8":
-        quantize_int8(net)
+    parts = load_parts(
+        model,
+        device=device,
+        dtype=dtype,
+        quantize=quantize,
+        compile=compile,
+        cpu_kernels=cpu_kernels,
+        cpu_isa=cpu_isa,
+        keep_state=setup.baseline is not None,
+        **({"mimi": mimi} if mimi else {}),
+    )
+    net, codec, torch_device, torch_dtype, caps = parts.model, parts.codec, parts.device, parts.dtype, parts.cpu_caps
     # On the CPU one stream gets its own engine: a single-slot engine picks the fastest kernels for
     # one row (csm say / play), a multi-slot one the kernels that serve several rows (serve, batch).
     cpu = torch_device.type == "cpu"
-    engine = Engine(
-        net, codec, torch_device, torch_dtype, max_batch=1 if cpu else max(setup.batch_sizes), cpu_kernels=cpu_kernels
-    )
     started = time.perf_counter()
-    if compile:
-        engine.compile()
-    if graphs:
-        engine.capture_graphs()
+    engine = make_engine(
+        net,
+        codec,
+        torch_device,
+        torch_dtype,
+        1 if cpu else max(setup.batch_sizes),
+        compile=compile,
+        cuda_graphs=graphs,
+        cpu_kernels=cpu_kernels,
+        cpu_caps=caps,
+    )
     setup_s = time.perf_counter() - started
     result: dict[str, Any] = {
-        "model": source,
+        "model": parts.source,
         "device": torch.cuda.get_device_name(torch_device)
         if torch_device.type == "cuda"
         else platform.processor() or platform.machine(),
@@ -329,6 +283,8 @@ def run_bench(
         "threads": torch.get_num_threads(),
         "cuda_graphs": engine.graphs is not None,
         "cpu_kernels": engine.cpu_kernels,
+        "cpu_isa": caps.isa if caps else None,
+        "cpu_bf16_packed": caps.bf16_packed if caps else None,
         "compiled": compile,
         "compile_and_capture_s": setup_s,
         "torch": torch.__version__,
@@ -338,12 +294,17 @@ def run_bench(
     result.update(measure_engine(engine, setup))
     if cpu and max(setup.batch_sizes) > 1:
         del engine
-        engine = Engine(
-            net, codec, torch_device, torch_dtype, max_batch=max(setup.batch_sizes), cpu_kernels=cpu_kernels
+        engine = make_engine(
+            net,
+            codec,
+            torch_device,
+            torch_dtype,
+            max(setup.batch_sizes),
+            compile=compile,
+            cpu_kernels=cpu_kernels,
+            cpu_caps=caps,
         )
         result["cpu_kernels_batched"] = engine.cpu_kernels
-        if compile:
-            engine.compile()
     for batch in setup.batch_sizes:
         if batch > 1:
             result["batches"][str(batch)] = measure_throughput(engine, setup, batch)
@@ -352,7 +313,7 @@ def run_bench(
         del engine, net
         if torch_device.type == "cuda":
             torch.cuda.empty_cache()
-        base = measure_transformers(state, config, torch_device, torch_dtype, setup)
+        base = measure_transformers(parts.state, parts.config, torch_device, torch_dtype, setup)
         result["baseline"] = {"name": "transformers", **base}
         result["speedup_vs_baseline"] = base["ms_per_frame"] / result["ms_per_frame"]
     return result

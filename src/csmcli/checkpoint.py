@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,8 @@ from torch import Tensor
 
 from . import convert
 from .errors import CheckpointError
+from .options import DEFAULT_MODEL
 
-DEFAULT_MODEL = "sesame/csm-1b"
 MIMI_MODEL = "kyutai/mimi"
 
 #: What csmcli needs from the hub repository (about 7 GB of its 19 GB: the original-format
@@ -99,8 +99,6 @@ class Checkpoint:
     weight_format: str
     tokenizer_file: Path
     prompts_dir: Path | None = None
-    has_codec: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve(model: str, local_files_only: bool = False) -> Path:
@@ -199,7 +197,6 @@ def inspect(path: Path) -> Checkpoint:
         weight_format=fmt,
         tokenizer_file=tokenizer,
         prompts_dir=prompts if prompts.is_dir() else None,
-        has_codec=any(k.startswith("codec_model.") for k in keys),
     )
 
 
@@ -226,7 +223,7 @@ def _weight_files(path: Path, raw: dict[str, Any]) -> list[Path]:
                 raise CheckpointError(f"{path} is missing weight shards {', '.join(missing)}: download it again")
             return shards
         return [file]
-    raise CheckpointError(f"{path} is not a CSM checkpoint: no config.json weights, model.safetensors or ckpt.pt found")
+    raise CheckpointError(f"{path} is not a CSM checkpoint: no weights (model.safetensors, ckpt.pt or a shard index)")
 
 
 def _keys(files: list[Path]) -> list[str]:

@@ -43,7 +43,7 @@ PROBE = ".csm-probe-"
 RESTARTS_PER_WORKER = 2
 
 
-def import_ray():  # noqa: ANN201
+def import_ray():
     """The ``ray`` module, or a one-line error naming the extra that installs it."""
     try:
         import ray
@@ -214,7 +214,7 @@ class Worker:
                 self.in_flight = 0
         except CsmError as exc:
             self.emit(Failed(str(exc)))
-        except Exception as exc:  # noqa: BLE001 - reported to the driver, which stops the job
+        except Exception as exc:  # reported to the driver, which stops the job
             self.emit(Failed(f"worker on {socket.gethostname()} failed: {type(exc).__name__}: {exc}"))
 
 

@@ -25,7 +25,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -151,6 +151,28 @@ class _PlanBuilder:
 
 
 # --------------------------------------------------------------------------------------------------
+
+
+class FrameDecoder(Protocol):
+    """Turns frames of codes into audio samples, piece by piece (:class:`StreamingDecoder`)."""
+
+    def push(self, codes: Tensor | np.ndarray) -> np.ndarray:
+        """Audio for ``codes`` ``[frames, codebooks]``, continuing what came before."""
+        ...
+
+
+class FrameCodec(Protocol):
+    """What the engine needs from a codec (:class:`Codec` is one): its sample rate and a streaming
+    decoder per job."""
+
+    @property
+    def sample_rate(self) -> int:
+        """Output samples per second."""
+        ...
+
+    def stream(self) -> FrameDecoder:
+        """A new decoder with its own state."""
+        ...
 
 
 class Codec:

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .audio import format_for
 from .errors import CsmError, InputError
+from .formats import extensions_help, for_path
 from .options import OPTION_FIELDS, GenerationOptions
 
 #: Speaker ids CSM-1B knows.
@@ -303,9 +303,9 @@ def check_out_name(out: str) -> None:
     if parts[-1].startswith("."):
         raise ValueError(f"'out' must not be a hidden file, got {out!r}")
     try:
-        format_for(out, None)
+        for_path(out, None)
     except CsmError:
-        raise ValueError(f"'out' needs an audio extension (.wav, .flac, .ogg or .raw), got {out!r}") from None
+        raise ValueError(f"'out' needs an audio extension ({extensions_help()}), got {out!r}") from None
 
 
 def slug(name: str) -> str:

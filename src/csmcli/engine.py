@@ -18,17 +18,23 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .cpu import CpuCaps, prepare_cpu
+from .cpu import cpu_caps as detect_cpu_caps
 from .errors import PromptTooLongError
-from .kernels import prepare_cpu
-from .model import CSMModel, DepthStep
+from .graphs import capture_frames, frame_buckets
+from .model import EAGER_LAYERS, CSMModel, DepthStep, LayerFns
 from .options import REPETITION_WINDOW, GenerationOptions
 from .prompt import Prompt
 from .sampling import SamplingParams, sample
+
+if TYPE_CHECKING:
+    from .codec import FrameCodec, FrameDecoder
 
 #: Codes 0..2047 are Mimi's; 2048..2050 are reserved and never sampled.
 NUM_AUDIO_CODES = 2048
@@ -89,7 +95,7 @@ class Job:
         self._sink = sink or self._chunks.append
         self._pending: list[Tensor] = []
         self._emitted_frames = 0
-        self._decoder = None
+        self._decoder: FrameDecoder | None = None
         self.lead_samples = 0
         self._cancelled = threading.Event()
         self.done = threading.Event()
@@ -114,7 +120,7 @@ class Job:
         """Every generated frame so far, ``[frames, 32]``."""
         return torch.stack(self.codes) if self.codes else torch.zeros(0, 32, dtype=torch.long)
 
-    def _add_frame(self, codes: Tensor, codec) -> None:  # noqa: ANN001
+    def _add_frame(self, codes: Tensor, codec: FrameCodec) -> None:
         self.codes.append(codes)
         self._pending.append(codes)
         self.stats.frames += 1
@@ -122,7 +128,7 @@ class Job:
         if len(self._pending) >= wanted:
             self._emit(codec, final=False)
 
-    def _finish(self, reason: str, codec) -> None:  # noqa: ANN001
+    def _finish(self, reason: str, codec: FrameCodec) -> None:
         self.stats.stop_reason = reason
         if reason != "cancelled":
             self._emit(codec, final=True)
@@ -135,7 +141,7 @@ class Job:
         self.stats.finished_at = time.perf_counter()
         self.done.set()
 
-    def _emit(self, codec, final: bool) -> None:  # noqa: ANN001
+    def _emit(self, codec: FrameCodec, final: bool) -> None:
         if self._decoder is None:
             self._decoder = codec.stream()
         frames = len(self._pending)
@@ -156,16 +162,19 @@ class Engine:
     def __init__(
         self,
         model: CSMModel,
-        codec,
+        codec: FrameCodec,
         device: torch.device,
-        dtype: torch.dtype,  # noqa: ANN001
+        dtype: torch.dtype,
         max_batch: int = 1,
         prefix_bytes: int = 256 * 2**20,
         cpu_kernels: str | None = None,
+        cpu_caps: CpuCaps | None = None,
     ) -> None:
         self.model = model
-        # on the CPU the projections are swapped for faster kernels (see csmcli.kernels)
-        self.cpu_kernels = prepare_cpu(model, cpu_kernels, max_batch) if device.type == "cpu" else None
+        # on the CPU the projections are swapped for faster kernels (see csmcli.cpu)
+        cpu = device.type == "cpu"
+        self.cpu_caps = (cpu_caps or detect_cpu_caps()) if cpu else None
+        self.cpu_kernels = prepare_cpu(model, cpu_kernels, max_batch, self.cpu_caps) if cpu else None
         self.codec = codec
         self.device = device
         self.dtype = dtype
@@ -180,11 +189,13 @@ class Engine:
         self.recent = torch.full(
             (max_batch, REPETITION_WINDOW, model.num_codebooks), -1, dtype=torch.long, device=device
         )
-        self.pos = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.slots: list[Job | None] = [None] * max_batch
-        self.positions = [0] * max_batch
+        self.positions = [0] * max_batch  # each slot's next position (host side)
+        # the same on the device, where the frame (and its CUDA graph) reads it
+        self.frame_positions = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.sample_fn = sample
-        self.depth_step: DepthStep | None = None  # None: the model's eager step
+        self.depth_step: DepthStep | None = None  # None: the model's step with layer_fns
+        self.layer_fns: LayerFns = EAGER_LAYERS  # compile() swaps in compiled ones, for this engine only
         # eager frames narrow sampling to what the live jobs use; graphs take graph_top_k candidates
         self.graph_top_k: int | None = GRAPH_TOP_K  # None: every code (what the first release did)
         self.k_max: int | None = None
@@ -267,7 +278,7 @@ class Engine:
         tokens = prompt.tokens[start:].to(self.device)
         mask = prompt.mask[start:].to(self.device)
         embeds = self.model.embed_rows(tokens, mask).to(self.dtype)
-        self.hidden[slot] = self.model.prefill(embeds, start, self.cache, slot)
+        self.hidden[slot] = self.model.prefill(embeds, start, self.cache, slot, self.layer_fns)
         self.positions[slot] = len(prompt)
         o = job.options
         self.params.set_row(slot, o.temperature, o.top_k, o.top_p, o.repetition_penalty, job.seed)
@@ -286,7 +297,7 @@ class Engine:
         kv = self.prefix_store.get(key)
         if kv is None:
             embeds = self.model.embed_rows(prompt.tokens[:n].to(self.device), prompt.mask[:n].to(self.device))
-            self.model.prefill(embeds.to(self.dtype), 0, self.cache, slot)
+            self.model.prefill(embeds.to(self.dtype), 0, self.cache, slot, self.layer_fns)
             kv = self.cache[:, :, slot, :, :n]
             if kv.numel() * kv.element_size() <= self.prefix_bytes:
                 self.prefix_store[key] = kv.clone()
@@ -317,7 +328,7 @@ class Engine:
             graphed = self.graphs is not None and (self.graph_top_k is None or k_max <= self.graph_top_k)
             width = self._bucket(n) if graphed else n
             positions = [self.positions[i] if i in live else 0 for i in range(width)]
-            self.pos[:width].copy_(torch.tensor(positions), non_blocking=True)
+            self.frame_positions[:width].copy_(torch.tensor(positions), non_blocking=True)
             if graphed:
                 self.graphs[width].replay()
                 codes = self.graph_codes[width]
@@ -339,37 +350,40 @@ class Engine:
         Works only on preallocated state (hidden states, positions, caches, sampling rows), so
         the same function runs eagerly or is captured once per batch bucket as a CUDA graph.
         """
-        codes = self.model.decode_frame(self.hidden[:n], self._sampler(), self.depth_cache, self.depth_step)
+        codes = self.model.decode_frame(
+            self.hidden[:n], self._sampler(), self.depth_cache, self.depth_step, self.layer_fns
+        )
         frame_slot = self.params.frame[:n] % REPETITION_WINDOW
         self.recent[torch.arange(n, device=self.device), frame_slot] = codes
         self.params.frame[:n] += 1
-        self.hidden[:n] = self.model.backbone_step(codes, self.pos[:n], self.cache, kv_len)
+        self.hidden[:n] = self.model.backbone_step(codes, self.frame_positions[:n], self.cache, kv_len, self.layer_fns)
         return codes
 
     def _bucket(self, n: int) -> int:
         return next(b for b in self.graph_buckets if b >= n)
 
     def compile(self, whole_step: bool | None = None) -> None:
-        """Use ``torch.compile``d layer and sampling functions (call before :meth:`capture_graphs`).
+        """Use ``torch.compile``d layer and sampling functions in this engine (call before
+        :meth:`capture_graphs`); other engines in the process keep their own.
 
         ``whole_step`` also compiles every depth-decoder step whole (four layers with their attention
         and cache writes, the head, sampling and the next step's embedding): one call per step instead
         of ~150 eager ops, and at most four compiles (one or two rows, one or several slots).  The
-        default is the whole step on the CPU, where those eager ops are about a quarter of a frame,
-        and the layers only on a GPU, where the whole step is not yet timed
-        (``scripts/gpu_variants.py``).
+        default is the whole step on the CPU, where those eager ops are a large share of a frame, and
+        the layers only on a GPU (``scripts/gpu_variants.py`` compares both there).
 
-        On the CPU every projection must be int8 or kept plain (``CSM_CPU_KERNELS=plain``, or a
-        one-slot engine's gemv layers): oneDNN's packed weights are opaque to the compiler.
+        On the CPU every projection must be int8 or kept plain (``cpu_kernels="plain"``, bfloat16 on a
+        CPU without oneDNN's bf16 kernels, or a one-slot engine's gemv layers): oneDNN's packed
+        weights are opaque to the compiler.
         """
-        from .kernels import check_model_compilable
-        from .model import CPU_COMPILE_OPTIONS, compile_kernels
+        from .cpu import check_model_compilable
+        from .model import CPU_COMPILE_OPTIONS, compile_layers
 
         cpu = self.device.type == "cpu"
         if cpu:
             check_model_compilable(self.model)
         options = CPU_COMPILE_OPTIONS if cpu else None
-        compile_kernels(options)
+        self.layer_fns = compile_layers(options)
         self.sample_fn = torch.compile(sample, dynamic=True, options=options)
         if cpu if whole_step is None else whole_step:
             self.depth_step = torch.compile(self.model.depth_step, dynamic=True, options=options)
@@ -387,7 +401,7 @@ class Engine:
         """Frames before any job runs (warm-up, graph capture): they sample among ``k_max`` codes
         with the penalty on and scribble on slot state, which is reset afterwards (recent codes,
         frame counters); every job's prefill and :meth:`SamplingParams.set_row` overwrite the rest."""
-        self.pos.zero_()
+        self.frame_positions.zero_()
         self.k_max, self.use_penalty = k_max, True
         yield
         self.recent.fill_(-1)
@@ -402,28 +416,15 @@ class Engine:
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
-        """Record the whole frame as one CUDA graph per batch bucket (1, 2, 4, ... max_batch).
+        """Record the whole frame as one CUDA graph per batch bucket (see :mod:`csmcli.graphs`).
 
         Called once before any job runs (see :meth:`_scratch_frames`).
         """
         if self.device.type != "cuda" or self.graphs is not None:
             return
-        buckets = sorted({min(2**i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)})
-        graphs, outputs = {}, {}
-        pool = torch.cuda.graph_pool_handle()
+        buckets = frame_buckets(self.max_batch)
         with self._scratch_frames(self.graph_top_k):
-            for b in reversed(buckets):
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(2):
-                        self._frame(b, self.max_len)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    outputs[b] = self._frame(b, self.max_len)
-                graphs[b] = graph
-            torch.cuda.synchronize()
+            graphs, outputs = capture_frames(lambda b: self._frame(b, self.max_len), buckets)
         self.graph_buckets, self.graph_codes, self.graphs = buckets, outputs, graphs
 
     def _sampler(self) -> Callable[[Tensor, int], Tensor]:

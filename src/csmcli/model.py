@@ -8,6 +8,7 @@ slots in lock step, each slot at its own position.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,29 +115,30 @@ class Block(nn.Module):
         write: tuple,
         kv_len: int,
         mask: Tensor | None,
+        layer_fns: LayerFns,
     ) -> Tensor:
         b, t, _ = x.shape
-        # compiled kernels serve the steps (one or two rows); prompts are compute-bound, eager is as fast
-        kernels = _KERNELS if t <= 2 else _EAGER
-        q, k, v = kernels.attn_in(self, x, *rope)
+        # compiled functions serve the steps (one or two rows); prompts are compute-bound, eager is as fast
+        fns = layer_fns if t <= 2 else EAGER_LAYERS
+        q, k, v = fns.attn_in(self, x, *rope)
         k_cache, v_cache = cache
         k_cache[write] = k.to(k_cache.dtype)
         v_cache[write] = v.to(v_cache.dtype)
         keys, values = k_cache[:b, :, :kv_len], v_cache[:b, :, :kv_len]
-        if t == 1 and mask is None and kv_len <= _SHORT_ATTENTION:
-            attn = _short_attention(q, keys, values)
+        if t == 1 and mask is None and kv_len <= SHORT_ATTENTION_KEYS:
+            attn = short_attention(q, keys, values)
         elif mask is None and t > 1:  # a branch, not is_causal=t > 1: t can be symbolic under torch.compile
             attn = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
         else:
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-        return kernels.attn_out_ffn(self, x, attn)
+        return fns.attn_out_ffn(self, x, attn)
 
 
 # one query over at most this many keys (the depth decoder) skips SDPA's fixed cost
-_SHORT_ATTENTION = 64
+SHORT_ATTENTION_KEYS = 64
 
 
-def _short_attention(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+def short_attention(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
     """One query per head (``[B, H, 1, D]``) attending to every key (``[B, KV, L, D]``), plain ops.
 
     On the CPU the two products are written as multiply-and-sum where that is faster: compiled
@@ -177,35 +179,45 @@ def _attn_out_ffn(block: Block, x: Tensor, attn: Tensor) -> Tensor:
     return x + block.w2(F.silu(gate) * up)
 
 
-class _Kernels:
-    """The per-layer functions, eager by default; :func:`compile_kernels` swaps in compiled ones."""
+@dataclass(frozen=True)
+class LayerFns:
+    """The per-layer functions a transformer step runs: eager (:data:`EAGER_LAYERS`), or compiled
+    ones an engine made with :func:`compile_layers` and passes to the model's step functions."""
 
-    attn_in = staticmethod(_attn_in)
-    attn_out_ffn = staticmethod(_attn_out_ffn)
+    attn_in: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    attn_out_ffn: Callable[..., Tensor]
 
 
-_KERNELS = _Kernels()
-_EAGER = _Kernels()
+EAGER_LAYERS = LayerFns(_attn_in, _attn_out_ffn)
 
 #: inductor options for CPU code: materialise every computed input of a reduction once.  By
 #: default inductor folds small pointwise producers (an RMSNorm) into the reduction that reads
 #: them, and a matrix-vector product then recomputes its input vector for every output row: a
-#: compute-bound loop instead of one that streams the weights (a depth layer's feed-forward: 1.3 vs 3.2 ms).
+#: compute-bound loop instead of one that streams the weights.
 CPU_COMPILE_OPTIONS = {"realize_opcount_threshold": 1}
 
+#: Compiled graphs each compiled function may keep: backbone and depth decoder differ in width, and
+#: prefill, depth and frame steps in length.
+RECOMPILE_LIMIT = 32
 
-def compile_kernels(options: dict[str, Any] | None = None) -> None:
-    """Fuse each layer's pointwise work with ``torch.compile`` (fewer, larger kernels: what CUDA
+
+def compile_layers(options: dict[str, Any] | None = None) -> LayerFns:
+    """Each layer's pointwise work fused with ``torch.compile`` (fewer, larger kernels: what CUDA
     graphs of the frame then replay).  The attention itself and its cache writes stay eager, so
     one compiled graph per shape family serves every layer, step and batch size.  The compiled
     functions serve single-row steps; prompts keep the eager ones.  ``options`` go to inductor
-    (:data:`CPU_COMPILE_OPTIONS` for the CPU)."""
+    (:data:`CPU_COMPILE_OPTIONS` for the CPU).
+
+    dynamo's recompile limit is process-wide; it is raised (never lowered) to :data:`RECOMPILE_LIMIT`,
+    which changes nothing for code that needs fewer graphs.
+    """
     import torch._dynamo
 
-    # backbone and depth decoder differ in width, and prefill, depth and frame steps in length
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-    _KERNELS.attn_in = torch.compile(_attn_in, dynamic=True, options=options)
-    _KERNELS.attn_out_ffn = torch.compile(_attn_out_ffn, dynamic=True, options=options)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    return LayerFns(
+        torch.compile(_attn_in, dynamic=True, options=options),
+        torch.compile(_attn_out_ffn, dynamic=True, options=options),
+    )
 
 
 class Transformer(nn.Module):
@@ -241,18 +253,27 @@ class Transformer(nn.Module):
         s = self.spec
         return torch.zeros(s.n_layers, 2, batch, s.n_kv_heads, length, s.head_dim, dtype=dtype, device=device)
 
-    def forward(self, x: Tensor, pos: Tensor, cache: Tensor, kv_len: int, mask: Tensor | None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        pos: Tensor,
+        cache: Tensor,
+        kv_len: int,
+        mask: Tensor | None,
+        layer_fns: LayerFns = EAGER_LAYERS,
+    ) -> Tensor:
         """Run ``x`` ``[B, T, dim]`` at positions ``pos`` ``[B, T]``, using rows ``0..B-1`` of ``cache``.
 
         ``mask`` is a boolean ``[B, 1, T, kv_len]`` (True = may attend), or None for causal attention
-        over exactly the ``T`` new rows starting at position 0 (``T == kv_len``).
+        over exactly the ``T`` new rows starting at position 0 (``T == kv_len``).  ``layer_fns``:
+        the per-layer functions (compiled ones from the engine).
         """
         cos, sin = self.rope_tables(x.dtype)
         rope = (cos[pos][:, :, None, :], sin[pos][:, :, None, :])
         rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(pos)
         write = (rows, slice(None), pos)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, (cache[i, 0], cache[i, 1]), write, kv_len, mask)
+            x = layer(x, rope, (cache[i, 0], cache[i, 1]), write, kv_len, mask, layer_fns)
         return self.norm(x)
 
 
@@ -276,7 +297,7 @@ class CSMModel(nn.Module):
         self.decoder = Transformer(self.depth_spec)
         self.audio_head = nn.Parameter(torch.empty(self.num_codebooks - 1, ddim, self.vocab))
         # the heads as one module called with (x, index) once quantized or prepared for the CPU
-        # (quant.Int8Linear, kernels.CpuLinear); until then audio_head is used
+        # (quant.Int8Linear, cpu.CpuLinear); until then audio_head is used
         self.head_layers: nn.Module | None = None
         self.register_buffer("audio_offsets", torch.arange(self.num_codebooks) * self.vocab, persistent=False)
 
@@ -303,7 +324,9 @@ class CSMModel(nn.Module):
         """Sum of the 32 codebook embeddings of frames ``[B, 32]`` -> ``[B, dim]``."""
         return self.audio_embeddings(codes + self.audio_offsets).sum(dim=1)
 
-    def prefill(self, embeds: Tensor, start: int, cache: Tensor, slot: int) -> Tensor:
+    def prefill(
+        self, embeds: Tensor, start: int, cache: Tensor, slot: int, layer_fns: LayerFns = EAGER_LAYERS
+    ) -> Tensor:
         """Run prompt rows ``[T, dim]`` for one slot from position ``start``; returns the last hidden state."""
         t = embeds.shape[0]
         end = start + t
@@ -313,15 +336,17 @@ class CSMModel(nn.Module):
         else:
             keys = torch.arange(end, device=embeds.device)
             mask = (keys[None, :] <= pos[0, :, None])[None, None]
-        h = self.backbone(embeds[None], pos, cache[:, :, slot : slot + 1], end, mask)
+        h = self.backbone(embeds[None], pos, cache[:, :, slot : slot + 1], end, mask, layer_fns)
         return h[0, -1]
 
-    def backbone_step(self, codes: Tensor, pos: Tensor, cache: Tensor, kv_len: int) -> Tensor:
+    def backbone_step(
+        self, codes: Tensor, pos: Tensor, cache: Tensor, kv_len: int, layer_fns: LayerFns = EAGER_LAYERS
+    ) -> Tensor:
         """Feed one frame per slot (``[B, 32]`` codes at positions ``[B]``); returns hidden states ``[B, dim]``."""
         b = codes.shape[0]
         keys = torch.arange(kv_len, device=codes.device)
         mask = (keys[None, :] <= pos[:, None])[:, None, None, :]
-        h = self.backbone(self.embed_frames(codes)[:, None], pos[:, None], cache[:, :, :b], kv_len, mask)
+        h = self.backbone(self.embed_frames(codes)[:, None], pos[:, None], cache[:, :, :b], kv_len, mask, layer_fns)
         return h[:, 0]
 
     def head(self, index: int, x: Tensor) -> Tensor:
@@ -330,15 +355,23 @@ class CSMModel(nn.Module):
             return self.head_layers(x, index)
         return x @ self.audio_head[index]
 
-    def decode_frame(self, h: Tensor, sample: SampleFn, cache: Tensor, step: DepthStep | None = None) -> Tensor:
+    def decode_frame(
+        self,
+        h: Tensor,
+        sample: SampleFn,
+        cache: Tensor,
+        step: DepthStep | None = None,
+        layer_fns: LayerFns = EAGER_LAYERS,
+    ) -> Tensor:
         """Codebook 0 from backbone states ``h`` ``[B, dim]``, then 31 depth-decoder steps -> ``[B, 32]``.
 
         ``sample(logits [B, vocab], codebook)`` picks one code per row.  The depth decoder's cache
         ``cache`` is simply overwritten from position 0 every frame.  ``step`` replaces
-        :meth:`depth_step` (the engine passes a compiled one).
+        :meth:`depth_step` (the engine passes a compiled one); otherwise the depth step's layers run
+        ``layer_fns``.
         """
         b = h.shape[0]
-        step = step or self.depth_step
+        step = step or functools.partial(self.depth_step, layer_fns=layer_fns)
         code = sample(self.codebook0_head(h), 0)
         codes = [code]
         x = self.projection(torch.stack([h, self.audio_embeddings(code)], dim=1))
@@ -349,14 +382,22 @@ class CSMModel(nn.Module):
             pos = torch.full((b, 1), i + 1, device=h.device)
         return torch.stack(codes, dim=1)
 
-    def depth_step(self, x: Tensor, pos: Tensor, cache: Tensor, index: int, sample: SampleFn) -> tuple[Tensor, Tensor]:
+    def depth_step(
+        self,
+        x: Tensor,
+        pos: Tensor,
+        cache: Tensor,
+        index: int,
+        sample: SampleFn,
+        layer_fns: LayerFns = EAGER_LAYERS,
+    ) -> tuple[Tensor, Tensor]:
         """Depth-decoder step ``index`` (1..31): codes of codebook ``index`` ``[B]`` and the next step's input.
 
         ``x`` ``[B, T, ddim]`` holds the new rows at positions ``pos`` ``[B, T]`` (two rows at step 1,
         one after).  Everything a step does is in here, so :meth:`Engine.compile` can hand the whole
         step (attention, head, sampling, next embedding) to ``torch.compile`` as one graph.
         """
-        out = self.decoder(x, pos, cache, index + 1, None)
+        out = self.decoder(x, pos, cache, index + 1, None, layer_fns)
         code = sample(self.head(index - 1, out[:, -1]), index)
         return code, self.projection(self.audio_embeddings(code + index * self.vocab))[:, None]
 

@@ -7,14 +7,18 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import OptionsError
+from .errors import InputError, OptionsError
 
-#: Audio frames per second produced by the model (Mimi runs at 12.5 Hz).
-FRAME_RATE = 12.5
-#: Milliseconds of audio per generated frame.
+#: The model ``csm`` and :meth:`Synthesizer.load` use when none is named.
+DEFAULT_MODEL = "sesame/csm-1b"
+#: Milliseconds of audio per generated frame (Mimi runs at 12.5 frames per second).
 FRAME_MS = 80
+#: The speaker ids CSM-1B knows.
+SPEAKERS = (0, 1)
 #: How many recent frames the repetition penalty looks back over.
 REPETITION_WINDOW = 64
+#: Largest ``top_k``: the audio codes per codebook (a larger k would filter nothing, and overflows the sampler).
+MAX_TOP_K = 2051
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,8 @@ class GenerationOptions:
             _check_number("seed", self.seed, int)
         if not 0 <= self.temperature <= 10:
             raise OptionsError(f"temperature must be between 0 and 10 (0 = greedy), got {self.temperature}")
-        if self.top_k < 1:
-            raise OptionsError(f"top_k must be at least 1, got {self.top_k}")
+        if not 1 <= self.top_k <= MAX_TOP_K:
+            raise OptionsError(f"top_k must be between 1 and {MAX_TOP_K}, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise OptionsError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if not 1 <= self.repetition_penalty <= 10:
@@ -94,12 +98,42 @@ INT_FIELDS = frozenset({"top_k", "max_audio_ms", "seed"})
 OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationOptions))
 
 
+def check_text(text: str) -> None:
+    """Reject empty or non-string text with a one-line error."""
+    if not isinstance(text, str) or not text.strip():
+        raise InputError("text is empty: give some words to speak")
+
+
+def check_speaker(speaker: int) -> None:
+    """CSM-1B knows speakers 0 and 1."""
+    if isinstance(speaker, bool) or not isinstance(speaker, int) or speaker not in SPEAKERS:
+        raise InputError(f"speaker must be 0 or 1, got {speaker!r}")
+
+
+def real_time_factor(seconds: float, audio_seconds: float) -> str:
+    """The one speed figure every front end reports: generation time over audio duration, so
+    below 1 is faster than real time; ``-`` when there is no audio."""
+    return f"{seconds / audio_seconds:.2f}" if audio_seconds > 0 else "-"
+
+
+def format_rtf(seconds: float, audio_seconds: float) -> str:
+    """The real-time factor in words, e.g. ``RTF 0.67 (faster than real time)``."""
+    rtf = real_time_factor(seconds, audio_seconds)
+    if rtf == "-":
+        return "RTF -"
+    pace = "faster than" if float(rtf) < 1 else "slower than" if float(rtf) > 1 else "as fast as"
+    return f"RTF {rtf} ({pace} real time)"
+
+
 def _check_number(name: str, value: Any, kind: type) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        ok = ok and float(value).is_integer()
+    if ok and isinstance(value, int):
+        ok = kind is int or abs(value) < 2**1000  # float() of a bigger int overflows
+    elif ok and kind is int:
+        ok = value.is_integer()
     if not ok or (isinstance(value, float) and not math.isfinite(value)):
-        raise OptionsError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+        shown = repr(value) if len(repr(value)) < 40 else f"{repr(value)[:20]}... ({len(repr(value))} characters)"
+        raise OptionsError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {shown}")
 
 
 def _coerce(name: str, value: Any, kind: type) -> int | float:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .errors import InputError
+from .options import check_speaker, check_text
 
 BOS_TOKEN, EOS_TOKEN = "<|begin_of_text|>", "<|end_of_text|>"
 BOS_ID, EOS_ID = 128000, 128001
@@ -120,15 +121,3 @@ class PromptBuilder:
         prompt = Prompt.concat(parts)
         prompt.prefix_len = prefix_len
         return prompt
-
-
-def check_text(text: str) -> None:
-    """Reject empty or non-string text with a one-line error."""
-    if not isinstance(text, str) or not text.strip():
-        raise InputError("text is empty: give some words to speak")
-
-
-def check_speaker(speaker: int) -> None:
-    """CSM-1B knows speakers 0 and 1."""
-    if isinstance(speaker, bool) or not isinstance(speaker, int) or speaker not in (0, 1):
-        raise InputError(f"speaker must be 0 or 1, got {speaker!r}")

@@ -2,7 +2,7 @@
 
 On the CPU the matrix products run on torch's own int8 weight kernel
 (``torch._weight_int8pack_mm``, the one gpt-fast uses), which reads half the bytes of bf16, and
-single rows of the wide matrices through the compiled int8 gemv of :mod:`csmcli.kernels`;
+single rows of the wide matrices through the compiled int8 gemv of :mod:`csmcli.gemv`;
 elsewhere the int8 weights are dequantized on the fly.  Embeddings stay in the model's dtype.
 """
 
@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .kernels import _Compiled, _gemv_int8
+from .gemv import gemv_int8
 from .model import CSMModel
 
 # from this many rows on (prefill), CPU products dequantize the weight and use the float GEMM
-_DEQUANTIZE_ROWS = 32
+DEQUANTIZE_ROWS = 32
 
 
 class Int8Linear(nn.Module):
@@ -33,18 +33,27 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", (w / scales[..., None]).round().clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", scales.to(dtype))
         self.out_features, self.in_features = w.shape[-2:]
-        # set by kernels.prepare_cpu: single rows through the compiled int8 gemv
-        self.gemv = False
+        # set by cpu.prepare_cpu: single rows through this compiled int8 gemv, and prompt rows in
+        # float32 (bfloat16 models on a CPU without oneDNN's bf16 kernels)
+        self.gemv_fn = None
+        self.upcast = False
+
+    @property
+    def gemv(self) -> bool:
+        """True when single rows go through the compiled int8 gemv."""
+        return self.gemv_fn is not None
 
     def forward(self, x: Tensor, index: int | None = None) -> Tensor:
         weight, scales = (self.weight, self.scales) if index is None else (self.weight[index], self.scales[index])
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).contiguous()
-        if self.gemv and flat.shape[0] == 1:
-            gemv = _gemv_int8 if torch.compiler.is_compiling() else _Compiled.gemv_int8
+        if self.gemv_fn is not None and flat.shape[0] == 1:
+            gemv = gemv_int8 if torch.compiler.is_compiling() else self.gemv_fn
             y = gemv(flat.float(), weight, scales)
-        elif flat.device.type == "cpu" and flat.shape[0] < _DEQUANTIZE_ROWS:
+        elif flat.device.type == "cpu" and flat.shape[0] < DEQUANTIZE_ROWS:
             y = torch._weight_int8pack_mm(flat, weight, scales)
+        elif self.upcast:  # prompts on a CPU without bfloat16 matmuls
+            y = (nn.functional.linear(flat.float(), weight.float()) * scales.float()).to(scales.dtype)
         else:  # GPUs, and prompts on the CPU (compute-bound: the float GEMM is faster there)
             y = nn.functional.linear(flat, weight.to(flat.dtype)) * scales
         return y.reshape(*shape[:-1], self.out_features)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-import os
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,11 +14,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import checkpoint, kernels
+from . import checkpoint
 from .codec import Codec
-from .engine import AudioChunk, Engine, EngineLoop, Job, JobStats
-from .errors import CheckpointError, OptionsError, PromptTooLongError
-from .model import CSMModel, TransformerSpec
+from .cpu import CpuCaps
+from .engine import AudioChunk, EngineLoop, Job, JobStats
+from .errors import PromptTooLongError
+from .loader import load_parts, make_engine
+from .model import CSMModel
 from .options import FRAME_MS, GenerationOptions
 from .prompt import Prompt, PromptBuilder, Segment, check_speaker, check_text
 from .textsplit import split_text
@@ -27,9 +30,8 @@ from .voices import NO_VOICE, VoiceLibrary
 log = logging.getLogger("csmcli")
 #: Silence between the pieces of a long text.
 PIECE_PAUSE_S = 0.25
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Encoded voices kept in memory (each holds up to 30 s of audio and its codes).
+VOICE_CACHE = 32
 
 
 @dataclass
@@ -49,53 +51,6 @@ class Audio:
         return len(self.samples) / self.sample_rate
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple's MPS, then the CPU; asking for a missing one is an error."""
-    if name not in DEVICES:
-        raise OptionsError(f"device must be one of {', '.join(DEVICES)}, got {name!r}")
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if cuda else "mps" if mps else "cpu"
-    if name == "cuda" and not cuda:
-        raise OptionsError("device cuda requested but no CUDA GPU is usable by this torch build")
-    if name == "mps" and not mps:
-        raise OptionsError("device mps requested but Apple's MPS backend is not available")
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bfloat16 on CUDA and on CPUs with native bfloat16 (AVX512-BF16 or AMX), float16
-    on MPS, float32 on other CPUs (where bfloat16 arithmetic is emulated and slower)."""
-    if name == "auto":
-        if device.type == "cpu":
-            native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-            return torch.bfloat16 if native else torch.float32
-        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
-    if name not in DTYPES:
-        raise OptionsError(f"dtype must be one of auto, {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
-
-
-def build_model(config: dict, state: dict[str, Tensor], device: torch.device, dtype: torch.dtype) -> CSMModel:
-    """Instantiate :class:`CSMModel` on ``device`` straight from a state dict (no random init pass)."""
-    with torch.device("meta"):
-        model = CSMModel(config)
-    ours = checkpoint.to_model_state(state, config)
-    ours = {k: v.to(device=device, dtype=dtype) for k, v in ours.items()}
-    try:
-        model.load_state_dict(ours, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint tensors do not fit its config: {str(exc).splitlines()[0]}") from None
-    model.init_buffers(device)
-    model.requires_grad_(False)
-    return model.eval()
-
-
-def _compile_requested(compile: bool | None) -> bool:
-    """``compile``, or when it is None whether ``CSM_COMPILE=1``."""
-    return os.environ.get("CSM_COMPILE", "0") == "1" if compile is None else compile
-
-
 class Synthesizer:
     """CSM-1B text-to-speech: ``Synthesizer.load(...)``, then :meth:`generate` or :meth:`stream`."""
 
@@ -104,12 +59,15 @@ class Synthesizer:
         model: CSMModel,
         codec: Codec,
         tokenizer,
-        device: torch.device,  # noqa: ANN001
+        device: torch.device,
         dtype: torch.dtype,
         max_batch_size: int = 1,
         source: Path | None = None,
         prompts_dir: Path | None = None,
-        compile: bool | None = None,
+        compile: bool = False,
+        cpu_kernels: str | None = None,
+        cpu_caps: CpuCaps | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         self.model = model
         self.codec = codec
@@ -118,12 +76,19 @@ class Synthesizer:
         self.source = source
         self.prompts = PromptBuilder(tokenizer, codec.encode, model.num_codebooks)
         self.voices = VoiceLibrary(prompts_dir)
-        self._voice_segments: dict[tuple, Segment] = {}
-        self.engine = Engine(model, codec, device, dtype, max_batch=max_batch_size)
-        if _compile_requested(compile):
-            self.engine.compile()
-        if device.type == "cuda" and os.environ.get("CSM_CUDA_GRAPHS", "1") != "0":
-            self.engine.capture_graphs()
+        self._voice_segments: OrderedDict[tuple, Segment] = OrderedDict()  # the most recently used last
+        self._voice_lock = threading.Lock()
+        self.engine = make_engine(
+            model,
+            codec,
+            device,
+            dtype,
+            max_batch_size,
+            compile=compile,
+            cuda_graphs=cuda_graphs,
+            cpu_kernels=cpu_kernels,
+            cpu_caps=cpu_caps,
+        )
 
     @property
     def sample_rate(self) -> int:
@@ -140,57 +105,47 @@ class Synthesizer:
         local_files_only: bool = False,
         max_batch_size: int = 1,
         quantize: str = "none",
-        compile: bool | None = None,
+        compile: bool = False,
+        cpu_kernels: str | None = None,
+        cpu_isa: str | None = None,
+        cuda_graphs: bool = True,
+        mimi: str = checkpoint.MIMI_MODEL,
     ) -> Synthesizer:
-        """Load a hub id (through the hub cache) or a local checkpoint directory.
+        """Load a hub id (through the hub cache) or a local checkpoint directory (see :mod:`csmcli.loader`).
 
         ``quantize="int8"`` stores the projections as weight-only int8 (see :mod:`csmcli.quant`).
-        ``compile`` (default: ``CSM_COMPILE=1``) runs :meth:`Engine.compile` before returning: on a
-        GPU the layers, on the CPU (int8 weights) every depth-decoder step whole.
+        ``compile`` runs :meth:`Engine.compile` before returning: on a GPU the layers, on the CPU
+        (int8 weights) every depth-decoder step whole.  ``cpu_kernels`` (``auto``, ``packed``,
+        ``plain``) picks the CPU matrix kernels, ``cpu_isa`` (``avx512``, ``avx2``, ``default``) runs
+        the paths a CPU with only that instruction set takes (default: what this CPU offers; see
+        :func:`csmcli.cpu.cpu_caps`).  ``cuda_graphs`` captures each frame as CUDA graphs on a GPU;
+        ``mimi`` is where the codec comes from when the checkpoint has none.
         """
-        from .quant import check_quantization, quantize_int8
-
-        torch_device = pick_device(device)
-        torch_dtype = pick_dtype(dtype, torch_device)
-        if max_batch_size < 1:
-            raise OptionsError(f"max_batch_size must be at least 1, got {max_batch_size}")
-        check_quantization(quantize)
-        compile = _compile_requested(compile)
-        if compile and torch_device.type == "cpu":
-            kernels.check_compilable(quantize == "int8")
-        path = checkpoint.resolve(model, local_files_only=local_files_only)
-        ckpt = checkpoint.inspect(path)
-        if torch_device.type == "cpu":
-            cfg = ckpt.config
-            specs = [TransformerSpec.from_config(cfg), TransformerSpec.from_config(cfg["depth_decoder_config"])]
-            if kernels.needs_gemv(None, specs, max_batch_size, quantize != "none"):
-                kernels.warm_up(torch_dtype)  # compiles while the weights load
-        state, codec_state = checkpoint.read_tensors(ckpt)
-        net = build_model(ckpt.config, state, torch_device, torch_dtype)
-        del state
-        if quantize == "int8":
-            quantize_int8(net)
-        if codec_state:
-            codec = Codec.from_state_dict(ckpt.config["codec_config"], codec_state, torch_device)
-        else:
-            mimi = os.environ.get("CSM_MIMI", checkpoint.MIMI_MODEL)
-            codec = Codec.from_pretrained(checkpoint.resolve(mimi, local_files_only), torch_device)
-        from tokenizers import Tokenizer
-
-        try:
-            tokenizer = Tokenizer.from_file(str(ckpt.tokenizer_file))
-        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
-            raise CheckpointError(f"{ckpt.tokenizer_file} is not a valid tokenizer: {exc}") from None
-        return cls(
-            net,
-            codec,
-            tokenizer,
-            torch_device,
-            torch_dtype,
-            max_batch_size,
-            source=path,
-            prompts_dir=ckpt.prompts_dir,
+        parts = load_parts(
+            model,
+            device=device,
+            dtype=dtype,
+            local_files_only=local_files_only,
+            max_batch_size=max_batch_size,
+            quantize=quantize,
             compile=compile,
+            cpu_kernels=cpu_kernels,
+            cpu_isa=cpu_isa,
+            mimi=mimi,
+        )
+        return cls(
+            parts.model,
+            parts.codec,
+            parts.tokenizer,
+            parts.device,
+            parts.dtype,
+            max_batch_size,
+            source=parts.path,
+            prompts_dir=parts.prompts_dir,
+            compile=compile,
+            cpu_kernels=cpu_kernels,
+            cpu_caps=parts.cpu_caps,
+            cuda_graphs=cuda_graphs,
         )
 
     # -- requests ----------------------------------------------------------------------------
@@ -208,7 +163,7 @@ class Synthesizer:
         first_chunk_frames: int = 1,
         chunk_frames: int = 8,
         sink=None,
-    ) -> Job:  # noqa: ANN001
+    ) -> Job:
         """Build and validate (but do not start) one generation job."""
         options = options or GenerationOptions()
         prompt = self.prompt(text, speaker, context)
@@ -218,19 +173,28 @@ class Synthesizer:
 
     def voice_context(self, speaker: int = 0, voice: str | None = None) -> list[Segment]:
         """Context segments for a voice: ``None`` = the speaker's default preset (if the checkpoint
-        has one), ``"none"`` = no context, otherwise a preset or user voice by name."""
+        has one), ``"none"`` = no context, otherwise a preset or user voice by name.
+
+        A voice is read and encoded once and cached (the :data:`VOICE_CACHE` most recently used).
+        That first time takes a while; it holds a voice lock, never the engine's, so a server runs
+        it in a worker thread while the engine keeps generating for everyone else.
+        """
         check_speaker(speaker)
         if voice == NO_VOICE:
             return []
         chosen = self.voices.default_for(speaker) if voice is None else self.voices.get(voice)
         if chosen is None:
             return []
-        key = (chosen.name, chosen.audio_path, speaker)
-        if key not in self._voice_segments:
-            segment = Segment(chosen.text, speaker, chosen.load())
-            self.prompts.segment_rows(segment)  # encode once; the codes stay on the segment
-            self._voice_segments[key] = segment
-        return [self._voice_segments[key]]
+        key = (chosen.name, chosen.audio_path, chosen.stamp, chosen.text, speaker)
+        with self._voice_lock:
+            if key not in self._voice_segments:
+                segment = Segment(chosen.text, speaker, chosen.load())
+                self.prompts.segment_rows(segment)  # encode once; the codes stay on the segment
+                self._voice_segments[key] = segment
+                while len(self._voice_segments) > VOICE_CACHE:
+                    self._voice_segments.popitem(last=False)
+            self._voice_segments.move_to_end(key)
+            return [self._voice_segments[key]]
 
     def utterance(
         self,
@@ -243,7 +207,7 @@ class Synthesizer:
         options: GenerationOptions | None = None,
         first_chunk_frames: int = 1,
         chunk_frames: int = 8,
-        sink=None,  # noqa: ANN001
+        sink=None,
         pause_s: float = PIECE_PAUSE_S,
     ) -> Utterance:
         """One request for text of any length, spoken piece by piece (see :class:`Utterance`).
@@ -255,8 +219,7 @@ class Synthesizer:
         options = options or GenerationOptions()
         check_text(text)
         check_speaker(speaker)
-        with self.engine.lock:  # a new voice is encoded by the codec, which the engine also uses
-            base = list(context) if context is not None else self.voice_context(speaker, voice)
+        base = list(context) if context is not None else self.voice_context(speaker, voice)
         return Utterance(
             self,
             split_text(text),
@@ -408,8 +371,8 @@ class Synthesizer:
         self.engine.clear_prefix_cache()
 
     def background_loop(self) -> EngineLoop:
-        """A started thread that steps the engine while jobs are waiting or running (for servers)."""
-        return EngineLoop(self.engine).start()
+        """A thread (not yet started) that steps the engine while jobs are waiting or running (for servers)."""
+        return EngineLoop(self.engine)
 
     @property
     def capacity(self) -> int:

@@ -11,13 +11,14 @@ import logging
 import os
 import re
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .audio import SAMPLE_RATE, read_audio, write_audio
-from .errors import InputError
+from .errors import AudioError, InputError
 from .prompt import Segment, check_text
 
 log = logging.getLogger("csmcli")
@@ -61,16 +62,53 @@ def csm_home() -> Path:
 
 @dataclass(frozen=True)
 class Voice:
-    """A named voice: audio file, transcript and where it came from (``preset`` or ``user``)."""
+    """A named voice: audio file, transcript and where it came from (``preset`` or ``user``).
+
+    ``stamp`` is the audio file's modification time when the voice was listed (0 if unknown), so a
+    voice replaced under the same name is not mistaken for the old one.
+    """
 
     name: str
     text: str
     audio_path: Path
     source: str
+    stamp: int = 0
 
     def load(self) -> np.ndarray:
-        """The voice's audio, 24 kHz mono float32, trimmed to :data:`MAX_CONTEXT_SECONDS`."""
-        return fit_context_audio(read_audio(self.audio_path), str(self.audio_path))
+        """The voice's audio, 24 kHz mono float32, at most :data:`MAX_CONTEXT_SECONDS` of it (a longer
+        file is cut before it is decoded).  The error for unreadable audio names the voice, not the
+        file (the log has the file), since a server shows it to its clients."""
+        try:
+            audio = read_context_audio(self.audio_path)
+        except AudioError as exc:
+            log.warning("voice %s: %s", self.name, exc)
+            raise InputError(f"voice {self.name!r} cannot be used: its audio is missing or unreadable") from None
+        return fit_context_audio(audio, f"of voice {self.name!r}")
+
+
+def read_context_audio(path: Path) -> np.ndarray:
+    """Like :func:`~csmcli.audio.read_audio`, but a file longer than :data:`MAX_CONTEXT_SECONDS`
+    (by its header) has only its first :data:`MAX_CONTEXT_SECONDS` read and resampled."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(path))
+    except (OSError, RuntimeError):  # not a file libsndfile knows: read_audio says why
+        return read_audio(path)
+    keep = int(MAX_CONTEXT_SECONDS * info.samplerate)
+    if info.frames <= keep or path.suffix.lower() in (".raw", ".pcm"):
+        return read_audio(path)
+    log.warning("context audio %s is %.1f s long; using its first %.0f s", path, info.duration, MAX_CONTEXT_SECONDS)
+    try:
+        data, rate = sf.read(str(path), frames=keep, dtype="float32", always_2d=True)
+    except (OSError, RuntimeError) as exc:
+        raise AudioError(f"cannot read audio {path}: {exc}") from None
+    mono = data.mean(axis=1, dtype=np.float32)
+    if rate != SAMPLE_RATE and len(mono):
+        import soxr
+
+        mono = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
+    return np.ascontiguousarray(mono[: int(MAX_CONTEXT_SECONDS * SAMPLE_RATE)], dtype=np.float32)
 
 
 def fit_context_audio(audio: np.ndarray, label: str) -> np.ndarray:
@@ -90,11 +128,18 @@ def fit_context_audio(audio: np.ndarray, label: str) -> np.ndarray:
 
 
 class VoiceLibrary:
-    """Preset voices of a checkpoint plus the user's own voices."""
+    """Preset voices of a checkpoint plus the user's own voices.
+
+    The listing is kept in memory and read again only when the prompts or voices folder changes
+    (its modification time), so asking for a voice costs two ``stat`` calls, not a folder scan;
+    :meth:`add` and :meth:`remove` touch the voices folder so other processes see their changes.
+    """
 
     def __init__(self, prompts_dir: Path | None = None, home: Path | None = None) -> None:
         self.prompts_dir = prompts_dir
         self.home = home
+        self._lock = threading.Lock()
+        self._listed: tuple[tuple[int, int], list[Voice], list[Voice]] | None = None
 
     @property
     def user_dir(self) -> Path:
@@ -103,28 +148,11 @@ class VoiceLibrary:
 
     def presets(self) -> list[Voice]:
         """Prompt audio of the checkpoint that has a transcript (built in, or a ``NAME.txt`` beside it)."""
-        if self.prompts_dir is None or not self.prompts_dir.is_dir():
-            return []
-        out = []
-        for wav in sorted(self.prompts_dir.glob("*.wav")):
-            sidecar = wav.with_suffix(".txt")
-            text = sidecar.read_text().strip() if sidecar.is_file() else PRESET_TRANSCRIPTS.get(wav.stem)
-            if text:
-                out.append(Voice(wav.stem, text, wav, "preset"))
-        return out
+        return list(self._listing()[1])
 
     def user_voices(self) -> list[Voice]:
         """Voices added with ``csm voices add``."""
-        if not self.user_dir.is_dir():
-            return []
-        out = []
-        for meta in sorted(self.user_dir.glob("*/voice.json")):
-            try:
-                data = json.loads(meta.read_text())
-                out.append(Voice(meta.parent.name, data["text"], meta.parent / "audio.wav", "user"))
-            except (OSError, ValueError, KeyError):
-                log.warning("ignoring damaged voice %s", meta.parent)
-        return out
+        return list(self._listing()[2])
 
     def list(self) -> list[Voice]:
         """User voices first (they shadow presets of the same name), then presets."""
@@ -132,6 +160,38 @@ class VoiceLibrary:
         for voice in [*self.user_voices(), *self.presets()]:
             seen.setdefault(voice.name, voice)
         return list(seen.values())
+
+    def _listing(self) -> tuple[tuple[int, int], list[Voice], list[Voice]]:
+        """``(folder stamps, presets, user voices)``, read again when either folder changed."""
+        stamps = (_mtime(self.prompts_dir), _mtime(self.user_dir))
+        with self._lock:
+            if self._listed is None or self._listed[0] != stamps:
+                self._listed = (stamps, self._scan_presets(), self._scan_user_voices())
+            return self._listed
+
+    def _scan_presets(self) -> list[Voice]:
+        if self.prompts_dir is None or not self.prompts_dir.is_dir():
+            return []
+        out = []
+        for wav in sorted(self.prompts_dir.glob("*.wav")):
+            sidecar = wav.with_suffix(".txt")
+            text = sidecar.read_text().strip() if sidecar.is_file() else PRESET_TRANSCRIPTS.get(wav.stem)
+            if text:
+                out.append(Voice(wav.stem, text, wav, "preset", _mtime(wav)))
+        return out
+
+    def _scan_user_voices(self) -> list[Voice]:
+        if not self.user_dir.is_dir():
+            return []
+        out = []
+        for meta in sorted(self.user_dir.glob("*/voice.json")):
+            try:
+                data = json.loads(meta.read_text())
+                audio = meta.parent / "audio.wav"
+                out.append(Voice(meta.parent.name, data["text"], audio, "user", _mtime(audio)))
+            except (OSError, ValueError, KeyError, TypeError):
+                log.warning("ignoring damaged voice %s", meta.parent)
+        return out
 
     def get(self, name: str) -> Voice:
         """The voice called ``name``; a one-line error naming ``csm voices list`` otherwise."""
@@ -143,7 +203,7 @@ class VoiceLibrary:
     def default_for(self, speaker: int) -> Voice | None:
         """The preset a speaker gets by default, if the checkpoint ships it."""
         name = DEFAULT_VOICES.get(speaker)
-        return next((v for v in self.presets() if v.name == name), None)
+        return next((v for v in self._listing()[1] if v.name == name), None)
 
     def add(self, name: str, audio_file: Path, text: str, force: bool = False) -> Voice:
         """Store a voice: the audio resampled to 24 kHz mono (trimmed if overlong) and its transcript."""
@@ -157,7 +217,8 @@ class VoiceLibrary:
         folder.mkdir(parents=True, exist_ok=True)
         write_audio(folder / "audio.wav", audio, "wav", SAMPLE_RATE)
         (folder / "voice.json").write_text(json.dumps({"text": text.strip(), "source": str(audio_file)}))
-        return Voice(name, text.strip(), folder / "audio.wav", "user")
+        os.utime(self.user_dir)  # a voice replaced in place changes no folder listing: mark the change
+        return Voice(name, text.strip(), folder / "audio.wav", "user", _mtime(folder / "audio.wav"))
 
     def remove(self, name: str) -> None:
         """Delete a user voice (presets cannot be removed)."""
@@ -165,6 +226,15 @@ class VoiceLibrary:
         if not _NAME.match(name) or not (folder / "voice.json").is_file():
             raise InputError(f"no user voice {name!r}: `csm voices list` shows the available voices")
         shutil.rmtree(folder)
+        os.utime(self.user_dir)
+
+
+def _mtime(path: Path | None) -> int:
+    """A file's or folder's modification time in nanoseconds; 0 if it does not exist."""
+    try:
+        return os.stat(path).st_mtime_ns if path is not None else 0
+    except OSError:
+        return 0
 
 
 def context_segments(audio_files: list[Path], texts: list[str], speaker: int) -> list[Segment]:

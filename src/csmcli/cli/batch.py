@@ -38,23 +38,8 @@ from ..batchrun import (
 )
 from ..dialog import ScriptError, parse_speakers
 from ..errors import InputError, OptionsError
-from ..options import FRAME_MS
-from .common import (
-    CompileOpt,
-    DeviceOpt,
-    DtypeOpt,
-    MaxAudioMsOpt,
-    ModelOpt,
-    QuantizeOpt,
-    QuietOpt,
-    RepetitionPenaltyOpt,
-    SeedOpt,
-    TemperatureOpt,
-    TopKOpt,
-    TopPOpt,
-    generation_options,
-    stderr_is_tty,
-)
+from ..options import FRAME_MS, format_rtf
+from .common import GenerationFlags, ModelFlags, QuietOpt, command, stderr_is_tty
 from .loading import load_synthesizer
 from .ray_options import RayCpusOpt, RayOpt
 
@@ -132,7 +117,7 @@ class BatchProgress:
             return
         partial = sum(min(r.frames / r.max_frames, 0.95) for r in active)
         seconds = self.done_seconds + sum(r.frames for r in active) * FRAME_MS / 1000
-        info = f"{seconds:.1f} s audio, {seconds / self.elapsed:.2f}x real time"
+        info = f"{seconds:.1f} s audio, {format_rtf(self.elapsed, seconds)}"
         self._bar.update(self._task, completed=self.done + partial, info=info)
 
 
@@ -147,6 +132,7 @@ def report_problems(exc: ScriptError) -> None:
     raise InputError(f"{count} problem{'s' if count > 1 else ''} found; nothing was generated") from None
 
 
+@command
 def batch(
     scripts: Annotated[
         list[Path],
@@ -193,17 +179,9 @@ def batch(
     ] = 4,
     fmt: Annotated[str, typer.Option("--format", help="wav|flac|ogg|raw for the turn files.")] = "wav",
     force: Annotated[bool, typer.Option("--force", help="Redo turns that an earlier run finished.")] = False,
-    model: ModelOpt = "sesame/csm-1b",
-    temperature: TemperatureOpt = None,
-    top_k: TopKOpt = None,
-    top_p: TopPOpt = None,
-    repetition_penalty: RepetitionPenaltyOpt = None,
-    max_audio_ms: MaxAudioMsOpt = None,
-    seed: SeedOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    quantize: QuantizeOpt = "none",
-    compile_: CompileOpt = False,
+    *,
+    generation: GenerationFlags,
+    loader: ModelFlags,
     ray: RayOpt = None,
     ray_cpus: RayCpusOpt = None,
     quiet: QuietOpt = False,
@@ -214,7 +192,9 @@ def batch(
 
     A rerun keeps the finished turns whose text and options are unchanged; --force redoes them.
     """
-    options = generation_options(temperature, top_k, top_p, repetition_penalty, max_audio_ms, seed)
+    options = generation.options()
+    model, device, dtype = loader.model, loader.device, loader.dtype
+    quantize, compile_ = loader.quantize, loader.compile
     if pause < 0:
         raise OptionsError(f"--pause must be 0 or more seconds, got {pause}")
     if batch_size < 1 or context_turns < 0:
@@ -244,8 +224,7 @@ def batch(
         else:
             from .ray_batch import generate_on_ray
 
-            load = {"device": device, "dtype": dtype, "quantize": quantize, "compile": compile_}
-            generate_on_ray(ray, ray_cpus, dialogues, chain, batch_size, quiet, model, **load)
+            generate_on_ray(ray, ray_cpus, dialogues, chain, batch_size, quiet, loader)
         for d in dialogues:
             if write_combined(d, pause, audio_io.SAMPLE_RATE) and not quiet:
                 print(f"csm: {d.script.label}: {turns(len(d.tasks))} joined in {d.combined}", file=sys.stderr)
@@ -294,7 +273,7 @@ def generate(
         kept_note = f"; kept {kept} finished earlier" if kept else ""
         print(
             f"csm: generated {turns(len(todo))} ({seconds:.1f} s of audio) in {progress.elapsed:.1f} s, "
-            f"{seconds / progress.elapsed:.2f}x real time{kept_note}",
+            f"{format_rtf(progress.elapsed, seconds)}{kept_note}",
             file=sys.stderr,
         )
 

@@ -10,18 +10,16 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import OptionsError
-from .common import DeviceOpt, DtypeOpt, ModelOpt, QuantizeOpt
+from ..options import FRAME_MS, format_rtf
+from .common import ModelFlags, command
 
 
+@command
 def bench(
-    model: ModelOpt = "sesame/csm-1b",
     random_weights: Annotated[
         bool,
         typer.Option("--random-weights", help="Full-size CSM-1B architecture with random weights instead of --model."),
     ] = False,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    quantize: QuantizeOpt = "none",
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,4,8",
     frames: Annotated[int, typer.Option("--frames", help="Timed frames per measurement.")] = 24,
     prompt_rows: Annotated[int, typer.Option("--prompt-rows", help="Prompt length in rows.")] = 128,
@@ -30,27 +28,25 @@ def bench(
     ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads [default: physical cores].")] = None,
     no_graphs: Annotated[bool, typer.Option("--no-cuda-graphs", help="Run frames eagerly on CUDA.")] = False,
-    compile_: Annotated[
-        bool,
-        typer.Option(
-            "--compile", help="torch.compile first: CUDA each layer, CPU each depth step whole (int8 or plain kernels)."
-        ),
-    ] = False,
     cpu_kernels: Annotated[
         str | None,
         typer.Option(
-            "--cpu-kernels", help="auto|packed|plain: CPU matrix kernels \\[default: $CSM_CPU_KERNELS or auto]."
+            "--cpu-kernels", help="auto|packed|plain: CPU matrix kernels [default: $CSM_CPU_KERNELS or auto]."
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    *,
+    loader: ModelFlags,
 ) -> None:
     """Measure prefill, ms per frame, time to first audio, batch throughput and memory."""
     from ..bench import BenchSetup, run_bench
-    from ..kernels import pick_cpu_kernels
+    from ..cpu import check_cpu_kernels
     from ..quant import check_quantization
+    from .loading import load_settings
 
-    check_quantization(quantize)
-    cpu_kernels = pick_cpu_kernels(cpu_kernels)
+    check_quantization(loader.quantize)
+    cpu = load_settings()
+    cpu_kernels = check_cpu_kernels(cpu_kernels or cpu["cpu_kernels"])
     if baseline not in (None, "transformers"):
         raise OptionsError(f"baseline must be 'transformers', got {baseline!r}")
     try:
@@ -61,15 +57,17 @@ def bench(
         raise OptionsError("need batch sizes >= 1, frames >= 2 and prompt rows >= 2 within 2048 positions")
     setup = BenchSetup(prompt_rows=prompt_rows, frames=frames, batch_sizes=sizes, baseline=baseline)
     result = run_bench(
-        None if random_weights else model,
-        device,
-        dtype,
-        quantize,
+        None if random_weights else loader.model,
+        loader.device,
+        loader.dtype,
+        loader.quantize,
         setup,
         threads,
         graphs=not no_graphs,
-        compile=compile_,
+        compile=loader.compile,
         cpu_kernels=cpu_kernels,
+        cpu_isa=cpu["cpu_isa"],
+        mimi=cpu.get("mimi"),
     )
     if as_json:
         typer.echo(json.dumps(result, indent=2))
@@ -86,12 +84,18 @@ def _print(r: dict) -> None:
             f"{r['dtype']} / {r['quantization']}, CUDA graphs: {r['cuda_graphs']}, compiled: {r['compiled']}",
         ),
         *(
-            [("CPU kernels", f"{r['cpu_kernels']} (batched: {r.get('cpu_kernels_batched', r['cpu_kernels'])})")]
+            [
+                (
+                    "CPU path",
+                    f"{r['cpu_isa']}, bf16 packed: {r['cpu_bf16_packed']}, kernels {r['cpu_kernels']} "
+                    f"(batched: {r.get('cpu_kernels_batched', r['cpu_kernels'])})",
+                )
+            ]
             if r["cpu_kernels"]
             else []
         ),
         ("prefill", f"{r['prefill_ms']:.1f} ms for {r['prompt_rows']} rows"),
-        ("ms per frame (1 stream)", f"{r['ms_per_frame']:.1f} ms  (real-time factor {r['real_time_factor']:.2f})"),
+        ("ms per frame (1 stream)", f"{r['ms_per_frame']:.1f} ms  ({format_rtf(r['ms_per_frame'], FRAME_MS)})"),
         ("time to first audio", f"{r['time_to_first_audio_ms']:.1f} ms"),
         (
             f"  behind a {r['prefix_rows']}-row voice",
@@ -105,7 +109,7 @@ def _print(r: dict) -> None:
             (
                 f"batch {size}",
                 f"{b['ms_per_frame']:.1f} ms/frame, {b['frames_per_s']:.1f} frames/s, "
-                f"{b['frames_per_s'] / 12.5:.2f}x real time in total",
+                f"{format_rtf(1, b['frames_per_s'] * FRAME_MS / 1000)} in total",
             )
         )
     if "baseline" in r:

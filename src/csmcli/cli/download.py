@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import typer
 
-from .. import checkpoint
+from ..options import DEFAULT_MODEL
 from .common import ModelOpt, stderr_is_tty
 from .progress import status
 
 
-def download(model: ModelOpt = checkpoint.DEFAULT_MODEL) -> None:
+def download(model: ModelOpt = DEFAULT_MODEL) -> None:
     """Download MODEL's config, transformers-format weights, tokenizer and prompts (about 7 GB)."""
+    from .. import checkpoint
+
     with status(stderr_is_tty(), f"downloading {model}"):
         path = checkpoint.download(model)
     typer.echo(str(path))

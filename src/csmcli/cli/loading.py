@@ -1,11 +1,41 @@
-"""Loading the synthesizer for a command, with a spinner on stderr."""
+"""Loading the synthesizer for a command, with a spinner on stderr.
+
+The environment variables that tune loading are read here, and only here in the package, then
+passed to :func:`csmcli.loader.load_parts` as parameters:
+
+* ``CSM_CPU_ISA``: run the CPU paths of a lesser CPU (``avx512``, ``avx2``, ``default``).
+* ``CSM_CPU_KERNELS``: CPU matrix kernels (``auto``, ``packed``, ``plain``).
+* ``CSM_CUDA_GRAPHS=0``: run frames eagerly on CUDA.
+* ``CSM_MIMI``: where the codec comes from when a checkpoint has none (hub id or directory).
+
+(``CSM_COMPILE``, ``CSM_QUANTIZE`` and ``CSM_MODEL`` are the defaults of command-line options.)
+"""
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING, Any
+
 from .progress import status
 
+if TYPE_CHECKING:
+    from ..synthesizer import Synthesizer
 
-def load_synthesizer(  # noqa: ANN201
+
+def cpu_settings() -> dict[str, str | None]:
+    """``cpu_isa`` and ``cpu_kernels`` from the environment (None when unset)."""
+    return {"cpu_isa": os.environ.get("CSM_CPU_ISA") or None, "cpu_kernels": os.environ.get("CSM_CPU_KERNELS") or None}
+
+
+def load_settings() -> dict[str, Any]:
+    """Every loader parameter the environment sets (see the module docstring)."""
+    settings: dict[str, Any] = {**cpu_settings(), "cuda_graphs": os.environ.get("CSM_CUDA_GRAPHS", "1") != "0"}
+    if os.environ.get("CSM_MIMI"):
+        settings["mimi"] = os.environ["CSM_MIMI"]
+    return settings
+
+
+def load_synthesizer(
     model: str,
     device: str,
     dtype: str,
@@ -13,11 +43,17 @@ def load_synthesizer(  # noqa: ANN201
     max_batch_size: int = 1,
     quantize: str = "none",
     compile: bool = False,
-):
+) -> Synthesizer:
     """Load ``model`` (hub id or directory) onto ``device``; errors surface as one-line CsmErrors."""
     from ..synthesizer import Synthesizer
 
     with status(show, f"loading {model}" + (" and compiling" if compile else "")):
         return Synthesizer.load(
-            model, device=device, dtype=dtype, max_batch_size=max_batch_size, quantize=quantize, compile=compile
+            model,
+            device=device,
+            dtype=dtype,
+            max_batch_size=max_batch_size,
+            quantize=quantize,
+            compile=compile,
+            **load_settings(),
         )

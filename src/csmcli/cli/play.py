@@ -9,30 +9,7 @@ from typing import Annotated
 
 import typer
 
-from ..prompt import check_speaker
-from ..utterance import History
-from .common import (
-    CompileOpt,
-    ContextAudioOpt,
-    ContextTextOpt,
-    DeviceOpt,
-    DtypeOpt,
-    MaxAudioMsOpt,
-    ModelOpt,
-    QuantizeOpt,
-    QuietOpt,
-    RepetitionPenaltyOpt,
-    SeedOpt,
-    SpeakerOpt,
-    TemperatureOpt,
-    TopKOpt,
-    TopPOpt,
-    VoiceOpt,
-    explicit_context,
-    generation_options,
-    stderr_is_tty,
-)
-from .loading import load_synthesizer
+from .common import GenerationFlags, ModelFlags, QuietOpt, VoiceFlags, command, stderr_is_tty
 from .say import read_text
 
 #: Speech runs at roughly this many characters per second (for the playback start estimate).
@@ -41,6 +18,7 @@ CHARS_PER_SECOND = 14.0
 HISTORY_LINES = 3
 
 
+@command
 def play(
     text: Annotated[str | None, typer.Argument(help="Text to speak; nothing reads stdin line by line.")] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="Speak the text of this file.")] = None,
@@ -48,36 +26,26 @@ def play(
         str | None, typer.Option("--output-device", "-d", help="Output device index or (part of its) name.")
     ] = None,
     list_devices: Annotated[bool, typer.Option("--list-devices", help="List output devices and exit.")] = False,
-    model: ModelOpt = "sesame/csm-1b",
-    speaker: SpeakerOpt = 0,
-    temperature: TemperatureOpt = None,
-    top_k: TopKOpt = None,
-    top_p: TopPOpt = None,
-    repetition_penalty: RepetitionPenaltyOpt = None,
-    max_audio_ms: MaxAudioMsOpt = None,
-    seed: SeedOpt = None,
-    voice: VoiceOpt = None,
-    context_audio: ContextAudioOpt = None,
-    context_text: ContextTextOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    quantize: QuantizeOpt = "none",
-    compile_: CompileOpt = False,
+    *,
+    speech: VoiceFlags,
+    generation: GenerationFlags,
+    loader: ModelFlags,
     quiet: QuietOpt = False,
 ) -> None:
     """Speak TEXT through the speakers as it is generated."""
     from .. import playback
+    from ..utterance import History
 
     if list_devices:
         _print_devices(playback.list_devices())
         return
-    options = generation_options(temperature, top_k, top_p, repetition_penalty, max_audio_ms, seed)
-    check_speaker(speaker)
+    options = generation.options()
+    speaker, voice = speech.speaker, speech.voice
     out = playback.resolve_device(output_device)
     words = read_text(text, file) if text is not None or file is not None else None
-    context = explicit_context(context_audio, context_text, speaker)
+    context = speech.explicit_context()
     show = not quiet and stderr_is_tty()
-    synth = load_synthesizer(model, device, dtype, show, quantize=quantize, compile=compile_)
+    synth = loader.load(show)
     base = context if context is not None else synth.voice_context(speaker, voice)
     history = History(HISTORY_LINES)
 

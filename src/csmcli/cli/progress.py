@@ -1,12 +1,15 @@
-"""Progress on stderr while generating: frames, seconds of audio, speed against real time."""
+"""Progress on stderr while generating: frames, seconds of audio, real-time factor."""
 
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from types import TracebackType
 
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from ..options import format_rtf
 
 
 class GenerationProgress:
@@ -36,11 +39,9 @@ class GenerationProgress:
         """Show the frame count, audio length and speed so far."""
         if self._progress is None:
             return
-        elapsed = max(time.perf_counter() - self.started, 1e-6)
-        speed = audio_seconds / elapsed
+        speed = format_rtf(time.perf_counter() - self.started, audio_seconds)
         self._progress.update(
-            self._task,
-            description=f"{label or self.label}: {frames} frames, {audio_seconds:.1f} s audio, {speed:.2f}x real time",
+            self._task, description=f"{label or self.label}: {frames} frames, {audio_seconds:.1f} s audio, {speed}"
         )
 
     def __exit__(
@@ -50,10 +51,8 @@ class GenerationProgress:
             self._progress.stop()
 
 
-def status(enabled: bool, message: str):  # noqa: ANN201
+def status(enabled: bool, message: str) -> AbstractContextManager:
     """A spinner with a message on stderr (or a no-op context)."""
-    from contextlib import nullcontext
-
     if not enabled:
         return nullcontext()
     return Console(stderr=True).status(message)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
-from typing import Any
 
 from ..batchrun import Dialogue, make_lanes, model_key
 from ..cluster import ClusterConfig, ClusterJob, ClusterStatus
 from ..dialog import ScriptError
-from ..options import FRAME_MS
+from ..options import FRAME_MS, format_rtf
 from .batch import BatchProgress, report_problems, turns
+from .common import ModelFlags
 
 #: Environment variables the workers get from the command's environment (model cache, voices, offline mode).
 FORWARDED_ENV = ("CSM_", "HF_")
@@ -41,20 +42,17 @@ def generate_on_ray(
     chain: int | None,
     batch_size: int,
     quiet: bool,
-    model: str,
-    **load_args: Any,
+    loader: ModelFlags,
 ) -> None:
-    """Generate the pending turns on the cluster at ``address`` with ``model`` loaded by every worker
-    (``load_args``: :meth:`Synthesizer.load`'s device, dtype, quantize, compile); the same files and
-    manifests as a local run."""
-    from ..synthesizer import Synthesizer
-
+    """Generate the pending turns on the cluster at ``address``, every worker loading the model as
+    ``loader`` says; the same files and manifests as a local run."""
     todo = [t for d in dialogues for t in d.todo]
     lanes = make_lanes(dialogues, chain)
     slots = min(batch_size, len(lanes))
-    load = functools.partial(Synthesizer.load, model_key(model), max_batch_size=slots, **load_args)
+    # a local checkpoint folder by its absolute path: the workers do not share this working folder
+    load = functools.partial(dataclasses.replace(loader, model=model_key(loader.model)).load, False, slots)
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
-    config = ClusterConfig(address, cpus_per_worker=cpus, device=load_args.get("device", "auto"), env=env)
+    config = ClusterConfig(address, cpus_per_worker=cpus, device=loader.device, env=env)
     for d in dialogues:
         d.write_manifest()
     with ClusterDisplay(quiet, len(todo)) as progress:
@@ -73,6 +71,7 @@ def generate_on_ray(
         print(
             f"csm: generated {turns(summary.turns)} ({progress.done_seconds:.1f} s of audio) in "
             f"{summary.elapsed:.1f} s on {summary.workers} Ray workers, "
+            f"{format_rtf(summary.elapsed, progress.done_seconds)}, "
             f"{summary.frames / max(summary.elapsed, 1e-6):.1f} frames/s"
             + (f"; kept {kept} finished earlier" if kept else "")
             + lost,

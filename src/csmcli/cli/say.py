@@ -5,39 +5,24 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, BinaryIO
 
-import numpy as np
 import typer
 
-from .. import audio as audio_io
+from .. import formats
+from ..audio import atomic_file
 from ..errors import AudioError, InputError
-from ..prompt import check_speaker, check_text
-from .common import (
-    CompileOpt,
-    ContextAudioOpt,
-    ContextTextOpt,
-    DeviceOpt,
-    DtypeOpt,
-    MaxAudioMsOpt,
-    ModelOpt,
-    QuantizeOpt,
-    QuietOpt,
-    RepetitionPenaltyOpt,
-    SeedOpt,
-    SpeakerOpt,
-    TemperatureOpt,
-    TopKOpt,
-    TopPOpt,
-    VoiceOpt,
-    explicit_context,
-    generation_options,
-    stderr_is_tty,
-)
-from .loading import load_synthesizer
+from ..options import FRAME_MS, check_text
+from .common import GenerationFlags, ModelFlags, QuietOpt, VoiceFlags, command, stderr_is_tty
 from .progress import GenerationProgress
 
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
+    from ..synthesizer import Job, Synthesizer
+
+
+@command
 def say(
     text: Annotated[str | None, typer.Argument(help="Text to speak; '-' or nothing reads stdin.")] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="Read the text from this file.")] = None,
@@ -46,68 +31,59 @@ def say(
     ] = None,
     fmt: Annotated[
         str | None,
-        typer.Option("--format", help="wav|flac|ogg|raw (raw = s16le mono 24 kHz) [default: from the extension]."),
+        typer.Option("--format", help=f"{formats.choices_help()}; default: from the extension, else wav."),
     ] = None,
-    model: ModelOpt = "sesame/csm-1b",
-    speaker: SpeakerOpt = 0,
-    temperature: TemperatureOpt = None,
-    top_k: TopKOpt = None,
-    top_p: TopPOpt = None,
-    repetition_penalty: RepetitionPenaltyOpt = None,
-    max_audio_ms: MaxAudioMsOpt = None,
-    seed: SeedOpt = None,
-    voice: VoiceOpt = None,
-    context_audio: ContextAudioOpt = None,
-    context_text: ContextTextOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    quantize: QuantizeOpt = "none",
-    compile_: CompileOpt = False,
+    bitrate: Annotated[str | None, typer.Option("--bitrate", help=formats.bitrate_help())] = None,
+    *,
+    speech: VoiceFlags,
+    generation: GenerationFlags,
+    loader: ModelFlags,
     quiet: QuietOpt = False,
 ) -> None:
     """Speak TEXT into an audio file (or stdout)."""
-    options = generation_options(temperature, top_k, top_p, repetition_penalty, max_audio_ms, seed)
-    check_speaker(speaker)
+    options = generation.options()
     words = read_text(text, file)
     if output is None:
         if sys.stdout.isatty():
             raise InputError("no output given: pass -o FILE (or -o - for stdout), or use `csm play`")
         output = "-"
-    kind = audio_io.format_for(None if output == "-" else output, fmt)
+    kind = formats.for_path(None if output == "-" else output, fmt)
+    formats.check_bitrate(kind, bitrate)
     if output != "-":
         check_writable(Path(output))
     show = not quiet and stderr_is_tty()
-    context = explicit_context(context_audio, context_text, speaker)
-    synth = load_synthesizer(model, device, dtype, show, quantize=quantize, compile=compile_)
+    context = speech.explicit_context()
+    synth = loader.load(show)
     jobs = synth.jobs(
-        words, speaker, voice=voice, context=context, options=options, first_chunk_frames=2, chunk_frames=8
+        words,
+        speech.speaker,
+        voice=speech.voice,
+        context=context,
+        options=options,
+        first_chunk_frames=2,
+        chunk_frames=8,
     )
-    streaming = output == "-" and kind in ("raw", "wav")
-    if streaming and kind == "raw":
-        print("csm: writing raw PCM: signed 16-bit little-endian, mono, 24000 Hz", file=sys.stderr)
-    pieces = []
-    out = sys.stdout.buffer
+    if output == "-":
+        if kind == "raw":
+            print(f"csm: writing raw PCM: signed 16-bit little-endian, mono, {synth.sample_rate} Hz", file=sys.stderr)
+        encode_to(sys.stdout.buffer, formats.Encoder(kind, synth.sample_rate, bitrate), synth, jobs, show)
+    else:
+        with atomic_file(output) as f:
+            encode_to(f, formats.Encoder(kind, synth.sample_rate, bitrate, out=f), synth, jobs, show)
+
+
+def encode_to(out: BinaryIO, encoder: formats.Encoder, synth: Synthesizer, jobs: Iterator[Job], show: bool) -> None:
+    """Run ``jobs`` and encode each decoded chunk as it comes; what the encoder hands back goes to ``out`` at once."""
     with GenerationProgress(show) as progress:
-        if streaming and kind == "wav":
-            out.write(audio_io.wav_stream_header(synth.sample_rate))
         frames = 0
         for job in jobs:
-            for chunk in synth.run(job):
-                if streaming:
-                    out.write(audio_io.to_int16(chunk.samples).tobytes())
-                    out.flush()
-                else:
-                    pieces.append(chunk.samples)
+            for chunk in synth.stream_job(job):
+                out.write(encoder.feed(chunk.samples))
+                out.flush()
                 frames += chunk.frames
-                progress.update(frames, frames * 0.08)
-    if streaming:
-        return
-    samples = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
-    if output == "-":
-        out.write(audio_io.encode_audio(samples, kind, synth.sample_rate))
-        out.flush()
-    else:
-        audio_io.write_audio(output, samples, kind, synth.sample_rate)
+                progress.update(frames, frames * FRAME_MS / 1000)
+    out.write(encoder.finish())
+    out.flush()
 
 
 def read_text(text: str | None, file: Path | None) -> str:
@@ -134,6 +110,8 @@ def check_writable(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise AudioError(f"cannot write {path}: it is a directory")
+    if parent.exists() and not parent.is_dir():
+        raise AudioError(f"cannot write {path}: {parent} is a file, not a directory")
     if not parent.is_dir():
         raise AudioError(f"cannot write {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):

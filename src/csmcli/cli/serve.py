@@ -9,48 +9,22 @@ from typing import Annotated
 import typer
 
 from ..errors import OptionsError
-from .common import (
-    CompileOpt,
-    DeviceOpt,
-    DtypeOpt,
-    MaxAudioMsOpt,
-    ModelOpt,
-    QuantizeOpt,
-    QuietOpt,
-    RepetitionPenaltyOpt,
-    SeedOpt,
-    TemperatureOpt,
-    TopKOpt,
-    TopPOpt,
-    generation_options,
-    stderr_is_tty,
-)
-from .loading import load_synthesizer
+from .common import GenerationFlags, ModelFlags, QuietOpt, command, stderr_is_tty
 
-_SERVER = "Server"
 log = logging.getLogger("csmcli.server")
 
 
+@command
 def serve(
-    model: ModelOpt = "sesame/csm-1b",
     host: Annotated[
-        str, typer.Option("--host", rich_help_panel=_SERVER, help="Address to listen on (0.0.0.0 for every interface).")
+        str, typer.Option("--host", help="Address to listen on (0.0.0.0 for every interface).")
     ] = "127.0.0.1",
-    port: Annotated[
-        int, typer.Option("--port", "-p", rich_help_panel=_SERVER, help="Port to listen on (0 picks a free one).")
-    ] = 8000,
-    temperature: TemperatureOpt = None,
-    top_k: TopKOpt = None,
-    top_p: TopPOpt = None,
-    repetition_penalty: RepetitionPenaltyOpt = None,
-    max_audio_ms: MaxAudioMsOpt = None,
-    seed: SeedOpt = None,
+    port: Annotated[int, typer.Option("--port", "-p", help="Port to listen on (0 picks a free one).")] = 8000,
     max_batch_size: Annotated[
         int,
         typer.Option(
             "--max-batch-size",
             "--max_batch_size",
-            rich_help_panel=_SERVER,
             help="Requests generated together (engine slots).",
         ),
     ] = 8,
@@ -59,7 +33,6 @@ def serve(
         typer.Option(
             "--max-queue",
             "--max_queue",
-            rich_help_panel=_SERVER,
             help="Requests that may wait for a slot; beyond that: 503 with Retry-After.",
         ),
     ] = 32,
@@ -70,7 +43,6 @@ def serve(
             "--api_key",
             envvar="CSM_API_KEY",
             show_default=False,
-            rich_help_panel=_SERVER,
             help="Require 'Authorization: Bearer KEY' on everything but /health.",
         ),
     ] = None,
@@ -79,7 +51,6 @@ def serve(
         typer.Option(
             "--request-timeout",
             "--request_timeout",
-            rich_help_panel=_SERVER,
             help="Seconds a request may take, queueing included.",
         ),
     ] = 300.0,
@@ -88,20 +59,48 @@ def serve(
         typer.Option(
             "--grace-period",
             "--grace_period",
-            rich_help_panel=_SERVER,
-            help="Seconds in-flight requests get to finish after SIGTERM.",
+            help="Seconds in-flight requests get to finish after SIGTERM (a second signal exits at once).",
         ),
     ] = 10.0,
     max_text_chars: Annotated[
         int,
-        typer.Option(
-            "--max-text-chars", "--max_text_chars", rich_help_panel=_SERVER, help="Longest text a request may carry."
-        ),
+        typer.Option("--max-text-chars", "--max_text_chars", help="Longest text a request may carry."),
     ] = 5000,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    quantize: QuantizeOpt = "none",
-    compile_: CompileOpt = False,
+    keepalive_timeout: Annotated[
+        float,
+        typer.Option(
+            "--keepalive-timeout",
+            "--keepalive_timeout",
+            help="Seconds an idle connection (or one still sending its first headers) is kept open.",
+        ),
+    ] = 15.0,
+    read_timeout: Annotated[
+        float,
+        typer.Option(
+            "--read-timeout",
+            "--read_timeout",
+            help="Seconds a request body may take to arrive (slower: 408).",
+        ),
+    ] = 30.0,
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            "--max-connections",
+            "--max_connections",
+            help="Open connections allowed; more get 503 and are closed.",
+        ),
+    ] = 256,
+    read_only_voices: Annotated[
+        bool,
+        typer.Option(
+            "--read-only-voices",
+            "--read_only_voices",
+            help="Refuse voice uploads and deletions over HTTP (POST/DELETE /v1/audio/voices).",
+        ),
+    ] = False,
+    *,
+    generation: GenerationFlags,
+    loader: ModelFlags,
     quiet: QuietOpt = False,
 ) -> None:
     """Serve speech over HTTP until SIGTERM or Ctrl-C (generation flags set the request defaults)."""
@@ -109,19 +108,23 @@ def serve(
 
     if not 0 <= port <= 65535:
         raise OptionsError(f"port must be between 0 and 65535, got {port}")
-    defaults = generation_options(temperature, top_k, top_p, repetition_penalty, max_audio_ms, seed)
+    defaults = generation.options()
     config = ServerConfig(
         defaults=defaults,
-        model_id=_model_id(model),
+        model_id=_model_id(loader.model),
         max_queue=max_queue,
         api_key=api_key or None,
         request_timeout=request_timeout,
         grace_period=grace_period,
         max_text_chars=max_text_chars,
+        keepalive_timeout=keepalive_timeout,
+        read_timeout=read_timeout,
+        max_connections=max_connections,
+        read_only_voices=read_only_voices,
     )
     sock = bind(host, port)
-    synth = load_synthesizer(model, device, dtype, not quiet and stderr_is_tty(), max_batch_size, quantize, compile_)
-    log.info("loaded %s on %s (%s); warming up", model, synth.device, str(synth.dtype).removeprefix("torch."))
+    synth = loader.load(not quiet and stderr_is_tty(), max_batch_size)
+    log.info("loaded %s on %s (%s); warming up", loader.model, synth.device, str(synth.dtype).removeprefix("torch."))
     log.info("warm-up took %.1f s", warm_up(synth, defaults))
     run_server(synth, config, sock)
 

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from .. import checkpoint
-from ..voices import VoiceLibrary
+from ..errors import InputError
+from ..options import DEFAULT_MODEL
 from .common import ModelOpt
+
+if TYPE_CHECKING:
+    from ..voices import VoiceLibrary
 
 app = typer.Typer(help="Manage voices: presets from the checkpoint and your own recordings.", no_args_is_help=True)
 
 
 def _library(model: str | None) -> VoiceLibrary:
     """The user's voices, plus the presets of ``model`` when it is available locally."""
+    from .. import checkpoint
+    from ..voices import VoiceLibrary
+
     prompts = None
     if model:
         try:
@@ -28,16 +32,27 @@ def _library(model: str | None) -> VoiceLibrary:
 
 
 @app.command("list")
-def list_voices(model: ModelOpt = checkpoint.DEFAULT_MODEL) -> None:
+def list_voices(model: ModelOpt = DEFAULT_MODEL) -> None:
     """Show the available voices (user voices shadow presets of the same name)."""
+    from rich.console import Console
+    from rich.table import Table
+
     library = _library(model)
+    voices = library.list()
     table = Table("name", "source", "transcript", box=None, pad_edge=False)
-    for voice in library.list():
+    for voice in voices:
         text = voice.text if len(voice.text) <= 60 else voice.text[:57] + "..."
         table.add_row(voice.name, voice.source, text)
-    Console().print(table)
-    if not library.list():
-        typer.echo("no voices: add one with `csm voices add NAME --audio FILE --text ...`", err=True)
+    if voices:
+        Console().print(table)
+    if not library.presets():
+        typer.echo(
+            f"csm: no presets: they come with the model; `csm download {model}` fetches it "
+            "(or pass --model DIR for a local checkpoint)",
+            err=True,
+        )
+    if not voices:
+        typer.echo("csm: no user voices: add one with `csm voices add NAME --audio FILE --text ...`", err=True)
 
 
 @app.command("add")
@@ -48,14 +63,21 @@ def add_voice(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing voice of that name.")] = False,
 ) -> None:
     """Store a voice under $CSM_HOME/voices/NAME (resampled to 24 kHz mono)."""
+    from ..voices import VoiceLibrary
+
     voice = VoiceLibrary().add(name, audio, text, force=force)
     typer.echo(f"added voice {voice.name}: {voice.audio_path}")
 
 
 @app.command("remove")
 def remove_voice(name: Annotated[str, typer.Argument(help="The user voice to delete.")]) -> None:
-    """Delete a user voice."""
-    VoiceLibrary().remove(name)
+    """Delete a user voice (presets come with the model and stay)."""
+    from ..voices import PRESET_TRANSCRIPTS, VoiceLibrary
+
+    library = VoiceLibrary()
+    if name in PRESET_TRANSCRIPTS and all(v.name != name for v in library.user_voices()):
+        raise InputError(f"{name} is a preset that comes with the model: presets cannot be removed, only user voices")
+    library.remove(name)
     typer.echo(f"removed voice {name}")
 
 

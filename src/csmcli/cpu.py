@@ -1,0 +1,289 @@
+"""What this CPU gets: its capabilities, and the matrix kernels the CPU engine uses for each projection.
+
+On a CPU a frame's speed is how fast the weights stream from memory.  Per matrix, the choice is:
+
+* **packed**: weights reordered once into oneDNN's blocked layout
+  (``torch.ops.mkldnn._reorder_linear_weight``, what ``torch.compile`` itself uses for frozen CPU
+  linears).  Same results as ``F.linear`` and faster for 1 to 8 rows.  bfloat16 packing needs
+  AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; :func:`cpu_caps` probes for it.
+* **gemv** (:mod:`csmcli.gemv`, needs a C++ compiler): single rows as a compiled loop reading each
+  weight once; used for the wide matrices (``in_features <= 2048``), where it beats packed, and for
+  every bfloat16 matrix on CPUs that cannot pack bfloat16.
+* **plain**: torch's defaults.
+
+``cpu_kernels`` picks ``auto`` (gemv where it helps and a compiler works, packed elsewhere),
+``packed`` (no compiler) or ``plain``; ``cpu_isa`` limits the choice to what a CPU with a lesser
+instruction set gets.  ``scripts/cpu_kernels.py`` times every choice on this machine's shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import OptionsError
+from .gemv import GemvKernels, compiled_gemv, gemv, warm_up
+from .model import TransformerSpec
+from .quant import Int8Linear
+
+CPU_KERNELS = ("auto", "packed", "plain")
+#: Vector instruction-set levels the CPU kernels distinguish, best first.
+CPU_ISAS = ("avx512", "avx2", "default")
+
+
+@dataclass(frozen=True)
+class CpuCaps:
+    """What this CPU gets: the vector instruction set the kernels target and which bf16 paths run.
+
+    ``bf16_packed``: oneDNN's bfloat16 packed weights and matmuls work (they need AVX-512 BW/VL/DQ
+    or AVX-NE-CONVERT); without them bfloat16 weights are read as bfloat16 and multiplied in float32.
+    ``native_bf16``: bfloat16 arithmetic in hardware (AVX512-BF16 or AMX).
+    """
+
+    isa: str
+    bf16_packed: bool
+    native_bf16: bool
+
+    @property
+    def simdlen(self) -> int:
+        """Vector width in bits for inductor's C++ code (0: none)."""
+        return {"avx512": 512, "avx2": 256}.get(self.isa, 0)
+
+
+@functools.cache
+def detect_cpu_caps() -> CpuCaps:
+    """This CPU's capabilities, probed once per process: torch's own vector-ISA choice (which honours
+    ``ATEN_CPU_CAPABILITY``), and oneDNN's bfloat16 reorder and product tried on a tiny matrix (they
+    raise on CPUs without the instructions they need)."""
+    found = torch.backends.cpu.get_cpu_capability().lower()
+    isa = found if found in CPU_ISAS else "default"
+    packed = False
+    if torch.backends.mkldnn.is_available():
+        try:
+            w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8, dtype=torch.bfloat16), 1)
+            y = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 8, dtype=torch.bfloat16), w, None, "none", [None], "")
+            packed = bool(y.float().eq(8).all())
+        except RuntimeError:
+            packed = False
+    native = isa == "avx512" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return CpuCaps(isa, bf16_packed=packed, native_bf16=native)
+
+
+def cpu_caps(isa: str | None = None) -> CpuCaps:
+    """This CPU's capabilities, or those of a CPU with just the ``isa`` instruction set (``avx2``: an
+    AVX2 + FMA CPU without AVX-NE-CONVERT, whose oneDNN cannot pack bfloat16), to run the paths such a
+    CPU takes.  Asking for more than the CPU has is a one-line :class:`OptionsError`."""
+    detected = detect_cpu_caps()
+    if isa is None or isa == detected.isa == "avx512":
+        return detected
+    if isa not in CPU_ISAS:
+        raise OptionsError(f"CPU ISA must be one of {', '.join(CPU_ISAS)}, got {isa!r}")
+    if CPU_ISAS.index(isa) < CPU_ISAS.index(detected.isa):
+        raise OptionsError(f"CPU ISA {isa} requested but this CPU offers {detected.isa} at best")
+    return CpuCaps(isa, bf16_packed=False, native_bf16=False)  # the bare instruction set: no extensions
+
+
+# gemv is used for single rows of matrices at least this large with in_features at most GEMV_MAX_IN
+GEMV_MIN_ELEMENTS = 1 << 20
+GEMV_MAX_IN = 2048
+
+
+def _simdlen(caps: CpuCaps | None) -> int | None:
+    """inductor's own vector width on this CPU; the lesser CPU's where caps were lowered."""
+    return None if caps in (None, detect_cpu_caps()) else caps.simdlen
+
+
+def gemv_kernels(dtype: torch.dtype, caps: CpuCaps | None = None) -> GemvKernels | None:
+    """The compiled gemv kernels for ``dtype`` models on ``caps``' CPU; None where they cannot be built."""
+    return compiled_gemv(dtype, _simdlen(caps))
+
+
+def warm_up_gemv(dtype: torch.dtype, caps: CpuCaps | None = None) -> None:
+    """Start building :func:`gemv_kernels` in the background (e.g. while the weights load)."""
+    warm_up(dtype, _simdlen(caps))
+
+
+def wants_gemv(out_features: int, in_features: int, any_width: bool = False) -> bool:
+    """Single rows of this matrix go through the gemv: it is large enough, and (unless ``any_width``:
+    bfloat16 without oneDNN's bf16 kernels, where gemv is the only path reading bf16) not too wide."""
+    return (any_width or in_features <= GEMV_MAX_IN) and out_features * in_features >= GEMV_MIN_ELEMENTS
+
+
+def _upcasts(dtype: torch.dtype, caps: CpuCaps) -> bool:
+    """bfloat16 weights on a CPU without oneDNN's bf16 kernels: several rows are multiplied in float32."""
+    return dtype == torch.bfloat16 and not caps.bf16_packed
+
+
+def needs_gemv(
+    kernels: str | None,
+    specs: Iterable[TransformerSpec],
+    max_batch: int,
+    int8: bool,
+    caps: CpuCaps | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> bool:
+    """Whether :func:`prepare_cpu` will want the compiled gemv for transformers shaped like
+    ``specs``: ``auto`` kernels, a one-slot engine, int8 weights (whose layout serves both kernels)
+    or bfloat16 weights the CPU cannot pack, and some projection wide enough."""
+    caps = caps or cpu_caps()
+    upcast = _upcasts(dtype, caps) and not int8
+    if check_cpu_kernels(kernels) != "auto" or not (max_batch == 1 or int8 or upcast):
+        return False
+    for s in specs:
+        for out_f, in_f in (
+            (2 * s.ffn_dim, s.dim),
+            ((s.n_heads + 2 * s.n_kv_heads) * s.head_dim, s.dim),
+            (s.dim, s.ffn_dim),
+        ):
+            if wants_gemv(out_f, in_f, upcast):
+                return True
+    return False
+
+
+class CpuLinear(nn.Module):
+    """A bias-free linear layer for the CPU: packed oneDNN weights, or plain weights plus gemv.
+
+    With ``gemv_fn`` (the compiled :func:`~csmcli.gemv.gemv`) the plain ``[out, in]`` weight is kept: single
+    rows go through it, several rows (prefill) through ``F.linear``.  Otherwise the weight is packed
+    once, unless it is bfloat16 and ``caps`` says oneDNN's bf16 kernels do not run here: then it
+    stays plain and products run in float32.  A stack of same-shaped layers (``[n, out, in]``, the
+    depth decoder's heads) is one module called with the layer's ``index``, as for
+    :class:`~csmcli.quant.Int8Linear`.
+    """
+
+    def __init__(
+        self, weight: Tensor, gemv_fn: Callable[[Tensor, Tensor], Tensor] | None = None, caps: CpuCaps | None = None
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape[-2:]
+        weight = weight.detach().contiguous()
+        self.gemv_fn = gemv_fn
+        # several rows in float32: bfloat16 weights where oneDNN has no bf16 kernels
+        self.upcast = _upcasts(weight.dtype, caps or cpu_caps())
+        self.packed_weights = gemv_fn is None and not self.upcast
+        self.packed: tuple[Tensor, ...] = ()  # a stack's packed weights (opaque tensors cannot be stacked)
+        if not self.packed_weights:
+            self.weight = weight
+        elif weight.dim() == 3:
+            self.weight = None
+            self.packed = tuple(torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weight)
+        else:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+
+    @property
+    def gemv(self) -> bool:
+        """True when single rows go through the compiled gemv."""
+        return self.gemv_fn is not None
+
+    def forward(self, x: Tensor, index: int | None = None) -> Tensor:
+        weight = self.weight if index is None else (self.packed or self.weight)[index]
+        shape = x.shape
+        flat = x.reshape(-1, self.in_features)
+        if self.gemv_fn is not None and flat.shape[0] == 1:
+            y = (gemv if torch.compiler.is_compiling() else self.gemv_fn)(flat.float(), weight)
+        elif self.packed_weights:
+            y = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), weight, None, "none", [None], "")
+        elif self.upcast:
+            y = F.linear(flat.float(), weight.float()).to(weight.dtype)
+        else:
+            y = F.linear(flat, weight)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+_CANNOT_COMPILE = (
+    "compiling on the CPU needs int8 weights (--quantize int8) or CSM_CPU_KERNELS=plain: "
+    "float weights are packed for oneDNN, which the compiler cannot read"
+)
+
+
+def check_compilable(
+    int8: bool, kernels: str | None = None, dtype: torch.dtype = torch.float32, caps: CpuCaps | None = None
+) -> None:
+    """Before loading: a one-line :class:`OptionsError` if a CPU model with these settings would
+    have packed weights, which ``torch.compile`` cannot trace (:func:`check_model_compilable`)."""
+    if not int8 and check_cpu_kernels(kernels) != "plain" and not _upcasts(dtype, caps or cpu_caps()):
+        raise OptionsError(_CANNOT_COMPILE)
+
+
+def check_model_compilable(model: nn.Module) -> None:
+    """The same rule on a prepared model: no :class:`CpuLinear` may hold packed weights."""
+    if any(isinstance(m, CpuLinear) and m.packed_weights for m in model.modules()):
+        raise OptionsError(_CANNOT_COMPILE)
+
+
+def check_cpu_kernels(name: str | None = None) -> str:
+    """``name`` (default ``auto``) if it is a known kernel choice, else a one-line :class:`OptionsError`."""
+    name = name or "auto"
+    if name not in CPU_KERNELS:
+        raise OptionsError(f"CPU kernels must be one of {', '.join(CPU_KERNELS)}, got {name!r}")
+    return name
+
+
+def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1, caps: CpuCaps | None = None) -> str:
+    """Swap the model's projections for CPU kernels in place; returns what was used: ``plain``, or
+    the several-rows path (``packed``; ``linear``: plain float weights; ``float32``: bf16 weights
+    multiplied in float32), preceded by ``gemv+`` when single rows take the compiled gemv.
+
+    Float layers become :class:`CpuLinear`; :class:`~csmcli.quant.Int8Linear` layers keep their
+    int8 weights and gain the gemv path for single rows.  With ``max_batch > 1`` float layers are
+    packed even where gemv would be faster for one row (several rows at once need the packed layout,
+    and keeping both would double the weights' memory).  bfloat16 weights on a CPU without oneDNN's
+    bf16 kernels (``caps``) are never packed: single rows take the gemv, several rows float32.
+    """
+    caps = caps or cpu_caps()
+    kernels = check_cpu_kernels(kernels)
+    if kernels == "plain":
+        return "plain"
+    dtype = model.audio_embeddings.weight.dtype
+    packable = torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
+    upcast = _upcasts(dtype, caps)
+    # compile (seconds, once per process) only where some matrix would use the gemv
+    int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+    specs = (model.backbone.spec, model.decoder.spec)
+    built = gemv_kernels(dtype, caps) if needs_gemv(kernels, specs, max_batch, int8, caps, dtype) else None
+    use_gemv = built is not None
+
+    def float_gemv(out_features: int, in_features: int):  # noqa: ANN202  (float weights keep one layout)
+        wanted = (max_batch == 1 or upcast) and wants_gemv(out_features, in_features, upcast)
+        return built.gemv if use_gemv and wanted else None
+
+    def swap(layer: nn.Module) -> nn.Module:
+        if isinstance(layer, Int8Linear):
+            wanted = use_gemv and wants_gemv(layer.out_features, layer.in_features)
+            layer.gemv_fn = built.gemv_int8 if wanted else None
+            layer.upcast = upcast
+            return layer
+        if isinstance(layer, CpuLinear):  # prepared before: repack if several rows now need it
+            if layer.gemv and max_batch > 1 and not layer.upcast:
+                return CpuLinear(layer.weight, None, caps)
+            return layer
+        if not isinstance(layer, nn.Linear) or layer.bias is not None:
+            raise TypeError(f"cannot prepare {type(layer).__name__} for the CPU")
+        if not packable:  # e.g. float16, or a torch built without oneDNN: torch's defaults
+            return layer
+        return CpuLinear(layer.weight, float_gemv(*layer.weight.shape), caps)
+
+    for net in (model.backbone, model.decoder):
+        for block in net.layers:
+            for name in ("wqkv", "wo", "w13", "w2"):
+                setattr(block, name, swap(getattr(block, name)))
+    model.codebook0_head = swap(model.codebook0_head)
+    model.projection = swap(model.projection)
+    if model.head_layers is None and packable:
+        heads = model.audio_head  # [codebooks - 1, in, out]
+        model.head_layers = CpuLinear(heads.transpose(1, 2), float_gemv(heads.shape[2], heads.shape[1]), caps)
+        del model.audio_head
+        model.register_parameter("audio_head", None)
+    elif model.head_layers is not None:
+        model.head_layers = swap(model.head_layers)
+    if not packable and not int8:
+        return "plain"
+    used = any(getattr(m, "gemv", False) for m in model.modules())
+    packed = any(getattr(m, "packed_weights", False) for m in model.modules()) or int8
+    rest = "packed" if packed else "float32" if upcast else "linear"  # what several rows run on
+    return f"gemv+{rest}" if used else rest

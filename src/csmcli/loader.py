@@ -1,0 +1,218 @@
+"""The one loader: device and dtype choice, weights, quantization, CPU kernels, compile, CUDA graphs
+and the codec, each a parameter (nothing here reads the environment; the CLI does and passes it).
+
+:meth:`csmcli.Synthesizer.load` and ``csm bench`` both load through :func:`load_parts` and
+:func:`make_engine`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import checkpoint, cpu
+from .codec import Codec
+from .engine import Engine
+from .errors import CheckpointError, OptionsError
+from .model import CSMModel, TransformerSpec
+from .quant import check_quantization, quantize_int8
+
+log = logging.getLogger("csmcli")
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple's MPS, then the CPU; asking for a missing one is an error."""
+    if name not in DEVICES:
+        raise OptionsError(f"device must be one of {', '.join(DEVICES)}, got {name!r}")
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if cuda else "mps" if mps else "cpu"
+    if name == "cuda" and not cuda:
+        raise OptionsError("device cuda requested but no CUDA GPU is usable by this torch build")
+    if name == "mps" and not mps:
+        raise OptionsError("device mps requested but Apple's MPS backend is not available")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device, caps: cpu.CpuCaps | None = None) -> torch.dtype:
+    """``auto`` is bfloat16 on CUDA and on CPUs with native bfloat16 (AVX512-BF16 or AMX), float16
+    on MPS, float32 on other CPUs (where bfloat16 arithmetic is emulated and slower).  ``caps``: the
+    CPU's capabilities (default: detected)."""
+    if name == "auto":
+        if device.type == "cpu":
+            return torch.bfloat16 if (caps or cpu.cpu_caps()).native_bf16 else torch.float32
+        return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
+    if name not in DTYPES:
+        raise OptionsError(f"dtype must be one of auto, {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def build_model(config: dict, state: dict[str, Tensor], device: torch.device, dtype: torch.dtype) -> CSMModel:
+    """Instantiate :class:`CSMModel` on ``device`` straight from a state dict (no random init pass)."""
+    with torch.device("meta"):
+        model = CSMModel(config)
+    ours = checkpoint.to_model_state(state, config)
+    ours = {k: v.to(device=device, dtype=dtype) for k, v in ours.items()}
+    try:
+        model.load_state_dict(ours, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint tensors do not fit its config: {str(exc).splitlines()[0]}") from None
+    model.init_buffers(device)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+@dataclass
+class Parts:
+    """What :func:`load_parts` loaded: everything an engine and a synthesizer are built from."""
+
+    model: CSMModel
+    codec: Codec
+    device: torch.device
+    dtype: torch.dtype
+    cpu_caps: cpu.CpuCaps | None
+    config: dict[str, Any]
+    source: str
+    path: Path | None = None
+    tokenizer: Any = None
+    prompts_dir: Path | None = None
+    state: dict[str, Tensor] | None = None
+
+
+def load_parts(
+    model: str | None = checkpoint.DEFAULT_MODEL,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    local_files_only: bool = False,
+    max_batch_size: int = 1,
+    quantize: str = "none",
+    compile: bool = False,
+    cpu_kernels: str | None = None,
+    cpu_isa: str | None = None,
+    mimi: str = checkpoint.MIMI_MODEL,
+    keep_state: bool = False,
+) -> Parts:
+    """Check the settings, then load ``model`` (hub id or directory; None: the full-size CSM-1B
+    architecture with random weights and a random Mimi, for benchmarks) onto ``device``.
+
+    ``mimi`` is where the codec comes from when the checkpoint has none.  ``keep_state`` keeps the
+    source state dict (on the CPU) in :attr:`Parts.state`, e.g. for a reference model.
+    """
+    torch_device = pick_device(device)
+    caps = cpu.cpu_caps(cpu_isa) if torch_device.type == "cpu" else None
+    torch_dtype = pick_dtype(dtype, torch_device, caps)
+    if max_batch_size < 1:
+        raise OptionsError(f"max_batch_size must be at least 1, got {max_batch_size}")
+    check_quantization(quantize)
+    cpu_kernels = cpu.check_cpu_kernels(cpu_kernels)
+    if compile and caps:
+        cpu.check_compilable(quantize == "int8", cpu_kernels, torch_dtype, caps)
+    ckpt = path = None
+    if model is None:
+        config = checkpoint.CSM_1B_CONFIG
+    else:
+        path = checkpoint.resolve(model, local_files_only=local_files_only)
+        ckpt = checkpoint.inspect(path)
+        config = ckpt.config
+    if caps:
+        specs = [TransformerSpec.from_config(config), TransformerSpec.from_config(config["depth_decoder_config"])]
+        if cpu.needs_gemv(cpu_kernels, specs, max_batch_size, quantize != "none", caps, torch_dtype):
+            cpu.warm_up_gemv(torch_dtype, caps)  # compiles while the weights load
+    if ckpt is None:  # a GPU draws the random values in well under a second
+        state, codec_state = random_state(config, device=torch_device if torch_device.type == "cuda" else None), None
+    else:
+        state, codec_state = checkpoint.read_tensors(ckpt)
+    net = build_model(config, state, torch_device, torch_dtype)
+    state = {k: v.cpu() for k, v in state.items()} if keep_state else None
+    if torch_device.type == "cuda":  # the source tensors are off the GPU: peak memory is the engine's
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(torch_device)
+    if quantize == "int8":
+        quantize_int8(net)
+    if ckpt is None:
+        codec = random_codec(torch_device)
+    elif codec_state:
+        codec = Codec.from_state_dict(config["codec_config"], codec_state, torch_device)
+    else:
+        codec = Codec.from_pretrained(checkpoint.resolve(mimi, local_files_only), torch_device)
+    source = str(path) if path else "random weights, full-size CSM-1B architecture"
+    parts = Parts(net, codec, torch_device, torch_dtype, caps, config, source, path, state=state)
+    if ckpt is not None:
+        parts.tokenizer, parts.prompts_dir = _tokenizer(ckpt.tokenizer_file), ckpt.prompts_dir
+    return parts
+
+
+def random_state(config: dict[str, Any], seed: int = 0, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """A transformers-format CSM state dict with random weights (reserved codes never win).
+
+    Drawn on ``device``: a GPU draws the 1.6 G values in well under a second (the CPU takes tens of
+    seconds); the values then differ from the CPU's."""
+    from transformers import CsmConfig, CsmForConditionalGeneration
+
+    torch.manual_seed(seed)
+    device = device or torch.device("cpu")
+    cfg = CsmConfig(**{k: v for k, v in config.items() if k != "model_type"})
+    with torch.device("meta"):
+        ref = CsmForConditionalGeneration(cfg)
+    state = {}
+    for name, tensor in ref.state_dict().items():
+        if name.startswith("codec_model."):
+            continue
+        t = torch.empty(tensor.shape, device=device)
+        if name.endswith("norm.weight"):
+            t.fill_(1.0)
+        else:
+            t.normal_(0.0, 0.02)
+        state[name] = t
+    state["lm_head.weight"][2048:] = 0
+    state["depth_decoder.codebooks_head.weight"][:, :, 2048:] = 0
+    return state
+
+
+def random_codec(device: torch.device) -> Codec:
+    """Full-size Mimi with random weights (decoding cost does not depend on the values)."""
+    from transformers import MimiConfig, MimiModel
+
+    torch.manual_seed(0)
+    return Codec(MimiModel(MimiConfig()).eval().to(device))
+
+
+def _tokenizer(path: Path) -> Any:  # noqa: ANN401
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+        raise CheckpointError(f"{path} is not a valid tokenizer: {exc}") from None
+
+
+def make_engine(
+    model: CSMModel,
+    codec: Codec,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_batch_size: int = 1,
+    *,
+    compile: bool = False,
+    cuda_graphs: bool = True,
+    cpu_kernels: str | None = None,
+    cpu_caps: cpu.CpuCaps | None = None,
+) -> Engine:
+    """An :class:`Engine` on a loaded model: CPU kernels chosen, then compiled (``compile``: on a GPU
+    the layers, on the CPU every depth-decoder step whole) and its frames captured as CUDA graphs
+    (``cuda_graphs``, on CUDA only)."""
+    engine = Engine(model, codec, device, dtype, max_batch=max_batch_size, cpu_kernels=cpu_kernels, cpu_caps=cpu_caps)
+    if compile:
+        engine.compile()
+    if cuda_graphs and device.type == "cuda":
+        engine.capture_graphs()
+    return engine

@@ -1,0 +1,132 @@
+"""The CPU paths of a CPU without AVX-512 (AVX2 + FMA), run on any x86 CPU.
+
+``cpu_isa="avx2"`` (``CSM_CPU_ISA=avx2`` for the CLI) makes the kernels take the choices such a
+CPU gets; the ``no_onednn_bf16`` fixture also makes oneDNN's bfloat16 reorder raise as it does
+there, so any bf16 packing left on these paths fails the test.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from csmcli import cpu
+from csmcli.errors import OptionsError
+
+AVX2 = cpu.cpu_caps("avx2")
+EPYC_ERROR = (
+    "mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert or avx512bw, avx512vl and avx512dq"
+)
+# the same failure in a subprocess (the CLI): patched before csmcli loads
+PATCH = f"""
+import torch
+_reorder = torch.ops.mkldnn._reorder_linear_weight
+def _no_bf16(w, *args):
+    if w.dtype == torch.bfloat16:
+        raise RuntimeError({EPYC_ERROR!r})
+    return _reorder(w, *args)
+torch.ops.mkldnn._reorder_linear_weight = _no_bf16
+"""
+
+
+@pytest.fixture()
+def no_onednn_bf16(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    """oneDNN's bf16 reorder raises, as on an AVX2 CPU; the capabilities are probed afresh."""
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+
+    def refuse_bf16(w: torch.Tensor, *args):  # noqa: ANN002, ANN202
+        if w.dtype == torch.bfloat16:
+            raise RuntimeError(EPYC_ERROR)
+        return reorder(w, *args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse_bf16)
+    cpu.detect_cpu_caps.cache_clear()
+    yield
+    cpu.detect_cpu_caps.cache_clear()
+
+
+def test_cpu_caps_are_detected_and_can_only_be_lowered() -> None:
+    caps = cpu.cpu_caps()
+    assert caps.isa == {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "default")
+    assert cpu.CpuCaps("avx2", bf16_packed=False, native_bf16=False) == AVX2
+    assert AVX2.simdlen == 256 and cpu.cpu_caps("default").simdlen == 0
+    with pytest.raises(OptionsError, match="CPU ISA must be one of avx512, avx2, default"):
+        cpu.cpu_caps("sse4")
+    if caps.isa != "avx512":
+        with pytest.raises(OptionsError, match="this CPU offers"):
+            cpu.cpu_caps("avx512")
+
+
+def test_the_probe_finds_no_bf16_packing(no_onednn_bf16) -> None:  # noqa: ANN001
+    assert not cpu.detect_cpu_caps().bf16_packed
+
+
+@pytest.mark.parametrize("caps", [None, AVX2], ids=["probed", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_linear_without_onednn_bf16(no_onednn_bf16, caps, dtype: torch.dtype, rows: int) -> None:  # noqa: ANN001
+    """What failed on the AVX2 EPYC (``test_packed_linear_matches_f_linear[*-dtype1]``): bf16
+    weights now stay plain and multiply in float32; float32 weights are still packed."""
+    torch.manual_seed(0)
+    w = torch.randn(96, 64, dtype=dtype)
+    x = torch.randn(2, rows, 64, dtype=dtype)
+    layer = cpu.CpuLinear(w, caps=caps)
+    assert layer.packed_weights == (dtype == torch.float32) and layer.upcast == (dtype == torch.bfloat16)
+    got = layer(x)
+    assert got.shape == (2, rows, 96) and got.dtype == dtype
+    torch.testing.assert_close(
+        got.float(), F.linear(x.float(), w.float()), atol=1e-2 if dtype != torch.float32 else 1e-5, rtol=1e-2
+    )
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_bfloat16_model_on_the_avx2_path(tiny_dir, no_onednn_bf16, monkeypatch, quantize: str) -> None:  # noqa: ANN001
+    """The whole model in bfloat16 as an AVX2 CPU runs it: nothing packed in bf16, single rows
+    through the compiled gemv (every matrix, tiny ones included here), prompts in float32, and the
+    greedy codes of the float32 model."""
+    from csmcli import GenerationOptions, Synthesizer
+
+    monkeypatch.setattr(cpu, "GEMV_MIN_ELEMENTS", 0)
+    synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="bfloat16", quantize=quantize, cpu_isa="avx2")
+    assert synth.engine.cpu_caps == AVX2
+    layers = [m for m in synth.model.modules() if isinstance(m, cpu.CpuLinear)]
+    assert not any(m.packed_weights for m in layers)
+    if cpu.gemv_kernels(torch.bfloat16, AVX2) is not None:
+        assert synth.engine.cpu_kernels.startswith("gemv+") and synth.model.decoder.layers[0].w13.gemv
+    audio = synth.generate("Hello from CSM.", options=GenerationOptions(temperature=0, max_audio_ms=480))
+    assert audio.stats.frames == 6 and len(audio.samples) == 6 * 1920
+
+
+def _csm(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    """The real CLI in a fresh interpreter where oneDNN's bf16 reorder raises (as on the EPYC)."""
+    code = PATCH + "import sys\nfrom csmcli.cli import main\nsys.argv = ['csm', *sys.argv[1:]]\nmain()\n"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("extra", [[], ["--quantize", "int8"]], ids=["bf16", "int8"])
+def test_say_bfloat16_with_the_avx2_override(tiny_dir, cli_env, tmp_path, extra: list[str]) -> None:  # noqa: ANN001
+    out = tmp_path / "x.wav"
+    args = ["say", "Hello there.", "-m", str(tiny_dir), "--device", "cpu", "--dtype", "bfloat16", "-o", str(out)]
+    r = _csm([*args, "--max-audio-ms", "480", "-q", *extra], {**cli_env, "CSM_CPU_ISA": "avx2"})
+    assert r.returncode == 0, r.stderr.decode()
+    assert out.stat().st_size > 6 * 1920
+
+
+def test_bad_cpu_isa_is_a_one_line_error(tiny_dir, cli_env, tmp_path) -> None:  # noqa: ANN001
+    args = ["say", "Hi.", "-m", str(tiny_dir), "--device", "cpu", "-o", str(tmp_path / "x.wav"), "-q"]
+    r = subprocess.run(["csm", *args], capture_output=True, env={**cli_env, "CSM_CPU_ISA": "sse4"}, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr.decode()
+    assert "CPU ISA must be one of avx512, avx2, default, got 'sse4'" in r.stderr.decode()
+
+
+def test_bench_reports_the_cpu_path(tiny_dir) -> None:  # noqa: ANN001
+    from csmcli.bench import BenchSetup, run_bench
+
+    setup = BenchSetup(prompt_rows=16, frames=2, batch_sizes=(1,), warmup=1, voice_rows=24)
+    r = run_bench(str(tiny_dir), "cpu", "bfloat16", "none", setup, threads=1, cpu_kernels="packed", cpu_isa="avx2")
+    assert r["cpu_isa"] == "avx2" and r["cpu_bf16_packed"] is False and r["dtype"] == "bfloat16"
+    assert r["cpu_kernels"] == "float32" and r["ms_per_frame"] > 0
