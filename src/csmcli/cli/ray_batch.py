@@ -21,11 +21,8 @@ FORWARDED_ENV = ("CSM_", "HF_")
 class ClusterDisplay(BatchProgress):
     """The local batch display, fed by the whole cluster: turns, audio seconds, frames/s, workers alive."""
 
-    frames = 0
-
     def status(self, status: ClusterStatus) -> None:
         """Refresh the bar from the driver's view of the job."""
-        self.frames = status.frames
         if self._bar is None:
             return
         seconds = self.done_seconds + status.in_flight_frames * FRAME_MS / 1000
