@@ -464,15 +464,16 @@ def make_lanes(dialogues: list[Dialogue], context_turns: int | None) -> list[Lan
 
 def run_lanes(
     synth: Synthesizer,
-    lanes: list[Lane],
+    lanes: list[Lane] | deque[Lane],
     batch_size: int,
     on_done: TurnDone,
     on_step: Callable[[list[TurnInFlight]], None] | None = None,
 ) -> None:
     """Generate every lane's turns, up to ``batch_size`` lanes at once in the engine's batch, writing
     each turn's files as it finishes; ``on_done`` hears of each finished turn, ``on_step`` of the
-    turns in flight after every frame."""
-    waiting = deque(lanes)
+    turns in flight after every frame.  A deque is drained as it is, so another thread may add lanes
+    while the run goes on (a cluster worker does)."""
+    waiting = lanes if isinstance(lanes, deque) else deque(lanes)
     active: list[TurnInFlight] = []
     while True:
         while waiting and len(active) < batch_size:

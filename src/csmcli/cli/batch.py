@@ -41,6 +41,7 @@ from ..errors import InputError, OptionsError
 from ..options import FRAME_MS, format_rtf
 from .common import GenerationFlags, ModelFlags, QuietOpt, command, stderr_is_tty
 from .loading import load_synthesizer
+from .ray_options import RayCpusOpt, RayOpt
 
 
 def turns(count: int) -> str:
@@ -181,6 +182,8 @@ def batch(
     *,
     generation: GenerationFlags,
     loader: ModelFlags,
+    ray: RayOpt = None,
+    ray_cpus: RayCpusOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Speak whole dialogues: one audio file per turn, a manifest and the joined conversation.
@@ -216,7 +219,12 @@ def batch(
             stack.enter_context(locked(d.out_dir))
             remove_stale_temps(d)
             mark_todo(d, force, chained=chain is not None)
-        generate(dialogues, chain, batch_size, model, device, dtype, quiet, quantize, compile_)
+        if ray is None or not any(d.todo for d in dialogues):
+            generate(dialogues, chain, batch_size, model, device, dtype, quiet, quantize, compile_)
+        else:
+            from .ray_batch import generate_on_ray
+
+            generate_on_ray(ray, ray_cpus, dialogues, chain, batch_size, quiet, loader)
         for d in dialogues:
             if write_combined(d, pause, audio_io.SAMPLE_RATE) and not quiet:
                 print(f"csm: {d.script.label}: {turns(len(d.tasks))} joined in {d.combined}", file=sys.stderr)
