@@ -70,7 +70,7 @@ def test_help_shows_defaults_and_switches_take_no_value(cli_env) -> None:
     r = csm(["say", "--help"], cli_env)
     text = " ".join(r.stdout.decode().split())
     assert r.returncode == 0
-    assert "[default: stdout when piped]" in text and "[default: from the extension]" in text
+    assert "[default: stdout when piped]" in text and "[default: from the extension, else wav]" in text
     assert "[default: 0.9]" in text and "[default: 90000]" in text and "default: sesame/csm-1b]" in text
     assert "<bool>" not in text and "--compile Compile" in text and "-q, --quiet No progress" in text
 

@@ -31,7 +31,7 @@ def say(
     ] = None,
     fmt: Annotated[
         str | None,
-        typer.Option("--format", help=f"{formats.choices_help()}; default: from the extension, else wav."),
+        typer.Option("--format", help=f"{formats.choices_help()} [default: from the extension, else wav]."),
     ] = None,
     bitrate: Annotated[str | None, typer.Option("--bitrate", help=formats.bitrate_help())] = None,
     *,
