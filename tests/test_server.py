@@ -30,6 +30,7 @@ from scipy.io import wavfile
 
 from csmcli.options import OPTION_FIELDS
 from csmcli.server import GENERATE_FIELDS, GENERATE_OWN_FIELDS
+from csmcli.server.requests import CONTEXT_FIELDS
 
 #: 800 ms = 10 frames = 19200 samples: every request on ``server`` runs to this budget (random model).
 BUDGET_MS, BUDGET_SAMPLES = 800, 19200
@@ -316,13 +317,13 @@ def test_long_text_stays_within_the_request_budget_streamed_or_whole(server: Ser
 
 
 def test_the_server_takes_exactly_the_option_fields_plus_its_own(server: ServerProcess) -> None:
-    assert set(GENERATE_FIELDS) == set(OPTION_FIELDS) | set(GENERATE_OWN_FIELDS)
+    assert set(GENERATE_FIELDS) == set(OPTION_FIELDS) | set(GENERATE_OWN_FIELDS) | set(CONTEXT_FIELDS)
     error = assert_error(
         requests.post(server.url("/generate"), json={"text": "x", "colour": 1, "pitch": 2}), 400, "unknown_field"
     )
     assert "colour" in error["message"] and "pitch" in error["message"]
     accepted = error["message"].split("accepted fields: ")[1].split(", ")
-    assert set(accepted) == set(OPTION_FIELDS) | {"text", "speaker", "streaming", "voice", "format"}
+    assert set(accepted) == set(OPTION_FIELDS) | {"text", "speaker", "streaming", "voice", "format", *CONTEXT_FIELDS}
     every = {"temperature": 0.5, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.2, "max_audio_ms": 240, "seed": 3}
     assert set(every) == set(OPTION_FIELDS)
     response = requests.post(

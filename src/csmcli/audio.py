@@ -175,6 +175,11 @@ def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
             f"cannot read audio {path}: {_reason(exc).rstrip('.')}; use a WAV, FLAC, OGG or MP3 file"
         ) from None
     mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
+    return resample(mono, rate, sample_rate)
+
+
+def resample(mono: np.ndarray, rate: int, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Mono audio at ``rate`` Hz as contiguous float32 at ``sample_rate`` (soxr, high quality)."""
     if rate != sample_rate and len(mono):
         import soxr
 

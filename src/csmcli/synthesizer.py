@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ log = logging.getLogger("csmcli")
 PIECE_PAUSE_S = 0.25
 #: Encoded voices kept in memory (each holds up to 30 s of audio and its codes).
 VOICE_CACHE = 32
+T = TypeVar("T")
 
 
 @dataclass
@@ -76,8 +77,10 @@ class Synthesizer:
         self.source = source
         self.prompts = PromptBuilder(tokenizer, codec.encode, model.num_codebooks)
         self.voices = VoiceLibrary(prompts_dir)
-        self._voice_segments: OrderedDict[tuple, Segment] = OrderedDict()  # the most recently used last
+        self._voice_segments: OrderedDict[tuple, Any] = OrderedDict()  # the most recently used last
         self._voice_lock = threading.Lock()
+        self.context_encodes = 0  # voices and context clips encoded (cache misses)
+        self.context_hits = 0  # ... and found already encoded
         self.engine = make_engine(
             model,
             codec,
@@ -175,9 +178,9 @@ class Synthesizer:
         """Context segments for a voice: ``None`` = the speaker's default preset (if the checkpoint
         has one), ``"none"`` = no context, otherwise a preset or user voice by name.
 
-        A voice is read and encoded once and cached (the :data:`VOICE_CACHE` most recently used).
-        That first time takes a while; it holds a voice lock, never the engine's, so a server runs
-        it in a worker thread while the engine keeps generating for everyone else.
+        A voice is read and encoded once and cached (see :meth:`cached_context`).  That first time
+        takes a while and holds no lock of the engine's, so a server runs it in a worker thread while
+        the engine keeps generating for everyone else.
         """
         check_speaker(speaker)
         if voice == NO_VOICE:
@@ -185,16 +188,36 @@ class Synthesizer:
         chosen = self.voices.default_for(speaker) if voice is None else self.voices.get(voice)
         if chosen is None:
             return []
-        key = (chosen.name, chosen.audio_path, chosen.stamp, chosen.text, speaker)
+        key = ("voice", chosen.name, chosen.audio_path, chosen.stamp, chosen.text, speaker)
+        return [self.cached_context(key, lambda: self.context_segment(chosen.text, speaker, chosen.load()))]
+
+    def context_segment(self, text: str, speaker: int, audio: np.ndarray) -> Segment:
+        """A context segment for ``audio`` (24 kHz mono) with its Mimi codes computed now; it keeps
+        only the codes, which is all a prompt needs."""
+        segment = Segment(text, speaker, audio)
+        self.prompts.segment_rows(segment)  # checks the text and speaker, encodes the audio
+        return Segment(segment.text, speaker, codes=segment.codes)
+
+    def cached_context(self, key: tuple, make: Callable[[], T]) -> T:
+        """What ``make()`` returns (an encoded voice or context clip), kept under ``key`` among the
+        :data:`VOICE_CACHE` most recently used, so equal context is encoded once and its prompt rows
+        are equal too (the engine's prefix cache then skips them as well).
+
+        ``make`` runs without the lock, so a long decode and encode holds up no other request;
+        :attr:`context_encodes` and :attr:`context_hits` count misses and hits.
+        """
         with self._voice_lock:
-            if key not in self._voice_segments:
-                segment = Segment(chosen.text, speaker, chosen.load())
-                self.prompts.segment_rows(segment)  # encode once; the codes stay on the segment
-                self._voice_segments[key] = segment
-                while len(self._voice_segments) > VOICE_CACHE:
-                    self._voice_segments.popitem(last=False)
-            self._voice_segments.move_to_end(key)
-            return [self._voice_segments[key]]
+            if key in self._voice_segments:
+                self._voice_segments.move_to_end(key)
+                self.context_hits += 1
+                return self._voice_segments[key]
+        value = make()
+        with self._voice_lock:
+            self._voice_segments[key] = value
+            self.context_encodes += 1
+            while len(self._voice_segments) > VOICE_CACHE:
+                self._voice_segments.popitem(last=False)
+        return value
 
     def utterance(
         self,

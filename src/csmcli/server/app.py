@@ -24,14 +24,16 @@ from ..errors import CsmError
 from ..voices import NO_VOICE
 from . import voices_api
 from .config import ServerConfig
+from .context import read_body, with_context
 from .requests import (
+    GENERATE_FIELDS,
     MAX_BODY_BYTES,
+    SPEECH_FIELDS,
     ApiError,
     SpeechRequest,
     error_response,
     parse_generate,
     parse_speech,
-    read_fields,
     shown,
 )
 from .streaming import CURRENT, Note, Run, answer_stream, answer_whole
@@ -85,7 +87,8 @@ class SpeechServer:
 
     def app(self) -> web.Application:
         """The routes, with the error, auth and logging middleware."""
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._middleware])
+        limit = max(MAX_BODY_BYTES, self.config.max_context_bytes)  # read_body keeps bodies without context smaller
+        app = web.Application(client_max_size=limit, middlewares=[self._middleware])
         app.router.add_get("/health", self.health)
         app.router.add_post("/generate", self.generate)
         app.router.add_post("/v1/audio/speech", self.speech)
@@ -220,6 +223,7 @@ class SpeechServer:
                 "requests": {**counts, "audio_seconds": round(counts["audio_seconds"], 3)},
                 "in_flight": self.in_flight,
                 "engine": {"alive": self.loop.alive, **self.synth.stats()},
+                "context": {"encodes": self.synth.context_encodes, "cache_hits": self.synth.context_hits},
             }
         )
 
@@ -240,13 +244,15 @@ class SpeechServer:
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         """vox-serve's ``POST /generate``."""
-        fields = await read_fields(request, timeout=self.config.read_timeout)
-        return await self.respond(request, parse_generate(fields, self.config.defaults, self.config.max_text_chars))
+        fields = await read_body(request, self.config, GENERATE_FIELDS)
+        req = parse_generate(fields, self.config.defaults, self.config.max_text_chars)
+        return await self.respond(request, with_context(req, fields, self.config))
 
     async def speech(self, request: web.Request) -> web.StreamResponse:
         """OpenAI's ``POST /v1/audio/speech``."""
-        fields = await read_fields(request, timeout=self.config.read_timeout)
-        return await self.respond(request, parse_speech(fields, self.config.defaults, self.config.max_text_chars))
+        fields = await read_body(request, self.config, SPEECH_FIELDS)
+        req = parse_speech(fields, self.config.defaults, self.config.max_text_chars)
+        return await self.respond(request, with_context(req, fields, self.config))
 
     # -- answering ------------------------------------------------------------------------------
 
@@ -282,7 +288,11 @@ class SpeechServer:
         problem = self.problem()
         if problem is not None:
             raise problem
-        if req.voice not in (None, NO_VOICE) and req.voice not in {v.name for v in self.synth.voices.list()}:
+        if (
+            req.context is None
+            and req.voice not in (None, NO_VOICE)
+            and req.voice not in {v.name for v in self.synth.voices.list()}
+        ):
             message = f"unknown voice {shown(req.voice)}: GET /v1/audio/voices lists the voices"
             raise ApiError(400, message, "unknown_voice", "voice")
         capacity = self.synth.capacity + self.config.max_queue

@@ -21,10 +21,12 @@ MAX_TEXT_CHARS = 5000
 MAX_BODY_BYTES = 256 * 1024
 #: Fields ``POST /generate`` takes besides the generation options.
 GENERATE_OWN_FIELDS = ("text", "speaker", "streaming", "voice", "format")
-GENERATE_FIELDS = (*GENERATE_OWN_FIELDS, *OPTION_FIELDS)
+#: Per-request context (both endpoints): JSON ``context`` clips, or repeatable multipart fields.
+CONTEXT_FIELDS = ("context", "context_audio", "context_text", "context_speaker")
+GENERATE_FIELDS = (*GENERATE_OWN_FIELDS, *OPTION_FIELDS, *CONTEXT_FIELDS)
 #: Fields ``POST /v1/audio/speech`` takes besides the generation options (``speaker`` is ours).
 SPEECH_OWN_FIELDS = ("model", "input", "voice", "instructions", "response_format", "speed", "stream_format", "speaker")
-SPEECH_FIELDS = (*SPEECH_OWN_FIELDS, *OPTION_FIELDS)
+SPEECH_FIELDS = (*SPEECH_OWN_FIELDS, *OPTION_FIELDS, *CONTEXT_FIELDS)
 #: Audio formats both endpoints answer in (pcm = headerless s16le mono).
 FORMATS = ("wav", "pcm", "flac")
 #: OpenAI voice names and the speaker (with its default preset voice) each one maps to.
@@ -97,7 +99,8 @@ def shown(value: Any) -> str:
 
 @dataclass(frozen=True)
 class SpeechRequest:
-    """A validated request: what to say, how, and how to answer (``whole``, ``audio`` stream or ``sse``)."""
+    """A validated request: what to say, how, and how to answer (``whole``, ``audio`` stream or ``sse``);
+    ``context`` holds the request's own context clips (they replace the voice), None without."""
 
     text: str
     speaker: int
@@ -105,6 +108,7 @@ class SpeechRequest:
     options: GenerationOptions
     fmt: str = "wav"
     mode: str = "whole"
+    context: tuple[Any, ...] | None = None
 
 
 # -- request bodies -----------------------------------------------------------------------------

@@ -25,6 +25,8 @@ from ..audio import encode_audio, to_int16, wav_stream_header
 from ..engine import AudioChunk, Job
 from ..errors import CsmError
 from ..options import real_time_factor
+from ..prompt import Segment
+from .context import context_segments
 from .requests import ApiError, SpeechRequest
 
 if TYPE_CHECKING:
@@ -71,6 +73,7 @@ class Run:
         self.outcome = "running"
         self.rid = CURRENT.get().rid
         self.transport: Any = None  # set while streaming, so a reader that falls behind can be cut
+        self.warnings: list[str] = []  # what the answer's Warning header says (context clips trimmed)
 
     @property
     def audio_seconds(self) -> float:
@@ -113,8 +116,8 @@ class Run:
         queue: asyncio.Queue[AudioChunk | None] = asyncio.Queue()
         synth = self.server.synth
         first, later = WHOLE_CHUNKS if self.req.mode == "whole" else STREAM_CHUNKS
-        # the voice is read and encoded in a worker thread, off the engine loop and its lock
-        context = await self._in_time(asyncio.to_thread(synth.voice_context, self.req.speaker, self.req.voice))
+        # the voice or the request's clips are read and encoded in a worker thread, off the engine loop
+        context = await self._in_time(asyncio.to_thread(self._context))
         jobs = synth.jobs(
             self.req.text,
             self.req.speaker,
@@ -138,6 +141,13 @@ class Run:
                 job.cancel()
                 if self.outcome == "running":
                     self.outcome = "cancelled"
+
+    def _context(self) -> list[Segment]:
+        """The request's own context clips (they replace the voice, as ``--context-audio`` does), else its voice."""
+        if self.req.context is None:
+            return self.server.synth.voice_context(self.req.speaker, self.req.voice)
+        segments, self.warnings = context_segments(self.server.synth, self.req.context)
+        return segments
 
     def _advance(self, jobs: Iterator[Job]) -> Job | None:
         """The next piece's job (its prompt is built while the engine is between frames)."""
@@ -204,6 +214,8 @@ def audio_headers(run: Run, sample_rate: int, whole: bool) -> dict[str, str]:
         "X-Sample-Rate": str(sample_rate),
         "Cache-Control": "no-store",
     }
+    if run.warnings:
+        headers["Warning"] = ", ".join(f'299 csm "{warning}"' for warning in run.warnings)
     if whole:
         headers["X-Frames"] = str(run.frames)
         headers["X-Stop-Reason"] = run.stop_reason

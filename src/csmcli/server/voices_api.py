@@ -3,16 +3,14 @@
 ``POST /v1/audio/voices`` stores an uploaded recording exactly as ``csm voices add`` does (through
 :class:`~csmcli.voices.VoiceLibrary`), ``GET /v1/audio/voices`` lists every voice with its transcript,
 length and speaker, ``DELETE /v1/audio/voices/{name}`` removes a user voice.  Uploads are read with
-their own size limit and decoded in a worker thread: libsndfile for wav, flac, ogg and mp3, PyAV for
-the webm/opus (and mp4) recordings browsers make.  The page and its scripts are package data served
-without an API key; everything they call goes through the server's usual key check.
+their own size limit and decoded in a worker thread (see :mod:`.uploads`).  The page and its scripts
+are package data served without an API key; everything they call goes through the server's usual key check.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import io
 import json
 import re
 import tempfile
@@ -20,27 +18,18 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from aiohttp import BodyPartReader, web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp import web
 
 from ..errors import AudioError, InputError
 from ..voices import DEFAULT_VOICES, MAX_CONTEXT_SECONDS, NO_VOICE, Voice, VoiceLibrary
-from .requests import FORMATS, OPENAI_VOICES, ApiError, check_fields
+from .requests import FORMATS, OPENAI_VOICES, ApiError
+from .uploads import MAX_UPLOAD_BYTES, UPLOAD_FORMATS, decode_upload, read_form, sniff_format
 
 if TYPE_CHECKING:
     from .app import SpeechServer
 
-#: Largest recording an upload may carry (bytes).
-MAX_UPLOAD_BYTES = 10 * 1024 * 1024
-#: Largest plain (non-file) field of an upload form (bytes).
-MAX_FIELD_BYTES = 64 * 1024
-#: Sample rates an uploaded recording may have (Hz).
-MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192_000
 #: Fields ``POST /v1/audio/voices`` takes.
 UPLOAD_FIELDS = ("name", "text", "audio", "speaker")
-#: Recording formats an upload may be in, as the page and the errors name them.
-UPLOAD_FORMATS = ("wav", "flac", "ogg", "mp3", "webm", "mp4")
 #: Where the page's files are served from; they and ``/`` need no API key.
 UI_PREFIX = "/ui/"
 
@@ -48,7 +37,6 @@ _UI_FILE = re.compile(r"^[a-z0-9_-]+\.(html|css|js)$")
 _CONTENT_TYPES = {"html": "text/html", "css": "text/css", "js": "text/javascript"}
 #: The page loads nothing from elsewhere; audio it plays or records lives in blob: URLs.
 _PAGE_POLICY = "default-src 'self'; media-src 'self' blob:; img-src 'self' data:; object-src 'none'"
-_SOUNDFILE_FORMATS = {"WAV": "wav", "WAVEX": "wav", "RF64": "wav", "FLAC": "flac", "OGG": "ogg", "MP3": "mp3"}
 
 
 def is_public(path: str) -> bool:
@@ -208,161 +196,10 @@ class VoiceRoutes:
 
 
 async def read_upload(request: web.Request, limit: int = MAX_UPLOAD_BYTES) -> Upload:
-    """The multipart form's fields and its one file, each read only up to its limit."""
-    if request.content_type != "multipart/form-data":
-        raise ApiError(
-            415,
-            f"unsupported Content-Type {request.content_type!r}: send multipart/form-data with "
-            "fields name, text and the audio file",
-            "unsupported_media_type",
-        )
-    if request.content_length is not None and request.content_length > limit + MAX_FIELD_BYTES:
-        raise _upload_too_large(limit)
-    try:
-        reader = await request.multipart()
-        upload = Upload({})
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader) or not part.name:
-                raise ApiError(400, "every form part needs a field name", "invalid_body")
-            check_fields({part.name: None}, UPLOAD_FIELDS)
-            if part.name in upload.fields or (part.name == "audio" and upload.audio is not None):
-                raise ApiError(400, f"field {part.name!r} is given twice", "duplicate_field", part.name)
-            if part.name == "audio":
-                upload.audio = await _read_part(part, limit, "audio")
-                upload.filename = Path(part.filename or "").name[:128]
-            elif part.filename is not None:
-                raise ApiError(400, f"field {part.name!r} must be a plain value, not a file", "invalid_type", part.name)
-            else:
-                raw = await _read_part(part, MAX_FIELD_BYTES, part.name)
-                upload.fields[part.name] = raw.decode(part.get_charset("utf-8"))
-    except (ValueError, UnicodeDecodeError, LookupError, HttpProcessingError) as exc:
-        reason = str(exc).strip().replace("\n", " ") or type(exc).__name__
-        raise ApiError(400, f"malformed multipart body: {reason}", "invalid_body") from None
-    return upload
-
-
-async def _read_part(part: BodyPartReader, limit: int, name: str) -> bytes:
-    data = bytearray()
-    while chunk := await part.read_chunk(256 * 1024):
-        data += chunk
-        if len(data) > limit:
-            if name == "audio":
-                raise _upload_too_large(limit)
-            raise ApiError(400, f"field {name!r} is longer than {limit} bytes", "field_too_long", name)
-    return bytes(data)
-
-
-def _upload_too_large(limit: int) -> ApiError:
-    return ApiError(
-        413, f"audio is larger than the {limit // (1024 * 1024)} MB upload limit", "audio_too_large", "audio"
-    )
-
-
-def sniff_format(data: bytes) -> str | None:
-    """The container of an upload from its first bytes: one of :data:`UPLOAD_FORMATS`, or None."""
-    head = data[:12]
-    if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
-        return "wav"
-    if head[:4] == b"fLaC":
-        return "flac"
-    if head[:4] == b"OggS":
-        return "ogg"
-    if head[:3] == b"ID3" or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
-        return "mp3"
-    if head[:4] == b"\x1a\x45\xdf\xa3":
-        return "webm"
-    if head[4:8] == b"ftyp":
-        return "mp4"
-    return None
-
-
-def decode_upload(data: bytes, max_seconds: float = MAX_CONTEXT_SECONDS) -> tuple[np.ndarray, int, str | None]:
-    """Float32 mono audio, its rate, and a warning when it was cut to its first ``max_seconds``.
-
-    Only the first ``max_seconds`` are decoded (a voice keeps no more), so a small file of very long
-    audio costs no more memory than a short one."""
-    fmt = sniff_format(data)
-    if fmt is None:
-        raise ApiError(
-            415,
-            f"audio is not in a supported format: send {', '.join(UPLOAD_FORMATS[:-1])} or {UPLOAD_FORMATS[-1]}",
-            "unsupported_audio_format",
-            "audio",
-        )
-    if fmt in ("webm", "mp4"):
-        audio, rate, longer = _decode_av(data, max_seconds)
-    else:
-        audio, rate, longer = _decode_soundfile(data, max_seconds)
-    if len(audio) == 0:
-        raise ApiError(400, "audio has no samples: record or send a few seconds of speech", "empty_audio", "audio")
-    warning = None
-    if longer:
-        warning = f"audio is longer than {max_seconds:g} s: its first {max_seconds:g} s were kept"
-    return audio, rate, warning
-
-
-def _check_rate(rate: int) -> None:
-    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
-        raise ApiError(
-            400,
-            f"audio has a sample rate of {rate} Hz: use {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz",
-            "unsupported_sample_rate",
-            "audio",
-        )
-
-
-def _unreadable(fmt: str, exc: BaseException) -> ApiError:
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return ApiError(400, f"audio could not be decoded as {fmt}: {reason}", "invalid_audio", "audio")
-
-
-def _decode_soundfile(data: bytes, max_seconds: float) -> tuple[np.ndarray, int, bool]:
-    import soundfile as sf
-
-    try:
-        with sf.SoundFile(io.BytesIO(data)) as f:
-            fmt = _SOUNDFILE_FORMATS.get(f.format)
-            if fmt is None:
-                raise ApiError(415, f"audio is {f.format}, not a supported format", "unsupported_audio_format", "audio")
-            _check_rate(f.samplerate)
-            keep = int(max_seconds * f.samplerate)
-            frames = f.read(keep + 1, dtype="float32", always_2d=True)
-    except (RuntimeError, OSError) as exc:  # RuntimeError: soundfile.LibsndfileError
-        raise _unreadable(sniff_format(data) or "audio", exc) from None
-    longer = len(frames) > keep
-    return _mono(frames[:keep]), f.samplerate, longer
-
-
-def _decode_av(data: bytes, max_seconds: float) -> tuple[np.ndarray, int, bool]:
-    import av
-
-    pieces: list[np.ndarray] = []
-    kept = 0
-    try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            streams = [s for s in container.streams if s.type == "audio"]
-            if not streams:
-                raise ApiError(400, "audio: the file has no audio track", "invalid_audio", "audio")
-            rate = streams[0].rate or streams[0].codec_context.sample_rate
-            _check_rate(rate)
-            keep = int(max_seconds * rate)
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-            for frame in container.decode(streams[0]):
-                for out in resampler.resample(frame):
-                    pieces.append(out.to_ndarray().reshape(-1))
-                    kept += pieces[-1].size
-                if kept > keep:
-                    break
-            else:
-                pieces += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
-    except av.FFmpegError as exc:
-        raise _unreadable(sniff_format(data) or "audio", exc) from None
-    audio = np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, np.float32)
-    return audio[:keep], rate, audio.size > keep
-
-
-def _mono(frames: np.ndarray) -> np.ndarray:
-    return frames.mean(axis=1, dtype=np.float32) if frames.shape[1] > 1 else np.ascontiguousarray(frames[:, 0])
+    """The multipart form's fields and its one recording, each read only up to its limit."""
+    form = await read_form(request, UPLOAD_FIELDS, files=("audio",), limit=limit)
+    audio = form.fields.pop("audio", None)
+    return Upload(form.fields, audio, form.filenames.get("audio", ""))
 
 
 # -- small helpers --------------------------------------------------------------------------------
