@@ -89,7 +89,7 @@ BAD = [
     (["say", "hi", "--temperature", "-1", "-o", "{out}"], "temperature must be"),
     (["say", "hi", "--top-p", "0", "-o", "{out}"], "top_p must be in (0, 1]"),
     (["say", "hi", "--top_p", "1.5", "-o", "{out}"], "top_p must be in (0, 1]"),
-    (["say", "hi", "--top-k", "0", "-o", "{out}"], "top_k must be at least 1"),
+    (["say", "hi", "--top-k", "0", "-o", "{out}"], "top_k must be between 1 and 2051"),
     (["say", "hi", "--format", "mp4", "-o", "{out}"], "format"),
     (["say", "hi", "-o", "{tmp}/missing/dir/x.wav"], "does not exist"),
     (["say", "hi", "-o", "{tmp}", "--format", "wav"], "is a directory"),
