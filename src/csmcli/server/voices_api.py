@@ -24,9 +24,10 @@ import numpy as np
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from .. import formats
 from ..errors import AudioError, InputError
 from ..voices import DEFAULT_VOICES, MAX_CONTEXT_SECONDS, NO_VOICE, Voice, VoiceLibrary
-from .requests import FORMATS, OPENAI_VOICES, ApiError, check_fields
+from .requests import OPENAI_VOICES, ApiError, check_fields
 
 if TYPE_CHECKING:
     from .app import SpeechServer
@@ -104,7 +105,7 @@ class VoiceRoutes:
                 "model": config.model_id,
                 "sample_rate": self.server.sample_rate,
                 "defaults": dataclasses.asdict(config.defaults),
-                "formats": list(FORMATS),
+                "formats": list(formats.FORMATS),
                 "max_text_chars": config.max_text_chars,
                 "voices": {
                     "read_only": config.read_only_voices,
