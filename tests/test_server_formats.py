@@ -144,7 +144,3 @@ def test_bad_formats_and_bitrates_are_400s_listing_the_choices(
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == param and words in error["message"], error
-
-
-def test_playground_lists_every_format(url: str) -> None:
-    assert requests.get(f"{url}/v1/playground", timeout=30).json()["formats"] == list(formats.FORMATS)
