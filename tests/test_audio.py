@@ -41,7 +41,7 @@ def test_to_int16_handles_huge_and_float64() -> None:
     assert list(out) == [32767, -32768]
 
 
-# --- write_audio / encode_audio ------------------------------------------------------------------
+# --- formats.write_file / formats.encode ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("fmt", ["wav", "flac"])
@@ -49,7 +49,7 @@ def test_write_pcm16_roundtrip(tmp_path: Path, fmt: str) -> None:
     x = tone()
     x[10] = 1.7  # must clip, not wrap
     out = tmp_path / f"o.{fmt}"
-    audio.write_audio(out, x, fmt)
+    formats.write_file(out, x, fmt, SR)
     info = sf.info(out)
     assert info.samplerate == SR and info.channels == 1 and info.subtype == "PCM_16"
     assert info.format == fmt.upper()
@@ -61,7 +61,7 @@ def test_write_pcm16_roundtrip(tmp_path: Path, fmt: str) -> None:
 def test_write_ogg_vorbis(tmp_path: Path) -> None:
     x = tone(1.0)
     out = tmp_path / "o.ogg"
-    audio.write_audio(out, x, "ogg")
+    formats.write_file(out, x, "ogg", SR)
     info = sf.info(out)
     assert info.format == "OGG" and info.subtype == "VORBIS" and info.samplerate == SR
     y, _ = sf.read(out, dtype="float32")
@@ -72,7 +72,7 @@ def test_write_ogg_vorbis(tmp_path: Path) -> None:
 def test_write_raw_is_headerless_s16le(tmp_path: Path) -> None:
     x = tone(0.1)
     out = tmp_path / "o.raw"
-    audio.write_audio(out, x, "raw")
+    formats.write_file(out, x, "raw", SR)
     data = out.read_bytes()
     assert len(data) == 2 * len(x)
     assert np.array_equal(np.frombuffer(data, dtype="<i2"), audio.to_int16(x))
@@ -81,19 +81,19 @@ def test_write_raw_is_headerless_s16le(tmp_path: Path) -> None:
 def test_write_accepts_column_vector_and_str_path(tmp_path: Path) -> None:
     x = tone(0.1)[:, None]
     out = tmp_path / "o.wav"
-    audio.write_audio(str(out), x, "wav")
+    formats.write_file(str(out), x, "wav", SR)
     assert sf.info(out).frames == len(x)
 
 
 def test_write_leaves_no_temp_files(tmp_path: Path) -> None:
-    audio.write_audio(tmp_path / "o.wav", tone(0.1), "wav")
+    formats.write_file(tmp_path / "o.wav", tone(0.1), "wav", SR)
     assert [p.name for p in tmp_path.iterdir()] == ["o.wav"]
 
 
 def test_write_file_mode_follows_umask(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
-        audio.write_audio(tmp_path / "o.wav", tone(0.1), "wav")
+        formats.write_file(tmp_path / "o.wav", tone(0.1), "wav", SR)
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "o.wav").stat().st_mode) == 0o644
@@ -101,8 +101,8 @@ def test_write_file_mode_follows_umask(tmp_path: Path) -> None:
 
 def test_write_replaces_existing_file_atomically(tmp_path: Path) -> None:
     out = tmp_path / "o.wav"
-    audio.write_audio(out, tone(0.1), "wav")
-    audio.write_audio(out, tone(0.2), "wav")
+    formats.write_file(out, tone(0.1), "wav", SR)
+    formats.write_file(out, tone(0.2), "wav", SR)
     assert sf.info(out).frames == round(0.2 * SR)
     assert [p.name for p in tmp_path.iterdir()] == ["o.wav"]
 
@@ -116,7 +116,7 @@ def test_write_error_removes_temp_and_keeps_old_file(tmp_path: Path, monkeypatch
 
     monkeypatch.setattr(formats.Encoder, "feed", boom)
     with pytest.raises(AudioError, match="cannot write .*o.wav: no space left on device"):
-        audio.write_audio(out, tone(0.1), "wav")
+        formats.write_file(out, tone(0.1), "wav", SR)
     assert out.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["o.wav"]
 
@@ -127,13 +127,13 @@ def test_write_interrupt_removes_temp(tmp_path: Path, monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(formats.Encoder, "feed", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        audio.write_audio(tmp_path / "o.wav", tone(0.1), "wav")
+        formats.write_file(tmp_path / "o.wav", tone(0.1), "wav", SR)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_write_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(AudioError) as err:
-        audio.write_audio(tmp_path / "nope" / "o.wav", tone(0.1), "wav")
+        formats.write_file(tmp_path / "nope" / "o.wav", tone(0.1), "wav", SR)
     assert str(err.value).startswith("cannot write ") and "no such file or directory" in str(err.value)
 
 
@@ -144,7 +144,7 @@ def test_write_unwritable_directory(tmp_path: Path) -> None:
     d.chmod(0o555)
     try:
         with pytest.raises(AudioError, match="cannot write .*permission denied"):
-            audio.write_audio(d / "o.wav", tone(0.1), "wav")
+            formats.write_file(d / "o.wav", tone(0.1), "wav", SR)
     finally:
         d.chmod(0o755)
 
@@ -155,37 +155,37 @@ def test_write_unwritable_directory_simulated(tmp_path: Path, monkeypatch: pytes
 
     monkeypatch.setattr(audio.tempfile, "mkstemp", denied)
     with pytest.raises(AudioError, match=r"^cannot write .*o\.wav: permission denied$"):
-        audio.write_audio(tmp_path / "o.wav", tone(0.1), "wav")
+        formats.write_file(tmp_path / "o.wav", tone(0.1), "wav", SR)
 
 
 def test_write_to_directory_path(tmp_path: Path) -> None:
     with pytest.raises(AudioError, match="directory"):
-        audio.write_audio(tmp_path, tone(0.1), "wav")
+        formats.write_file(tmp_path, tone(0.1), "wav", SR)
 
 
 def test_write_unknown_format(tmp_path: Path) -> None:
     with pytest.raises(OptionsError, match="wav, raw, flac, ogg, mp3, opus, aac"):
-        audio.write_audio(tmp_path / "o.mp4", tone(0.1), "mp4")
+        formats.write_file(tmp_path / "o.mp4", tone(0.1), "mp4", SR)
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("fmt", ["wav", "flac", "ogg"])
-def test_encode_audio_decodes(fmt: str) -> None:
+def test_encode_decodes(fmt: str) -> None:
     x = tone(0.3)
-    data = audio.encode_audio(x, fmt)
+    data = formats.encode(x, fmt, SR)
     y, sr = sf.read(io.BytesIO(data), dtype="float32")
     assert sr == SR and abs(len(y) - len(x)) < 100
 
 
-def test_encode_audio_raw_and_rate() -> None:
+def test_encode_raw_and_rate() -> None:
     x = tone(0.1)
-    assert audio.encode_audio(x, "raw") == audio.to_int16(x).astype("<i2").tobytes()
-    data = audio.encode_audio(tone(0.1, sr=16000), "wav", 16000)
+    assert formats.encode(x, "raw", SR) == audio.to_int16(x).astype("<i2").tobytes()
+    data = formats.encode(tone(0.1, sr=16000), "wav", 16000)
     assert sf.info(io.BytesIO(data)).samplerate == 16000
 
 
 def test_encode_empty_audio() -> None:
-    y, sr = sf.read(io.BytesIO(audio.encode_audio(np.zeros(0, np.float32), "wav")))
+    y, sr = sf.read(io.BytesIO(formats.encode(np.zeros(0, np.float32), "wav", SR)))
     assert len(y) == 0 and sr == SR
 
 
@@ -193,7 +193,7 @@ def test_encode_empty_audio() -> None:
 
 
 def test_wav_stream_header_layout() -> None:
-    h = audio.wav_stream_header()
+    h = audio.wav_header()
     assert len(h) == 44
     assert h[:4] == b"RIFF" and h[8:12] == b"WAVE" and h[12:16] == b"fmt " and h[36:40] == b"data"
     assert h[4:8] == b"\xff\xff\xff\xff" and h[40:44] == b"\xff\xff\xff\xff"
@@ -206,7 +206,7 @@ def test_streamed_wav_reads_back_whole_with_soundfile(tmp_path: Path) -> None:
     x = tone(1.0) + 0.0001
     pcm = audio.to_int16(x)
     out = tmp_path / "s.wav"
-    out.write_bytes(audio.wav_stream_header() + pcm.astype("<i2").tobytes())
+    out.write_bytes(audio.wav_header() + pcm.astype("<i2").tobytes())
     y, sr = sf.read(out, dtype="int16")
     assert sr == SR and len(y) == len(x)
     assert np.array_equal(y, pcm)
@@ -217,7 +217,7 @@ def test_streamed_wav_reads_back_whole_with_scipy(tmp_path: Path) -> None:
     x = tone(1.0)
     pcm = audio.to_int16(x)
     out = tmp_path / "s.wav"
-    out.write_bytes(audio.wav_stream_header() + pcm.astype("<i2").tobytes())
+    out.write_bytes(audio.wav_header() + pcm.astype("<i2").tobytes())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", wavfile.WavFileWarning)  # "reached EOF prematurely": expected
         sr, y = wavfile.read(out)
@@ -268,7 +268,7 @@ def test_read_audio_formats(tmp_path: Path, fmt: str, subtype: str | None, rate:
 def test_read_audio_raw_is_s16le_24k(tmp_path: Path) -> None:
     x = tone(0.2)
     p = tmp_path / "in.raw"
-    audio.write_audio(p, x, "raw")
+    formats.write_file(p, x, "raw", SR)
     y = audio.read_audio(p)
     assert len(y) == len(x) and np.max(np.abs(y - x)) < 1e-4
 
@@ -276,7 +276,7 @@ def test_read_audio_raw_is_s16le_24k(tmp_path: Path) -> None:
 def test_read_audio_roundtrip_is_exact_at_24k(tmp_path: Path) -> None:
     x = tone(0.2)
     p = tmp_path / "o.flac"
-    audio.write_audio(p, x, "flac")
+    formats.write_file(p, x, "flac", SR)
     y = audio.read_audio(p)
     assert np.array_equal(audio.to_int16(y), audio.to_int16(x))
 

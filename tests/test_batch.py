@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from audiocheck import SLACK, check_decodes
 
 from csmcli.dialog import parse_jsonl, parse_script, parse_speakers, parse_text, slug, turn_file
 from csmcli.errors import InputError
@@ -341,3 +342,46 @@ def test_bad_options_fail_before_loading(env: dict[str, str], tmp_path: Path) ->
     ]:
         proc = csm(env, tmp_path, "dialog.txt", *args, check=False)
         assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(("fmt", "other"), [("mp3", "aac"), ("aac", "mp3")])
+def test_lossy_turns_and_combined_files_decode_also_after_a_resume(
+    env: dict[str, str], tmp_path: Path, fmt: str, other: str
+) -> None:
+    """Lossy turn files are never read back: the combined file joins this run's samples, or the codes
+    of turns kept from an earlier run (libsndfile cannot even read AAC)."""
+    (tmp_path / "dialog.txt").write_text(DIALOG)
+    csm(env, tmp_path, "dialog.txt", "--seed", "7", "--format", fmt, "--bitrate", "64k", *FAST)
+    out, turn = tmp_path / "dialog", 3 * 1920
+    entries = manifest(out)
+    assert [e["file"][-4:] for e in entries] == [f".{fmt}"] * 4 and {e["bitrate"] for e in entries} == {64000}
+    for entry in entries:
+        check_decodes((out / entry["file"]).read_bytes(), fmt, turn, SLACK[fmt])
+    check_decodes((out / f"dialog.{fmt}").read_bytes(), fmt, 4 * turn + 3 * round(0.4 * RATE), SLACK[fmt])
+
+    # every turn kept, a new combined file in the other format: the turns come from their codes
+    args = ["--pause", "0.2", "--combined", f"dialog/joined.{other}", "--bitrate", "64k"]
+    proc = csm(env, tmp_path, "dialog.txt", "--seed", "7", "--format", fmt, *args, *FAST)
+    assert "all 4 turns are already done" in proc.stderr
+    joined = (out / f"joined.{other}").read_bytes()
+    check_decodes(joined, other, 4 * turn + 3 * round(0.2 * RATE), SLACK[other])
+
+    # two turns redone, two kept
+    (tmp_path / "dialog.txt").write_text(DIALOG.replace("Fine, thanks.", "Fine, thank you."))
+    proc = csm(env, tmp_path, "dialog.txt", "--seed", "7", "--format", fmt, "--bitrate", "64k", *FAST)
+    assert "generated 2 turns" in proc.stderr and "kept 2" in proc.stderr
+    check_decodes((out / f"dialog.{fmt}").read_bytes(), fmt, 4 * turn + 3 * round(0.4 * RATE), SLACK[fmt])
+
+
+def test_bad_batch_format_or_bitrate_is_one_line(env: dict[str, str], tmp_path: Path) -> None:
+    (tmp_path / "dialog.txt").write_text(DIALOG)
+    for args, message in (
+        (["--format", "mp4"], "unknown audio format 'mp4': use one of wav, raw, flac, ogg, mp3, opus, aac"),
+        (["--format", "mp3", "--bitrate", "97k"], "bad mp3 bitrate '97k'"),
+        (["--bitrate", "64k"], "bitrate does not apply to wav"),
+    ):
+        proc = subprocess.run(
+            [*CSM, "batch", "dialog.txt", *args, *FAST], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 1 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "dialog").exists()

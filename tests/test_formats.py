@@ -6,8 +6,6 @@ reads, Debian's ``ffmpeg`` for AAC (skipped where it is not installed).
 
 from __future__ import annotations
 
-import io
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,77 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from audiocheck import CHUNK, FIRST_BYTES_AFTER, PAGED, SLACK, SR, STREAMED_SLACK, check_decodes, decode, stream, tone
 
 from csmcli import formats
 from csmcli.errors import OptionsError
-
-SR = 24000
-CHUNK = 1920  # one 80 ms Mimi frame
-
-#: Samples a decoder may return beyond the input: one codec frame, plus the encoder's priming where the
-#: stream carries no gapless header (ADTS never does; a streamed mp3 has no LAME header).
-SLACK = {"wav": 0, "raw": 0, "flac": 0, "ogg": 0, "opus": 480, "mp3": 576, "aac": 1024 + 1024}
-STREAMED_SLACK = {**SLACK, "mp3": 1105 + 576}
-#: Chunks fed before the first bytes leave: AAC's encoder looks 1024 samples ahead.
-FIRST_BYTES_AFTER = {"aac": 2}
-#: libsndfile writes Vorbis in whole Ogg pages (about 4 KB), so an Ogg Vorbis stream leaves in steps of ~0.5 s.
-PAGED = {"ogg"}
-
-
-def tone(seconds: float = 1.23, freq: float = 330.0, amp: float = 0.4, noise: float = 0.0) -> np.ndarray:
-    """A float32 sine at 24 kHz, with white ``noise`` of that rms added (speech-like bitrates)."""
-    t = np.arange(round(seconds * SR)) / SR
-    hiss = np.random.default_rng(0).standard_normal(len(t)) * noise
-    return (amp * np.sin(2 * np.pi * freq * t) + hiss).astype(np.float32)
-
-
-def decode(data: bytes, fmt: str) -> tuple[np.ndarray, int, int]:
-    """``data`` decoded by an independent decoder: (float samples of channel 0, sample rate, channels)."""
-    if fmt == "raw":
-        return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768, SR, 1
-    if fmt == "aac":
-        if shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None:
-            pytest.skip("Debian's ffmpeg (ffprobe) is not installed")
-        probe = subprocess.run(
-            [
-                "ffprobe",
-                "-v",
-                "error",
-                "-show_entries",
-                "stream=sample_rate,channels,codec_name",
-                "-of",
-                "csv=p=0",
-                "-",
-            ],
-            input=data,
-            capture_output=True,
-            check=True,
-        )
-        codec, rate, channels = probe.stdout.decode().strip().split(",")
-        assert codec == "aac"
-        pcm = subprocess.run(
-            ["ffmpeg", "-v", "error", "-i", "-", "-f", "s16le", "-"], input=data, capture_output=True, check=True
-        )
-        return np.frombuffer(pcm.stdout, dtype="<i2").astype(np.float32) / 32768, int(rate), int(channels)
-    y, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    return y[:, 0], rate, y.shape[1]
-
-
-def check_decodes(data: bytes, fmt: str, n: int, slack: int) -> int:
-    """``data`` decodes as mono 24 kHz, not silent, ``n`` to ``n + slack`` samples long; the length."""
-    y, rate, channels = decode(data, fmt)
-    assert (rate, channels) == (SR, 1)
-    assert n <= len(y) <= n + slack, (fmt, len(y), n)
-    assert float(np.sqrt(np.mean(y**2))) > 0.01
-    return len(y)
-
-
-def stream(x: np.ndarray, fmt: str, bitrate: str | None = None) -> list[bytes]:
-    """What the streaming encoder hands back after each 80 ms chunk, then at finish."""
-    enc = formats.Encoder(fmt, SR, bitrate)
-    parts = [enc.feed(x[i : i + CHUNK]) for i in range(0, len(x), CHUNK)]
-    return [*parts, enc.finish()]
-
 
 # --- the table ------------------------------------------------------------------------------------
 
@@ -272,7 +203,7 @@ N = 5 * CHUNK  # 400 ms
 
 
 @pytest.fixture()
-def say(tiny_dir, cli_env, monkeypatch, capsysbinary):  # noqa: ANN001, ANN201
+def say(tiny_dir, cli_env, monkeypatch, capsysbinary):
     """Run ``csm say TEXT ARGS`` in this process (as ``main`` does): (exit code, stdout bytes, stderr text)."""
     from csmcli.cli import main
 
@@ -290,7 +221,7 @@ def say(tiny_dir, cli_env, monkeypatch, capsysbinary):  # noqa: ANN001, ANN201
 
 
 @pytest.mark.parametrize("fmt", list(formats.FORMATS))
-def test_say_every_format_to_file_and_stdout(say, tmp_path, fmt) -> None:  # noqa: ANN001
+def test_say_every_format_to_file_and_stdout(say, tmp_path, fmt) -> None:
     out = tmp_path / f"hello{formats.extension(fmt)}"
     code, _, err = say("-o", str(out))
     assert code == 0, err
@@ -301,7 +232,7 @@ def test_say_every_format_to_file_and_stdout(say, tmp_path, fmt) -> None:  # noq
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
 
 
-def test_say_bitrate_sets_the_mp3_size(say, tmp_path) -> None:  # noqa: ANN001
+def test_say_bitrate_sets_the_mp3_size(say, tmp_path) -> None:
     sizes = []
     for rate in ("32k", "160k"):
         out = tmp_path / f"{rate}.mp3"
@@ -320,14 +251,14 @@ def test_say_bitrate_sets_the_mp3_size(say, tmp_path) -> None:  # noqa: ANN001
         (["--bitrate", "96k"], "bitrate does not apply to wav"),
     ],
 )
-def test_say_bad_format_or_bitrate_is_one_line(say, tmp_path, args, message) -> None:  # noqa: ANN001
+def test_say_bad_format_or_bitrate_is_one_line(say, tmp_path, args, message) -> None:
     out = tmp_path / "x.wav"
     code, data, err = say("-o", str(out), *args)
     assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists() and data == b""
 
 
-def test_say_streams_opus_through_a_pipe(tiny_dir, cli_env) -> None:  # noqa: ANN001
+def test_say_streams_opus_through_a_pipe(tiny_dir, cli_env) -> None:
     """The real command with stdout a pipe: the Ogg Opus bytes it streams are one file."""
     proc = subprocess.run(
         [sys.executable, "-m", "csmcli", "say", "Hello there.", "-m", str(tiny_dir), "-o", "-", "--format", "opus"]

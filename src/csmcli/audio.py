@@ -1,4 +1,4 @@
-"""Audio I/O: reading prompts, writing files atomically, encoding for stdout/HTTP and streaming PCM.
+"""Audio I/O: reading prompts, writing files atomically, PCM samples and WAV headers (encoding: formats).
 
 All audio inside csmcli is float32 mono at :data:`SAMPLE_RATE` (24 kHz, CSM-1B's Mimi codec rate).
 Everything written as PCM is clipped to [-1, 1] first, so loud samples never wrap around.
@@ -45,20 +45,6 @@ def mono_f32(audio: np.ndarray) -> np.ndarray:
 def pcm16le(audio: np.ndarray) -> bytes:
     """Signed 16-bit little-endian PCM bytes of ``audio``."""
     return to_int16(mono_f32(audio)).astype("<i2", copy=False).tobytes()
-
-
-def encode_audio(audio: np.ndarray, fmt: str, sample_rate: int = SAMPLE_RATE) -> bytes:
-    """``audio`` encoded in memory as one whole ``fmt`` file: :func:`csmcli.formats.encode`."""
-    from . import formats  # formats builds on this module's PCM helpers, so it is imported when used
-
-    return formats.encode(audio, fmt, sample_rate)
-
-
-def format_for(path: str | None, explicit: str | None) -> str:
-    """The output format name for ``path`` or ``--format``: :func:`csmcli.formats.for_path`."""
-    from . import formats
-
-    return formats.for_path(path, explicit)
 
 
 def _new_file_mode(path: Path) -> int:
@@ -113,15 +99,6 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
         raise
 
 
-def write_audio(
-    path: str | Path, audio: np.ndarray, fmt: str, sample_rate: int = SAMPLE_RATE, bitrate: str | int | None = None
-) -> None:
-    """Write ``audio`` to ``path`` as ``fmt`` atomically: :func:`csmcli.formats.write_file`."""
-    from . import formats
-
-    formats.write_file(path, audio, fmt, sample_rate, bitrate)
-
-
 def wav_header(sample_rate: int = SAMPLE_RATE, samples: int | None = None) -> bytes:
     """A 44-byte PCM16 mono WAV header for ``samples`` samples, or for a stream of unknown length.
 
@@ -137,11 +114,6 @@ def wav_header(sample_rate: int = SAMPLE_RATE, samples: int | None = None) -> by
         + b"data"
         + struct.pack("<I", data)
     )
-
-
-def wav_stream_header(sample_rate: int = SAMPLE_RATE) -> bytes:
-    """:func:`wav_header` for a stream of unknown length (the server's streamed WAV)."""
-    return wav_header(sample_rate)
 
 
 def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import audio as audio_io
+from . import formats
 from .dialog import Script, ScriptError, Turn, check_out_name, parse_pairs, parse_script, turn_file
 from .errors import AudioError, CsmError, InputError
 from .options import GenerationOptions
@@ -49,6 +50,8 @@ class Task:
     voice: str | None
     voices: tuple[tuple[int, str | None], ...]
     key: dict[str, Any]
+    #: Bits/s of the turn file if its format is lossy, else None.
+    bitrate: int | None = None
 
 
 @dataclass
@@ -61,6 +64,8 @@ class Dialogue:
     tasks: list[Task]
     records: dict[int, dict[str, Any]] = field(default_factory=dict)
     todo: list[Task] = field(default_factory=list)
+    #: The audio of the turns generated in this run, by turn number, for the combined file.
+    audio: dict[int, np.ndarray] = field(default_factory=dict)
 
     def path(self, task: Task) -> Path:
         """Where the task's audio goes."""
@@ -118,9 +123,11 @@ def read_scripts(
     for path, folder in zip(paths, dirs, strict=True):
         target = combined or combined_path(path, folder, fmt)
         try:
-            audio_io.format_for(str(target), None)
+            formats.for_path(target, None)
         except CsmError:
-            raise InputError(f"--combined needs an audio extension (.wav, .flac, .ogg or .raw), got {target}") from None
+            raise InputError(
+                f"--combined needs an audio extension ({formats.extensions_help()}), got {target}"
+            ) from None
         reserved = {}
         with contextlib.suppress(ValueError):
             reserved[target.resolve().relative_to(folder.resolve()).as_posix().casefold()] = "combined file"
@@ -160,10 +167,23 @@ def model_key(model: str) -> str:
     return str(Path(model).resolve()) if Path(model).exists() else model
 
 
+def bitrate_for(path: str | Path, bitrate: str | int | None) -> int | None:
+    """``--bitrate`` checked for the file at ``path`` if its format takes one, else that format's default (None)."""
+    fmt = formats.for_path(path, None)
+    return formats.check_bitrate(fmt, bitrate if formats.lookup(fmt).bitrate else None)
+
+
 def plan_tasks(
-    script: Script, fmt: str, base: GenerationOptions, voices: dict[str, str], context_turns: int | None, model: str
+    script: Script,
+    fmt: str,
+    base: GenerationOptions,
+    voices: dict[str, str],
+    context_turns: int | None,
+    model: str,
+    bitrate: str | int | None = None,
 ) -> list[Task]:
-    """A task per turn, with each speaker's voice in effect at that turn (for the context)."""
+    """A task per turn, with each speaker's voice in effect at that turn (for the context) and its
+    file's bitrate (``bitrate`` where the file's format takes one)."""
     chosen = [voice_of(t, voices) for t in script.turns]
     first: dict[int, str | None] = {}
     for turn, voice in zip(script.turns, chosen, strict=True):
@@ -179,11 +199,12 @@ def plan_tasks(
             "speaker": turn.speaker,
             "voice": voice,
             "file": file,
+            "bitrate": bitrate_for(file, bitrate),
             "options": dataclasses.asdict(options),
             "context_turns": context_turns,
             "model": model_key(model),
         }
-        tasks.append(Task(turn, file, options, voice, tuple((s, current[s]) for s in first), key))
+        tasks.append(Task(turn, file, options, voice, tuple((s, current[s]) for s in first), key, key["bitrate"]))
     return tasks
 
 
@@ -330,14 +351,41 @@ def codes_bytes(codes: Tensor) -> bytes:
     return buf.getvalue()
 
 
-def write_combined(dialogue: Dialogue, pause: float, sample_rate: int) -> bool:
-    """Join the turn files with pauses into the combined file; False while turns are missing."""
+def needs_codec(dialogue: Dialogue) -> bool:
+    """True if the combined file needs turns of an earlier run decoded from their codes (lossy turn files)."""
+    return any(
+        t.turn.number not in dialogue.audio and not formats.lookup(formats.for_path(t.file, None)).lossless
+        for t in dialogue.tasks
+    )
+
+
+def turn_audio(dialogue: Dialogue, task: Task, sample_rate: int, synth: Synthesizer | None) -> np.ndarray:
+    """The turn's audio for the combined file, never through a lossy file: this run's samples, else a
+    lossless turn file, else the turn's codes decoded by ``synth``'s codec (the file if they are unusable)."""
+    if task.turn.number in dialogue.audio:
+        return dialogue.audio[task.turn.number]
+    if synth is not None and not formats.lookup(formats.for_path(task.file, None)).lossless:
+        codes = load_codes(dialogue.codes_path(task), synth.model.num_codebooks)
+        if codes is not None:
+            return synth.codec.decode(codes)
+    return audio_io.read_audio(dialogue.path(task), sample_rate)
+
+
+def write_combined(
+    dialogue: Dialogue,
+    pause: float,
+    sample_rate: int,
+    bitrate: str | int | None = None,
+    synth: Synthesizer | None = None,
+) -> bool:
+    """Join the turns with pauses into the combined file (``bitrate`` if its format takes one); False
+    while turns are missing."""
     if len(dialogue.records) < len(dialogue.tasks):
         return False
-    pieces = [audio_io.read_audio(dialogue.path(t), sample_rate) for t in dialogue.tasks]
+    pieces = [turn_audio(dialogue, t, sample_rate, synth) for t in dialogue.tasks]
     joined = audio_io.concat_with_pauses(pieces, pause, sample_rate)
-    fmt = audio_io.format_for(str(dialogue.combined), None)
-    audio_io.write_audio(dialogue.combined, joined, fmt, sample_rate)
+    fmt = formats.for_path(dialogue.combined, None)
+    formats.write_file(dialogue.combined, joined, fmt, sample_rate, bitrate_for(dialogue.combined, bitrate))
     return True
 
 
@@ -401,7 +449,8 @@ class Lane:
         codes = utterance.codes()
         write_atomic(d.codes_path(task), codes_bytes(codes))
         d.path(task).parent.mkdir(parents=True, exist_ok=True)
-        audio_io.write_audio(d.path(task), samples, audio_io.format_for(task.file, None), synth.sample_rate)
+        formats.write_file(d.path(task), samples, formats.for_path(task.file, None), synth.sample_rate, task.bitrate)
+        d.audio[task.turn.number] = samples
         d.records[task.turn.number] = {
             "turn": task.turn.number,
             "speaker": task.turn.speaker,
@@ -413,7 +462,7 @@ class Lane:
             "frames": int(codes.shape[0]),
             "seed": utterance.jobs[0].seed,
             "stop": utterance.stop_reason,
-            **{k: task.key[k] for k in ("options", "context_turns", "model")},
+            **{k: task.key[k] for k in ("bitrate", "options", "context_turns", "model")},
         }
         d.write_manifest()
         if self.context_turns:

@@ -41,8 +41,12 @@ class Format:
     codec: str = ""
     #: Other names accepted for it (``pcm`` for raw, ``vorbis`` for ogg).
     aliases: tuple[str, ...] = ()
+    #: True if decoding gives back exactly the samples written (16-bit PCM), so a file can be re-read as is.
+    lossless: bool = False
     #: True if bytes can leave as the audio is decoded; False means the whole file is written at the end.
     streamable: bool = True
+    #: Samples the encoder takes in before its first bytes leave (AAC looks a 1024-sample frame ahead).
+    holds: int = 0
     #: Default bitrate in bits/s, or None where no bitrate applies (lossless, or a quality-based codec).
     bitrate: int | None = None
     #: Allowed bitrates: the exact list a codec accepts, or an inclusive (low, high) range.
@@ -60,7 +64,9 @@ _MP3_BITRATES = tuple(k * 1000 for k in (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
-        Format(name="wav", extensions=(".wav", ".wave"), mime="audio/wav", encoder="pcm", aliases=("wave",)),
+        Format(
+            name="wav", extensions=(".wav", ".wave"), mime="audio/wav", encoder="pcm", aliases=("wave",), lossless=True
+        ),
         Format(
             name="raw",
             extensions=(".raw", ".pcm"),
@@ -68,6 +74,7 @@ FORMATS: dict[str, Format] = {
             mime="audio/pcm;rate={rate};channels=1;encoding=s16le",
             encoder="pcm",
             aliases=("pcm", "s16le"),
+            lossless=True,
             note="raw = headerless s16le mono",
         ),
         Format(
@@ -77,6 +84,7 @@ FORMATS: dict[str, Format] = {
             encoder="sndfile",
             container="FLAC",
             codec="PCM_16",
+            lossless=True,
             # A streamed FLAC would carry no length in its STREAMINFO header, which libsndfile refuses to read.
             streamable=False,
             note="flac is written whole, not streamed",
@@ -123,6 +131,7 @@ FORMATS: dict[str, Format] = {
             container="adts",
             codec="aac",
             aliases=("adts",),
+            holds=2048,
             bitrate=128_000,
             # FFmpeg's AAC encoder caps one channel at 6144 bits per 1024-sample frame: 144 kbit/s at 24 kHz.
             bitrates=(16_000, 144_000),

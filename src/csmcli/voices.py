@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, read_audio, write_audio
+from .audio import SAMPLE_RATE, read_audio
 from .errors import AudioError, InputError
+from .formats import write_file
 from .prompt import Segment, check_text
 
 log = logging.getLogger("csmcli")
@@ -215,7 +216,7 @@ class VoiceLibrary:
             raise InputError(f"voice {name!r} exists: remove it first or pass --force")
         audio = fit_context_audio(read_audio(audio_file), str(audio_file))
         folder.mkdir(parents=True, exist_ok=True)
-        write_audio(folder / "audio.wav", audio, "wav", SAMPLE_RATE)
+        write_file(folder / "audio.wav", audio, "wav", SAMPLE_RATE)
         (folder / "voice.json").write_text(json.dumps({"text": text.strip(), "source": str(audio_file)}))
         os.utime(self.user_dir)  # a voice replaced in place changes no folder listing: mark the change
         return Voice(name, text.strip(), folder / "audio.wav", "user", _mtime(folder / "audio.wav"))

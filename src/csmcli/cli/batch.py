@@ -12,13 +12,14 @@ import contextlib
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .. import audio as audio_io
+from .. import formats
 from ..batchrun import (
     Dialogue,
     Task,
@@ -27,6 +28,7 @@ from ..batchrun import (
     locked,
     make_lanes,
     mark_todo,
+    needs_codec,
     output_dirs,
     parse_voices,
     plan_tasks,
@@ -39,9 +41,12 @@ from ..batchrun import (
 from ..dialog import ScriptError, parse_speakers
 from ..errors import InputError, OptionsError
 from ..options import FRAME_MS, format_rtf
-from .common import GenerationFlags, ModelFlags, QuietOpt, command, stderr_is_tty
+from .common import BitrateOpt, GenerationFlags, ModelFlags, QuietOpt, command, stderr_is_tty
 from .loading import load_synthesizer
 from .ray_options import RayCpusOpt, RayOpt
+
+if TYPE_CHECKING:
+    from ..synthesizer import Synthesizer
 
 
 def turns(count: int) -> str:
@@ -177,7 +182,8 @@ def batch(
     batch_size: Annotated[
         int, typer.Option("--batch-size", help="Turns generated at once (independent turns, or several scripts).")
     ] = 4,
-    fmt: Annotated[str, typer.Option("--format", help="wav|flac|ogg|raw for the turn files.")] = "wav",
+    fmt: Annotated[str, typer.Option("--format", help=f"{formats.choices_help()} for the turn files.")] = "wav",
+    bitrate: BitrateOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Redo turns that an earlier run finished.")] = False,
     *,
     generation: GenerationFlags,
@@ -201,7 +207,8 @@ def batch(
         raise OptionsError("--batch-size must be at least 1 and --context-turns at least 0")
     if combined is not None and len(scripts) > 1:
         raise InputError("--combined names one file: give one script (each script's folder gets its own)")
-    fmt = audio_io.format_for(None, fmt)
+    fmt = formats.lookup(fmt).name
+    formats.check_bitrate(fmt, bitrate)
     chain = None if no_context else context_turns
     try:
         dirs = output_dirs(scripts, out_dir)
@@ -210,7 +217,7 @@ def batch(
         report_problems(exc)
     voice_map = parse_voices(voices, parsed)
     dialogues = [
-        Dialogue(s, d, c, plan_tasks(s, fmt, options, voice_map, chain, model))
+        Dialogue(s, d, c, plan_tasks(s, fmt, options, voice_map, chain, model, bitrate))
         for s, d, c in zip(parsed, dirs, joined, strict=True)
     ]
     with contextlib.ExitStack() as stack:
@@ -219,14 +226,17 @@ def batch(
             stack.enter_context(locked(d.out_dir))
             remove_stale_temps(d)
             mark_todo(d, force, chained=chain is not None)
+        synth = None
         if ray is None or not any(d.todo for d in dialogues):
-            generate(dialogues, chain, batch_size, model, device, dtype, quiet, quantize, compile_)
+            synth = generate(dialogues, chain, batch_size, model, device, dtype, quiet, quantize, compile_)
         else:
             from .ray_batch import generate_on_ray
 
             generate_on_ray(ray, ray_cpus, dialogues, chain, batch_size, quiet, loader)
+        if synth is None and any(len(d.records) == len(d.tasks) and needs_codec(d) for d in dialogues):
+            synth = loader.load(not quiet and stderr_is_tty())  # to decode kept lossy turns from their codes
         for d in dialogues:
-            if write_combined(d, pause, audio_io.SAMPLE_RATE) and not quiet:
+            if write_combined(d, pause, audio_io.SAMPLE_RATE, bitrate, synth) and not quiet:
                 print(f"csm: {d.script.label}: {turns(len(d.tasks))} joined in {d.combined}", file=sys.stderr)
 
 
@@ -240,8 +250,9 @@ def generate(
     quiet: bool,
     quantize: str = "none",
     compile: bool = False,
-) -> None:
-    """Load the model if any turn is pending and generate those turns, files and manifests as they finish."""
+) -> Synthesizer | None:
+    """Load the model if any turn is pending and generate those turns, files and manifests as they finish;
+    the loaded model, or None if nothing was pending."""
     todo = [t for d in dialogues for t in d.todo]
     kept = sum(len(d.tasks) for d in dialogues) - len(todo)
     if not todo:
@@ -250,7 +261,7 @@ def generate(
         if not quiet:
             done = "the one turn is" if kept == 1 else f"all {kept} turns are"
             print(f"csm: {done} already done (--force redoes them)", file=sys.stderr)
-        return
+        return None
     lanes = make_lanes(dialogues, chain)
     slots = min(batch_size, len(lanes))
     synth = load_synthesizer(model, device, dtype, not quiet and stderr_is_tty(), slots, quantize, compile)
@@ -276,6 +287,7 @@ def generate(
             f"{format_rtf(progress.elapsed, seconds)}{kept_note}",
             file=sys.stderr,
         )
+    return synth
 
 
 def register(app: typer.Typer) -> None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_type_hints
 
 import typer
 
+from .. import formats
 from ..options import DEFAULT_MODEL, REPETITION_WINDOW, GenerationOptions, check_speaker
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ CompileOpt = Annotated[
         "10 s to a minute of compiling.",
     ),
 ]
+BitrateOpt = Annotated[str | None, typer.Option("--bitrate", help=formats.bitrate_help())]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display on stderr.")]
 
 

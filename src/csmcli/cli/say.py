@@ -13,7 +13,7 @@ from .. import formats
 from ..audio import atomic_file
 from ..errors import AudioError, InputError
 from ..options import FRAME_MS, check_text
-from .common import GenerationFlags, ModelFlags, QuietOpt, VoiceFlags, command, stderr_is_tty
+from .common import BitrateOpt, GenerationFlags, ModelFlags, QuietOpt, VoiceFlags, command, stderr_is_tty
 from .progress import GenerationProgress
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ def say(
         str | None,
         typer.Option("--format", help=f"{formats.choices_help()} [default: from the extension, else wav]."),
     ] = None,
-    bitrate: Annotated[str | None, typer.Option("--bitrate", help=formats.bitrate_help())] = None,
+    bitrate: BitrateOpt = None,
     *,
     speech: VoiceFlags,
     generation: GenerationFlags,

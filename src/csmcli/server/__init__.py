@@ -13,7 +13,6 @@ admission, counters), :mod:`.serving` (socket, connection limits, timeouts, shut
 from .app import Counters, SpeechServer
 from .config import ServerConfig
 from .requests import (
-    FORMATS,
     GENERATE_FIELDS,
     GENERATE_OWN_FIELDS,
     MAX_BODY_BYTES,
@@ -31,7 +30,6 @@ from .requests import (
 from .serving import bind, drain, make_runner, run_server, warm_up
 
 __all__ = [
-    "FORMATS",
     "GENERATE_FIELDS",
     "GENERATE_OWN_FIELDS",
     "MAX_BODY_BYTES",

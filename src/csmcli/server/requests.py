@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .. import formats
 from ..errors import OptionsError
 from ..options import OPTION_FIELDS, GenerationOptions
 from ..voices import DEFAULT_VOICES
@@ -20,15 +21,23 @@ MAX_TEXT_CHARS = 5000
 #: Largest request body (bytes); bigger bodies get 413.
 MAX_BODY_BYTES = 256 * 1024
 #: Fields ``POST /generate`` takes besides the generation options.
-GENERATE_OWN_FIELDS = ("text", "speaker", "streaming", "voice", "format")
+GENERATE_OWN_FIELDS = ("text", "speaker", "streaming", "voice", "format", "bitrate")
 #: Per-request context (both endpoints): JSON ``context`` clips, or repeatable multipart fields.
 CONTEXT_FIELDS = ("context", "context_audio", "context_text", "context_speaker")
 GENERATE_FIELDS = (*GENERATE_OWN_FIELDS, *OPTION_FIELDS, *CONTEXT_FIELDS)
 #: Fields ``POST /v1/audio/speech`` takes besides the generation options (``speaker`` is ours).
-SPEECH_OWN_FIELDS = ("model", "input", "voice", "instructions", "response_format", "speed", "stream_format", "speaker")
+SPEECH_OWN_FIELDS = (
+    "model",
+    "input",
+    "voice",
+    "instructions",
+    "response_format",
+    "speed",
+    "stream_format",
+    "speaker",
+    "bitrate",
+)
 SPEECH_FIELDS = (*SPEECH_OWN_FIELDS, *OPTION_FIELDS, *CONTEXT_FIELDS)
-#: Audio formats both endpoints answer in (pcm = headerless s16le mono).
-FORMATS = ("wav", "pcm", "flac")
 #: OpenAI voice names and the speaker (with its default preset voice) each one maps to.
 OPENAI_VOICES = {
     "alloy": 0,
@@ -109,6 +118,8 @@ class SpeechRequest:
     fmt: str = "wav"
     mode: str = "whole"
     context: tuple[Any, ...] | None = None
+    #: Bits/s for a lossy ``fmt`` (its default when not asked), else None.
+    bitrate: int | None = None
 
 
 # -- request bodies -----------------------------------------------------------------------------
@@ -267,6 +278,25 @@ def _choice(fields: Mapping[str, Any], name: str, choices: tuple[str, ...], defa
     return value.lower()
 
 
+def _format(fields: Mapping[str, Any], name: str, default: str) -> tuple[str, int | None]:
+    """The format named by field ``name`` (any name or alias in :data:`csmcli.formats.FORMATS`) and the
+    ``bitrate`` field checked for it; a 400 naming the field and listing the choices."""
+    value = _string(fields, name)
+    try:
+        fmt = formats.lookup(default if value is None else value).name
+    except OptionsError as exc:
+        raise ApiError(400, f"{name}: {exc}", f"unsupported_{name}", name) from None
+    bitrate = fields.get("bitrate")
+    if isinstance(bitrate, bool) or not (_absent(bitrate) or isinstance(bitrate, (str, int))) or len(str(bitrate)) > 12:
+        raise ApiError(
+            400, f"bitrate must be a number of bits/s or e.g. '96k', got {shown(bitrate)}", "invalid_type", "bitrate"
+        )
+    try:
+        return fmt, formats.check_bitrate(fmt, None if _absent(bitrate) else bitrate)
+    except OptionsError as exc:
+        raise ApiError(400, f"bitrate: {exc}", "invalid_bitrate", "bitrate") from None
+
+
 def _options(fields: Mapping[str, Any], base: GenerationOptions) -> GenerationOptions:
     given = {k: fields[k] for k in OPTION_FIELDS if not _absent(fields.get(k))}
     try:
@@ -283,14 +313,13 @@ def parse_generate(fields: Mapping[str, Any], defaults: GenerationOptions, max_t
     text = _text(fields, "text", max_text_chars)
     speaker = _speaker(fields)
     streaming = _flag(fields, "streaming", False)
-    fmt = _choice(fields, "format", FORMATS, "wav")
-    if streaming and fmt == "flac":
+    fmt, bitrate = _format(fields, "format", "wav")
+    if streaming and not formats.lookup(fmt).streamable:
         raise ApiError(
-            400, "flac cannot be streamed: use format wav or pcm, or streaming false", "unsupported_format", "format"
+            400, f"{fmt} cannot be streamed: use streaming false, or another format", "unsupported_format", "format"
         )
-    return SpeechRequest(
-        text, speaker, _string(fields, "voice"), _options(fields, defaults), fmt, "audio" if streaming else "whole"
-    )
+    mode = "audio" if streaming else "whole"
+    return SpeechRequest(text, speaker, _string(fields, "voice"), _options(fields, defaults), fmt, mode, bitrate)
 
 
 def parse_speech(fields: Mapping[str, Any], defaults: GenerationOptions, max_text_chars: int) -> SpeechRequest:
@@ -299,7 +328,7 @@ def parse_speech(fields: Mapping[str, Any], defaults: GenerationOptions, max_tex
     _string(fields, "model")
     _string(fields, "instructions")
     text = _text(fields, "input", max_text_chars)
-    fmt = _choice(fields, "response_format", FORMATS, "wav")
+    fmt, bitrate = _format(fields, "response_format", "mp3")
     speed = fields.get("speed")
     if not _absent(speed):
         try:
@@ -314,10 +343,11 @@ def parse_speech(fields: Mapping[str, Any], defaults: GenerationOptions, max_tex
                 "speed",
             )
     sse = _choice(fields, "stream_format", ("audio", "sse"), "audio") == "sse"
-    if sse and fmt == "flac":
+    streamable = formats.lookup(fmt).streamable
+    if sse and not streamable:
         raise ApiError(
             400,
-            "stream_format sse sends wav or pcm audio: use response_format wav or pcm",
+            f"stream_format sse streams the audio, and {fmt} cannot be streamed: use another response_format",
             "unsupported_response_format",
             "response_format",
         )
@@ -327,5 +357,5 @@ def parse_speech(fields: Mapping[str, Any], defaults: GenerationOptions, max_tex
         speaker, voice = OPENAI_VOICES[voice.lower()], None
     elif voice is not None:
         speaker = next((s for s, name in DEFAULT_VOICES.items() if name == voice), 0)
-    mode = "sse" if sse else "whole" if fmt == "flac" else "audio"
-    return SpeechRequest(text, _speaker(fields, speaker), voice, _options(fields, defaults), fmt, mode)
+    mode = "sse" if sse else "audio" if streamable else "whole"  # flac is answered whole
+    return SpeechRequest(text, _speaker(fields, speaker), voice, _options(fields, defaults), fmt, mode, bitrate)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextvars
+import io
 import json
 import logging
 import time
@@ -21,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from aiohttp import web
 
-from ..audio import encode_audio, to_int16, wav_stream_header
+from .. import formats
 from ..engine import AudioChunk, Job
 from ..errors import CsmError
-from ..options import real_time_factor
+from ..options import FRAME_MS, real_time_factor
 from ..prompt import Segment
 from .context import context_segments
 from .requests import ApiError, SpeechRequest
@@ -115,7 +116,9 @@ class Run:
         aloop = asyncio.get_running_loop()
         queue: asyncio.Queue[AudioChunk | None] = asyncio.Queue()
         synth = self.server.synth
-        first, later = WHOLE_CHUNKS if self.req.mode == "whole" else STREAM_CHUNKS
+        first, later = (
+            WHOLE_CHUNKS if self.req.mode == "whole" else stream_chunks(self.req.fmt, self.server.sample_rate)
+        )
         # the voice or the request's clips are read and encoded in a worker thread, off the engine loop
         context = await self._in_time(asyncio.to_thread(self._context))
         jobs = synth.jobs(
@@ -201,15 +204,24 @@ class Run:
             raise self.server.job_failure(job.error)
 
 
+def stream_chunks(fmt: str, sample_rate: int) -> tuple[int, int]:
+    """Frames in a stream's first and later chunks: the first holds what ``fmt``'s encoder needs before
+    its first bytes leave (one frame, two for AAC), so they leave after the first chunk."""
+    first, later = STREAM_CHUNKS
+    frame = sample_rate * FRAME_MS // 1000
+    return max(first, -(-formats.lookup(fmt).holds // frame)), later
+
+
 # -- answers ------------------------------------------------------------------------------------
 
 
 def audio_headers(run: Run, sample_rate: int, whole: bool) -> dict[str, str]:
-    """Content type, seed and rate; for a whole answer also frames, stop reason and audio length."""
+    """Content type, file name, seed and rate; for a whole answer also frames, stop reason and audio length."""
     fmt = run.req.fmt
-    kind = {"wav": "audio/wav", "flac": "audio/flac", "pcm": f"audio/L16;rate={sample_rate};channels=1"}[fmt]
+    sse = run.req.mode == "sse"
     headers = {
-        "Content-Type": "text/event-stream" if run.req.mode == "sse" else kind,
+        "Content-Type": "text/event-stream" if sse else formats.mime(fmt, sample_rate),
+        **({} if sse else {"Content-Disposition": f'attachment; filename="speech{formats.extension(fmt)}"'}),
         "X-Seed": str(run.req.options.seed),
         "X-Sample-Rate": str(sample_rate),
         "Cache-Control": "no-store",
@@ -224,14 +236,13 @@ def audio_headers(run: Run, sample_rate: int, whole: bool) -> dict[str, str]:
 
 
 async def answer_whole(run: Run, chunks: AsyncIterator[np.ndarray], sample_rate: int) -> web.Response:
-    """Collect every chunk, then answer with one encoded file."""
-    pieces = [samples async for samples in chunks]
-    samples = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
-    if run.req.fmt == "pcm":
-        body = _pcm(samples)
-    else:
-        body = await asyncio.to_thread(encode_audio, samples, run.req.fmt, sample_rate)
-    return web.Response(body=body, headers=audio_headers(run, sample_rate, whole=True))
+    """Encode every chunk as it arrives (in a worker thread) into one file with exact headers, then answer it."""
+    out = io.BytesIO()
+    encoder = formats.Encoder(run.req.fmt, sample_rate, run.req.bitrate, out=out)
+    async for samples in chunks:
+        await asyncio.to_thread(encoder.feed, samples)
+    await asyncio.to_thread(encoder.finish)
+    return web.Response(body=out.getvalue(), headers=audio_headers(run, sample_rate, whole=True))
 
 
 async def answer_stream(
@@ -245,19 +256,19 @@ async def answer_stream(
     def frame(data: bytes) -> bytes:
         return _sse({"type": "speech.audio.delta", "audio": _b64(data)}) if sse else data
 
-    header = wav_stream_header(sample_rate) if run.req.fmt == "wav" else b""
+    encoder = formats.Encoder(run.req.fmt, sample_rate, run.req.bitrate)
     response: web.StreamResponse | None = None
     run.transport = request.transport
     try:
         async for samples in chunks:
             if response is None:
                 response = await _open(request, run, sample_rate)
-            data, header = header + _pcm(samples), b""
-            await response.write(frame(data))
+            if data := await asyncio.to_thread(encoder.feed, samples):
+                await response.write(frame(data))
         if response is None:
             response = await _open(request, run, sample_rate)
-        if header:
-            await response.write(frame(header))
+        if data := await asyncio.to_thread(encoder.finish):
+            await response.write(frame(data))
         if sse:
             await response.write(_sse({"type": "speech.audio.done"}))
     except ConnectionError:
@@ -293,10 +304,6 @@ async def _open(request: web.Request, run: Run, sample_rate: int) -> web.StreamR
     response = web.StreamResponse(headers=headers)  # no length: chunked on HTTP/1.1, close-delimited on 1.0
     await response.prepare(request)
     return response
-
-
-def _pcm(samples: np.ndarray) -> bytes:
-    return to_int16(samples).astype("<i2", copy=False).tobytes()
 
 
 def _b64(data: bytes) -> str:

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from .. import formats
 from ..errors import AudioError, InputError
 from ..voices import DEFAULT_VOICES, MAX_CONTEXT_SECONDS, NO_VOICE, Voice, VoiceLibrary
-from .requests import FORMATS, OPENAI_VOICES, ApiError
+from .requests import OPENAI_VOICES, ApiError
 from .uploads import MAX_UPLOAD_BYTES, UPLOAD_FORMATS, decode_upload, read_form, sniff_format
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class VoiceRoutes:
                 "model": config.model_id,
                 "sample_rate": self.server.sample_rate,
                 "defaults": dataclasses.asdict(config.defaults),
-                "formats": list(FORMATS),
+                "formats": list(formats.FORMATS),
                 "max_text_chars": config.max_text_chars,
                 "voices": {
                     "read_only": config.read_only_voices,

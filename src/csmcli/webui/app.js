@@ -55,7 +55,7 @@ async function init() {
   }
   const format = $("format");
   format.replaceChildren(
-    ...config.formats.filter((f) => f !== "pcm").map((f) => new Option(f, f)),
+    ...config.formats.filter((f) => f !== "raw").map((f) => new Option(f, f)),
   );
   if (config.voices.read_only) {
     for (const el of $("record-form").elements) el.disabled = true;
