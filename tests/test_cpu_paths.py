@@ -127,6 +127,6 @@ def test_bench_reports_the_cpu_path(tiny_dir) -> None:  # noqa: ANN001
     from csmcli.bench import BenchSetup, run_bench
 
     setup = BenchSetup(prompt_rows=16, frames=2, batch_sizes=(1,), warmup=1, voice_rows=24)
-    r = run_bench(str(tiny_dir), "cpu", "bfloat16", "none", setup, threads=1, cpu_kernels="packed", cpu_isa="avx2")
+    r = run_bench(str(tiny_dir), setup, 1, device="cpu", dtype="bfloat16", cpu_kernels="packed", cpu_isa="avx2")
     assert r["cpu_isa"] == "avx2" and r["cpu_bf16_packed"] is False and r["dtype"] == "bfloat16"
     assert r["cpu_kernels"] == "float32" and r["ms_per_frame"] > 0

@@ -166,7 +166,7 @@ def test_bench_reports_both_engines_on_the_cpu(tiny_dir) -> None:  # noqa: ANN00
     from csmcli.bench import BenchSetup, run_bench
 
     setup = BenchSetup(prompt_rows=16, frames=2, batch_sizes=(1, 2), warmup=1, voice_rows=24)
-    r = run_bench(str(tiny_dir), "cpu", "float32", "int8", setup, threads=1, cpu_kernels="packed")
+    r = run_bench(str(tiny_dir), setup, 1, device="cpu", dtype="float32", quantize="int8", cpu_kernels="packed")
     assert r["cpu_kernels"] == r["cpu_kernels_batched"] == "packed"
     assert r["quantization"] == "int8" and r["threads"] == 1
     assert set(r["batches"]) == {"1", "2"}

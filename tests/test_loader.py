@@ -45,7 +45,7 @@ def test_bench_loads_like_the_synthesizer(tiny_original_dir, synth, tmp_path) ->
     mimi = tmp_path / "mimi"
     synth.codec.model.save_pretrained(mimi)
     setup = BenchSetup(prompt_rows=16, frames=2, batch_sizes=(1,), warmup=1, voice_rows=24)
-    r = run_bench(str(tiny_original_dir), "cpu", "float32", "none", setup, threads=1, mimi=str(mimi))
+    r = run_bench(str(tiny_original_dir), setup, 1, device="cpu", dtype="float32", mimi=str(mimi))
     assert r["model"] == str(tiny_original_dir) and r["ms_per_frame"] > 0
 
 
