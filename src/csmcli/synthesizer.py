@@ -21,8 +21,8 @@ from .engine import AudioChunk, EngineLoop, Job, JobStats
 from .errors import PromptTooLongError
 from .loader import load_parts, make_engine
 from .model import CSMModel
-from .options import FRAME_MS, GenerationOptions
-from .prompt import Prompt, PromptBuilder, Segment, check_speaker, check_text
+from .options import FRAME_MS, GenerationOptions, check_speaker, check_text
+from .prompt import Prompt, PromptBuilder, Segment
 from .textsplit import split_text
 from .utterance import Utterance
 from .voices import NO_VOICE, VoiceLibrary
@@ -296,8 +296,6 @@ class Synthesizer:
             if not job.done.is_set():
                 job.cancel()
                 self.engine.step()
-
-    run = stream_job
 
     def generate(
         self,
