@@ -272,7 +272,7 @@ N = 5 * CHUNK  # 400 ms
 
 
 @pytest.fixture()
-def say(tiny_dir, cli_env, monkeypatch, capsysbinary):  # noqa: ANN001, ANN201
+def say(tiny_dir, cli_env, monkeypatch, capsysbinary):
     """Run ``csm say TEXT ARGS`` in this process (as ``main`` does): (exit code, stdout bytes, stderr text)."""
     from csmcli.cli import main
 
@@ -290,7 +290,7 @@ def say(tiny_dir, cli_env, monkeypatch, capsysbinary):  # noqa: ANN001, ANN201
 
 
 @pytest.mark.parametrize("fmt", list(formats.FORMATS))
-def test_say_every_format_to_file_and_stdout(say, tmp_path, fmt) -> None:  # noqa: ANN001
+def test_say_every_format_to_file_and_stdout(say, tmp_path, fmt) -> None:
     out = tmp_path / f"hello{formats.extension(fmt)}"
     code, _, err = say("-o", str(out))
     assert code == 0, err
@@ -301,7 +301,7 @@ def test_say_every_format_to_file_and_stdout(say, tmp_path, fmt) -> None:  # noq
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
 
 
-def test_say_bitrate_sets_the_mp3_size(say, tmp_path) -> None:  # noqa: ANN001
+def test_say_bitrate_sets_the_mp3_size(say, tmp_path) -> None:
     sizes = []
     for rate in ("32k", "160k"):
         out = tmp_path / f"{rate}.mp3"
@@ -320,14 +320,14 @@ def test_say_bitrate_sets_the_mp3_size(say, tmp_path) -> None:  # noqa: ANN001
         (["--bitrate", "96k"], "bitrate does not apply to wav"),
     ],
 )
-def test_say_bad_format_or_bitrate_is_one_line(say, tmp_path, args, message) -> None:  # noqa: ANN001
+def test_say_bad_format_or_bitrate_is_one_line(say, tmp_path, args, message) -> None:
     out = tmp_path / "x.wav"
     code, data, err = say("-o", str(out), *args)
     assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists() and data == b""
 
 
-def test_say_streams_opus_through_a_pipe(tiny_dir, cli_env) -> None:  # noqa: ANN001
+def test_say_streams_opus_through_a_pipe(tiny_dir, cli_env) -> None:
     """The real command with stdout a pipe: the Ogg Opus bytes it streams are one file."""
     proc = subprocess.run(
         [sys.executable, "-m", "csmcli", "say", "Hello there.", "-m", str(tiny_dir), "-o", "-", "--format", "opus"]

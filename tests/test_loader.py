@@ -38,7 +38,7 @@ def test_the_cli_passes_the_environment_as_parameters(monkeypatch: pytest.Monkey
     assert load_settings() == want
 
 
-def test_bench_loads_like_the_synthesizer(tiny_original_dir, synth, tmp_path) -> None:  # noqa: ANN001
+def test_bench_loads_like_the_synthesizer(tiny_original_dir, synth, tmp_path) -> None:
     """A checkpoint without codec weights takes Mimi from ``mimi`` in ``csm bench`` too."""
     from csmcli.bench import BenchSetup, run_bench
 
@@ -49,7 +49,7 @@ def test_bench_loads_like_the_synthesizer(tiny_original_dir, synth, tmp_path) ->
     assert r["model"] == str(tiny_original_dir) and r["ms_per_frame"] > 0
 
 
-def test_bad_cpu_kernels_fail_before_loading(tiny_dir) -> None:  # noqa: ANN001
+def test_bad_cpu_kernels_fail_before_loading(tiny_dir) -> None:
     from csmcli import Synthesizer
     from csmcli.errors import OptionsError
 

@@ -194,7 +194,7 @@ def random_codec(device: torch.device) -> Codec:
     return Codec(MimiModel(MimiConfig()).eval().to(device))
 
 
-def _tokenizer(path: Path) -> Any:  # noqa: ANN401
+def _tokenizer(path: Path) -> Any:
     from tokenizers import Tokenizer
 
     try:
