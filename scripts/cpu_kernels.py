@@ -39,7 +39,7 @@ SHAPES = [
 COLUMNS = ("f32 linear", "f32 packed", "bf16 linear", "bf16 packed", "bf16 gemv", "int8pack", "int8 gemv")
 
 
-def micros(fn, count: int, reps: int = 7) -> float:  # noqa: ANN001
+def micros(fn, count: int, reps: int = 7) -> float:
     """Median microseconds per product of ``fn``, which runs ``count`` products."""
     for _ in range(2):
         fn()

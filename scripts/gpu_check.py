@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from tiny_checkpoint import make_tiny_checkpoint
 
-from csmcli import GenerationOptions, Synthesizer  # noqa: E402
+from csmcli import GenerationOptions, Synthesizer
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False

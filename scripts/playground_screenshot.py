@@ -2,7 +2,7 @@
 
 Usage: ``python scripts/playground_screenshot.py [--model DIR] [--out docs/playground.png] [--width 1000]``.
 
-Without ``--model`` it serves a tiny random checkpoint (made here by make_tiny_checkpoint.py), so the
+Without ``--model`` it serves a tiny random checkpoint (made here by tests/tiny_checkpoint.py), so the
 page shows its controls, voices and the figures of one short utterance; the audio is noise.  Needs
 Chromium (Debian: ``apt-get install chromium``) and Playwright's Python package (no browser download).
 """
@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="csm-shot-") as tmp:
         model = args.model
         if model is None:
-            sys.path.insert(0, str(ROOT / "scripts"))
-            from make_tiny_checkpoint import make_tiny_checkpoint
+            sys.path.insert(0, str(ROOT / "tests"))
+            from tiny_checkpoint import make_tiny_checkpoint
 
             model = str(make_tiny_checkpoint(Path(tmp) / "csm-tiny", seed=0))
         proc, url = start_server(model, Path(tmp) / "home", Path(tmp) / "serve.log")

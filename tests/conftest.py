@@ -1,26 +1,12 @@
-"""Shared fixtures: tiny random checkpoints made by scripts/make_tiny_checkpoint.py, once per session."""
+"""Shared fixtures: tiny random checkpoints made by :mod:`tiny_checkpoint` (beside this file), once per session."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_script(name: str):  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-tiny = _load_script("make_tiny_checkpoint")
+import tiny_checkpoint as tiny
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +22,7 @@ def tiny_original_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def synth(tiny_dir: Path):  # noqa: ANN201
+def synth(tiny_dir: Path):
     """A Synthesizer on the tiny checkpoint (float32, CPU), shared by API-level tests."""
     from csmcli import Synthesizer
 

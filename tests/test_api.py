@@ -18,7 +18,7 @@ from csmcli.voices import PRESET_TRANSCRIPTS
 GREEDY = GenerationOptions(temperature=0, max_audio_ms=480)
 
 
-def test_stream_equals_generate_and_first_chunk_is_small(synth) -> None:  # noqa: ANN001
+def test_stream_equals_generate_and_first_chunk_is_small(synth) -> None:
     opts = GenerationOptions(seed=11, max_audio_ms=800)
     chunks = list(synth.stream("Streaming test.", 0, options=opts, first_chunk_frames=1, chunk_frames=3))
     assert chunks[0].frames == 1 and len(chunks[0].samples) == 1920
@@ -28,14 +28,14 @@ def test_stream_equals_generate_and_first_chunk_is_small(synth) -> None:  # noqa
     np.testing.assert_allclose(np.concatenate([c.samples for c in chunks]), whole.samples, atol=1e-5)
 
 
-def test_closing_a_stream_cancels_the_job(synth) -> None:  # noqa: ANN001
+def test_closing_a_stream_cancels_the_job(synth) -> None:
     stream = synth.stream("Cancel me.", 0, options=GenerationOptions(max_audio_ms=8000))
     next(stream)
     stream.close()
     assert not synth.engine.busy
 
 
-def test_default_voice_is_the_speakers_preset(synth, tiny_dir) -> None:  # noqa: ANN001
+def test_default_voice_is_the_speakers_preset(synth, tiny_dir) -> None:
     for speaker, name in ((0, "conversational_a"), (1, "conversational_b")):
         segs = synth.voice_context(speaker)
         assert [s.text for s in segs] == [PRESET_TRANSCRIPTS[name]]
@@ -48,7 +48,7 @@ def test_default_voice_is_the_speakers_preset(synth, tiny_dir) -> None:  # noqa:
         synth.voice_context(0, "nope")
 
 
-def test_voice_changes_the_prompt_as_csm_facts_say(synth) -> None:  # noqa: ANN001
+def test_voice_changes_the_prompt_as_csm_facts_say(synth) -> None:
     seg = synth.voice_context(0)[0]
     with_voice = synth.prompt("Hello.", 0, [seg])
     bare = synth.prompt("Hello.", 0, [])
@@ -63,7 +63,7 @@ def test_voice_changes_the_prompt_as_csm_facts_say(synth) -> None:  # noqa: ANN0
     assert torch.equal(with_voice.tokens[n_text + n_audio + 1 :], bare.tokens)
 
 
-def test_prefix_cache_gives_exactly_the_uncached_codes(synth) -> None:  # noqa: ANN001
+def test_prefix_cache_gives_exactly_the_uncached_codes(synth) -> None:
     opts = GenerationOptions(seed=5, max_audio_ms=640)
     synth.engine.prefix_store.clear()
     first = synth.generate("Same voice, same seed.", 1, options=opts)
@@ -75,13 +75,13 @@ def test_prefix_cache_gives_exactly_the_uncached_codes(synth) -> None:  # noqa: 
 
 
 @contextlib.contextmanager
-def eos_every(synth, frames: int) -> Iterator[None]:  # noqa: ANN001
+def eos_every(synth, frames: int) -> Iterator[None]:
     """The model ends each utterance after ``frames`` frames (a random model never stops by itself):
     every ``frames + 1``-th frame comes out all zeros, the end-of-speech frame."""
     engine, original = synth.engine, synth.engine.sample_fn
     count = [0]
 
-    def sample(logits, params, codebook, *rest):  # noqa: ANN001, ANN202
+    def sample(logits, params, codebook, *rest):
         codes = original(logits, params, codebook, *rest)
         count[0] += codebook == 0
         return torch.zeros_like(codes) if count[0] % (frames + 1) == 0 else codes
@@ -96,7 +96,7 @@ def eos_every(synth, frames: int) -> Iterator[None]:  # noqa: ANN001
 LONG_TEXT = "This sentence is one of many that together are far too long for a single piece. " * 8
 
 
-def test_long_text_is_split_and_pieces_carry_the_voice(synth) -> None:  # noqa: ANN001
+def test_long_text_is_split_and_pieces_carry_the_voice(synth) -> None:
     opts = GenerationOptions(seed=2, max_audio_ms=2400)
     with eos_every(synth, 3):
         utterance = synth.utterance(LONG_TEXT, 0, options=opts)
@@ -118,7 +118,7 @@ def test_long_text_is_split_and_pieces_carry_the_voice(synth) -> None:  # noqa: 
     assert len(audio.samples) == sum(j.stats.frames for j in jobs) * 1920 + pause * (len(jobs) - 1)
 
 
-def test_max_audio_ms_limits_the_whole_request(synth) -> None:  # noqa: ANN001
+def test_max_audio_ms_limits_the_whole_request(synth) -> None:
     opts = GenerationOptions(seed=2, max_audio_ms=5 * 80)
     with eos_every(synth, 3):
         audio = synth.generate(LONG_TEXT, 0, options=opts)
@@ -128,7 +128,7 @@ def test_max_audio_ms_limits_the_whole_request(synth) -> None:  # noqa: ANN001
     assert synth.generate(LONG_TEXT, 0, options=opts).stats.frames == 5  # one piece takes it all
 
 
-def test_the_next_piece_needs_the_last_one_finished(synth) -> None:  # noqa: ANN001
+def test_the_next_piece_needs_the_last_one_finished(synth) -> None:
     utterance = synth.utterance(LONG_TEXT, 0, options=GenerationOptions(seed=1, max_audio_ms=800))
     job = utterance.next_job()
     with pytest.raises(ValueError, match="returned last"):
@@ -140,7 +140,7 @@ def test_the_next_piece_needs_the_last_one_finished(synth) -> None:  # noqa: ANN
     assert utterance.next_job(job) is None and utterance.stop_reason == "cancelled"
 
 
-def test_context_that_does_not_fit_is_dropped_with_a_warning(synth, caplog) -> None:  # noqa: ANN001
+def test_context_that_does_not_fit_is_dropped_with_a_warning(synth, caplog) -> None:
     codes = torch.randint(0, 2048, (700, 32))
     context = [Segment("old", 0, codes=codes), Segment("newer", 0, codes=codes[:100])]
     opts = GenerationOptions(seed=1, max_audio_ms=100_000)
@@ -151,13 +151,13 @@ def test_context_that_does_not_fit_is_dropped_with_a_warning(synth, caplog) -> N
     assert len(job.prompt) < 700
 
 
-def test_single_job_that_cannot_fit_is_a_clear_error(synth) -> None:  # noqa: ANN001
+def test_single_job_that_cannot_fit_is_a_clear_error(synth) -> None:
     codes = torch.randint(0, 2048, (1500, 32))
     with pytest.raises(PromptTooLongError, match="more than the model's 2048"):
         synth.job("Too much.", 0, [Segment("ctx", 0, codes=codes)], GenerationOptions(max_audio_ms=60_000))
 
 
-def test_batched_jobs_match_solo_results(synth) -> None:  # noqa: ANN001
+def test_batched_jobs_match_solo_results(synth) -> None:
     opts = [GenerationOptions(seed=s, max_audio_ms=400 + 80 * s) for s in range(4)]
     texts = ["One.", "Two words.", "Three words here.", "Four words are here."]
     solo = [synth.generate(t, i % 2, [], o) for i, (t, o) in enumerate(zip(texts, opts, strict=True))]
@@ -168,41 +168,33 @@ def test_batched_jobs_match_solo_results(synth) -> None:  # noqa: ANN001
         np.testing.assert_allclose(a.samples, b.samples, atol=1e-5)
 
 
-def test_sampling_settings_change_the_output(synth) -> None:  # noqa: ANN001
+def test_sampling_settings_change_the_output(synth) -> None:
     base = GenerationOptions(seed=3, max_audio_ms=400)
     ref = synth.generate("Options.", 0, [], base).codes
     for change in ({"temperature": 0.5}, {"top_k": 5}, {"top_p": 0.5}, {"repetition_penalty": 1.5}):
         assert not torch.equal(ref, synth.generate("Options.", 0, [], base.replace(**change)).codes), change
 
 
-def test_static_shape_frames_match_the_dynamic_path(synth) -> None:  # noqa: ANN001
+def test_static_shape_frames_match_the_dynamic_path(synth, tiny_dir) -> None:
     """What a CUDA graph replays (bucketed batch width, full-length attention) gives the same codes.
 
-    The graph itself needs a GPU; here each "replay" runs the captured function eagerly on the CPU.
+    The graph itself needs a GPU; here ``capture_graphs(eager=True)`` records stand-ins that run
+    each bucket's frame eagerly on the CPU.
     """
-    engine = synth.engine
+    from csmcli import Synthesizer
+
     opts = [GenerationOptions(seed=s, max_audio_ms=320 + 80 * s) for s in range(3)]
-    expected = [synth.generate(t, 0, [], o).codes for t, o in zip(["a b", "c d e", "f"], opts, strict=True)]
-
-    class Replay:
-        def __init__(self, width: int) -> None:
-            self.width = width
-
-        def replay(self) -> None:
-            engine.graph_codes[self.width] = engine._frame(self.width, engine.max_len)
-
-    engine.graph_buckets = [1, 2, 4]
-    engine.graphs = {b: Replay(b) for b in engine.graph_buckets}
-    try:
-        jobs = [synth.job(t, 0, [], o) for t, o in zip(["a b", "c d e", "f"], opts, strict=True)]
-        got = synth.generate_many(jobs)
-    finally:
-        engine.graphs, engine.graph_buckets, engine.graph_codes = None, [], {}
+    texts = ["a b", "c d e", "f"]
+    expected = [synth.generate(t, 0, [], o).codes for t, o in zip(texts, opts, strict=True)]
+    graphed = Synthesizer.load(str(tiny_dir), device="cpu", dtype="float32", max_batch_size=4)
+    graphed.engine.capture_graphs(eager=True)
+    assert graphed.engine.graph_buckets == [1, 2, 4]
+    got = graphed.generate_many([graphed.job(t, 0, [], o) for t, o in zip(texts, opts, strict=True)])
     for a, b in zip(expected, got, strict=True):
         assert torch.equal(a, b.codes)
 
 
-def test_engine_operations_through_the_synthesizer(synth) -> None:  # noqa: ANN001
+def test_engine_operations_through_the_synthesizer(synth) -> None:
     from csmcli.bench import BenchSetup, measure_engine
 
     idle = {"active": 0, "waiting": 0, "max_batch_size": synth.capacity}

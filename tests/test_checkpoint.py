@@ -41,7 +41,7 @@ GREEDY = GenerationOptions(temperature=0, max_audio_ms=400)
 
 
 @pytest.fixture()
-def hub_cache(tmp_path, monkeypatch) -> Path:  # noqa: ANN001
+def hub_cache(tmp_path, monkeypatch) -> Path:
     """An empty hub cache for this test (huggingface_hub reads HF_HUB_CACHE once, at import)."""
     from huggingface_hub import constants
 
@@ -75,7 +75,7 @@ def test_download_selects_only_what_is_needed() -> None:
     } <= chosen
 
 
-def test_hub_id_loads_from_the_cache_offline(tiny_dir, hub_cache, monkeypatch, synth) -> None:  # noqa: ANN001
+def test_hub_id_loads_from_the_cache_offline(tiny_dir, hub_cache, monkeypatch, synth) -> None:
     fake_hub_cache(hub_cache, "sesame/csm-1b", tiny_dir)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     loaded = Synthesizer.load("sesame/csm-1b", device="cpu", dtype="float32")
@@ -84,7 +84,7 @@ def test_hub_id_loads_from_the_cache_offline(tiny_dir, hub_cache, monkeypatch, s
     assert torch.equal(a.codes, b.codes)
 
 
-def test_uncached_hub_id_offline_is_a_clear_error(hub_cache, monkeypatch) -> None:  # noqa: ANN001
+def test_uncached_hub_id_offline_is_a_clear_error(hub_cache, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="not in the local hub cache"):
         checkpoint.resolve("sesame/csm-1b")
@@ -92,14 +92,14 @@ def test_uncached_hub_id_offline_is_a_clear_error(hub_cache, monkeypatch) -> Non
         checkpoint.download("sesame/csm-1b")
 
 
-def test_gated_and_missing_repos_name_the_fix(hub_cache, monkeypatch) -> None:  # noqa: ANN001
+def test_gated_and_missing_repos_name_the_fix(hub_cache, monkeypatch) -> None:
     import huggingface_hub
     from huggingface_hub import errors
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
 
-    def fake(exc: Exception):  # noqa: ANN202
-        def snapshot_download(repo_id: str, local_files_only: bool = False, **kw):  # noqa: ANN003, ANN202
+    def fake(exc: Exception):
+        def snapshot_download(repo_id: str, local_files_only: bool = False, **kw):
             if local_files_only:
                 raise errors.LocalEntryNotFoundError("not cached")
             raise exc
@@ -117,7 +117,7 @@ def test_gated_and_missing_repos_name_the_fix(hub_cache, monkeypatch) -> None:  
         checkpoint.resolve("someone/nothing")
 
 
-def test_ckpt_pt_in_original_format_loads(tiny_dir, tiny_original_dir, tmp_path, monkeypatch, synth) -> None:  # noqa: ANN001
+def test_ckpt_pt_in_original_format_loads(tiny_dir, tiny_original_dir, tmp_path, monkeypatch, synth) -> None:
     only_pt = tmp_path / "pt"
     shutil.copytree(tiny_original_dir, only_pt)
     state = load_file(str(only_pt / "model.safetensors"))
@@ -131,7 +131,7 @@ def test_ckpt_pt_in_original_format_loads(tiny_dir, tiny_original_dir, tmp_path,
     )
 
 
-def test_directory_without_csm_weights(tmp_path) -> None:  # noqa: ANN001
+def test_directory_without_csm_weights(tmp_path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     with pytest.raises(CheckpointError, match="not a CSM checkpoint"):
         checkpoint.inspect(tmp_path)
@@ -139,12 +139,12 @@ def test_directory_without_csm_weights(tmp_path) -> None:  # noqa: ANN001
         checkpoint.resolve(str(tmp_path / "nope"))
 
 
-def test_download_command_offline_is_one_line(cli_env) -> None:  # noqa: ANN001
+def test_download_command_offline_is_one_line(cli_env) -> None:
     r = subprocess.run(["csm", "download"], capture_output=True, env=cli_env, timeout=120)
     err = r.stderr.decode()
     assert r.returncode == 1 and "HF_HUB_OFFLINE" in err and "Traceback" not in err, err
 
 
-def test_loaded_model_reports_its_source(synth, tiny_dir) -> None:  # noqa: ANN001
+def test_loaded_model_reports_its_source(synth, tiny_dir) -> None:
     assert Path(synth.source) == tiny_dir
     assert np.isfinite(synth.generate("x", 0, options=GREEDY).samples).all()

@@ -54,11 +54,20 @@ def test_importing_the_cli_does_not_import_torch(cli_env) -> None:
         (["say", "--tempreature", "1", "hi"], "2"),
         (["say", "hi", "--speaker", "3", "-o", "x.wav"], "1"),
         (["say", "hi", "--temperature", "-1", "-o", "x.wav"], "1"),
+        (["voices", "remove", "conversational_b"], "1"),
+        (["voices", "remove", "nobody"], "1"),
+        (["voices", "list"], "0"),
     ],
 )
 def test_help_usage_errors_and_argument_checks_do_not_import_torch(cli_env, args, status) -> None:
     imported, code = probe(args, cli_env)
     assert imported == [] and code == status
+
+
+def test_listing_a_checkpoints_voices_does_not_import_torch(cli_env, tiny_dir) -> None:
+    """Finding the presets reads the checkpoint's config and tensor names, never its tensors."""
+    imported, code = probe(["voices", "list", "-m", str(tiny_dir)], cli_env)
+    assert imported == [] and code == "0"
 
 
 def test_version_comes_from_the_package_metadata(cli_env) -> None:

@@ -18,7 +18,7 @@ BASE = ["--device", "cpu", "--dtype", "float32", "-q"]
 
 
 @pytest.fixture()
-def alsa_home(tmp_path: Path, cli_env: dict):  # noqa: ANN201
+def alsa_home(tmp_path: Path, cli_env: dict):
     """A HOME whose ALSA default device is a FIFO drained at exactly 24 kHz: a sound card for CI."""
     from test_playback import AlsaCapture
 
@@ -27,12 +27,12 @@ def alsa_home(tmp_path: Path, cli_env: dict):  # noqa: ANN201
     cap.close()
 
 
-def captured(cap) -> np.ndarray:  # noqa: ANN001
+def captured(cap) -> np.ndarray:
     return cap.samples()
 
 
 @needs_portaudio
-def test_play_text_through_the_default_device(tiny_dir, alsa_home) -> None:  # noqa: ANN001
+def test_play_text_through_the_default_device(tiny_dir, alsa_home) -> None:
     env, capture = alsa_home
     r = subprocess.run(
         [
@@ -59,7 +59,7 @@ def test_play_text_through_the_default_device(tiny_dir, alsa_home) -> None:  # n
 
 
 @needs_portaudio
-def test_play_lines_from_a_pipe_each_conditioned_on_the_last(tiny_dir, alsa_home) -> None:  # noqa: ANN001
+def test_play_lines_from_a_pipe_each_conditioned_on_the_last(tiny_dir, alsa_home) -> None:
     env, capture = alsa_home
     r = subprocess.run(
         ["csm", "play", "-m", str(tiny_dir), "--max-audio-ms", "400", "--seed", "2", *BASE],
@@ -75,7 +75,7 @@ def test_play_lines_from_a_pipe_each_conditioned_on_the_last(tiny_dir, alsa_home
 
 
 @needs_portaudio
-def test_list_devices_and_unknown_device(tiny_dir, alsa_home) -> None:  # noqa: ANN001
+def test_list_devices_and_unknown_device(tiny_dir, alsa_home) -> None:
     env, _ = alsa_home
     r = subprocess.run(["csm", "play", "--list-devices"], env=env, capture_output=True, timeout=120)
     assert r.returncode == 0 and b"default" in r.stdout
@@ -89,7 +89,7 @@ def test_list_devices_and_unknown_device(tiny_dir, alsa_home) -> None:  # noqa: 
     assert r.returncode == 1 and "no-such-card" in err and "Traceback" not in err, err
 
 
-def test_raw_stdout_streams_before_generation_ends(tiny_dir, cli_env) -> None:  # noqa: ANN001
+def test_raw_stdout_streams_before_generation_ends(tiny_dir, cli_env) -> None:
     """The first PCM bytes arrive long before the last: `csm say -o - --format raw | aplay` starts at once."""
     proc = subprocess.Popen(
         [
@@ -124,7 +124,7 @@ def test_raw_stdout_streams_before_generation_ends(tiny_dir, cli_env) -> None:  
     assert gap > 0.5, f"stdout was not streamed: first bytes only {gap:.2f} s before the end"
 
 
-def test_play_without_portaudio_is_a_one_line_error(tiny_dir, cli_env, tmp_path) -> None:  # noqa: ANN001
+def test_play_without_portaudio_is_a_one_line_error(tiny_dir, cli_env, tmp_path) -> None:
     """With PortAudio missing, the error names the package to install (no traceback)."""
     shim = tmp_path / "shim"
     shim.mkdir()

@@ -103,7 +103,7 @@ def _rope_halves(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
 
 
-def _attention(x, wq, wk, wv, wo, dims, positions, rope):  # noqa: ANN001, ANN202
+def _attention(x, wq, wk, wv, wo, dims, positions, rope):
     """Causal GQA attention of one sequence x (T, hidden) with the given RoPE."""
     steps, head_dim = x.shape[0], dims["head_dim"]
     q = rope((x @ wq.T).view(steps, dims["heads"], head_dim), positions)

@@ -34,11 +34,11 @@ torch.ops.mkldnn._reorder_linear_weight = _no_bf16
 
 
 @pytest.fixture()
-def no_onednn_bf16(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+def no_onednn_bf16(monkeypatch: pytest.MonkeyPatch):
     """oneDNN's bf16 reorder raises, as on an AVX2 CPU; the capabilities are probed afresh."""
     reorder = torch.ops.mkldnn._reorder_linear_weight
 
-    def refuse_bf16(w: torch.Tensor, *args):  # noqa: ANN002, ANN202
+    def refuse_bf16(w: torch.Tensor, *args):
         if w.dtype == torch.bfloat16:
             raise RuntimeError(EPYC_ERROR)
         return reorder(w, *args)
@@ -61,14 +61,14 @@ def test_cpu_caps_are_detected_and_can_only_be_lowered() -> None:
             cpu.cpu_caps("avx512")
 
 
-def test_the_probe_finds_no_bf16_packing(no_onednn_bf16) -> None:  # noqa: ANN001
+def test_the_probe_finds_no_bf16_packing(no_onednn_bf16) -> None:
     assert not cpu.detect_cpu_caps().bf16_packed
 
 
 @pytest.mark.parametrize("caps", [None, AVX2], ids=["probed", "avx2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_linear_without_onednn_bf16(no_onednn_bf16, caps, dtype: torch.dtype, rows: int) -> None:  # noqa: ANN001
+def test_linear_without_onednn_bf16(no_onednn_bf16, caps, dtype: torch.dtype, rows: int) -> None:
     """What failed on the AVX2 EPYC (``test_packed_linear_matches_f_linear[*-dtype1]``): bf16
     weights now stay plain and multiply in float32; float32 weights are still packed."""
     torch.manual_seed(0)
@@ -84,7 +84,7 @@ def test_linear_without_onednn_bf16(no_onednn_bf16, caps, dtype: torch.dtype, ro
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
-def test_bfloat16_model_on_the_avx2_path(tiny_dir, no_onednn_bf16, monkeypatch, quantize: str) -> None:  # noqa: ANN001
+def test_bfloat16_model_on_the_avx2_path(tiny_dir, no_onednn_bf16, monkeypatch, quantize: str) -> None:
     """The whole model in bfloat16 as an AVX2 CPU runs it: nothing packed in bf16, single rows
     through the compiled gemv (every matrix, tiny ones included here), prompts in float32, and the
     greedy codes of the float32 model."""
@@ -108,7 +108,7 @@ def _csm(args: list[str], env: dict) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("extra", [[], ["--quantize", "int8"]], ids=["bf16", "int8"])
-def test_say_bfloat16_with_the_avx2_override(tiny_dir, cli_env, tmp_path, extra: list[str]) -> None:  # noqa: ANN001
+def test_say_bfloat16_with_the_avx2_override(tiny_dir, cli_env, tmp_path, extra: list[str]) -> None:
     out = tmp_path / "x.wav"
     args = ["say", "Hello there.", "-m", str(tiny_dir), "--device", "cpu", "--dtype", "bfloat16", "-o", str(out)]
     r = _csm([*args, "--max-audio-ms", "480", "-q", *extra], {**cli_env, "CSM_CPU_ISA": "avx2"})
@@ -116,17 +116,17 @@ def test_say_bfloat16_with_the_avx2_override(tiny_dir, cli_env, tmp_path, extra:
     assert out.stat().st_size > 6 * 1920
 
 
-def test_bad_cpu_isa_is_a_one_line_error(tiny_dir, cli_env, tmp_path) -> None:  # noqa: ANN001
+def test_bad_cpu_isa_is_a_one_line_error(tiny_dir, cli_env, tmp_path) -> None:
     args = ["say", "Hi.", "-m", str(tiny_dir), "--device", "cpu", "-o", str(tmp_path / "x.wav"), "-q"]
     r = subprocess.run(["csm", *args], capture_output=True, env={**cli_env, "CSM_CPU_ISA": "sse4"}, timeout=300)
     assert r.returncode != 0 and "Traceback" not in r.stderr.decode()
     assert "CPU ISA must be one of avx512, avx2, default, got 'sse4'" in r.stderr.decode()
 
 
-def test_bench_reports_the_cpu_path(tiny_dir) -> None:  # noqa: ANN001
+def test_bench_reports_the_cpu_path(tiny_dir) -> None:
     from csmcli.bench import BenchSetup, run_bench
 
     setup = BenchSetup(prompt_rows=16, frames=2, batch_sizes=(1,), warmup=1, voice_rows=24)
-    r = run_bench(str(tiny_dir), "cpu", "bfloat16", "none", setup, threads=1, cpu_kernels="packed", cpu_isa="avx2")
+    r = run_bench(str(tiny_dir), setup, 1, device="cpu", dtype="bfloat16", cpu_kernels="packed", cpu_isa="avx2")
     assert r["cpu_isa"] == "avx2" and r["cpu_bf16_packed"] is False and r["dtype"] == "bfloat16"
     assert r["cpu_kernels"] == "float32" and r["ms_per_frame"] > 0

@@ -30,12 +30,12 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_dir):  # noqa: ANN001, ANN201
+def reference(tiny_dir):
     model = CsmForConditionalGeneration.from_pretrained(tiny_dir).eval()
     return model
 
 
-def _context(tiny_dir) -> Segment:  # noqa: ANN001
+def _context(tiny_dir) -> Segment:
     audio, rate = sf.read(str(tiny_dir / "prompts" / "conversational_a.wav"), dtype="float32")
     assert rate == 24000
     return Segment(text="Earlier words, with their audio.", speaker=0, audio=audio)
@@ -45,7 +45,7 @@ def _reference_inputs(
     synth: Synthesizer,
     reference,
     text: str,
-    speaker: int,  # noqa: ANN001
+    speaker: int,
     context: list[Segment],
 ) -> dict:
     """transformers' own input format: audio placeholders expanded, raw audio in input_values."""
@@ -69,7 +69,7 @@ def _reference_inputs(
     return inputs
 
 
-def _our_logits(synth: Synthesizer, text: str, speaker: int, context, codes: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+def _our_logits(synth: Synthesizer, text: str, speaker: int, context, codes: torch.Tensor) -> torch.Tensor:
     """Codebook-0 logits of our model along a given code path (teacher forcing)."""
     model = synth.model
     prompt = synth.prompt(text, speaker, context)
@@ -91,7 +91,7 @@ def test_greedy_codes_and_logits_match_transformers(
     synth,
     reference,
     tiny_dir,
-    prompt_index,  # noqa: ANN001
+    prompt_index,
     with_context,
 ) -> None:
     text, speaker = PROMPTS[prompt_index]
@@ -125,14 +125,14 @@ def test_greedy_codes_and_logits_match_transformers(
     assert np.abs(ours.samples).max() > 1e-3
 
 
-def test_context_encoding_matches_transformers(synth, reference, tiny_dir) -> None:  # noqa: ANN001
+def test_context_encoding_matches_transformers(synth, reference, tiny_dir) -> None:
     seg = _context(tiny_dir)
     with torch.no_grad():
         ref = reference.codec_model.encode(torch.from_numpy(seg.audio)[None, None]).audio_codes[0, :32].T
     assert torch.equal(synth.codec.encode(seg.audio), ref)
 
 
-def test_original_format_gives_the_same_codes(synth, tiny_dir, tiny_original_dir, monkeypatch) -> None:  # noqa: ANN001
+def test_original_format_gives_the_same_codes(synth, tiny_dir, tiny_original_dir, monkeypatch) -> None:
     """Sesame's key names with interleaved RoPE, converted on load, give exactly the same output."""
     mimi_dir = tiny_original_dir.parent / "mimi"
     synth.codec.model.save_pretrained(mimi_dir)
@@ -145,7 +145,7 @@ def test_original_format_gives_the_same_codes(synth, tiny_dir, tiny_original_dir
 
 
 @pytest.mark.parametrize("part", ["backbone", "depth"])
-def test_rope_scaling_matches_transformers_for_the_real_config(part) -> None:  # noqa: ANN001
+def test_rope_scaling_matches_transformers_for_the_real_config(part) -> None:
     """Our Llama-3 frequency scaling equals transformers' for CSM-1B's real RoPE settings."""
     config = CsmConfig(**{k: v for k, v in CSM_1B_CONFIG.items() if k != "model_type"})
     cfg = config if part == "backbone" else config.depth_decoder_config
@@ -171,7 +171,7 @@ def test_sampling_never_picks_reserved_codes() -> None:
 
 @pytest.mark.skipif(compiled_gemv() is None, reason="torch.compile cannot build CPU kernels here")
 @pytest.mark.parametrize("with_context", [False, True], ids=["text-only", "with-context"])
-def test_compiled_gemv_kernels_match_transformers(reference, tiny_dir, monkeypatch, with_context) -> None:  # noqa: ANN001
+def test_compiled_gemv_kernels_match_transformers(reference, tiny_dir, monkeypatch, with_context) -> None:
     """The same greedy codes with every single-row projection on the compiled gemv kernel."""
     monkeypatch.setattr(cpu, "GEMV_MIN_ELEMENTS", 0)
     synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="float32", max_batch_size=1)

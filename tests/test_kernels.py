@@ -18,7 +18,7 @@ from csmcli.errors import OptionsError
 from csmcli.gemv import compiled_gemv
 from csmcli.model import EAGER_LAYERS, Transformer, TransformerSpec, short_attention
 from csmcli.quant import Int8Linear
-from csmcli.sampling import SamplingParams, _penalize, sample, uniform
+from csmcli.sampling import SamplingParams, penalize, sample, uniform
 
 GEMV = compiled_gemv()
 needs_compiler = pytest.mark.skipif(GEMV is None, reason="torch.compile cannot build CPU kernels here")
@@ -120,12 +120,12 @@ def test_rope_tables_match_direct_computation() -> None:
     assert math.isclose(float(cos[0, 0]), 1.0)
 
 
-def _full_vocabulary_sample(logits, params, codebook, num_codes, recent=None):  # noqa: ANN001, ANN202
+def _full_vocabulary_sample(logits, params, codebook, num_codes, recent=None):
     """The sampler before candidates were narrowed: sort all codes, scatter the keep mask back."""
     b = logits.shape[0]
     logits = logits[:, :num_codes].float()
     if recent is not None:
-        logits = _penalize(logits, recent, params.repetition_penalty[:b])
+        logits = penalize(logits, recent, params.repetition_penalty[:b])
     greedy = logits.argmax(dim=-1)
     scores = logits / params.temperature[:b, None].clamp(min=1e-5)
     ordered, order = scores.sort(dim=-1, descending=True)
@@ -162,11 +162,11 @@ def test_narrowed_sampling_draws_the_same_codes() -> None:
     assert picked > 20, "sampling rows should not all be greedy"
 
 
-def test_bench_reports_both_engines_on_the_cpu(tiny_dir) -> None:  # noqa: ANN001
+def test_bench_reports_both_engines_on_the_cpu(tiny_dir) -> None:
     from csmcli.bench import BenchSetup, run_bench
 
     setup = BenchSetup(prompt_rows=16, frames=2, batch_sizes=(1, 2), warmup=1, voice_rows=24)
-    r = run_bench(str(tiny_dir), "cpu", "float32", "int8", setup, threads=1, cpu_kernels="packed")
+    r = run_bench(str(tiny_dir), setup, 1, device="cpu", dtype="float32", quantize="int8", cpu_kernels="packed")
     assert r["cpu_kernels"] == r["cpu_kernels_batched"] == "packed"
     assert r["quantization"] == "int8" and r["threads"] == 1
     assert set(r["batches"]) == {"1", "2"}
@@ -186,7 +186,7 @@ def test_int8_prompt_rows_use_the_float_gemm_with_the_same_result() -> None:
 
 
 @pytest.mark.parametrize("weights", ["float32", "int8"])
-def test_compiled_engine_matches_the_eager_engine(tiny_dir, monkeypatch: pytest.MonkeyPatch, weights: str) -> None:  # noqa: ANN001
+def test_compiled_engine_matches_the_eager_engine(tiny_dir, monkeypatch: pytest.MonkeyPatch, weights: str) -> None:
     """``Engine.compile()`` on the CPU (every depth-decoder step one graph, inductor's C++ backend)
     gives the eager engine's codes, and compiles everything up front: one graph per shape (one or
     two rows, one or several slots), none per codebook, top_k or repetition penalty.
@@ -236,7 +236,7 @@ def test_compiled_engine_matches_the_eager_engine(tiny_dir, monkeypatch: pytest.
     assert counters["stats"]["unique_graphs"] == graphs, "the eager engine ran compiled code"
 
 
-def test_compiling_packed_cpu_weights_is_a_one_line_error(tiny_dir) -> None:  # noqa: ANN001
+def test_compiling_packed_cpu_weights_is_a_one_line_error(tiny_dir) -> None:
     from csmcli import Synthesizer
 
     with pytest.raises(OptionsError, match="compiling on the CPU needs int8 weights"):

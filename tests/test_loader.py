@@ -38,18 +38,18 @@ def test_the_cli_passes_the_environment_as_parameters(monkeypatch: pytest.Monkey
     assert load_settings() == want
 
 
-def test_bench_loads_like_the_synthesizer(tiny_original_dir, synth, tmp_path) -> None:  # noqa: ANN001
+def test_bench_loads_like_the_synthesizer(tiny_original_dir, synth, tmp_path) -> None:
     """A checkpoint without codec weights takes Mimi from ``mimi`` in ``csm bench`` too."""
     from csmcli.bench import BenchSetup, run_bench
 
     mimi = tmp_path / "mimi"
     synth.codec.model.save_pretrained(mimi)
     setup = BenchSetup(prompt_rows=16, frames=2, batch_sizes=(1,), warmup=1, voice_rows=24)
-    r = run_bench(str(tiny_original_dir), "cpu", "float32", "none", setup, threads=1, mimi=str(mimi))
+    r = run_bench(str(tiny_original_dir), setup, 1, device="cpu", dtype="float32", mimi=str(mimi))
     assert r["model"] == str(tiny_original_dir) and r["ms_per_frame"] > 0
 
 
-def test_bad_cpu_kernels_fail_before_loading(tiny_dir) -> None:  # noqa: ANN001
+def test_bad_cpu_kernels_fail_before_loading(tiny_dir) -> None:
     from csmcli import Synthesizer
     from csmcli.errors import OptionsError
 

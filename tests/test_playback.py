@@ -49,7 +49,7 @@ def chunked(
     first_delay_s: float = 0.0,
     stall: tuple[int, float] | None = None,
     state: dict[str, Any] | None = None,
-):  # noqa: ANN201
+):
     """Yield ``x`` in chunks, produced at ``rate`` x real time (None: instantly)."""
     n = round(chunk_s * SR)
     try:
@@ -362,7 +362,7 @@ class FakeSD(SimpleNamespace):
             },
         ]
 
-    def OutputStream(self, **kw: Any) -> FakeStream:  # noqa: N802
+    def OutputStream(self, **kw: Any) -> FakeStream:
         return FakeStream(self, **kw)
 
     def query_devices(self, device: Any = None, kind: str | None = None) -> Any:
@@ -463,7 +463,7 @@ def test_keyboard_interrupt_aborts_at_once(fake_sd: FakeSD) -> None:
 
 
 def test_producer_error_propagates(fake_sd: FakeSD) -> None:
-    def broken():  # noqa: ANN202
+    def broken():
         yield signal_wave(0.1)
         time.sleep(0.05)
         raise RuntimeError("model exploded")
@@ -641,7 +641,7 @@ class AlsaCapture:
 
 
 @pytest.fixture()
-def alsa(tmp_path: Path):  # noqa: ANN201
+def alsa(tmp_path: Path):
     cap = AlsaCapture(tmp_path)
     yield cap
     cap.close()

@@ -2,38 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import soundfile as sf
+import tiny_checkpoint as tiny
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from tiny_check import verify_tiny_checkpoint
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, CsmConfig
 from transformers.models.csm.modeling_csm import CsmRotaryEmbedding
 
 from csmcli.convert import detect_format
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script() -> ModuleType:
-    """scripts/make_tiny_checkpoint.py as a module (shared with conftest when it already loaded it)."""
-    if "make_tiny_checkpoint" in sys.modules:
-        return sys.modules["make_tiny_checkpoint"]
-    spec = importlib.util.spec_from_file_location("make_tiny_checkpoint", ROOT / "scripts" / "make_tiny_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["make_tiny_checkpoint"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-tiny = _script()
 
 SHARDS = ("transformers-00001-of-00002.safetensors", "transformers-00002-of-00002.safetensors")
 INDEX = "transformers.safetensors.index.json"
@@ -182,7 +165,7 @@ def test_prompts_are_short_distinct_24khz_wavs(tiny_dir: Path) -> None:
 
 def test_self_check_passes(tiny_dir: Path) -> None:
     """Loads with from_pretrained cleanly; Mimi shapes and codes; greedy 30 frames are lively and valid."""
-    stats = tiny.verify_tiny_checkpoint(tiny_dir)
+    stats = verify_tiny_checkpoint(tiny_dir)
     assert stats["distinct_frames"] >= 15
 
 

@@ -9,7 +9,7 @@ import importlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["Audio", "AudioChunk", "CsmError", "GenerationOptions", "Segment", "Synthesizer"]
+__all__ = ["Audio", "AudioChunk", "CsmError", "GenerationOptions", "History", "Segment", "Synthesizer", "Utterance"]
 try:
     __version__ = version("csmcli")
 except PackageNotFoundError:  # a source tree that was never installed
@@ -20,8 +20,10 @@ _WHERE = {
     "AudioChunk": "engine",
     "CsmError": "errors",
     "GenerationOptions": "options",
+    "History": "utterance",
     "Segment": "prompt",
     "Synthesizer": "synthesizer",
+    "Utterance": "utterance",
 }
 
 if TYPE_CHECKING:
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from .options import GenerationOptions
     from .prompt import Segment
     from .synthesizer import Audio, Synthesizer
+    from .utterance import History, Utterance
 
 
 def __getattr__(name: str) -> Any:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .engine import Engine, Job
+from .engine import Job
 from .options import FRAME_MS, GenerationOptions
 from .prompt import Prompt
 
@@ -225,36 +225,18 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def run_bench(
-    model: str | None,
-    device: str,
-    dtype: str,
-    quantize: str,
-    setup: BenchSetup,
-    threads: int | None = None,
-    graphs: bool = True,
-    compile: bool = False,
-    cpu_kernels: str | None = None,
-    cpu_isa: str | None = None,
-    mimi: str | None = None,
+    model: str | None, setup: BenchSetup, threads: int | None = None, graphs: bool = True, **settings: Any
 ) -> dict[str, Any]:
     """Load (or randomly build, ``model=None``) the model, measure it and optionally the transformers baseline.
 
-    Loading is :func:`csmcli.loader.load_parts`' (``mimi``: the codec for checkpoints without one)."""
+    ``settings`` are :func:`csmcli.loader.load_parts`' keyword parameters (``device``, ``dtype``,
+    ``quantize``, ``compile``, ``cpu_kernels``, ``cpu_isa``, ``mimi``...); ``graphs``: capture CUDA graphs."""
     from .loader import load_parts, make_engine
 
+    device = settings.get("device", "auto")
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         torch.set_num_threads(threads or physical_cores())
-    parts = load_parts(
-        model,
-        device=device,
-        dtype=dtype,
-        quantize=quantize,
-        compile=compile,
-        cpu_kernels=cpu_kernels,
-        cpu_isa=cpu_isa,
-        keep_state=setup.baseline is not None,
-        **({"mimi": mimi} if mimi else {}),
-    )
+    parts = load_parts(model, keep_state=setup.baseline is not None, **settings)
     net, codec, torch_device, torch_dtype, caps = parts.model, parts.codec, parts.device, parts.dtype, parts.cpu_caps
     # On the CPU one stream gets its own engine: a single-slot engine picks the fastest kernels for
     # one row (csm say / play), a multi-slot one the kernels that serve several rows (serve, batch).
@@ -266,9 +248,9 @@ def run_bench(
         torch_device,
         torch_dtype,
         1 if cpu else max(setup.batch_sizes),
-        compile=compile,
+        compile=parts.compile,
         cuda_graphs=graphs,
-        cpu_kernels=cpu_kernels,
+        cpu_kernels=parts.cpu_kernels,
         cpu_caps=caps,
     )
     setup_s = time.perf_counter() - started
@@ -279,13 +261,13 @@ def run_bench(
         else platform.processor() or platform.machine(),
         "device_type": torch_device.type,
         "dtype": str(torch_dtype).removeprefix("torch."),
-        "quantization": quantize,
+        "quantization": parts.quantize,
         "threads": torch.get_num_threads(),
         "cuda_graphs": engine.graphs is not None,
         "cpu_kernels": engine.cpu_kernels,
         "cpu_isa": caps.isa if caps else None,
         "cpu_bf16_packed": caps.bf16_packed if caps else None,
-        "compiled": compile,
+        "compiled": parts.compile,
         "compile_and_capture_s": setup_s,
         "torch": torch.__version__,
         "prompt_rows": setup.prompt_rows,
@@ -300,8 +282,8 @@ def run_bench(
             torch_device,
             torch_dtype,
             max(setup.batch_sizes),
-            compile=compile,
-            cpu_kernels=cpu_kernels,
+            compile=parts.compile,
+            cpu_kernels=parts.cpu_kernels,
             cpu_caps=caps,
         )
         result["cpu_kernels_batched"] = engine.cpu_kernels

@@ -12,14 +12,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from . import convert
 from .errors import CheckpointError
 from .options import DEFAULT_MODEL
+
+if TYPE_CHECKING:  # finding and inspecting a checkpoint (``csm voices``) does not import torch
+    from torch import Tensor
 
 MIMI_MODEL = "kyutai/mimi"
 
@@ -235,7 +235,7 @@ def _keys(files: list[Path]) -> list[str]:
         from safetensors import safe_open
 
         try:
-            with safe_open(str(file), framework="pt") as f:
+            with safe_open(str(file), framework="numpy") as f:  # keys only: no torch needed
                 keys += list(f.keys())
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{file} is corrupt or not a safetensors file: {_one_line(exc)}") from None
@@ -243,6 +243,8 @@ def _keys(files: list[Path]) -> list[str]:
 
 
 def _load_pickle(file: Path) -> dict[str, Tensor]:
+    import torch
+
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch raises many types for a bad pickle
@@ -277,6 +279,8 @@ def read_tensors(ckpt: Checkpoint) -> tuple[dict[str, Tensor], dict[str, Tensor]
 
 def to_model_state(sd: dict[str, Tensor], config: dict[str, Any]) -> dict[str, Tensor]:
     """Map transformers names onto :class:`csmcli.model.CSMModel`'s (fusing QKV and gate/up)."""
+    import torch
+
     out: dict[str, Tensor] = {}
     try:
         out["text_embeddings.weight"] = sd["embed_text_tokens.weight"]

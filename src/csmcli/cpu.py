@@ -248,7 +248,7 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     built = gemv_kernels(dtype, caps) if needs_gemv(kernels, specs, max_batch, int8, caps, dtype) else None
     use_gemv = built is not None
 
-    def float_gemv(out_features: int, in_features: int):  # noqa: ANN202  (float weights keep one layout)
+    def float_gemv(out_features: int, in_features: int):
         wanted = (max_batch == 1 or upcast) and wants_gemv(out_features, in_features, upcast)
         return built.gemv if use_gemv and wanted else None
 

@@ -26,10 +26,8 @@ from typing import Any
 
 from .errors import CsmError, InputError
 from .formats import extensions_help, for_path
-from .options import OPTION_FIELDS, GenerationOptions
+from .options import OPTION_FIELDS, SPEAKERS, GenerationOptions
 
-#: Speaker ids CSM-1B knows.
-SPEAKER_IDS = (0, 1)
 #: Suffixes read as JSON Lines; every other file is plain text.
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 #: Fields a JSON Lines turn may have besides the generation options.
@@ -92,6 +90,11 @@ def parse_pairs(spec: str | None, flag: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def _speaker_tag(text: str) -> int | None:
+    """The speaker id a written ``0`` or ``1`` names (None for anything else)."""
+    return next((s for s in SPEAKERS if text == str(s)), None)
+
+
 def parse_speakers(spec: str | None) -> dict[str, int] | None:
     """``--speakers Alice=0,Bob=1`` as a name -> speaker id mapping (None when not given)."""
     pairs = parse_pairs(spec, "--speakers")
@@ -99,9 +102,10 @@ def parse_speakers(spec: str | None) -> dict[str, int] | None:
         return None
     mapping = {}
     for name, value in pairs:
-        if value not in ("0", "1"):
+        speaker = _speaker_tag(value)
+        if speaker is None:
             raise InputError(f"--speakers: speaker id for {name!r} must be 0 or 1, got {value!r}")
-        mapping[name] = int(value)
+        mapping[name] = speaker
     return mapping
 
 
@@ -136,10 +140,10 @@ class SpeakerNames:
             if self.fixed:
                 known = ", ".join(self.spelling.values())
                 raise ValueError(f"speaker {name!r} is not in --speakers ({known})")
-            if len(self.ids) >= len(SPEAKER_IDS):
+            if len(self.ids) >= len(SPEAKERS):
                 self.unmapped.setdefault(key, name)
                 raise ThirdSpeaker(name)
-            self._add(name, SPEAKER_IDS[len(self.ids)])
+            self._add(name, SPEAKERS[len(self.ids)])
         return self.ids[key], self.spelling[key]
 
     def name_for(self, speaker: int) -> str:
@@ -148,8 +152,8 @@ class SpeakerNames:
 
     def suggestion(self) -> str:
         """A ``--speakers`` value that maps every name seen onto 0 and 1 (later names alternate)."""
-        pairs = [f"{n}={i}" for n, i in zip(self.spelling.values(), SPEAKER_IDS, strict=False)]
-        pairs += [f"{n}={SPEAKER_IDS[k % 2]}" for k, n in enumerate(self.unmapped.values())]
+        pairs = [f"{n}={i}" for n, i in zip(self.spelling.values(), SPEAKERS, strict=False)]
+        pairs += [f"{n}={SPEAKERS[k % len(SPEAKERS)]}" for k, n in enumerate(self.unmapped.values())]
         return ",".join(pairs)
 
     def explain(self, problem: ValueError) -> str:
@@ -222,9 +226,10 @@ def _text_turn(line: str, names: SpeakerNames, number: int, line_no: int) -> Tur
     bracket = _BRACKET.fullmatch(line)
     if bracket:
         tag, text = bracket.groups()
-        if tag not in ("0", "1"):
+        speaker = _speaker_tag(tag)
+        if speaker is None:
             raise ValueError(f"speaker in [{tag}] must be 0 or 1")
-        speaker, name = int(tag), names.name_for(int(tag))
+        name = names.name_for(speaker)
     else:
         named = _NAMED.fullmatch(line)
         if not named:
@@ -277,7 +282,7 @@ def _json_speaker(obj: dict[str, Any], names: SpeakerNames) -> tuple[int, str]:
         raise ValueError("'speaker' is missing (0, 1 or a name)")
     value = obj["speaker"]
     if isinstance(value, int) and not isinstance(value, bool):
-        if value not in SPEAKER_IDS:
+        if value not in SPEAKERS:
             raise ValueError(f"'speaker' must be 0 or 1, got {value}")
         return value, names.name_for(value)
     if isinstance(value, str) and re.fullmatch(_NAME, value.strip()):

@@ -27,9 +27,9 @@ from torch import Tensor
 from .cpu import CpuCaps, prepare_cpu
 from .cpu import cpu_caps as detect_cpu_caps
 from .errors import PromptTooLongError
-from .graphs import capture_frames, frame_buckets
+from .graphs import EagerFrame, capture_frames, eager_frames, frame_buckets
 from .model import EAGER_LAYERS, CSMModel, DepthStep, LayerFns
-from .options import REPETITION_WINDOW, GenerationOptions
+from .options import FRAME_MS, REPETITION_WINDOW, GenerationOptions
 from .prompt import Prompt
 from .sampling import SamplingParams, sample
 
@@ -201,7 +201,7 @@ class Engine:
         self.k_max: int | None = None
         self.use_penalty = True
         self.compiled = False  # set by compile()
-        self.graphs: dict[int, torch.cuda.CUDAGraph] | None = None
+        self.graphs: dict[int, torch.cuda.CUDAGraph | EagerFrame] | None = None
         self.graph_buckets: list[int] = []
         self.graph_codes: dict[int, Tensor] = {}
         self.waiting: deque[Job] = deque()
@@ -216,7 +216,7 @@ class Engine:
         needed = len(prompt) + options.max_frames
         if needed > self.max_len:
             room = self.max_len - len(prompt)
-            hint = f"lower max_audio_ms to {room * 80} or less" if room > 0 else "shorten the text or the context"
+            hint = f"lower max_audio_ms to {room * FRAME_MS} or less" if room > 0 else "shorten the text or the context"
             raise PromptTooLongError(
                 f"prompt takes {len(prompt)} positions and max_audio_ms={options.max_audio_ms} needs "
                 f"{options.max_frames} frames: more than the model's {self.max_len}; {hint}"
@@ -415,16 +415,19 @@ class Engine:
                 self._frame(n, 1)
 
     @torch.inference_mode()
-    def capture_graphs(self) -> None:
+    def capture_graphs(self, eager: bool = False) -> None:
         """Record the whole frame as one CUDA graph per batch bucket (see :mod:`csmcli.graphs`).
 
-        Called once before any job runs (see :meth:`_scratch_frames`).
+        Called once before any job runs (see :meth:`_scratch_frames`).  ``eager`` records stand-ins
+        that run each frame eagerly (:func:`csmcli.graphs.eager_frames`), on any device: for testing
+        the graph-shaped path without CUDA.
         """
-        if self.device.type != "cuda" or self.graphs is not None:
+        if self.graphs is not None or (self.device.type != "cuda" and not eager):
             return
         buckets = frame_buckets(self.max_batch)
+        capture = eager_frames if eager else capture_frames
         with self._scratch_frames(self.graph_top_k):
-            graphs, outputs = capture_frames(lambda b: self._frame(b, self.max_len), buckets)
+            graphs, outputs = capture(lambda b: self._frame(b, self.max_len), buckets)
         self.graph_buckets, self.graph_codes, self.graphs = buckets, outputs, graphs
 
     def _sampler(self) -> Callable[[Tensor, int], Tensor]:

@@ -40,3 +40,23 @@ def capture_frames(
         graphs[b] = graph
     torch.cuda.synchronize()
     return graphs, outputs
+
+
+class EagerFrame:
+    """A stand-in for a captured frame where there is no CUDA: :meth:`replay` runs the frame eagerly
+    and puts its codes where a graph's replay leaves them (``outputs[width]``).  A fresh tensor each
+    time: on the CPU the engine hands out views of it, which must not change under earlier frames."""
+
+    def __init__(self, frame: Callable[[int], Tensor], width: int, outputs: dict[int, Tensor]) -> None:
+        self.frame, self.width, self.outputs = frame, width, outputs
+
+    def replay(self) -> None:
+        """Run the frame for this bucket's width."""
+        self.outputs[self.width] = self.frame(self.width)
+
+
+def eager_frames(frame: Callable[[int], Tensor], buckets: list[int]) -> tuple[dict[int, EagerFrame], dict[int, Tensor]]:
+    """What :func:`capture_frames` returns, without CUDA: one :class:`EagerFrame` per bucket, each run
+    once.  For testing the graph-shaped path (static widths, the full context length) on a CPU."""
+    outputs = {b: frame(b) for b in reversed(buckets)}
+    return {b: EagerFrame(frame, b, outputs) for b in buckets}, outputs

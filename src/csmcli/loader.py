@@ -72,7 +72,8 @@ def build_model(config: dict, state: dict[str, Tensor], device: torch.device, dt
 
 @dataclass
 class Parts:
-    """What :func:`load_parts` loaded: everything an engine and a synthesizer are built from."""
+    """What :func:`load_parts` loaded: everything an engine and a synthesizer are built from, and the
+    settings it checked (``max_batch_size``, ``quantize``, ``compile``: compile the engine, ``cpu_kernels``)."""
 
     model: CSMModel
     codec: Codec
@@ -81,6 +82,10 @@ class Parts:
     cpu_caps: cpu.CpuCaps | None
     config: dict[str, Any]
     source: str
+    max_batch_size: int = 1
+    quantize: str = "none"
+    compile: bool = False
+    cpu_kernels: str = "auto"
     path: Path | None = None
     tokenizer: Any = None
     prompts_dir: Path | None = None
@@ -145,7 +150,10 @@ def load_parts(
     else:
         codec = Codec.from_pretrained(checkpoint.resolve(mimi, local_files_only), torch_device)
     source = str(path) if path else "random weights, full-size CSM-1B architecture"
-    parts = Parts(net, codec, torch_device, torch_dtype, caps, config, source, path, state=state)
+    parts = Parts(
+        net, codec, torch_device, torch_dtype, caps, config, source, max_batch_size, quantize, compile, cpu_kernels
+    )
+    parts.path, parts.state = path, state
     if ckpt is not None:
         parts.tokenizer, parts.prompts_dir = _tokenizer(ckpt.tokenizer_file), ckpt.prompts_dir
     return parts
@@ -186,7 +194,7 @@ def random_codec(device: torch.device) -> Codec:
     return Codec(MimiModel(MimiConfig()).eval().to(device))
 
 
-def _tokenizer(path: Path) -> Any:  # noqa: ANN401
+def _tokenizer(path: Path) -> Any:
     from tokenizers import Tokenizer
 
     try:

@@ -381,14 +381,14 @@ def play_stream(
             else:
                 if resampler is not None:
                     buf.push(to_int16(resampler.resample_chunk(np.zeros(0, np.float32), last=True)))
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+        except BaseException as exc:
             failure.append(exc)
         finally:
             close = getattr(iterator, "close", None)
             if stop.is_set() and close is not None:
                 try:
                     close()
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.debug("closing the chunk iterator failed", exc_info=True)
             buf.finish(round(END_FADE_S * out_rate))
 

@@ -69,7 +69,7 @@ class Prompt:
 class PromptBuilder:
     """Tokenizes text and lays out segments as rows; audio is encoded with ``encode`` when needed."""
 
-    def __init__(self, tokenizer, encode, num_codebooks: int = 32) -> None:  # noqa: ANN001
+    def __init__(self, tokenizer, encode, num_codebooks: int = 32) -> None:
         self.tokenizer = tokenizer
         self.encode = encode
         self.num_codebooks = num_codebooks

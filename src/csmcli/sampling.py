@@ -95,7 +95,7 @@ def sample(
     b = logits.shape[0]
     logits = logits[:, :num_codes].float()
     if recent is not None:
-        logits = _penalize(logits, recent, params.repetition_penalty[:b])
+        logits = penalize(logits, recent, params.repetition_penalty[:b])
     scores = logits / params.temperature[:b, None].clamp(min=1e-5)
     k = num_codes if k_max is None else max(1, min(k_max, num_codes))
     ordered, order = scores.topk(k, dim=-1)
@@ -112,8 +112,9 @@ def sample(
     return torch.where(is_greedy, order[:, 0], sampled)
 
 
-def _penalize(logits: Tensor, recent: Tensor, penalty: Tensor) -> Tensor:
-    """Divide positive / multiply negative logits of recently used codes by the row's penalty."""
+def penalize(logits: Tensor, recent: Tensor, penalty: Tensor) -> Tensor:
+    """Divide positive / multiply negative logits of recently used codes (``recent``: ``[B, window]``,
+    -1 for none) by the row's penalty."""
     b, n = logits.shape
     seen = torch.zeros(b, n + 1, dtype=torch.bool, device=logits.device)
     seen.scatter_(1, torch.where(recent < 0, n, recent), True)

@@ -21,8 +21,8 @@ from .engine import AudioChunk, EngineLoop, Job, JobStats
 from .errors import PromptTooLongError
 from .loader import load_parts, make_engine
 from .model import CSMModel
-from .options import FRAME_MS, GenerationOptions
-from .prompt import Prompt, PromptBuilder, Segment, check_speaker, check_text
+from .options import FRAME_MS, GenerationOptions, check_speaker, check_text
+from .prompt import Prompt, PromptBuilder, Segment
 from .textsplit import split_text
 from .utterance import Utterance
 from .voices import NO_VOICE, VoiceLibrary
@@ -99,54 +99,30 @@ class Synthesizer:
         return self.codec.sample_rate
 
     @classmethod
-    def load(
-        cls,
-        model: str = checkpoint.DEFAULT_MODEL,
-        *,
-        device: str = "auto",
-        dtype: str = "auto",
-        local_files_only: bool = False,
-        max_batch_size: int = 1,
-        quantize: str = "none",
-        compile: bool = False,
-        cpu_kernels: str | None = None,
-        cpu_isa: str | None = None,
-        cuda_graphs: bool = True,
-        mimi: str = checkpoint.MIMI_MODEL,
-    ) -> Synthesizer:
-        """Load a hub id (through the hub cache) or a local checkpoint directory (see :mod:`csmcli.loader`).
+    def load(cls, model: str = checkpoint.DEFAULT_MODEL, *, cuda_graphs: bool = True, **settings: Any) -> Synthesizer:
+        """Load a hub id (through the hub cache) or a local checkpoint directory.
 
-        ``quantize="int8"`` stores the projections as weight-only int8 (see :mod:`csmcli.quant`).
-        ``compile`` runs :meth:`Engine.compile` before returning: on a GPU the layers, on the CPU
-        (int8 weights) every depth-decoder step whole.  ``cpu_kernels`` (``auto``, ``packed``,
-        ``plain``) picks the CPU matrix kernels, ``cpu_isa`` (``avx512``, ``avx2``, ``default``) runs
-        the paths a CPU with only that instruction set takes (default: what this CPU offers; see
-        :func:`csmcli.cpu.cpu_caps`).  ``cuda_graphs`` captures each frame as CUDA graphs on a GPU;
-        ``mimi`` is where the codec comes from when the checkpoint has none.
+        ``settings`` are :func:`csmcli.loader.load_parts`' keyword parameters, checked there:
+        ``device``, ``dtype`` (both ``auto`` by default), ``local_files_only``, ``max_batch_size``,
+        ``quantize="int8"`` (weight-only int8 projections, see :mod:`csmcli.quant`), ``compile`` (runs
+        :meth:`Engine.compile`: on a GPU the layers, on the CPU with int8 weights every depth-decoder
+        step whole), ``cpu_kernels`` (``auto``, ``packed``, ``plain``), ``cpu_isa`` (``avx512``,
+        ``avx2``, ``default``: the paths a CPU with only that instruction set takes) and ``mimi`` (where
+        the codec comes from when the checkpoint has none).  ``cuda_graphs`` captures each frame as CUDA
+        graphs on a GPU.
         """
-        parts = load_parts(
-            model,
-            device=device,
-            dtype=dtype,
-            local_files_only=local_files_only,
-            max_batch_size=max_batch_size,
-            quantize=quantize,
-            compile=compile,
-            cpu_kernels=cpu_kernels,
-            cpu_isa=cpu_isa,
-            mimi=mimi,
-        )
+        parts = load_parts(model, **settings)
         return cls(
             parts.model,
             parts.codec,
             parts.tokenizer,
             parts.device,
             parts.dtype,
-            max_batch_size,
+            parts.max_batch_size,
             source=parts.path,
             prompts_dir=parts.prompts_dir,
-            compile=compile,
-            cpu_kernels=cpu_kernels,
+            compile=parts.compile,
+            cpu_kernels=parts.cpu_kernels,
             cpu_caps=parts.cpu_caps,
             cuda_graphs=cuda_graphs,
         )
@@ -343,8 +319,6 @@ class Synthesizer:
             if not job.done.is_set():
                 job.cancel()
                 self.engine.step()
-
-    run = stream_job
 
     def generate(
         self,

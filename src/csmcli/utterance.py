@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ class History:
         del self.segments[: max(0, len(self.segments) - self.keep)]
 
 
+@dataclass(eq=False, repr=False)
 class Utterance:
     """One request's jobs: its text split at sentence (then clause, then word) boundaries, one job
     per piece, each conditioned on the context and the pieces before it.
@@ -46,29 +48,17 @@ class Utterance:
     piece gets what the pieces before it left, and none starts once it is spent.
     """
 
-    def __init__(
-        self,
-        synth: Synthesizer,
-        pieces: list[str],
-        speaker: int,
-        base: list[Segment],
-        history: list[Segment],
-        options: GenerationOptions,
-        chunking: tuple[int, int],
-        sink,  # noqa: ANN001
-        pause_s: float,
-    ) -> None:
-        self.synth = synth
-        self.pieces = pieces
-        self.speaker = speaker
-        self.base = base
-        self.history = history
-        self.options = options
-        self.chunking = chunking
-        self.sink = sink
-        self.pause_s = pause_s
-        self.jobs: list[Job] = []
-        self.said = History(HISTORY_PIECES)
+    synth: Synthesizer
+    pieces: list[str]
+    speaker: int
+    base: list[Segment]
+    history: list[Segment]
+    options: GenerationOptions
+    chunking: tuple[int, int]
+    sink: Any
+    pause_s: float
+    jobs: list[Job] = field(default_factory=list, init=False)
+    said: History = field(default_factory=lambda: History(HISTORY_PIECES), init=False)
 
     @property
     def frames(self) -> int:

@@ -14,13 +14,17 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .audio import SAMPLE_RATE, read_audio
 from .errors import AudioError, InputError
 from .formats import write_file
-from .prompt import Segment, check_text
+from .options import check_text
+
+if TYPE_CHECKING:  # listing, adding and removing voices does not import torch (prompt does)
+    from .prompt import Segment
 
 log = logging.getLogger("csmcli")
 
@@ -240,6 +244,8 @@ def _mtime(path: Path | None) -> int:
 
 def context_segments(audio_files: list[Path], texts: list[str], speaker: int) -> list[Segment]:
     """Segments from ``--context-audio`` / ``--context-text`` pairs (in order)."""
+    from .prompt import Segment
+
     if len(audio_files) != len(texts):
         raise InputError(f"give one --context-text per --context-audio ({len(audio_files)} audio, {len(texts)} texts)")
     segments = []

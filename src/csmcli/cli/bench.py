@@ -45,8 +45,9 @@ def bench(
     from .loading import load_settings
 
     check_quantization(loader.quantize)
-    cpu = load_settings()
-    cpu_kernels = check_cpu_kernels(cpu_kernels or cpu["cpu_kernels"])
+    settings = load_settings()
+    settings.pop("cuda_graphs")  # bench has its own --no-graphs
+    settings["cpu_kernels"] = check_cpu_kernels(cpu_kernels or settings["cpu_kernels"])
     if baseline not in (None, "transformers"):
         raise OptionsError(f"baseline must be 'transformers', got {baseline!r}")
     try:
@@ -56,19 +57,9 @@ def bench(
     if not sizes or min(sizes) < 1 or frames < 2 or prompt_rows < 2 or prompt_rows + frames + 8 > 2048:
         raise OptionsError("need batch sizes >= 1, frames >= 2 and prompt rows >= 2 within 2048 positions")
     setup = BenchSetup(prompt_rows=prompt_rows, frames=frames, batch_sizes=sizes, baseline=baseline)
-    result = run_bench(
-        None if random_weights else loader.model,
-        loader.device,
-        loader.dtype,
-        loader.quantize,
-        setup,
-        threads,
-        graphs=not no_graphs,
-        compile=loader.compile,
-        cpu_kernels=cpu_kernels,
-        cpu_isa=cpu["cpu_isa"],
-        mimi=cpu.get("mimi"),
-    )
+    model = None if random_weights else loader.model
+    settings.update(device=loader.device, dtype=loader.dtype, quantize=loader.quantize, compile=loader.compile)
+    result = run_bench(model, setup, threads, graphs=not no_graphs, **settings)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return

@@ -24,7 +24,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from ..errors import CsmError
-from ..options import FRAME_MS, GenerationOptions
+from ..options import FRAME_MS, SPEAKERS, GenerationOptions
 from .app import RETRY_AFTER_S, SpeechServer
 from .config import ServerConfig
 from .requests import SHOWN_CHARS, error_body, error_response
@@ -116,9 +116,9 @@ def warm_up(synth: Synthesizer, defaults: GenerationOptions) -> float:
     the kernels) before the port opens; returns the seconds it took."""
     started = time.perf_counter()
     options = defaults.replace(max_audio_ms=2 * FRAME_MS, seed=0)
-    for speaker in (0, 1):
+    for speaker in SPEAKERS:
         for job in synth.jobs("Warming up.", speaker, options=options):
-            for _ in synth.run(job):
+            for _ in synth.stream_job(job):
                 pass
     return time.perf_counter() - started
 
