@@ -54,8 +54,8 @@ def main() -> None:
         work = Path(tmp)
         model = opts.model
         if model is None:
-            sys.path.insert(0, str(ROOT / "scripts"))
-            from make_tiny_checkpoint import make_tiny_checkpoint
+            sys.path.insert(0, str(ROOT / "tests"))
+            from tiny_checkpoint import make_tiny_checkpoint
 
             model = str(make_tiny_checkpoint(work / "tiny", seed=0))
         for n in range(opts.scripts):
