@@ -69,6 +69,7 @@ class Synthesizer:
         cpu_kernels: str | None = None,
         cpu_caps: CpuCaps | None = None,
         cuda_graphs: bool = True,
+        voices_home: Path | None = None,
     ) -> None:
         self.model = model
         self.codec = codec
@@ -76,7 +77,7 @@ class Synthesizer:
         self.dtype = dtype
         self.source = source
         self.prompts = PromptBuilder(tokenizer, codec.encode, model.num_codebooks)
-        self.voices = VoiceLibrary(prompts_dir)
+        self.voices = VoiceLibrary(prompts_dir, home=voices_home)
         self._voice_segments: OrderedDict[tuple, Any] = OrderedDict()  # the most recently used last
         self._voice_lock = threading.Lock()
         self.context_encodes = 0  # voices and context clips encoded (cache misses)
@@ -99,7 +100,14 @@ class Synthesizer:
         return self.codec.sample_rate
 
     @classmethod
-    def load(cls, model: str = checkpoint.DEFAULT_MODEL, *, cuda_graphs: bool = True, **settings: Any) -> Synthesizer:
+    def load(
+        cls,
+        model: str = checkpoint.DEFAULT_MODEL,
+        *,
+        cuda_graphs: bool = True,
+        voices_home: Path | None = None,
+        **settings: Any,
+    ) -> Synthesizer:
         """Load a hub id (through the hub cache) or a local checkpoint directory.
 
         ``settings`` are :func:`csmcli.loader.load_parts`' keyword parameters, checked there:
@@ -109,7 +117,7 @@ class Synthesizer:
         step whole), ``cpu_kernels`` (``auto``, ``packed``, ``plain``), ``cpu_isa`` (``avx512``,
         ``avx2``, ``default``: the paths a CPU with only that instruction set takes) and ``mimi`` (where
         the codec comes from when the checkpoint has none).  ``cuda_graphs`` captures each frame as CUDA
-        graphs on a GPU.
+        graphs on a GPU.  ``voices_home`` holds the user's voices (default: the platform's data directory).
         """
         parts = load_parts(model, **settings)
         return cls(
@@ -125,6 +133,7 @@ class Synthesizer:
             cpu_kernels=parts.cpu_kernels,
             cpu_caps=parts.cpu_caps,
             cuda_graphs=cuda_graphs,
+            voices_home=voices_home,
         )
 
     # -- requests ----------------------------------------------------------------------------

@@ -55,11 +55,8 @@ MAX_CONTEXT_SECONDS = 30.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-def csm_home() -> Path:
-    """The user directory: ``$CSM_HOME``, else the platform's data directory for csmcli."""
-    env = os.environ.get("CSM_HOME")
-    if env:
-        return Path(env).expanduser()
+def default_home() -> Path:
+    """The platform's data directory for csmcli (the CLI's ``$CSM_HOME`` overrides it)."""
     from platformdirs import user_data_dir
 
     return Path(user_data_dir("csmcli", appauthor=False))
@@ -149,7 +146,7 @@ class VoiceLibrary:
     @property
     def user_dir(self) -> Path:
         """Where user voices are stored."""
-        return (self.home or csm_home()) / "voices"
+        return (self.home or default_home()) / "voices"
 
     def presets(self) -> list[Voice]:
         """Prompt audio of the checkpoint that has a transcript (built in, or a ``NAME.txt`` beside it)."""

@@ -7,6 +7,7 @@ passed to :func:`csmcli.loader.load_parts` as parameters:
 * ``CSM_CPU_KERNELS``: CPU matrix kernels (``auto``, ``packed``, ``plain``).
 * ``CSM_CUDA_GRAPHS=0``: run frames eagerly on CUDA.
 * ``CSM_MIMI``: where the codec comes from when a checkpoint has none (hub id or directory).
+* ``CSM_HOME``: the user directory whose ``voices/`` holds the user's voices.
 
 (``CSM_COMPILE``, ``CSM_QUANTIZE`` and ``CSM_MODEL`` are the defaults of command-line options.)
 """
@@ -14,6 +15,7 @@ passed to :func:`csmcli.loader.load_parts` as parameters:
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .progress import status
@@ -25,6 +27,12 @@ if TYPE_CHECKING:
 def cpu_settings() -> dict[str, str | None]:
     """``cpu_isa`` and ``cpu_kernels`` from the environment (None when unset)."""
     return {"cpu_isa": os.environ.get("CSM_CPU_ISA") or None, "cpu_kernels": os.environ.get("CSM_CPU_KERNELS") or None}
+
+
+def user_home() -> Path | None:
+    """``$CSM_HOME``, the user directory for voices (None: the platform's data directory)."""
+    home = os.environ.get("CSM_HOME")
+    return Path(home).expanduser() if home else None
 
 
 def load_settings() -> dict[str, Any]:
@@ -55,5 +63,6 @@ def load_synthesizer(
             max_batch_size=max_batch_size,
             quantize=quantize,
             compile=compile,
+            voices_home=user_home(),
             **load_settings(),
         )

@@ -10,6 +10,7 @@ import typer
 from ..errors import InputError
 from ..options import DEFAULT_MODEL
 from .common import ModelOpt
+from .loading import user_home
 
 if TYPE_CHECKING:
     from ..voices import VoiceLibrary
@@ -28,7 +29,7 @@ def _library(model: str | None) -> VoiceLibrary:
             prompts = checkpoint.inspect(checkpoint.resolve(model, local_files_only=True)).prompts_dir
         except Exception:  # presets are optional here: listing user voices must still work
             prompts = None
-    return VoiceLibrary(prompts)
+    return VoiceLibrary(prompts, home=user_home())
 
 
 @app.command("list")
@@ -65,7 +66,7 @@ def add_voice(
     """Store a voice under $CSM_HOME/voices/NAME (resampled to 24 kHz mono)."""
     from ..voices import VoiceLibrary
 
-    voice = VoiceLibrary().add(name, audio, text, force=force)
+    voice = VoiceLibrary(home=user_home()).add(name, audio, text, force=force)
     typer.echo(f"added voice {voice.name}: {voice.audio_path}")
 
 
@@ -74,7 +75,7 @@ def remove_voice(name: Annotated[str, typer.Argument(help="The user voice to del
     """Delete a user voice (presets come with the model and stay)."""
     from ..voices import PRESET_TRANSCRIPTS, VoiceLibrary
 
-    library = VoiceLibrary()
+    library = VoiceLibrary(home=user_home())
     if name in PRESET_TRANSCRIPTS and all(v.name != name for v in library.user_voices()):
         raise InputError(f"{name} is a preset that comes with the model: presets cannot be removed, only user voices")
     library.remove(name)
