@@ -208,3 +208,15 @@ def test_engine_operations_through_the_synthesizer(synth) -> None:
     figures = measure_engine(synth, BenchSetup(prompt_rows=16, frames=2, warmup=1, voice_rows=16))
     assert figures["prefill_ms"] > 0 and figures["batches"]["1"]["ms_per_frame"] > 0
     assert synth.stats() == idle
+
+
+def test_generate_and_stream_take_the_same_request_arguments() -> None:
+    """The two entry points of a request stay in step (stream adds only its chunk sizes)."""
+    import inspect
+
+    from csmcli import Synthesizer
+
+    stream = dict(inspect.signature(Synthesizer.stream).parameters)
+    for extra in ("first_chunk_frames", "chunk_frames"):
+        stream.pop(extra)
+    assert stream == dict(inspect.signature(Synthesizer.generate).parameters)

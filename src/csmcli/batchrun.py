@@ -26,7 +26,7 @@ from . import audio as audio_io
 from . import formats
 from .dialog import Script, ScriptError, Turn, check_out_name, parse_pairs, parse_script, turn_file
 from .errors import AudioError, CsmError, InputError
-from .options import GenerationOptions
+from .options import SPEAKERS, GenerationOptions
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -150,7 +150,7 @@ def turn_options(turn: Turn, base: GenerationOptions) -> GenerationOptions:
 def parse_voices(spec: str | None, scripts: list[Script]) -> dict[str, str]:
     """``--voices Alice=calm,1=none`` keyed by lower-case name or speaker id; unknown names are errors."""
     voices = {key.casefold(): voice for key, voice in parse_pairs(spec, "--voices")}
-    known = {t.name.casefold() for s in scripts for t in s.turns} | {"0", "1"}
+    known = {t.name.casefold() for s in scripts for t in s.turns} | {str(s) for s in SPEAKERS}
     for key in voices:
         if key not in known:
             raise InputError(f"--voices: no speaker {key!r} in the script; use a name from it, 0 or 1")

@@ -60,80 +60,71 @@ class Format:
 #: MPEG-2 layer III (what mp3 is at 24 kHz) has these bitrates only.
 _MP3_BITRATES = tuple(k * 1000 for k in (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160))
 
-#: The formats, in the order help texts list them.
+#: The formats, in the order help texts list them.  Notes on single rows: audio/L16 means big-endian
+#: (RFC 2586), so little-endian PCM is labelled audio/pcm with its layout; a streamed FLAC would carry no
+#: length in its STREAMINFO header, which libsndfile refuses to read; libsndfile writes Vorbis in whole
+#: Ogg pages (about 4 KB, ~0.5 s of audio); FFmpeg's AAC encoder caps one channel at 6144 bits per
+#: 1024-sample frame (144 kbit/s at 24 kHz) and looks one frame ahead.
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
+        Format("wav", (".wav", ".wave"), "audio/wav", "pcm", aliases=("wave",), lossless=True),
         Format(
-            name="wav", extensions=(".wav", ".wave"), mime="audio/wav", encoder="pcm", aliases=("wave",), lossless=True
-        ),
-        Format(
-            name="raw",
-            extensions=(".raw", ".pcm"),
-            # audio/L16 means big-endian (RFC 2586), so little-endian PCM is labelled audio/pcm with its layout.
-            mime="audio/pcm;rate={rate};channels=1;encoding=s16le",
-            encoder="pcm",
-            aliases=("pcm", "s16le"),
+            "raw",
+            (".raw", ".pcm"),
+            "audio/pcm;rate={rate};channels=1;encoding=s16le",
+            "pcm",
             lossless=True,
+            aliases=("pcm", "s16le"),
             note="raw = headerless s16le mono",
         ),
         Format(
-            name="flac",
-            extensions=(".flac",),
-            mime="audio/flac",
-            encoder="sndfile",
-            container="FLAC",
-            codec="PCM_16",
+            "flac",
+            (".flac",),
+            "audio/flac",
+            "sndfile",
+            "FLAC",
+            "PCM_16",
             lossless=True,
-            # A streamed FLAC would carry no length in its STREAMINFO header, which libsndfile refuses to read.
             streamable=False,
             note="flac is written whole, not streamed",
         ),
         Format(
-            name="ogg",
-            extensions=(".ogg", ".oga"),
-            mime="audio/ogg",
-            encoder="sndfile",
-            container="OGG",
-            codec="VORBIS",
-            aliases=("vorbis",),
-            # libsndfile writes Vorbis in whole Ogg pages (about 4 KB), so the stream leaves in ~0.5 s steps.
-            note="ogg = Vorbis",
+            "ogg", (".ogg", ".oga"), "audio/ogg", "sndfile", "OGG", "VORBIS", aliases=("vorbis",), note="ogg = Vorbis"
         ),
         Format(
-            name="mp3",
-            extensions=(".mp3",),
-            mime="audio/mpeg",
-            encoder="av",
-            container="mp3",
-            codec="libmp3lame",
+            "mp3",
+            (".mp3",),
+            "audio/mpeg",
+            "av",
+            "mp3",
+            "libmp3lame",
             aliases=("mpeg",),
             bitrate=128_000,
             bitrates=_MP3_BITRATES,
         ),
         Format(
-            name="opus",
-            extensions=(".opus",),
-            mime="audio/ogg; codecs=opus",
-            encoder="av",
-            container="opus",
-            codec="libopus",
+            "opus",
+            (".opus",),
+            "audio/ogg; codecs=opus",
+            "av",
+            "opus",
+            "libopus",
             bitrate=64_000,
             bitrates=(6_000, 256_000),
             bitrate_range=True,
             note="opus = Ogg Opus",
         ),
         Format(
-            name="aac",
-            extensions=(".aac", ".adts"),
-            mime="audio/aac",
-            encoder="av",
-            container="adts",
-            codec="aac",
+            "aac",
+            (".aac", ".adts"),
+            "audio/aac",
+            "av",
+            "adts",
+            "aac",
             aliases=("adts",),
             holds=2048,
             bitrate=128_000,
-            # FFmpeg's AAC encoder caps one channel at 6144 bits per 1024-sample frame: 144 kbit/s at 24 kHz.
             bitrates=(16_000, 144_000),
             bitrate_range=True,
             note="aac = AAC-LC in ADTS",

@@ -28,7 +28,7 @@ from ..audio import resample
 from ..prompt import Segment
 from ..voices import MAX_CONTEXT_SECONDS, fit_context_audio
 from .config import ServerConfig
-from .requests import MAX_BODY_BYTES, ApiError, SpeechRequest, check_strings, read_fields
+from .requests import MAX_BODY_BYTES, ApiError, SpeechRequest, check_strings, read_fields, speaker_field
 from .uploads import decode_upload, read_form
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ def _json_clips(given: Any, speaker: int, max_clips: int, max_text_chars: int) -
             raise ApiError(400, message, "unknown_field", f"{where}.{unknown[0][:40]}")
         text = _clip_text(item.get("text"), f"{where}.text", max_text_chars)
         data = _base64(item.get("audio"), f"{where}.audio")
-        clip_speaker = _clip_speaker(item.get("speaker"), speaker, f"{where}.speaker")
+        clip_speaker = speaker_field(item.get("speaker"), speaker, f"{where}.speaker")
         clips.append(ContextClip(data, text, clip_speaker, f"{where}.audio"))
     return clips
 
@@ -172,7 +172,7 @@ def _form_clips(form: Mapping[str, Any], speaker: int, max_clips: int, max_text_
         raise ApiError(400, message, "context_mismatch", "context_speaker")
     clips = []
     for i, (data, text) in enumerate(zip(files, texts, strict=True)):
-        clip_speaker = _clip_speaker(speakers[i] if speakers else None, speaker, "context_speaker")
+        clip_speaker = speaker_field(speakers[i] if speakers else None, speaker, "context_speaker")
         where = f" (file {i + 1} of {len(files)})" if len(files) > 1 else ""
         clips.append(
             ContextClip(data, _clip_text(text, "context_text", max_text_chars), clip_speaker, FILE_FIELD, where)
@@ -189,16 +189,6 @@ def _clip_text(value: Any, param: str, limit: int) -> str:
         raise ApiError(400, f"{param} is {len(value)} characters; the limit is {limit}", "text_too_long", param)
     check_strings({param: value})
     return value.strip()
-
-
-def _clip_speaker(value: Any, default: int, param: str) -> int:
-    if value is None or value == "":
-        return default
-    if isinstance(value, str) and value.strip() in ("0", "1"):
-        return int(value.strip())
-    if isinstance(value, bool) or value not in (0, 1):
-        raise ApiError(400, f"{param} must be 0 or 1, got {str(value)[:40]!r}", "invalid_speaker", param)
-    return int(value)
 
 
 def _base64(value: Any, param: str) -> bytes:

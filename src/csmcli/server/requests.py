@@ -13,7 +13,7 @@ from aiohttp import web
 
 from .. import formats
 from ..errors import OptionsError
-from ..options import OPTION_FIELDS, GenerationOptions
+from ..options import OPTION_FIELDS, SPEAKERS, GenerationOptions
 from ..voices import DEFAULT_VOICES
 
 #: Longest text one request may carry (characters).
@@ -244,14 +244,15 @@ def _string(fields: Mapping[str, Any], name: str) -> str | None:
     return value.strip()
 
 
-def _speaker(fields: Mapping[str, Any], default: int = 0) -> int:
-    value = fields.get("speaker")
-    if _absent(value):
+def speaker_field(value: Any, default: int = 0, param: str = "speaker") -> int:
+    """A speaker id from JSON or a form: one of :data:`~csmcli.options.SPEAKERS`, as a number or its
+    digits (``"1"``); absent or empty is ``default``; anything else a 400 naming ``param``."""
+    if _absent(value) or value == "":
         return default
-    if isinstance(value, str) and value.strip() in ("0", "1"):
+    if isinstance(value, str) and value.strip() in {str(s) for s in SPEAKERS}:
         value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int) or value not in (0, 1):
-        raise ApiError(400, f"speaker must be 0 or 1, got {shown(value)}", "invalid_speaker", "speaker")
+    if isinstance(value, bool) or not isinstance(value, int) or value not in SPEAKERS:
+        raise ApiError(400, f"{param} must be 0 or 1, got {shown(value)}", "invalid_speaker", param)
     return value
 
 
@@ -311,7 +312,7 @@ def parse_generate(fields: Mapping[str, Any], defaults: GenerationOptions, max_t
     """Validate a ``POST /generate`` body (vox-serve's fields plus ours)."""
     check_fields(fields, GENERATE_FIELDS)
     text = _text(fields, "text", max_text_chars)
-    speaker = _speaker(fields)
+    speaker = speaker_field(fields.get("speaker"))
     streaming = _flag(fields, "streaming", False)
     fmt, bitrate = _format(fields, "format", "wav")
     if streaming and not formats.lookup(fmt).streamable:
@@ -358,4 +359,6 @@ def parse_speech(fields: Mapping[str, Any], defaults: GenerationOptions, max_tex
     elif voice is not None:
         speaker = next((s for s, name in DEFAULT_VOICES.items() if name == voice), 0)
     mode = "sse" if sse else "audio" if streamable else "whole"  # flac is answered whole
-    return SpeechRequest(text, _speaker(fields, speaker), voice, _options(fields, defaults), fmt, mode, bitrate)
+    return SpeechRequest(
+        text, speaker_field(fields.get("speaker"), speaker), voice, _options(fields, defaults), fmt, mode, bitrate
+    )

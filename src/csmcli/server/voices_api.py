@@ -23,7 +23,7 @@ from aiohttp import web
 from .. import formats
 from ..errors import AudioError, InputError
 from ..voices import DEFAULT_VOICES, MAX_CONTEXT_SECONDS, NO_VOICE, Voice, VoiceLibrary
-from .requests import OPENAI_VOICES, ApiError
+from .requests import OPENAI_VOICES, ApiError, speaker_field
 from .uploads import MAX_UPLOAD_BYTES, UPLOAD_FORMATS, decode_upload, read_form, sniff_format
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ class VoiceRoutes:
         upload = await read_upload(request)
         name = _required(upload.fields, "name")
         text = _required(upload.fields, "text")
-        speaker = _speaker(upload.fields.get("speaker", ""))
+        speaker = speaker_field(upload.fields.get("speaker"))
         limit = self.server.config.max_text_chars
         if len(text) > limit:
             raise ApiError(400, f"text is {len(text)} characters; the limit is {limit}", "text_too_long", "text")
@@ -236,12 +236,6 @@ def _required(fields: dict[str, str], name: str) -> str:
         what = "the voice's name" if name == "name" else "exactly what the recording says"
         raise ApiError(400, f"missing required field {name!r}: {what}", "missing_field", name)
     return value
-
-
-def _speaker(value: str) -> int:
-    if value.strip() in ("", "0", "1"):
-        return int(value.strip() or 0)
-    raise ApiError(400, f"speaker must be 0 or 1, got {value!r}", "invalid_speaker", "speaker")
 
 
 def _add_error(message: str, name: str) -> ApiError:
