@@ -117,9 +117,9 @@ class SpeechRequest:
     options: GenerationOptions
     fmt: str = "wav"
     mode: str = "whole"
-    context: tuple[Any, ...] | None = None
     #: Bits/s for a lossy ``fmt`` (its default when not asked), else None.
     bitrate: int | None = None
+    context: tuple[Any, ...] | None = None
 
 
 # -- request bodies -----------------------------------------------------------------------------
