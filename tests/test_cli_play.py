@@ -20,7 +20,7 @@ BASE = ["--device", "cpu", "--dtype", "float32", "-q"]
 @pytest.fixture()
 def alsa_home(tmp_path: Path, cli_env: dict):
     """A HOME whose ALSA default device is a FIFO drained at exactly 24 kHz: a sound card for CI."""
-    from test_playback import AlsaCapture
+    from test_playback_alsa import AlsaCapture
 
     cap = AlsaCapture(tmp_path)
     yield {**cli_env, "HOME": str(cap.home)}, cap
