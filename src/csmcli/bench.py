@@ -3,12 +3,13 @@
 With ``random_weights`` the full-size CSM-1B architecture gets random weights (the same compute
 as the real model), so the numbers can be reproduced where the gated weights are absent.  The
 ``transformers`` baseline runs ``CsmForConditionalGeneration.generate`` on the same weights,
-dtype, prompt length and frame count in the same process.
+prompt length and frame count in the same process: in the model's dtype on a GPU, in float32 and
+bfloat16 on the CPU (compared against the faster).  On the CPU a frame's floor is the bytes of
+weights it reads over the memory bandwidth measured in the same run.
 """
 
 from __future__ import annotations
 
-import os
 import platform
 import resource
 import statistics
@@ -17,10 +18,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+from torch import Tensor, nn
 
 from .engine import Job
 from .options import FRAME_MS, GenerationOptions
 from .prompt import Prompt
+from .threads import physical_cores, spinners
+
+__all__ = ["BenchSetup", "frame_weight_bytes", "memory_read_gb_s", "physical_cores", "run_bench"]
 
 
 @dataclass
@@ -33,21 +38,7 @@ class BenchSetup:
     warmup: int = 3
     baseline: str | None = None
     voice_rows: int = 320
-
-
-def physical_cores() -> int:
-    """Physical CPU cores available to this process (hyper-threads not counted)."""
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    cores = set()
-    for cpu in cpus:
-        try:
-            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_id") as f:
-                core = f.read().strip()
-            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/physical_package_id") as f:
-                cores.add((f.read().strip(), core))
-        except OSError:
-            cores.add(("", str(cpu)))
-    return max(1, len(cores))
+    busy_cores: int = 0  # processes that keep a core busy for the whole run
 
 
 def _sync(device: torch.device) -> None:
@@ -217,6 +208,54 @@ def _prefix_ttfa(loop: FrameLoop, setup: BenchSetup) -> dict[str, float]:
     return out
 
 
+def _module_tensors(module: nn.Module) -> list[Tensor]:
+    """The weights ``module`` and its children hold: parameters, persistent buffers (int8 scales; not
+    RoPE frequencies), and matrices kept as plain attributes (packed CPU weights, some in tuples)."""
+    found: list[Tensor] = []
+    for m in module.modules():
+        buffers = [t for name, t in m._buffers.items() if name not in m._non_persistent_buffers_set]
+        found += [t for t in (*m._parameters.values(), *buffers) if t is not None]
+        for value in vars(m).values():
+            items = value if isinstance(value, tuple | list) else (value,)
+            found += [t for t in items if isinstance(t, Tensor) and t.dim() >= 2]
+    return found
+
+
+def _tensor_bytes(tensors: list[Tensor]) -> int:
+    """Bytes the tensors occupy in their own dtype, each counted once (also opaque packed tensors)."""
+    seen: set[int] = set()
+    total = 0
+    for t in tensors:
+        key = id(t) if t.is_mkldnn else t.data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def frame_weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights one frame reads, as stored (float, packed, int8...): the backbone and the
+    codebook-0 head once, the depth decoder once per codebook after the first, the projection once per
+    codebook (the backbone state, then each new code), and each codebook's depth head once."""
+    steps = model.num_codebooks - 1
+    heads = model.head_layers if model.head_layers is not None else model.audio_head
+    parts = [(model.backbone, 1), (model.codebook0_head, 1), (model.projection, steps + 1), (model.decoder, steps)]
+    total = sum(count * _tensor_bytes(_module_tensors(m)) for m, count in parts)
+    return total + _tensor_bytes(_module_tensors(heads) if isinstance(heads, nn.Module) else [heads])
+
+
+def memory_read_gb_s(size_bytes: int = 2**30, repeats: int = 4) -> float:
+    """Memory read bandwidth in GB/s with torch's current threads: the best of ``repeats`` sums over a
+    float32 buffer of ``size_bytes`` (choose it far larger than the last-level cache)."""
+    buf = torch.ones(size_bytes // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t)
+    return buf.numel() * 4 / best / 1e9
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak device memory (CUDA) or peak resident set size of the process (CPU), in MB."""
     if device.type == "cuda":
@@ -225,18 +264,26 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def run_bench(
-    model: str | None, setup: BenchSetup, threads: int | None = None, graphs: bool = True, **settings: Any
+    model: str | None, setup: BenchSetup, threads: int | str | None = "auto", graphs: bool = True, **settings: Any
 ) -> dict[str, Any]:
-    """Load (or randomly build, ``model=None``) the model, measure it and optionally the transformers baseline.
+    """Load (or randomly build, ``model=None``) the model, measure it and optionally the transformers
+    baseline, with ``setup.busy_cores`` spinning processes running from start to end.
 
-    ``settings`` are :func:`csmcli.loader.load_parts`' keyword parameters (``device``, ``dtype``,
-    ``quantize``, ``compile``, ``cpu_kernels``, ``cpu_isa``, ``mimi``...); ``graphs``: capture CUDA graphs."""
+    ``threads``: CPU threads, a number or ``auto`` (measured after the spinners start); ``settings`` are
+    :func:`csmcli.loader.load_parts`' other keyword parameters (``device``, ``dtype``, ``quantize``,
+    ``compile``, ``cpu_kernels``, ``cpu_isa``, ``mimi``...); ``graphs``: capture CUDA graphs."""
+    with spinners(setup.busy_cores):
+        time.sleep(0.2 if setup.busy_cores else 0)  # the spinners are running before auto counts busy cores
+        result = _measure_all(model, setup, threads, graphs, settings)
+    return result
+
+
+def _measure_all(
+    model: str | None, setup: BenchSetup, threads: int | str | None, graphs: bool, settings: dict[str, Any]
+) -> dict[str, Any]:
     from .loader import load_parts, make_engine
 
-    device = settings.get("device", "auto")
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        torch.set_num_threads(threads or physical_cores())
-    parts = load_parts(model, keep_state=setup.baseline is not None, **settings)
+    parts = load_parts(model, keep_state=setup.baseline is not None, threads=threads, **settings)
     net, codec, torch_device, torch_dtype, caps = parts.model, parts.codec, parts.device, parts.dtype, parts.cpu_caps
     # On the CPU one stream gets its own engine: a single-slot engine picks the fastest kernels for
     # one row (csm say / play), a multi-slot one the kernels that serve several rows (serve, batch).
@@ -263,6 +310,8 @@ def run_bench(
         "dtype": str(torch_dtype).removeprefix("torch."),
         "quantization": parts.quantize,
         "threads": torch.get_num_threads(),
+        "threads_setting": threads,
+        "busy_cores": setup.busy_cores,
         "cuda_graphs": engine.graphs is not None,
         "cpu_kernels": engine.cpu_kernels,
         "cpu_isa": caps.isa if caps else None,
@@ -273,6 +322,11 @@ def run_bench(
         "prompt_rows": setup.prompt_rows,
         "frames": setup.frames,
     }
+    if cpu:
+        weights = frame_weight_bytes(engine.model)
+        result["frame_weight_mb"] = weights / 1e6
+        result["memory_read_gb_s"] = memory_read_gb_s()
+        result["floor_ms_per_frame"] = 1e3 * weights / (result["memory_read_gb_s"] * 1e9)
     result.update(measure_engine(engine, setup))
     if cpu and max(setup.batch_sizes) > 1:
         del engine
@@ -295,7 +349,22 @@ def run_bench(
         del engine, net
         if torch_device.type == "cuda":
             torch.cuda.empty_cache()
-        base = measure_transformers(parts.state, parts.config, torch_device, torch_dtype, setup)
-        result["baseline"] = {"name": "transformers", **base}
-        result["speedup_vs_baseline"] = base["ms_per_frame"] / result["ms_per_frame"]
+        result.update(measure_baseline(parts.state, parts.config, torch_device, torch_dtype, setup, result))
     return result
+
+
+def measure_baseline(
+    state: dict[str, Tensor],
+    config: dict[str, Any],
+    device: torch.device,
+    dtype: torch.dtype,
+    setup: BenchSetup,
+    ours: dict[str, Any],
+) -> dict[str, Any]:
+    """transformers on the same weights, in the model's dtype on a GPU and in float32 and bfloat16 on
+    the CPU (its best dtype there depends on the CPU); ``speedup_vs_baseline`` is against the fastest."""
+    dtypes = (torch.float32, torch.bfloat16) if device.type == "cpu" else (dtype,)
+    runs = {str(d).removeprefix("torch."): measure_transformers(state, config, device, d, setup) for d in dtypes}
+    best = min(runs, key=lambda name: runs[name]["ms_per_frame"])
+    baseline = {"name": "transformers", "dtype": best, **runs[best], "dtypes": runs}
+    return {"baseline": baseline, "speedup_vs_baseline": runs[best]["ms_per_frame"] / ours["ms_per_frame"]}

@@ -21,6 +21,7 @@ from .engine import Engine
 from .errors import CheckpointError, OptionsError
 from .model import CSMModel, TransformerSpec
 from .quant import check_quantization, quantize_int8
+from .threads import check_threads, resolve_threads
 
 log = logging.getLogger("csmcli")
 
@@ -105,13 +106,17 @@ def load_parts(
     cpu_isa: str | None = None,
     mimi: str = checkpoint.MIMI_MODEL,
     keep_state: bool = False,
+    threads: int | str | None = None,
 ) -> Parts:
     """Check the settings, then load ``model`` (hub id or directory; None: the full-size CSM-1B
     architecture with random weights and a random Mimi, for benchmarks) onto ``device``.
 
     ``mimi`` is where the codec comes from when the checkpoint has none.  ``keep_state`` keeps the
-    source state dict (on the CPU) in :attr:`Parts.state`, e.g. for a reference model.
+    source state dict (on the CPU) in :attr:`Parts.state`, e.g. for a reference model.  ``threads``:
+    torch's CPU threads, a number or ``auto`` (:mod:`csmcli.threads`), set before anything compiles
+    (compiled CPU kernels keep the count they were built for); None leaves torch's setting.
     """
+    check_threads(threads)
     torch_device = pick_device(device)
     caps = cpu.cpu_caps(cpu_isa) if torch_device.type == "cpu" else None
     torch_dtype = pick_dtype(dtype, torch_device, caps)
@@ -119,6 +124,8 @@ def load_parts(
         raise OptionsError(f"max_batch_size must be at least 1, got {max_batch_size}")
     check_quantization(quantize)
     cpu_kernels = cpu.check_cpu_kernels(cpu_kernels)
+    if threads is not None:
+        torch.set_num_threads(resolve_threads(threads))
     if compile and caps:
         cpu.check_compilable(quantize == "int8", cpu_kernels, torch_dtype, caps)
     ckpt = path = None

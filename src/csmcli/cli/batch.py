@@ -228,7 +228,9 @@ def batch(
             mark_todo(d, force, chained=chain is not None)
         synth = None
         if ray is None or not any(d.todo for d in dialogues):
-            synth = generate(dialogues, chain, batch_size, model, device, dtype, quiet, quantize, compile_)
+            synth = generate(
+                dialogues, chain, batch_size, model, device, dtype, quiet, quantize, compile_, loader.thread_setting
+            )
         else:
             from .ray_batch import generate_on_ray
 
@@ -250,6 +252,7 @@ def generate(
     quiet: bool,
     quantize: str = "none",
     compile: bool = False,
+    threads: int | str = "auto",
 ) -> Synthesizer | None:
     """Load the model if any turn is pending and generate those turns, files and manifests as they finish;
     the loaded model, or None if nothing was pending."""
@@ -264,7 +267,7 @@ def generate(
         return None
     lanes = make_lanes(dialogues, chain)
     slots = min(batch_size, len(lanes))
-    synth = load_synthesizer(model, device, dtype, not quiet and stderr_is_tty(), slots, quantize, compile)
+    synth = load_synthesizer(model, device, dtype, not quiet and stderr_is_tty(), slots, quantize, compile, threads)
     try:
         check_voices(synth, dialogues)
     except ScriptError as exc:

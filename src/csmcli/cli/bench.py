@@ -26,7 +26,13 @@ def bench(
     baseline: Annotated[
         str | None, typer.Option("--baseline", help="Also time `transformers` on the same weights and print the ratio.")
     ] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads [default: physical cores].")] = None,
+    busy_cores: Annotated[
+        int,
+        typer.Option(
+            "--busy-cores",
+            help="Keep this many cores busy with spinning processes for the whole run (a competing load).",
+        ),
+    ] = 0,
     no_graphs: Annotated[bool, typer.Option("--no-cuda-graphs", help="Run frames eagerly on CUDA.")] = False,
     cpu_kernels: Annotated[
         str | None,
@@ -54,12 +60,16 @@ def bench(
         sizes = tuple(sorted({int(b) for b in batch_sizes.split(",") if b.strip()}))
     except ValueError:
         raise OptionsError(f"batch sizes must be integers like 1,4,8, got {batch_sizes!r}") from None
+    if busy_cores < 0:
+        raise OptionsError(f"--busy-cores must be 0 or more, got {busy_cores}")
     if not sizes or min(sizes) < 1 or frames < 2 or prompt_rows < 2 or prompt_rows + frames + 8 > 2048:
         raise OptionsError("need batch sizes >= 1, frames >= 2 and prompt rows >= 2 within 2048 positions")
-    setup = BenchSetup(prompt_rows=prompt_rows, frames=frames, batch_sizes=sizes, baseline=baseline)
+    setup = BenchSetup(
+        prompt_rows=prompt_rows, frames=frames, batch_sizes=sizes, baseline=baseline, busy_cores=busy_cores
+    )
     model = None if random_weights else loader.model
     settings.update(device=loader.device, dtype=loader.dtype, quantize=loader.quantize, compile=loader.compile)
-    result = run_bench(model, setup, threads, graphs=not no_graphs, **settings)
+    result = run_bench(model, setup, loader.thread_setting, graphs=not no_graphs, **settings)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -69,7 +79,11 @@ def bench(
 def _print(r: dict) -> None:
     table = Table(title=f"csm bench: {r['model']}", show_header=False, box=None)
     rows = [
-        ("device", f"{r['device']} ({r['device_type']}), {r['threads']} threads, torch {r['torch']}"),
+        (
+            "device",
+            f"{r['device']} ({r['device_type']}), {r['threads']} threads (--threads {r['threads_setting']}), "
+            f"{r['busy_cores']} cores kept busy, torch {r['torch']}",
+        ),
         (
             "dtype / quantization",
             f"{r['dtype']} / {r['quantization']}, CUDA graphs: {r['cuda_graphs']}, compiled: {r['compiled']}",
@@ -83,6 +97,17 @@ def _print(r: dict) -> None:
                 )
             ]
             if r["cpu_kernels"]
+            else []
+        ),
+        *(
+            [
+                (
+                    "floor",
+                    f"{r['floor_ms_per_frame']:.1f} ms per frame: {r['frame_weight_mb']:.0f} MB of weights at "
+                    f"{r['memory_read_gb_s']:.1f} GB/s",
+                )
+            ]
+            if "floor_ms_per_frame" in r
             else []
         ),
         ("prefill", f"{r['prefill_ms']:.1f} ms for {r['prompt_rows']} rows"),
@@ -104,8 +129,9 @@ def _print(r: dict) -> None:
             )
         )
     if "baseline" in r:
-        rows.append(("transformers", f"{r['baseline']['ms_per_frame']:.1f} ms per frame"))
-        rows.append(("speedup", f"{r['speedup_vs_baseline']:.2f}x"))
+        for dtype, run in r["baseline"]["dtypes"].items():
+            rows.append((f"transformers {dtype}", f"{run['ms_per_frame']:.1f} ms per frame"))
+        rows.append(("speedup", f"{r['speedup_vs_baseline']:.2f}x (against transformers {r['baseline']['dtype']})"))
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)

@@ -21,6 +21,7 @@ import typer
 
 from .. import formats
 from ..options import DEFAULT_MODEL, REPETITION_WINDOW, GenerationOptions, check_speaker
+from ..threads import AUTO, check_threads
 
 if TYPE_CHECKING:
     from ..prompt import Segment
@@ -50,26 +51,50 @@ CompileOpt = Annotated[
         "10 s to a minute of compiling.",
     ),
 ]
+ThreadsOpt = Annotated[
+    str,
+    typer.Option(
+        "--threads",
+        help="CPU threads: a number, or auto: the physical cores other processes leave free (measured at start-up).",
+    ),
+]
 BitrateOpt = Annotated[str | None, typer.Option("--bitrate", help=formats.bitrate_help())]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display on stderr.")]
 
 
 @dataclass(frozen=True)
 class ModelFlags:
-    """Which checkpoint to load and how: ``--model --device --dtype --quantize --compile``."""
+    """Which checkpoint to load and how: ``--model --device --dtype --quantize --compile --threads``;
+    the thread count is checked on parsing."""
 
     model: ModelOpt = DEFAULT_MODEL
     device: DeviceOpt = "auto"
     dtype: DtypeOpt = "auto"
     quantize: QuantizeOpt = "none"
     compile: CompileOpt = False
+    threads: ThreadsOpt = AUTO
+
+    def __post_init__(self) -> None:
+        check_threads(self.threads)
+
+    @property
+    def thread_setting(self) -> int | str:
+        """``--threads`` as the loader takes it: ``auto`` or a number."""
+        return check_threads(self.threads)
 
     def load(self, show: bool, max_batch_size: int = 1) -> Synthesizer:
         """The :class:`~csmcli.synthesizer.Synthesizer` for these flags (spinner on stderr when ``show``)."""
         from .loading import load_synthesizer
 
         return load_synthesizer(
-            self.model, self.device, self.dtype, show, max_batch_size, quantize=self.quantize, compile=self.compile
+            self.model,
+            self.device,
+            self.dtype,
+            show,
+            max_batch_size,
+            quantize=self.quantize,
+            compile=self.compile,
+            threads=self.thread_setting,
         )
 
 

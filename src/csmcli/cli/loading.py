@@ -51,6 +51,7 @@ def load_synthesizer(
     max_batch_size: int = 1,
     quantize: str = "none",
     compile: bool = False,
+    threads: int | str | None = "auto",
 ) -> Synthesizer:
     """Load ``model`` (hub id or directory) onto ``device``; errors surface as one-line CsmErrors."""
     from ..synthesizer import Synthesizer
@@ -63,6 +64,7 @@ def load_synthesizer(
             max_batch_size=max_batch_size,
             quantize=quantize,
             compile=compile,
+            threads=threads,
             voices_home=user_home(),
             **load_settings(),
         )

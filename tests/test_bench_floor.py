@@ -1,0 +1,56 @@
+"""``csm bench``'s floor: the bytes of weights one frame reads, counted from the loaded tensors."""
+
+from __future__ import annotations
+
+import pytest
+
+from csmcli.bench import frame_weight_bytes, memory_read_gb_s
+from csmcli.loader import load_parts, make_engine
+from csmcli.model import TransformerSpec
+
+
+def _matrix_elements(spec: TransformerSpec) -> tuple[int, int]:
+    """(weight-matrix elements, output channels) of all layers of one transformer, from its shape alone."""
+    q, kv = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+    shapes = [(q + 2 * kv, spec.dim), (spec.dim, q), (2 * spec.ffn_dim, spec.dim), (spec.dim, spec.ffn_dim)]
+    return spec.n_layers * sum(o * i for o, i in shapes), spec.n_layers * sum(o for o, _ in shapes)
+
+
+def _expected(parts, weight_size: int, scale_size: int) -> int:
+    """A frame's bytes from the config: matrices at ``weight_size`` bytes per element plus one scale of
+    ``scale_size`` bytes per output channel (int8), norms in the model's dtype."""
+    model, float_size = parts.model, parts.dtype.itemsize
+    back, depth = model.backbone_spec, model.depth_spec
+    codebooks, vocab = model.num_codebooks, model.vocab
+
+    def matrix(elements: int, channels: int) -> int:
+        return elements * weight_size + channels * scale_size
+
+    def transformer(spec: TransformerSpec) -> int:
+        norms = (2 * spec.n_layers + 1) * spec.dim * float_size
+        return matrix(*_matrix_elements(spec)) + norms
+
+    return (
+        transformer(back)
+        + matrix(vocab * back.dim, vocab)  # codebook 0 head
+        + codebooks * matrix(depth.dim * back.dim, depth.dim)  # the projection, once per codebook
+        + (codebooks - 1) * transformer(depth)
+        + matrix((codebooks - 1) * vocab * depth.dim, (codebooks - 1) * vocab)  # one depth head per codebook
+    )
+
+
+@pytest.mark.parametrize(
+    "dtype, quantize, weight_size, scale_size",
+    [("float32", "none", 4, 0), ("bfloat16", "none", 2, 0), ("float32", "int8", 1, 4), ("bfloat16", "int8", 1, 2)],
+)
+def test_frame_weight_bytes_count_the_stored_weights(tiny_dir, dtype, quantize, weight_size, scale_size) -> None:
+    parts = load_parts(str(tiny_dir), device="cpu", dtype=dtype, quantize=quantize)
+    expected = _expected(parts, weight_size, scale_size)
+    assert frame_weight_bytes(parts.model) == expected
+    # the CPU kernels' packed layouts hold the same weights
+    engine = make_engine(parts.model, parts.codec, parts.device, parts.dtype, 2, cpu_kernels="packed")
+    assert frame_weight_bytes(engine.model) == expected
+
+
+def test_memory_read_bandwidth_is_measured() -> None:
+    assert 0.1 < memory_read_gb_s(2**24, repeats=2) < 10_000
