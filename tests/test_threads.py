@@ -94,6 +94,7 @@ def test_bench_reports_the_threads_and_busy_cores(tiny_dir, cli_env) -> None:
     assert r.returncode == 0, r.stderr.decode()
     result = json.loads(r.stdout)
     assert result["threads"] == 1 and result["threads_setting"] == 1 and result["busy_cores"] == 1
+    assert result["openmp_wait_policy"] == "PASSIVE"  # waiting OpenMP threads sleep: see sleeping_openmp_waits
     assert result["floor_ms_per_frame"] > 0 and result["memory_read_gb_s"] > 0
 
 
@@ -154,3 +155,11 @@ def test_a_failing_bench_stops_its_spinners(tmp_path) -> None:
     with pytest.raises(Exception, match="not"):
         run_bench(str(tmp_path / "missing"), BenchSetup(busy_cores=2), 1, device="cpu")
     assert _spinner_children(os.getpid()) == []
+
+
+def test_the_users_openmp_wait_policy_is_kept(tiny_dir, cli_env) -> None:
+    args = ["bench", "-m", str(tiny_dir), "--device", "cpu", "--dtype", "float32", "--frames", "2"]
+    cli_env["OMP_WAIT_POLICY"] = "active"
+    r = csm([*args, "--batch-sizes", "1", "--prompt-rows", "8", "--json"], cli_env)
+    assert r.returncode == 0, r.stderr.decode()
+    assert json.loads(r.stdout)["openmp_wait_policy"] == "active"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated
 
 import typer
@@ -70,6 +71,7 @@ def bench(
     model = None if random_weights else loader.model
     settings.update(device=loader.device, dtype=loader.dtype, quantize=loader.quantize, compile=loader.compile)
     result = run_bench(model, setup, loader.thread_setting, graphs=not no_graphs, **settings)
+    result["openmp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -82,7 +84,8 @@ def _print(r: dict) -> None:
         (
             "device",
             f"{r['device']} ({r['device_type']}), {r['threads']} threads (--threads {r['threads_setting']}), "
-            f"{r['busy_cores']} cores kept busy, torch {r['torch']}",
+            f"{r['busy_cores']} cores kept busy, OpenMP waits {r['openmp_wait_policy'] or 'default'}, "
+            f"torch {r['torch']}",
         ),
         (
             "dtype / quantization",

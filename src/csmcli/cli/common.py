@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -167,6 +168,19 @@ class VoiceFlags:
 
 
 FLAG_GROUPS = (ModelFlags, GenerationFlags, VoiceFlags)
+#: The OpenMP settings that make idle threads spin; when the user sets neither, waiting threads sleep.
+OPENMP_SPIN_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+
+
+def sleeping_openmp_waits() -> None:
+    """Before torch loads: OpenMP threads that wait sleep rather than spin (``OMP_WAIT_POLICY=PASSIVE``),
+    unless the user chose a policy.  A spinning thread that shares its core with another busy process
+    holds it for a time slice at every one of a frame's hundreds of barriers; a sleeping one costs a
+    wake-up instead, which stays small on an idle machine."""
+    if "torch" not in sys.modules and not any(name in os.environ for name in OPENMP_SPIN_SETTINGS):
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -193,6 +207,8 @@ def command(func: F) -> F:
 
     @functools.wraps(func)
     def run(**values: Any) -> Any:
+        if ModelFlags in groups.values():
+            sleeping_openmp_waits()
         for name, kind in groups.items():
             values[name] = kind(**{f.name: values.pop(f.name) for f in dataclasses.fields(kind)})
         return func(**values)
