@@ -144,14 +144,22 @@ def measure_throughput(loop: FrameLoop, setup: BenchSetup, batch: int) -> dict[s
 def measure_transformers(
     state: dict[str, torch.Tensor], config: dict[str, Any], device: torch.device, dtype: torch.dtype, setup: BenchSetup
 ) -> dict[str, Any]:
-    """transformers' generate on the same weights: ms per frame from two runs of different length."""
+    """transformers' generate on the same weights in ``dtype``: ms per frame from two runs of different length.
+
+    The model is built in ``dtype`` and loads ``state`` (any dtype, converted tensor by tensor), so at
+    most one full copy of the weights exists besides ``state``."""
     from transformers import CsmConfig, CsmForConditionalGeneration
     from transformers.initialization import no_init_weights
 
     cfg = CsmConfig(**{k: v for k, v in config.items() if k not in ("model_type", "transformers_weights")})
-    with no_init_weights(), torch.device(device):
-        ref = CsmForConditionalGeneration(cfg).to(dtype)
-    full = {k: v.to(device, dtype) for k, v in state.items()}
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with no_init_weights(), torch.device(device):
+            ref = CsmForConditionalGeneration(cfg).to(dtype)
+    finally:
+        torch.set_default_dtype(default)
+    full = dict(state)
     full.setdefault(
         "depth_decoder.model.embed_tokens.weight", full["backbone_model.embed_tokens.embed_audio_tokens.weight"]
     )
@@ -284,6 +292,8 @@ def _measure_all(
     from .loader import load_parts, make_engine
 
     parts = load_parts(model, keep_state=setup.baseline is not None, threads=threads, **settings)
+    for name, tensor in (parts.state or {}).items():  # the baseline's weights in the model's dtype (less memory)
+        parts.state[name] = tensor.to(parts.dtype) if tensor.is_floating_point() else tensor
     net, codec, torch_device, torch_dtype, caps = parts.model, parts.codec, parts.device, parts.dtype, parts.cpu_caps
     # On the CPU one stream gets its own engine: a single-slot engine picks the fastest kernels for
     # one row (csm say / play), a multi-slot one the kernels that serve several rows (serve, batch).

@@ -1,4 +1,5 @@
-"""``csm bench``'s floor: the bytes of weights one frame reads, counted from the loaded tensors."""
+"""``csm bench``'s figures: the floor (bytes of weights one frame reads, counted from the loaded
+tensors, over measured bandwidth) and transformers in each CPU dtype."""
 
 from __future__ import annotations
 
@@ -54,3 +55,16 @@ def test_frame_weight_bytes_count_the_stored_weights(tiny_dir, dtype, quantize, 
 
 def test_memory_read_bandwidth_is_measured() -> None:
     assert 0.1 < memory_read_gb_s(2**24, repeats=2) < 10_000
+
+
+def test_the_cpu_baseline_is_transformers_best_dtype(tiny_dir) -> None:
+    from csmcli.bench import BenchSetup, run_bench
+
+    setup = BenchSetup(prompt_rows=8, frames=4, batch_sizes=(1,), warmup=1, voice_rows=16, baseline="transformers")
+    r = run_bench(str(tiny_dir), setup, 1, device="cpu", dtype="bfloat16")
+    runs = r["baseline"]["dtypes"]
+    assert set(runs) == {"float32", "bfloat16"} and all(run["ms_per_frame"] > 0 for run in runs.values())
+    best = min(runs.values(), key=lambda run: run["ms_per_frame"])
+    assert r["baseline"]["ms_per_frame"] == best["ms_per_frame"] == runs[r["baseline"]["dtype"]]["ms_per_frame"]
+    assert r["speedup_vs_baseline"] == best["ms_per_frame"] / r["ms_per_frame"]
+    assert r["floor_ms_per_frame"] == pytest.approx(r["frame_weight_mb"] / r["memory_read_gb_s"])
