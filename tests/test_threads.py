@@ -163,3 +163,18 @@ def test_the_users_openmp_wait_policy_is_kept(tiny_dir, cli_env) -> None:
     r = csm([*args, "--batch-sizes", "1", "--prompt-rows", "8", "--json"], cli_env)
     assert r.returncode == 0, r.stderr.decode()
     assert json.loads(r.stdout)["openmp_wait_policy"] == "active"
+
+
+def test_the_loader_sets_the_threads_it_is_given(tiny_dir) -> None:
+    import torch
+
+    from csmcli.loader import load_parts
+
+    before = torch.get_num_threads()
+    try:
+        load_parts(str(tiny_dir), device="cpu", dtype="float32", threads=1)
+        assert torch.get_num_threads() == 1
+        with pytest.raises(OptionsError, match="threads must be"):
+            load_parts(str(tiny_dir), device="cpu", threads="none")
+    finally:
+        torch.set_num_threads(before)

@@ -115,8 +115,9 @@ class Synthesizer:
         ``quantize="int8"`` (weight-only int8 projections, see :mod:`csmcli.quant`), ``compile`` (runs
         :meth:`Engine.compile`: on a GPU the layers, on the CPU with int8 weights every depth-decoder
         step whole), ``cpu_kernels`` (``auto``, ``packed``, ``plain``), ``cpu_isa`` (``avx512``,
-        ``avx2``, ``default``: the paths a CPU with only that instruction set takes) and ``mimi`` (where
-        the codec comes from when the checkpoint has none).  ``cuda_graphs`` captures each frame as CUDA
+        ``avx2``, ``default``: the paths a CPU with only that instruction set takes), ``threads`` (torch's
+        CPU threads: a number, or ``auto``: the physical cores other processes leave free; None keeps
+        torch's setting) and ``mimi`` (where the codec comes from when the checkpoint has none).  ``cuda_graphs`` captures each frame as CUDA
         graphs on a GPU.  ``voices_home`` holds the user's voices (default: the platform's data directory).
         """
         parts = load_parts(model, **settings)
