@@ -114,7 +114,7 @@ def load_parts(
     ``mimi`` is where the codec comes from when the checkpoint has none.  ``keep_state`` keeps the
     source state dict (on the CPU) in :attr:`Parts.state`, e.g. for a reference model.  ``threads``:
     torch's CPU threads, a number or ``auto`` (:mod:`csmcli.threads`), set before anything compiles
-    (compiled CPU kernels keep the count they were built for); None leaves torch's setting.
+    (inductor's CPU kernels may specialize on the count); None leaves torch's setting.
     """
     check_threads(threads)
     torch_device = pick_device(device)

@@ -117,8 +117,9 @@ class Synthesizer:
         step whole), ``cpu_kernels`` (``auto``, ``packed``, ``plain``), ``cpu_isa`` (``avx512``,
         ``avx2``, ``default``: the paths a CPU with only that instruction set takes), ``threads`` (torch's
         CPU threads: a number, or ``auto``: the physical cores other processes leave free; None keeps
-        torch's setting) and ``mimi`` (where the codec comes from when the checkpoint has none).  ``cuda_graphs`` captures each frame as CUDA
-        graphs on a GPU.  ``voices_home`` holds the user's voices (default: the platform's data directory).
+        torch's setting) and ``mimi`` (where the codec comes from when the checkpoint has none).
+        ``cuda_graphs`` captures each frame as CUDA graphs on a GPU.  ``voices_home`` holds the user's
+        voices (default: the platform's data directory).
         """
         parts = load_parts(model, **settings)
         return cls(

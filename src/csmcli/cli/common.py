@@ -168,7 +168,7 @@ class VoiceFlags:
 
 
 FLAG_GROUPS = (ModelFlags, GenerationFlags, VoiceFlags)
-#: The OpenMP settings that make idle threads spin; when the user sets neither, waiting threads sleep.
+#: The OpenMP settings that decide whether waiting threads spin; when the user sets none, they sleep.
 OPENMP_SPIN_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 
 
@@ -176,7 +176,7 @@ def sleeping_openmp_waits() -> None:
     """Before torch loads: OpenMP threads that wait sleep rather than spin (``OMP_WAIT_POLICY=PASSIVE``),
     unless the user chose a policy.  A spinning thread that shares its core with another busy process
     holds it for a time slice at every one of a frame's hundreds of barriers; a sleeping one costs a
-    wake-up instead, which stays small on an idle machine."""
+    wake-up call instead."""
     if "torch" not in sys.modules and not any(name in os.environ for name in OPENMP_SPIN_SETTINGS):
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
