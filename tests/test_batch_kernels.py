@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from csmcli import cpu, quant
 from csmcli.quant import Int8Linear
 
-pytestmark = pytest.mark.skipif(not cpu.int8_fbgemm(), reason="this torch has no fbgemm (not x86)")
+needs_fbgemm = pytest.mark.skipif(not cpu.int8_fbgemm(), reason="this torch has no fbgemm (not x86)")
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -25,6 +25,7 @@ def _dequantized(layer: Int8Linear, weight: torch.Tensor, x: torch.Tensor) -> to
     return F.linear(x.float(), weight.float() * layer.scales.float()[..., None])
 
 
+@needs_fbgemm
 @pytest.mark.parametrize("rows", [1, 3, 8, quant.DEQUANTIZE_ROWS + 4])
 @pytest.mark.parametrize("reduce_range", [False, True])
 def test_fbgemm_matches_the_dequantized_product(rows: int, reduce_range: bool) -> None:
@@ -43,6 +44,7 @@ def test_fbgemm_matches_the_dequantized_product(rows: int, reduce_range: bool) -
     assert _relative_error(got, want) > 0  # it really is another computation
 
 
+@needs_fbgemm
 def test_fbgemm_stack_is_indexed_per_layer() -> None:
     torch.manual_seed(1)
     layer = Int8Linear(torch.randn(3, 96, 64) * 0.02, torch.float32)
@@ -54,6 +56,7 @@ def test_fbgemm_stack_is_indexed_per_layer() -> None:
         assert _relative_error(layer(x, index=i), want) < 0.01
 
 
+@needs_fbgemm
 def test_the_weights_are_stored_once_in_either_layout() -> None:
     layer = Int8Linear(torch.randn(2, 64, 48), torch.bfloat16)
     weight = layer.weight.clone()
@@ -64,6 +67,7 @@ def test_the_weights_are_stored_once_in_either_layout() -> None:
     assert layer.packed == () and torch.equal(layer.weight, weight)  # the same int8 values back
 
 
+@needs_fbgemm
 def test_multi_slot_engine_runs_int8_on_fbgemm(tiny_dir) -> None:
     """A real engine with two slots: every int8 layer on fbgemm, no int8 weight left in a buffer,
     and two streams generated together."""
@@ -81,6 +85,7 @@ def test_multi_slot_engine_runs_int8_on_fbgemm(tiny_dir) -> None:
     assert all(len(a.samples) == 6 * 1920 for a in audios)
 
 
+@needs_fbgemm
 def test_compiling_returns_int8_to_the_plain_layout_for_good(tiny_dir, monkeypatch: pytest.MonkeyPatch) -> None:
     """The compiler cannot read fbgemm's packed weights: before compiling they go back to the plain
     layout with the gemv for single rows, and engines made later on the same model keep it."""
@@ -97,3 +102,24 @@ def test_compiling_returns_int8_to_the_plain_layout_for_good(tiny_dir, monkeypat
         assert w13.gemv
     other = Engine(synth.model, synth.codec, synth.device, synth.dtype, max_batch=2)
     assert other.cpu_kernels != "fbgemm" and not w13.packed
+
+
+def test_without_fbgemm_int8_keeps_the_plain_kernels(tiny_dir, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch whose quantized ops are gone (they are marked deprecated): the probe says so and
+    int8 engines keep the plain layout and kernels."""
+    from csmcli import Synthesizer
+
+    def gone(*args):
+        raise RuntimeError("quantized::linear_prepack is not available")
+
+    monkeypatch.setattr(torch.ops.quantized, "linear_prepack", gone)
+    cpu.int8_fbgemm.cache_clear()
+    try:
+        assert not cpu.int8_fbgemm()
+        synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="float32", quantize="int8", max_batch_size=2)
+        assert synth.engine.cpu_kernels == "packed"
+        assert all(
+            not m.packed and m.weight.dtype == torch.int8 for m in synth.model.modules() if isinstance(m, Int8Linear)
+        )
+    finally:
+        cpu.int8_fbgemm.cache_clear()

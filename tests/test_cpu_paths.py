@@ -173,3 +173,15 @@ def test_multi_slot_bf16_engine_on_the_avx2_path(tiny_dir, no_onednn_bf16, monke
     one = Synthesizer.load(str(tiny_dir), device="cpu", dtype="bfloat16", cpu_isa="avx2")
     assert not _float32_packed(one.model)
     assert cpu.prepare_cpu(one.model, max_batch=2, caps=AVX2) == "packed-float32" and _float32_packed(one.model)
+
+
+def test_gemv_width_is_stated_where_torch_is_limited_to_avx2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``ATEN_CPU_CAPABILITY=avx2`` (how the AVX2 path is run on a bigger CPU) torch detects
+    AVX2 but inductor's own vector width stays AVX-512, and its gemv gave NaNs (so the kernels were
+    dropped): below AVX-512 the gemv is built at the detected ISA's width."""
+    asked = []
+    monkeypatch.setattr(cpu, "detect_cpu_caps", lambda: AVX2)
+    monkeypatch.setattr(cpu, "compiled_gemv", lambda dtype, simdlen: asked.append(simdlen))
+    cpu.gemv_kernels(torch.bfloat16)
+    cpu.gemv_kernels(torch.bfloat16, AVX2)
+    assert asked == [256, 256]

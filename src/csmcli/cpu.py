@@ -121,9 +121,19 @@ def wants_gemv(out_features: int, in_features: int, any_width: bool = False) -> 
     return (any_width or in_features <= GEMV_MAX_IN) and out_features * in_features >= GEMV_MIN_ELEMENTS
 
 
+@functools.cache
 def int8_fbgemm() -> bool:
-    """Whether this torch has fbgemm's int8 kernels (x86 builds), which eager int8 engines use."""
-    return "fbgemm" in torch.backends.quantized.supported_engines
+    """Whether fbgemm's int8 kernels work in this torch (x86 builds; torch marks its quantized
+    tensors deprecated, so a later torch may lack them), which eager int8 engines then use: probed
+    once on a tiny matrix."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    try:
+        layer = Int8Linear(torch.eye(8), torch.float32)
+        layer.use_fbgemm(reduce_range=True)
+        return bool(torch.allclose(layer(torch.ones(1, 8)), torch.ones(1, 8), atol=0.05))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def _upcasts(dtype: torch.dtype, caps: CpuCaps) -> bool:
