@@ -10,6 +10,12 @@ On a CPU a frame's speed is how fast the weights stream from memory.  Per matrix
   weight once; used for the wide matrices (``in_features <= 2048``), where it beats packed, and for
   every bfloat16 matrix on CPUs that cannot pack bfloat16.
 * **plain**: torch's defaults.
+* int8 weights (:class:`~csmcli.quant.Int8Linear`): fbgemm's packed int8 layout and dynamically
+  quantized linear for one row and for batches (it streams int8 weights at memory speed for
+  several rows, where ``torch._weight_int8pack_mm`` is compute-bound); compiled engines keep
+  the plain layout the compiler reads.
+* bfloat16 weights a CPU cannot pack: multi-slot engines pack them once as float32 (twice the
+  bytes) rather than converting them on every call of a batch.
 
 ``cpu_kernels`` picks ``auto`` (gemv where it helps and a compiler works, packed elsewhere),
 ``packed`` (no compiler) or ``plain``; ``cpu_isa`` limits the choice to what a CPU with a lesser
@@ -235,11 +241,17 @@ _CANNOT_COMPILE = (
 
 
 def check_compilable(
-    int8: bool, kernels: str | None = None, dtype: torch.dtype = torch.float32, caps: CpuCaps | None = None
+    int8: bool,
+    kernels: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    caps: CpuCaps | None = None,
+    max_batch: int = 1,
 ) -> None:
     """Before loading: a one-line :class:`OptionsError` if a CPU model with these settings would
-    have packed weights, which ``torch.compile`` cannot trace (:func:`check_model_compilable`)."""
-    if not int8 and check_cpu_kernels(kernels) != "plain" and not _upcasts(dtype, caps or cpu_caps()):
+    have packed weights, which ``torch.compile`` cannot trace (:func:`check_model_compilable`);
+    bf16 weights a CPU cannot pack are packed as float32 in multi-slot engines."""
+    packed = not _upcasts(dtype, caps or cpu_caps()) or max_batch > 1
+    if not int8 and check_cpu_kernels(kernels) != "plain" and packed:
         raise OptionsError(_CANNOT_COMPILE)
 
 
