@@ -70,7 +70,8 @@ def test_the_weights_are_stored_once_in_either_layout() -> None:
 @needs_fbgemm
 def test_multi_slot_engine_runs_int8_on_fbgemm(tiny_dir) -> None:
     """A real engine with two slots: every int8 layer on fbgemm, no int8 weight left in a buffer,
-    and two streams generated together."""
+    and two streams generated together; a one-slot engine on the same model returns every layer
+    to the plain layout."""
     from csmcli import GenerationOptions, Synthesizer
 
     synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="bfloat16", quantize="int8", max_batch_size=2)
@@ -83,6 +84,8 @@ def test_multi_slot_engine_runs_int8_on_fbgemm(tiny_dir) -> None:
     audios = synth.generate_many(jobs)
     assert [a.stats.frames for a in audios] == [6, 6]
     assert all(len(a.samples) == 6 * 1920 for a in audios)
+    assert cpu.prepare_cpu(synth.model, max_batch=1) != "fbgemm"
+    assert not any(m.packed for m in layers) and all(m.weight.dtype == torch.int8 for m in layers)
 
 
 @needs_fbgemm
@@ -93,7 +96,7 @@ def test_compiling_returns_int8_to_the_plain_layout_for_good(tiny_dir, monkeypat
     from csmcli.engine import Engine
 
     monkeypatch.setattr(cpu, "GEMV_MIN_ELEMENTS", 0)
-    synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="float32", quantize="int8")
+    synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="float32", quantize="int8", max_batch_size=2)
     w13 = synth.model.decoder.layers[0].w13
     assert w13.packed and not w13.gemv
     cpu.check_model_compilable(synth.model)
@@ -101,7 +104,9 @@ def test_compiling_returns_int8_to_the_plain_layout_for_good(tiny_dir, monkeypat
     if cpu.gemv_kernels(torch.float32) is not None:
         assert w13.gemv
     other = Engine(synth.model, synth.codec, synth.device, synth.dtype, max_batch=2)
-    assert other.cpu_kernels != "fbgemm" and not w13.packed
+    assert (
+        other.cpu_kernels != "fbgemm" and not w13.packed and w13.gemv == (cpu.gemv_kernels(torch.float32) is not None)
+    )
 
 
 def test_without_fbgemm_int8_keeps_the_plain_kernels(tiny_dir, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,10 +10,12 @@ On a CPU a frame's speed is how fast the weights stream from memory.  Per matrix
   weight once; used for the wide matrices (``in_features <= 2048``), where it beats packed, and for
   every bfloat16 matrix on CPUs that cannot pack bfloat16.
 * **plain**: torch's defaults.
-* int8 weights (:class:`~csmcli.quant.Int8Linear`): fbgemm's packed int8 layout and dynamically
-  quantized linear for one row and for batches (it streams int8 weights at memory speed for
-  several rows, where ``torch._weight_int8pack_mm`` is compute-bound); compiled engines keep
-  the plain layout the compiler reads.
+* int8 weights (:class:`~csmcli.quant.Int8Linear`): one-slot engines keep the plain layout
+  (single rows on the int8 gemv, ``torch._weight_int8pack_mm`` elsewhere); multi-slot engines move
+  every projection to fbgemm's packed layout and dynamically quantized linear, which streams int8
+  weights at memory speed for several rows where ``torch._weight_int8pack_mm`` is compute-bound,
+  at a cost in fidelity (its activations are quantized to 8 bits); compiled engines keep the plain
+  layout the compiler reads.
 * bfloat16 weights a CPU cannot pack: multi-slot engines pack them once as float32 (twice the
   bytes) rather than converting them on every call of a batch.
 
@@ -156,12 +158,12 @@ def needs_gemv(
     dtype: torch.dtype = torch.float32,
 ) -> bool:
     """Whether :func:`prepare_cpu` will want the compiled gemv for transformers shaped like
-    ``specs``: ``auto`` kernels, a one-slot engine or int8 weights without fbgemm (whose layout
-    serves both kernels), and some projection wide enough.  int8 weights on fbgemm need it only
-    when compiled (:func:`check_model_compilable` builds it then)."""
+    ``specs``: ``auto`` kernels, a one-slot engine or int8 weights (whose plain layout serves both
+    kernels) unless a multi-slot engine runs them on fbgemm, and some projection wide enough.
+    Compiling such an engine builds it then (:func:`check_model_compilable`)."""
     caps = caps or cpu_caps()
     upcast = _upcasts(dtype, caps) and not int8
-    if int8 and int8_fbgemm():
+    if int8 and max_batch > 1 and int8_fbgemm():
         return False
     if check_cpu_kernels(kernels) != "auto" or not (max_batch == 1 or int8):
         return False
@@ -292,7 +294,8 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     take the gemv, several rows float32), a multi-slot engine packs them as float32 (twice the
     weights' bytes, as a float32 model; converting them on each call of a batch made batch 8 slower
     than one stream).  int8 layers move to fbgemm (:meth:`~csmcli.quant.Int8Linear.use_fbgemm`),
-    unless compiled code reads them.
+    in multi-slot engines, unless compiled code reads them; one-slot engines keep (or return to)
+    the plain layout, whose numerics are closer to bf16 (``scripts/int8_kernels_fidelity.py``).
     """
     caps = caps or cpu_caps()
     kernels = check_cpu_kernels(kernels)
@@ -304,7 +307,7 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     multi_upcast = upcast and max_batch > 1
     # compile (seconds, once per process) only where some matrix would use the gemv
     int8 = any(isinstance(m, Int8Linear) for m in model.modules())
-    fbgemm = int8 and int8_fbgemm()
+    fbgemm = int8 and max_batch > 1 and int8_fbgemm()
     specs = (model.backbone.spec, model.decoder.spec)
     built = gemv_kernels(dtype, caps) if needs_gemv(kernels, specs, max_batch, int8, caps, dtype) else None
     use_gemv = built is not None
@@ -316,10 +319,13 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     def swap(layer: nn.Module) -> nn.Module:
         if isinstance(layer, Int8Linear):
             layer.upcast = upcast
-            if fbgemm and not layer.traced:
+            if layer.traced:
+                return layer
+            if fbgemm:
                 layer.gemv_fn = None
                 layer.use_fbgemm(reduce_range=not caps.vnni)
-            elif not layer.traced:
+            else:
+                layer.use_plain()
                 wanted = use_gemv and wants_gemv(layer.out_features, layer.in_features)
                 layer.gemv_fn = built.gemv_int8 if wanted else None
             return layer

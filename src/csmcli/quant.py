@@ -1,11 +1,11 @@
 """Weight-only int8 quantization of CSM's linear layers (per output channel, symmetric).
 
-On the CPU, eager engines move the weights into fbgemm's packed int8 layout and run every
-product on its dynamically quantized linear (:meth:`Int8Linear.use_fbgemm`), which reads the int8
-weights at memory speed for one row and for several (a batch).  Compiled engines, and CPUs
-without fbgemm, keep the plain layout: torch's own int8 weight kernel (``torch._weight_int8pack_mm``,
+On the CPU the plain layout runs on torch's own int8 weight kernel (``torch._weight_int8pack_mm``,
 the one gpt-fast uses), single rows of the wide matrices through the compiled int8 gemv of
-:mod:`csmcli.gemv`, and prompts dequantized on the fly.  Embeddings stay in the model's dtype.
+:mod:`csmcli.gemv`, and prompts dequantized on the fly.  Multi-slot eager engines move every
+projection into fbgemm's packed int8 layout (:meth:`Int8Linear.use_fbgemm`), whose dynamically
+quantized linear reads the int8 weights at memory speed for a batch's rows too, where
+``_weight_int8pack_mm`` is compute-bound.  Embeddings stay in the model's dtype.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ class Int8Linear(nn.Module):
     after :meth:`use_fbgemm` fbgemm's packed matrices (``weight`` is then None).  Numerics: the
     plain kernels multiply the activations as they are (bf16 or float32) and accumulate in float32;
     fbgemm quantizes the activations of each call to 8 bits (7 with ``reduce_range``) with one
-    scale and zero point per call, i.e. shared by all rows of a batch, and accumulates in int32.
-    ``scripts/int8_kernels_fidelity.py`` measures what that changes.
+    scale and zero point per call, i.e. shared by all rows of a batch (a stream's result depends
+    slightly on the others), and accumulates in int32.  That roughly triples int8's logit error
+    against bf16; ``scripts/int8_kernels_fidelity.py`` measures it.
     """
 
     def __init__(self, weight: Tensor, dtype: torch.dtype) -> None:
