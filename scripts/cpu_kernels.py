@@ -1,12 +1,14 @@
-"""Time each CPU matrix kernel on CSM-1B's single-row shapes (microseconds per product).
+"""Time each CPU matrix kernel on CSM-1B's shapes (microseconds per product), for one row and for a batch.
 
 What ``csmcli.cpu`` chooses between: float32 ``F.linear`` and oneDNN-packed weights, bfloat16
 ``F.linear`` / packed (only where the CPU has oneDNN's bf16 kernels) / the compiled gemv,
-``torch._weight_int8pack_mm`` and the compiled int8 gemv.  Each shape is timed over enough copies
-of the matrix to overflow the caches, as a frame does.  The last line sums each column over one
-frame's products (the backbone once, the depth decoder 31 times).
+``torch._weight_int8pack_mm``, the compiled int8 gemv and fbgemm's dynamic int8 linear; then the
+products of ``--rows`` rows (a multi-slot engine's batch): float32 packed (what bf16 weights get
+on a CPU without bf16 packing), bf16 packed, ``_weight_int8pack_mm`` and fbgemm.  Each shape is
+timed over enough copies of the matrix to overflow the caches, as a frame does.  The last line
+sums each column over one frame's products (the backbone once, the depth decoder 31 times).
 
-Usage: python scripts/cpu_kernels.py [--threads N] [--isa avx512|avx2|default]
+Usage: python scripts/cpu_kernels.py [--threads N] [--isa avx512|avx2|default] [--rows M]
 (``--isa avx2`` runs the paths an AVX2-only CPU takes; ``ATEN_CPU_CAPABILITY=avx2`` in the
 environment also makes torch's own kernels use AVX2.)
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +39,8 @@ SHAPES = [
     ("depth w2", 1024, 8192, 124),
     ("depth head", 2051, 1024, 31),
 ]
-COLUMNS = ("f32 linear", "f32 packed", "bf16 linear", "bf16 packed", "bf16 gemv", "int8pack", "int8 gemv")
+COLUMNS = ("f32 linear", "f32 packed", "bf16 linear", "bf16 packed", "bf16 gemv", "int8pack", "int8 gemv", "fbgemm")
+ROWS_COLUMNS = ("f32 packed", "bf16 packed", "int8pack", "fbgemm")
 
 
 def micros(fn, count: int, reps: int = 7) -> float:
@@ -51,46 +55,66 @@ def micros(fn, count: int, reps: int = 7) -> float:
     return statistics.median(times) / count * 1e6
 
 
-def measure(n: int, k: int, caps: cpu.CpuCaps, gemv: GemvKernels | None) -> list[float]:
-    """Microseconds per product of each kernel for an ``n x k`` matrix and one row."""
+def fbgemm_weights(q: list[torch.Tensor], scales: torch.Tensor) -> list:
+    """fbgemm's packed copies of int8 matrices with per-row ``scales``."""
+    zeros = torch.zeros(scales.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # torch marks its quantized tensors deprecated
+        warnings.simplefilter("ignore")
+        per_channel = [torch._make_per_channel_quantized_tensor(m, scales.double(), zeros, 0) for m in q]
+        return [torch.ops.quantized.linear_prepack(m, None) for m in per_channel]
+
+
+def measure(n: int, k: int, caps: cpu.CpuCaps, gemv: GemvKernels | None, rows: int) -> list[float]:
+    """Microseconds per product of each kernel for an ``n x k`` matrix and one row, then ``rows`` rows."""
     nan = float("nan")
     copies = max(2, 256_000_000 // (n * k * 2))
-    out = []
+    out, batched = [], []
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(1, k, dtype=dtype)
+        xs = torch.randn(rows, k, dtype=dtype)
         w = [torch.randn(n, k, dtype=dtype) for _ in range(copies if dtype == torch.bfloat16 else copies // 2 + 1)]
         out.append(micros(lambda: [F.linear(x, m) for m in w], len(w)))  # noqa: B023
         if dtype == torch.float32 or caps.bf16_packed:
             packed = [torch.ops.mkldnn._reorder_linear_weight(m, 1) for m in w]
-            run = lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [None], "") for p in packed]  # noqa: B023, E731
-            out.append(micros(run, len(w)))
+            for v, results in ((x, out), (xs, batched)):
+                run = lambda: [torch.ops.mkldnn._linear_pointwise(v, p, None, "none", [None], "") for p in packed]  # noqa: B023, E731
+                results.append(micros(run, len(w)))
             del packed
         else:
             out.append(nan)
+            batched.append(nan)
         if dtype == torch.bfloat16:
             out.append(micros(lambda: [gemv.gemv(x.float(), m) for m in w], len(w)) if gemv else nan)  # noqa: B023
     x = torch.randn(1, k, dtype=torch.bfloat16)
+    xs = torch.randn(rows, k, dtype=torch.bfloat16)
     q = [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(2 * copies)]
-    s = torch.rand(n, dtype=torch.bfloat16)
+    s = torch.rand(n, dtype=torch.bfloat16) / 127
     out.append(micros(lambda: [torch._weight_int8pack_mm(x, m, s) for m in q], len(q)))
     out.append(micros(lambda: [gemv.gemv_int8(x.float(), m, s) for m in q], len(q)) if gemv else nan)
-    return out
+    batched.append(micros(lambda: [torch._weight_int8pack_mm(xs, m, s) for m in q], len(q)))
+    fb = fbgemm_weights(q, s) if cpu.int8_fbgemm() else []
+    for v, results in ((x, out), (xs, batched)):
+        run = lambda: [torch.ops.quantized.linear_dynamic(v.float(), p, False).to(v.dtype) for p in fb]  # noqa: B023, E731
+        results.append(micros(run, len(fb)) if fb else nan)
+    return out + batched
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=physical_cores())
     parser.add_argument("--isa", default=None, help="limit the CPU paths to this instruction set")
+    parser.add_argument("--rows", type=int, default=8, help="rows of the batched products (a batch's streams)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     caps = cpu.cpu_caps(args.isa)
     gemv = cpu.gemv_kernels(torch.bfloat16, caps)
     print(f"threads {args.threads}, torch {torch.__version__}, {caps}, compiled gemv: {gemv is not None}")
-    print(f"{'shape':16s} {'N x K':>12s} " + " ".join(f"{c:>11s}" for c in COLUMNS) + "   (us per product)")
-    totals = [0.0] * len(COLUMNS)
+    columns = COLUMNS + tuple(f"{c} x{args.rows}" for c in ROWS_COLUMNS)
+    print(f"{'shape':16s} {'N x K':>12s} " + " ".join(f"{c:>11s}" for c in columns) + "   (us per product)")
+    totals = [0.0] * len(columns)
     with torch.inference_mode():
         for name, n, k, uses in SHAPES:
-            row = measure(n, k, caps, gemv)
+            row = measure(n, k, caps, gemv, args.rows)
             totals = [t + v * uses for t, v in zip(totals, row, strict=True)]
             print(f"{name:16s} {n:>5d} x {k:<5d} " + " ".join(f"{v:11.1f}" for v in row), flush=True)
     print(f"{'ms per frame':29s} " + " ".join(f"{t / 1e3:11.1f}" for t in totals))

@@ -130,3 +130,62 @@ def test_bench_reports_the_cpu_path(tiny_dir) -> None:
     r = run_bench(str(tiny_dir), setup, 1, device="cpu", dtype="bfloat16", cpu_kernels="packed", cpu_isa="avx2")
     assert r["cpu_isa"] == "avx2" and r["cpu_bf16_packed"] is False and r["dtype"] == "bfloat16"
     assert r["cpu_kernels"] == "float32" and r["ms_per_frame"] > 0
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_multi_slot_bf16_weights_are_packed_as_float32(no_onednn_bf16, rows: int) -> None:
+    """bf16 weights where oneDNN cannot pack bf16, in a multi-slot engine: packed once as float32
+    (not converted on every call), bf16 in and out, the float32 product of the bf16 weights."""
+    torch.manual_seed(1)
+    w = torch.randn(96, 64, dtype=torch.bfloat16)
+    x = torch.randn(rows, 64, dtype=torch.bfloat16)
+    layer = cpu.CpuLinear(w, caps=AVX2, float32=True)
+    assert layer.packed_weights and not layer.upcast and layer.compute_dtype == torch.float32
+    got = layer(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, F.linear(x.float(), w.float()).to(torch.bfloat16), atol=1e-2, rtol=1e-2)
+
+
+def _float32_packed(model) -> bool:
+    layers = [m for m in model.modules() if isinstance(m, cpu.CpuLinear)]
+    weights = [w for m in layers for w in (m.packed or (m.weight,))]
+    return (
+        bool(layers)
+        and all(m.packed_weights and not m.gemv for m in layers)
+        and all(w.dtype == torch.float32 for w in weights)
+    )
+
+
+def test_multi_slot_bf16_engine_on_the_avx2_path(tiny_dir, no_onednn_bf16, monkeypatch) -> None:
+    """Two slots, bf16 weights, the AVX2 path: every projection packed as float32 once (no bf16
+    copy kept), two streams generated together; a one-slot model re-prepared for two slots (as
+    ``csm bench`` does) ends the same way."""
+    from csmcli import GenerationOptions, Synthesizer
+
+    monkeypatch.setattr(cpu, "GEMV_MIN_ELEMENTS", 0)
+    synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="bfloat16", cpu_isa="avx2", max_batch_size=2)
+    assert synth.engine.cpu_kernels == "packed-float32" and _float32_packed(synth.model)
+    options = GenerationOptions(temperature=0, max_audio_ms=6 * 80)
+    jobs = [synth.job(text, 0, [], options) for text in ("Hello from CSM.", "Good morning.")]
+    assert [a.stats.frames for a in synth.generate_many(jobs)] == [6, 6]
+    one = Synthesizer.load(str(tiny_dir), device="cpu", dtype="bfloat16", cpu_isa="avx2")
+    assert not _float32_packed(one.model)
+    assert cpu.prepare_cpu(one.model, max_batch=2, caps=AVX2) == "packed-float32" and _float32_packed(one.model)
+
+
+def test_gemv_width_is_stated_where_torch_is_limited_to_avx2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``ATEN_CPU_CAPABILITY=avx2`` (how the AVX2 path is run on a bigger CPU) torch detects
+    AVX2 but inductor's own vector width stays AVX-512, and its gemv gave NaNs (so the kernels were
+    dropped): below AVX-512 the gemv is built at the detected ISA's width."""
+    asked = []
+    monkeypatch.setattr(cpu, "detect_cpu_caps", lambda: AVX2)
+    monkeypatch.setattr(cpu, "compiled_gemv", lambda dtype, simdlen: asked.append(simdlen))
+    cpu.gemv_kernels(torch.bfloat16)
+    cpu.gemv_kernels(torch.bfloat16, AVX2)
+    assert asked == [256, 256]
+
+
+def test_compiling_a_multi_slot_bf16_engine_on_the_avx2_path_is_refused_before_loading() -> None:
+    cpu.check_compilable(False, None, torch.bfloat16, AVX2)  # one slot: plain bf16 weights, traceable
+    with pytest.raises(OptionsError, match="compiling on the CPU needs int8 weights"):
+        cpu.check_compilable(False, None, torch.bfloat16, AVX2, max_batch=2)

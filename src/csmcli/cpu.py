@@ -10,6 +10,14 @@ On a CPU a frame's speed is how fast the weights stream from memory.  Per matrix
   weight once; used for the wide matrices (``in_features <= 2048``), where it beats packed, and for
   every bfloat16 matrix on CPUs that cannot pack bfloat16.
 * **plain**: torch's defaults.
+* int8 weights (:class:`~csmcli.quant.Int8Linear`): one-slot engines keep the plain layout
+  (single rows on the int8 gemv, ``torch._weight_int8pack_mm`` elsewhere); multi-slot engines move
+  every projection to fbgemm's packed layout and dynamically quantized linear, which streams int8
+  weights at memory speed for several rows where ``torch._weight_int8pack_mm`` is compute-bound,
+  at a cost in fidelity (its activations are quantized to 8 bits); compiled engines keep the plain
+  layout the compiler reads.
+* bfloat16 weights a CPU cannot pack: multi-slot engines pack them once as float32 (twice the
+  bytes) rather than converting them on every call of a batch.
 
 ``cpu_kernels`` picks ``auto`` (gemv where it helps and a compiler works, packed elsewhere),
 ``packed`` (no compiler) or ``plain``; ``cpu_isa`` limits the choice to what a CPU with a lesser
@@ -43,11 +51,14 @@ class CpuCaps:
     ``bf16_packed``: oneDNN's bfloat16 packed weights and matmuls work (they need AVX-512 BW/VL/DQ
     or AVX-NE-CONVERT); without them bfloat16 weights are read as bfloat16 and multiplied in float32.
     ``native_bf16``: bfloat16 arithmetic in hardware (AVX512-BF16 or AMX).
+    ``vnni``: AVX512-VNNI int8 multiply-adds, which let fbgemm's int8 products take 8-bit
+    activations (without it they saturate, so activations are quantized to 7 bits).
     """
 
     isa: str
     bf16_packed: bool
     native_bf16: bool
+    vnni: bool = False
 
     @property
     def simdlen(self) -> int:
@@ -71,7 +82,8 @@ def detect_cpu_caps() -> CpuCaps:
         except RuntimeError:
             packed = False
     native = isa == "avx512" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return CpuCaps(isa, bf16_packed=packed, native_bf16=native)
+    vnni = isa == "avx512" and torch.cpu._is_vnni_supported()
+    return CpuCaps(isa, bf16_packed=packed, native_bf16=native, vnni=vnni)
 
 
 def cpu_caps(isa: str | None = None) -> CpuCaps:
@@ -94,8 +106,11 @@ GEMV_MAX_IN = 2048
 
 
 def _simdlen(caps: CpuCaps | None) -> int | None:
-    """inductor's own vector width on this CPU; the lesser CPU's where caps were lowered."""
-    return None if caps in (None, detect_cpu_caps()) else caps.simdlen
+    """inductor's own vector width on an AVX-512 CPU; below that the ISA's width, stated (where torch
+    was limited by ``ATEN_CPU_CAPABILITY``, inductor's own choice would still be AVX-512 and its
+    code would not match torch's kernels: NaNs)."""
+    caps = caps or detect_cpu_caps()
+    return None if caps.isa == "avx512" else caps.simdlen
 
 
 def gemv_kernels(dtype: torch.dtype, caps: CpuCaps | None = None) -> GemvKernels | None:
@@ -114,6 +129,21 @@ def wants_gemv(out_features: int, in_features: int, any_width: bool = False) -> 
     return (any_width or in_features <= GEMV_MAX_IN) and out_features * in_features >= GEMV_MIN_ELEMENTS
 
 
+@functools.cache
+def int8_fbgemm() -> bool:
+    """Whether fbgemm's int8 kernels work in this torch (x86 builds; torch marks its quantized
+    tensors deprecated, so a later torch may lack them), which eager int8 engines then use: probed
+    once on a tiny matrix."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    try:
+        layer = Int8Linear(torch.eye(8), torch.float32)
+        layer.use_fbgemm(reduce_range=True)
+        return bool(torch.allclose(layer(torch.ones(1, 8)), torch.ones(1, 8), atol=0.05))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
 def _upcasts(dtype: torch.dtype, caps: CpuCaps) -> bool:
     """bfloat16 weights on a CPU without oneDNN's bf16 kernels: several rows are multiplied in float32."""
     return dtype == torch.bfloat16 and not caps.bf16_packed
@@ -128,11 +158,14 @@ def needs_gemv(
     dtype: torch.dtype = torch.float32,
 ) -> bool:
     """Whether :func:`prepare_cpu` will want the compiled gemv for transformers shaped like
-    ``specs``: ``auto`` kernels, a one-slot engine, int8 weights (whose layout serves both kernels)
-    or bfloat16 weights the CPU cannot pack, and some projection wide enough."""
+    ``specs``: ``auto`` kernels, a one-slot engine or int8 weights (whose plain layout serves both
+    kernels) unless a multi-slot engine runs them on fbgemm, and some projection wide enough.
+    Compiling such an engine builds it then (:func:`check_model_compilable`)."""
     caps = caps or cpu_caps()
     upcast = _upcasts(dtype, caps) and not int8
-    if check_cpu_kernels(kernels) != "auto" or not (max_batch == 1 or int8 or upcast):
+    if int8 and max_batch > 1 and int8_fbgemm():
+        return False
+    if check_cpu_kernels(kernels) != "auto" or not (max_batch == 1 or int8):
         return False
     for s in specs:
         for out_f, in_f in (
@@ -151,17 +184,24 @@ class CpuLinear(nn.Module):
     With ``gemv_fn`` (the compiled :func:`~csmcli.gemv.gemv`) the plain ``[out, in]`` weight is kept: single
     rows go through it, several rows (prefill) through ``F.linear``.  Otherwise the weight is packed
     once, unless it is bfloat16 and ``caps`` says oneDNN's bf16 kernels do not run here: then it
-    stays plain and products run in float32.  A stack of same-shaped layers (``[n, out, in]``, the
-    depth decoder's heads) is one module called with the layer's ``index``, as for
-    :class:`~csmcli.quant.Int8Linear`.
+    stays plain and products run in float32, or with ``float32`` (multi-slot engines) it is packed
+    once as float32, twice the bytes, so that several rows are not converted on every call.
+    A stack of same-shaped layers (``[n, out, in]``, the depth decoder's heads) is one module
+    called with the layer's ``index``, as for :class:`~csmcli.quant.Int8Linear`.
     """
 
     def __init__(
-        self, weight: Tensor, gemv_fn: Callable[[Tensor, Tensor], Tensor] | None = None, caps: CpuCaps | None = None
+        self,
+        weight: Tensor,
+        gemv_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        caps: CpuCaps | None = None,
+        float32: bool = False,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape[-2:]
-        weight = weight.detach().contiguous()
+        self.dtype = weight.dtype  # of the outputs
+        weight = weight.detach().float().contiguous() if float32 else weight.detach().contiguous()
+        self.compute_dtype = weight.dtype
         self.gemv_fn = gemv_fn
         # several rows in float32: bfloat16 weights where oneDNN has no bf16 kernels
         self.upcast = _upcasts(weight.dtype, caps or cpu_caps())
@@ -187,7 +227,8 @@ class CpuLinear(nn.Module):
         if self.gemv_fn is not None and flat.shape[0] == 1:
             y = (gemv if torch.compiler.is_compiling() else self.gemv_fn)(flat.float(), weight)
         elif self.packed_weights:
-            y = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), weight, None, "none", [None], "")
+            flat = flat.to(self.compute_dtype).contiguous()
+            y = torch.ops.mkldnn._linear_pointwise(flat, weight, None, "none", [None], "").to(self.dtype)
         elif self.upcast:
             y = F.linear(flat.float(), weight.float()).to(weight.dtype)
         else:
@@ -202,18 +243,33 @@ _CANNOT_COMPILE = (
 
 
 def check_compilable(
-    int8: bool, kernels: str | None = None, dtype: torch.dtype = torch.float32, caps: CpuCaps | None = None
+    int8: bool,
+    kernels: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    caps: CpuCaps | None = None,
+    max_batch: int = 1,
 ) -> None:
     """Before loading: a one-line :class:`OptionsError` if a CPU model with these settings would
-    have packed weights, which ``torch.compile`` cannot trace (:func:`check_model_compilable`)."""
-    if not int8 and check_cpu_kernels(kernels) != "plain" and not _upcasts(dtype, caps or cpu_caps()):
+    have packed weights, which ``torch.compile`` cannot trace (:func:`check_model_compilable`);
+    bf16 weights a CPU cannot pack are packed as float32 in multi-slot engines."""
+    packed = not _upcasts(dtype, caps or cpu_caps()) or max_batch > 1
+    if not int8 and check_cpu_kernels(kernels) != "plain" and packed:
         raise OptionsError(_CANNOT_COMPILE)
 
 
-def check_model_compilable(model: nn.Module) -> None:
-    """The same rule on a prepared model: no :class:`CpuLinear` may hold packed weights."""
+def check_model_compilable(model: nn.Module, caps: CpuCaps | None = None) -> None:
+    """The same rule on a prepared model: no :class:`CpuLinear` may hold packed weights.  int8
+    layers on fbgemm go back to the plain layout the compiler traces, with the compiled gemv for
+    the single rows of the wide matrices, and stay there for later engines on this model."""
     if any(isinstance(m, CpuLinear) and m.packed_weights for m in model.modules()):
         raise OptionsError(_CANNOT_COMPILE)
+    for m in model.modules():
+        if isinstance(m, Int8Linear) and not m.traced:
+            if m.packed:
+                m.use_plain()
+                built = gemv_kernels(m.scales.dtype, caps) if wants_gemv(m.out_features, m.in_features) else None
+                m.gemv_fn = built.gemv_int8 if built is not None else None
+            m.traced = True
 
 
 def check_cpu_kernels(name: str | None = None) -> str:
@@ -227,13 +283,19 @@ def check_cpu_kernels(name: str | None = None) -> str:
 def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1, caps: CpuCaps | None = None) -> str:
     """Swap the model's projections for CPU kernels in place; returns what was used: ``plain``, or
     the several-rows path (``packed``; ``linear``: plain float weights; ``float32``: bf16 weights
-    multiplied in float32), preceded by ``gemv+`` when single rows take the compiled gemv.
+    multiplied in float32; ``packed-float32``: bf16 weights packed as float32), preceded by
+    ``gemv+`` when single rows take the compiled gemv; or ``fbgemm`` (int8 weights, every product).
 
     Float layers become :class:`CpuLinear`; :class:`~csmcli.quant.Int8Linear` layers keep their
     int8 weights and gain the gemv path for single rows.  With ``max_batch > 1`` float layers are
     packed even where gemv would be faster for one row (several rows at once need the packed layout,
     and keeping both would double the weights' memory).  bfloat16 weights on a CPU without oneDNN's
-    bf16 kernels (``caps``) are never packed: single rows take the gemv, several rows float32.
+    bf16 kernels (``caps``) are not packed as bf16: a one-slot engine keeps them plain (single rows
+    take the gemv, several rows float32), a multi-slot engine packs them as float32 (twice the
+    weights' bytes, as a float32 model; converting them on each call of a batch made batch 8 slower
+    than one stream).  int8 layers move to fbgemm (:meth:`~csmcli.quant.Int8Linear.use_fbgemm`),
+    in multi-slot engines, unless compiled code reads them; one-slot engines keep (or return to)
+    the plain layout, whose numerics are closer to bf16 (``scripts/int8_kernels_fidelity.py``).
     """
     caps = caps or cpu_caps()
     kernels = check_cpu_kernels(kernels)
@@ -242,31 +304,40 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     dtype = model.audio_embeddings.weight.dtype
     packable = torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
     upcast = _upcasts(dtype, caps)
+    multi_upcast = upcast and max_batch > 1
     # compile (seconds, once per process) only where some matrix would use the gemv
     int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+    fbgemm = int8 and max_batch > 1 and int8_fbgemm()
     specs = (model.backbone.spec, model.decoder.spec)
     built = gemv_kernels(dtype, caps) if needs_gemv(kernels, specs, max_batch, int8, caps, dtype) else None
     use_gemv = built is not None
 
     def float_gemv(out_features: int, in_features: int):
-        wanted = (max_batch == 1 or upcast) and wants_gemv(out_features, in_features, upcast)
+        wanted = max_batch == 1 and wants_gemv(out_features, in_features, upcast)
         return built.gemv if use_gemv and wanted else None
 
     def swap(layer: nn.Module) -> nn.Module:
         if isinstance(layer, Int8Linear):
-            wanted = use_gemv and wants_gemv(layer.out_features, layer.in_features)
-            layer.gemv_fn = built.gemv_int8 if wanted else None
             layer.upcast = upcast
+            if layer.traced:
+                return layer
+            if fbgemm:
+                layer.gemv_fn = None
+                layer.use_fbgemm(reduce_range=not caps.vnni)
+            else:
+                layer.use_plain()
+                wanted = use_gemv and wants_gemv(layer.out_features, layer.in_features)
+                layer.gemv_fn = built.gemv_int8 if wanted else None
             return layer
         if isinstance(layer, CpuLinear):  # prepared before: repack if several rows now need it
-            if layer.gemv and max_batch > 1 and not layer.upcast:
-                return CpuLinear(layer.weight, None, caps)
+            if max_batch > 1 and not layer.packed_weights:
+                return CpuLinear(layer.weight, None, caps, float32=layer.upcast)
             return layer
         if not isinstance(layer, nn.Linear) or layer.bias is not None:
             raise TypeError(f"cannot prepare {type(layer).__name__} for the CPU")
         if not packable:  # e.g. float16, or a torch built without oneDNN: torch's defaults
             return layer
-        return CpuLinear(layer.weight, float_gemv(*layer.weight.shape), caps)
+        return CpuLinear(layer.weight, float_gemv(*layer.weight.shape), caps, float32=multi_upcast)
 
     for net in (model.backbone, model.decoder):
         for block in net.layers:
@@ -276,14 +347,19 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     model.projection = swap(model.projection)
     if model.head_layers is None and packable:
         heads = model.audio_head  # [codebooks - 1, in, out]
-        model.head_layers = CpuLinear(heads.transpose(1, 2), float_gemv(heads.shape[2], heads.shape[1]), caps)
+        gemv_fn = float_gemv(heads.shape[2], heads.shape[1])
+        model.head_layers = CpuLinear(heads.transpose(1, 2), gemv_fn, caps, float32=multi_upcast)
         del model.audio_head
         model.register_parameter("audio_head", None)
     elif model.head_layers is not None:
         model.head_layers = swap(model.head_layers)
     if not packable and not int8:
         return "plain"
+    if any(isinstance(m, Int8Linear) and m.packed for m in model.modules()):
+        return "fbgemm"
     used = any(getattr(m, "gemv", False) for m in model.modules())
     packed = any(getattr(m, "packed_weights", False) for m in model.modules()) or int8
     rest = "packed" if packed else "float32" if upcast else "linear"  # what several rows run on
+    if packed and multi_upcast:
+        rest = "packed-float32"
     return f"gemv+{rest}" if used else rest
