@@ -10,6 +10,7 @@ be read or does not fit is ignored with one warning (the caller quantizes again 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -61,6 +62,7 @@ def warn_unusable(file: Path, exc: BaseException) -> None:
 
 def write(file: Path, key: str, tensors: dict[str, Tensor]) -> bool:
     """Save ``tensors`` to ``file`` atomically; False (with a warning) where the cache cannot be written."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
@@ -69,9 +71,10 @@ def write(file: Path, key: str, tensors: dict[str, Tensor]) -> bool:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"key": key})
         os.replace(tmp, file)
         return True
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
         log.warning("cannot write the quantized-weight cache %s: %s", file, exc)
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         return False
 
 
