@@ -2,7 +2,8 @@
 
 What ``csmcli.cpu`` chooses between: float32 ``F.linear`` and oneDNN-packed weights, bfloat16
 ``F.linear`` / packed (only where the CPU has oneDNN's bf16 kernels) / the compiled gemv,
-``torch._weight_int8pack_mm`` and the compiled int8 gemv.  Each shape is timed over enough copies
+``torch._weight_int8pack_mm`` and the compiled int8 gemv, and torch's CPU int4 kernel
+(``_weight_int4pack_mm_for_cpu``, bf16 rows) at each int4 group size.  Each shape is timed over enough copies
 of the matrix to overflow the caches, as a frame does.  The last line sums each column over one
 frame's products (the backbone once, the depth decoder 31 times).
 
@@ -20,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from csmcli import cpu
+from csmcli import cpu, quant
 from csmcli.bench import physical_cores
 from csmcli.gemv import GemvKernels
 
@@ -36,7 +37,9 @@ SHAPES = [
     ("depth w2", 1024, 8192, 124),
     ("depth head", 2051, 1024, 31),
 ]
-COLUMNS = ("f32 linear", "f32 packed", "bf16 linear", "bf16 packed", "bf16 gemv", "int8pack", "int8 gemv")
+COLUMNS = ("f32 linear", "f32 packed", "bf16 linear", "bf16 packed", "bf16 gemv", "int8pack", "int8 gemv") + tuple(
+    f"int4 g{g}" for g in quant.INT4_GROUPS
+)
 
 
 def micros(fn, count: int, reps: int = 7) -> float:
@@ -74,6 +77,14 @@ def measure(n: int, k: int, caps: cpu.CpuCaps, gemv: GemvKernels | None) -> list
     s = torch.rand(n, dtype=torch.bfloat16)
     out.append(micros(lambda: [torch._weight_int8pack_mm(x, m, s) for m in q], len(q)))
     out.append(micros(lambda: [gemv.gemv_int8(x.float(), m, s) for m in q], len(q)) if gemv else nan)
+    q.clear()  # free before the int4 copies
+    padded = n + -n % 16  # the kernel wants output rows in multiples of 16 (Int4Linear pads likewise)
+    one = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (padded, k), dtype=torch.int32), 1)
+    packed = [one.clone() for _ in range(4 * copies)]
+    for group in quant.INT4_GROUPS:
+        sz = torch.rand(k // group, padded, 2, dtype=torch.bfloat16)
+        run = lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, group, sz) for p in packed]  # noqa: B023, E731
+        out.append(micros(run, len(packed)))
     return out
 
 

@@ -36,6 +36,7 @@ VARIANTS = {
     "int4-all": ("int4", quant.INT4_GROUP, ()),
     "int4-heads8": ("int4", quant.INT4_GROUP, ("heads",)),
     "int4-cb0-8": ("int4", quant.INT4_GROUP, ("codebook0_head",)),
+    "int4-bb8": ("int4", quant.INT4_GROUP, (*quant.INT4_KEEP_INT8, "backbone")),
     "int4+proj8": ("int4", quant.INT4_GROUP, (*quant.INT4_KEEP_INT8, "projection")),
     "int4-g32": ("int4", 32, quant.INT4_KEEP_INT8),
     "int4-g128": ("int4", 128, quant.INT4_KEEP_INT8),

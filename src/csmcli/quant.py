@@ -255,11 +255,6 @@ def quantize(
     return _replace(model, make)
 
 
-def quantize_int8(model: CSMModel) -> CSMModel:
-    """Replace every projection of both transformers and all heads by :class:`Int8Linear`, in place."""
-    return quantize(model, "int8")
-
-
 def quantized_tensors(model: CSMModel) -> dict[str, Tensor]:
     """The quantized weights of a :func:`quantize`d model (canonical forms, on the CPU), by slot key."""
     out = {}
