@@ -34,10 +34,11 @@ VARIANTS = {
     "int8": ("int8", quant.INT4_GROUP, ()),
     "int4": ("int4", quant.INT4_GROUP, quant.INT4_KEEP_INT8),
     "int4-all": ("int4", quant.INT4_GROUP, ()),
-    "int4-heads8": ("int4", quant.INT4_GROUP, ("heads",)),
     "int4-cb0-8": ("int4", quant.INT4_GROUP, ("codebook0_head",)),
+    "int4-heads8": ("int4", quant.INT4_GROUP, ("heads",)),
+    "int4-proj8": ("int4", quant.INT4_GROUP, ("projection",)),
+    "int4-heads+cb0-8": ("int4", quant.INT4_GROUP, ("codebook0_head", "heads")),
     "int4-bb8": ("int4", quant.INT4_GROUP, (*quant.INT4_KEEP_INT8, "backbone")),
-    "int4+proj8": ("int4", quant.INT4_GROUP, (*quant.INT4_KEEP_INT8, "projection")),
     "int4-g32": ("int4", 32, quant.INT4_KEEP_INT8),
     "int4-g128": ("int4", 128, quant.INT4_KEEP_INT8),
 }
@@ -130,13 +131,13 @@ def main() -> None:
     weights = "tiny checkpoint" if args.tiny else "full-size random weights"
     print(f"{weights}, {args.frames} frames, teacher-forced with bf16's greedy codes, torch {torch.__version__}")
     head = f"{'argmax agree':>12s} {'median err':>10s} {'max err':>8s}"
-    print(f"{'variant':12s} {'8-bit parts':38s} {'component':11s} {head}")
+    print(f"{'variant':16s} {'8-bit parts':38s} {'component':11s} {head}")
     for variant in names:
         got, _ = run_model(model_for(variant), tokens, mask, args.frames, forced)
         name, group, keep = VARIANTS[variant]
         kept = "all" if name == "int8" else (",".join(keep) or "none") + f" (g{group})"
         for comp, (agree, med, worst) in compare(ref_logits, got).items():
-            print(f"{variant:12s} {kept:38s} {comp:11s} {agree:11.1f}% {med:10.4f} {worst:8.4f}", flush=True)
+            print(f"{variant:16s} {kept:38s} {comp:11s} {agree:11.1f}% {med:10.4f} {worst:8.4f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ QUANTIZATIONS = ("none", "int8", "int4")
 INT4_GROUP = 64
 INT4_GROUPS = (32, 64, 128)
 #: the parts of the model that ``--quantize int4`` keeps at int8 (names from :data:`PARTS`)
-INT4_KEEP_INT8 = ("codebook0_head", "heads")
+INT4_KEEP_INT8 = ("codebook0_head", "projection", "heads")
 #: the quantized parts: the two transformers' projections, the first codebook's head, the
 #: backbone-to-decoder projection and the depth decoder's per-codebook heads
 PARTS = ("backbone", "decoder", "codebook0_head", "projection", "heads")

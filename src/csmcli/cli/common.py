@@ -38,8 +38,8 @@ QuantizeOpt = Annotated[
     typer.Option(
         "--quantize",
         envvar="CSM_QUANTIZE",
-        help="none|int8|int4: weight-only int8 (half the weight memory) or int4 (about a third; its heads stay "
-        "int8), faster on CPUs, slightly different audio; quantized once and cached.",
+        help="none|int8|int4: weight-only int8 (half the weight memory, faster on CPUs) or 4-bit groups (int4; "
+        "heads and the decoder's input projection stay int8); slightly different audio; quantized once and cached.",
     ),
 ]
 CompileOpt = Annotated[
