@@ -34,6 +34,7 @@ def test_second_load_reads_the_cache(tiny_dir, tmp_path, quantize, caplog) -> No
     cache = tmp_path / "cache"
     first = load(tiny_dir, cache, quantize)
     assert first.quant_cache == "written" and len(cache_files(cache)) == 1
+    assert cache_files(cache)[0].name.startswith(f"{tiny_dir.name}-{quantize}-")
     with caplog.at_level(logging.INFO, logger="csmcli"):
         second = load(tiny_dir, cache, quantize)
     assert second.quant_cache == "read" and "quantized weights read from" in caplog.text
@@ -101,8 +102,10 @@ def settings(name: str) -> dict:
 def test_the_key_follows_the_checkpoint_and_the_settings(tiny_dir, tmp_path) -> None:
     files = good_files(tiny_dir)
     file, key = quantcache.cache_file(tmp_path, files, settings("int4"))
-    assert file.parent == tmp_path / "quantized" and file.name.startswith(f"{tiny_dir.name}-int4-")
+    assert file.parent == tmp_path / "quantized" and file.name.startswith("model-int4-")
     assert quantcache.cache_file(tmp_path, files, settings("int4")) == (file, key)
+    assert quantcache.cache_file(tmp_path, files, settings("int4"), "csm-1b")[0].name.startswith("csm-1b-int4-")
+    assert quantcache.cache_file(tmp_path, files, settings("int4"), "a b/..")[0].name.startswith("a-b-int4-")
     assert quantcache.cache_file(tmp_path, files, settings("int8"))[0] != file
     other = quantcache.settings_of("int4", 32, quant.INT4_KEEP_INT8, torch.float32)
     assert quantcache.cache_file(tmp_path, files, other)[0] != file

@@ -145,7 +145,8 @@ def load_parts(
     if torch_device.type == "cuda":  # the source tensors are off the GPU: peak memory is the engine's
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(torch_device)
-    cached = quantize_cached(net, quantize, ckpt.weight_files if ckpt and cache_dir else None, cache_dir, torch_dtype)
+    files = ckpt.weight_files if ckpt else None
+    cached = quantize_cached(net, quantize, files, cache_dir, torch_dtype, Path(model or "model").name)
     if ckpt is None:
         codec = random_codec(torch_device)
     elif codec_state:
@@ -163,11 +164,17 @@ def load_parts(
 
 
 def quantize_cached(
-    net: CSMModel, name: str, weight_files: list[Path] | None, cache_dir: Path | None, dtype: torch.dtype
+    net: CSMModel,
+    name: str,
+    weight_files: list[Path] | None,
+    cache_dir: Path | None,
+    dtype: torch.dtype,
+    label: str = "model",
 ) -> str:
     """Quantize ``net`` in place (:func:`csmcli.quant.quantize`), reading the quantized layers from
     the cache under ``cache_dir`` when it has them for these ``weight_files`` and writing them there
-    when not.  Returns ``off`` (not cached: no quantization, cache or checkpoint), ``read`` or ``written``."""
+    when not (``label`` names the file).  Returns ``off`` (not cached: no quantization, cache or
+    checkpoint), ``read`` or ``written``."""
     if name == "none":
         return "off"
     if weight_files is None or cache_dir is None:
@@ -175,7 +182,7 @@ def quantize_cached(
         return "off"
     int4 = name == "int4"
     settings = quantcache.settings_of(name, INT4_GROUP if int4 else 0, INT4_KEEP_INT8 if int4 else (), dtype)
-    file, key = quantcache.cache_file(cache_dir, weight_files, settings)
+    file, key = quantcache.cache_file(cache_dir, weight_files, settings, label)
     tensors = quantcache.read(file, key)
     if tensors is not None:
         try:

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -26,16 +27,17 @@ log = logging.getLogger("csmcli")
 FORMAT_VERSION = 1
 
 
-def cache_file(cache_dir: Path, weight_files: list[Path], settings: dict) -> tuple[Path, str]:
+def cache_file(cache_dir: Path, weight_files: list[Path], settings: dict, label: str = "model") -> tuple[Path, str]:
     """Where the quantized layers of the checkpoint made of ``weight_files`` are cached, and the key
-    stored in that file; ``settings``: the quantization settings (JSON-serializable)."""
+    stored in that file; ``settings``: the quantization settings (JSON-serializable); ``label``: a
+    readable name for the file (e.g. the checkpoint's)."""
     files = []
     for f in weight_files:
         st = f.resolve().stat()
         files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
     key = json.dumps({"format": FORMAT_VERSION, "files": files, **settings}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-    name = weight_files[0].resolve().parent.name or "model"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip(".-") or "model"
     return cache_dir / "quantized" / f"{name}-{settings.get('quantize', 'q')}-{digest}.safetensors", key
 
 
