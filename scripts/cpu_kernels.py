@@ -2,13 +2,15 @@
 
 What ``csmcli.cpu`` chooses between: float32 ``F.linear`` and oneDNN-packed weights, bfloat16
 ``F.linear`` / packed (only where the CPU has oneDNN's bf16 kernels) / the compiled gemv,
-``torch._weight_int8pack_mm``, the compiled int8 gemv and fbgemm's dynamic int8 linear; then the
-products of ``--rows`` rows (a multi-slot engine's batch): float32 packed (what bf16 weights get
-on a CPU without bf16 packing), bf16 packed, ``_weight_int8pack_mm`` and fbgemm.  Each shape is
-timed over enough copies of the matrix to overflow the caches, as a frame does.  The last line
-sums each column over one frame's products (the backbone once, the depth decoder 31 times).
+``torch._weight_int8pack_mm``, the compiled int8 gemv, fbgemm's dynamic int8 linear, torch's CPU
+int4 kernel (``_weight_int4pack_mm_for_cpu``, bf16 rows) and csmcli's W4A8 int4 kernel (the
+CPU's path, :mod:`csmcli.int4kernel`) at ``--group``; then the products of ``--rows`` rows (a
+multi-slot engine's batch): float32 packed (what bf16 weights get on a CPU without bf16 packing),
+bf16 packed, ``_weight_int8pack_mm``, fbgemm and both int4 kernels.  Each shape is timed over enough
+copies of the matrix to overflow the caches, as a frame does.  The last line sums each column over
+one frame's products (the backbone once, the depth decoder 31 times).
 
-Usage: python scripts/cpu_kernels.py [--threads N] [--isa avx512|avx2|default] [--rows M]
+Usage: python scripts/cpu_kernels.py [--threads N] [--isa avx512|avx2|default] [--rows M] [--group G]
 (``--isa avx2`` runs the paths an AVX2-only CPU takes; ``ATEN_CPU_CAPABILITY=avx2`` in the
 environment also makes torch's own kernels use AVX2.)
 """
@@ -16,6 +18,7 @@ environment also makes torch's own kernels use AVX2.)
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 import warnings
@@ -23,7 +26,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from csmcli import cpu
+from csmcli import cpu, quant
 from csmcli.bench import physical_cores
 from csmcli.gemv import GemvKernels
 
@@ -40,7 +43,8 @@ SHAPES = [
     ("depth head", 2051, 1024, 31),
 ]
 COLUMNS = ("f32 linear", "f32 packed", "bf16 linear", "bf16 packed", "bf16 gemv", "int8pack", "int8 gemv", "fbgemm")
-ROWS_COLUMNS = ("f32 packed", "bf16 packed", "int8pack", "fbgemm")
+COLUMNS += ("int4pack", "int4 kernel")
+ROWS_COLUMNS = ("f32 packed", "bf16 packed", "int8pack", "fbgemm", "int4pack", "int4 kernel")
 
 
 def micros(fn, count: int, reps: int = 7) -> float:
@@ -64,7 +68,17 @@ def fbgemm_weights(q: list[torch.Tensor], scales: torch.Tensor) -> list:
         return [torch.ops.quantized.linear_prepack(m, None) for m in per_channel]
 
 
-def measure(n: int, k: int, caps: cpu.CpuCaps, gemv: GemvKernels | None, rows: int) -> list[float]:
+def int4_layers(n: int, k: int, group: int, count: int, caps: cpu.CpuCaps, kernels: str) -> list[quant.Int4Linear]:
+    """``count`` copies of an int4 ``n x k`` layer, prepared as ``cpu.prepare_int4`` does with ``kernels``."""
+    layers = [quant.Int4Linear.from_weight(torch.randn(n, k) * 0.02, group)]
+    layers += [copy.deepcopy(layers[0]) for _ in range(count - 1)]
+    holder = torch.nn.Module()
+    holder.layers = torch.nn.ModuleList(layers)
+    cpu.prepare_int4(holder, caps, kernels)
+    return layers
+
+
+def measure(n: int, k: int, caps: cpu.CpuCaps, gemv: GemvKernels | None, rows: int, group: int) -> list[float]:
     """Microseconds per product of each kernel for an ``n x k`` matrix and one row, then ``rows`` rows."""
     nan = float("nan")
     copies = max(2, 256_000_000 // (n * k * 2))
@@ -96,6 +110,13 @@ def measure(n: int, k: int, caps: cpu.CpuCaps, gemv: GemvKernels | None, rows: i
     for v, results in ((x, out), (xs, batched)):
         run = lambda: [torch.ops.quantized.linear_dynamic(v.float(), p, False).to(v.dtype) for p in fb]  # noqa: B023, E731
         results.append(micros(run, len(fb)) if fb else nan)
+    q.clear()  # free before the int4 copies
+    fb.clear()
+    for kernels in ("plain", "auto"):  # torch's int4 kernel, then csmcli's for this CPU's path
+        layers = int4_layers(n, k, group, 4 * copies, caps, kernels)
+        for v, results in ((x, out), (xs, batched)):
+            results.append(micros(lambda: [m(v) for m in layers], len(layers)))  # noqa: B023
+        del layers
     return out + batched
 
 
@@ -104,6 +125,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=physical_cores())
     parser.add_argument("--isa", default=None, help="limit the CPU paths to this instruction set")
     parser.add_argument("--rows", type=int, default=8, help="rows of the batched products (a batch's streams)")
+    parser.add_argument("--group", type=int, default=quant.INT4_GROUP, choices=quant.INT4_GROUPS, help="int4 group size")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     caps = cpu.cpu_caps(args.isa)
@@ -114,7 +136,7 @@ def main() -> None:
     totals = [0.0] * len(columns)
     with torch.inference_mode():
         for name, n, k, uses in SHAPES:
-            row = measure(n, k, caps, gemv, args.rows)
+            row = measure(n, k, caps, gemv, args.rows, args.group)
             totals = [t + v * uses for t, v in zip(totals, row, strict=True)]
             print(f"{name:16s} {n:>5d} x {k:<5d} " + " ".join(f"{v:11.1f}" for v in row), flush=True)
     print(f"{'ms per frame':29s} " + " ".join(f"{t / 1e3:11.1f}" for t in totals))

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from .errors import OptionsError
 from .gemv import GemvKernels, compiled_gemv, gemv, warm_up
 from .model import TransformerSpec
-from .quant import Int8Linear
+from .quant import Int4Linear, Int8Linear
 
 CPU_KERNELS = ("auto", "packed", "plain")
 #: Vector instruction-set levels the CPU kernels distinguish, best first.
@@ -287,7 +287,8 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     ``gemv+`` when single rows take the compiled gemv; or ``fbgemm`` (int8 weights, every product).
 
     Float layers become :class:`CpuLinear`; :class:`~csmcli.quant.Int8Linear` layers keep their
-    int8 weights and gain the gemv path for single rows.  With ``max_batch > 1`` float layers are
+    int8 weights and gain the gemv path for single rows; :class:`~csmcli.quant.Int4Linear` layers
+    are repacked for torch's CPU int4 kernel (``int4pack+`` in the result).  With ``max_batch > 1`` float layers are
     packed even where gemv would be faster for one row (several rows at once need the packed layout,
     and keeping both would double the weights' memory).  bfloat16 weights on a CPU without oneDNN's
     bf16 kernels (``caps``) are not packed as bf16: a one-slot engine keeps them plain (single rows
@@ -299,8 +300,11 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     """
     caps = caps or cpu_caps()
     kernels = check_cpu_kernels(kernels)
+    int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    for layer in int4:  # torch's own CPU int4 kernel, whatever the choice for float layers
+        layer.pack_for_cpu()
     if kernels == "plain":
-        return "plain"
+        return "int4pack+plain" if int4 else "plain"
     dtype = model.audio_embeddings.weight.dtype
     packable = torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
     upcast = _upcasts(dtype, caps)
@@ -317,6 +321,8 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
         return built.gemv if use_gemv and wanted else None
 
     def swap(layer: nn.Module) -> nn.Module:
+        if isinstance(layer, Int4Linear):  # packed above
+            return layer
         if isinstance(layer, Int8Linear):
             layer.upcast = upcast
             if layer.traced:
@@ -355,11 +361,12 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
         model.head_layers = swap(model.head_layers)
     if not packable and not int8:
         return "plain"
+    prefix = "int4pack+" if int4 else ""
     if any(isinstance(m, Int8Linear) and m.packed for m in model.modules()):
-        return "fbgemm"
+        return prefix + "fbgemm"
     used = any(getattr(m, "gemv", False) for m in model.modules())
     packed = any(getattr(m, "packed_weights", False) for m in model.modules()) or int8
     rest = "packed" if packed else "float32" if upcast else "linear"  # what several rows run on
     if packed and multi_upcast:
         rest = "packed-float32"
-    return f"gemv+{rest}" if used else rest
+    return prefix + (f"gemv+{rest}" if used else rest)

@@ -40,7 +40,8 @@ QuantizeOpt = Annotated[
     typer.Option(
         "--quantize",
         envvar="CSM_QUANTIZE",
-        help="none|int8: weight-only int8 (half the weight memory, faster on CPUs; slightly different audio).",
+        help="none|int8|int4: weight-only int8 (half the weight memory, faster on CPUs) or 4-bit groups (int4; "
+        "heads and the decoder's input projection stay int8); slightly different audio; quantized once and cached.",
     ),
 ]
 CompileOpt = Annotated[
@@ -48,8 +49,8 @@ CompileOpt = Annotated[
     typer.Option(
         "--compile",
         envvar="CSM_COMPILE",
-        help="Compile the frame with torch.compile at start-up (a CPU needs --quantize int8): faster frames after "
-        "10 s to a minute of compiling.",
+        help="Compile the frame with torch.compile at start-up (a CPU needs --quantize int8 or int4): faster "
+        "frames after 10 s to a minute of compiling.",
     ),
 ]
 ThreadsOpt = Annotated[
