@@ -29,12 +29,14 @@ def test_no_environment_variable_is_read_below_the_cli() -> None:
 def test_the_cli_passes_the_environment_as_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("CSM_CPU_ISA", "CSM_CPU_KERNELS", "CSM_CUDA_GRAPHS", "CSM_MIMI"):
         monkeypatch.delenv(name, raising=False)
-    assert load_settings() == {"cpu_isa": None, "cpu_kernels": None, "cuda_graphs": True}
+    monkeypatch.setenv("CSM_HOME", "/some/home")
+    cache = Path("/some/home/cache")
+    assert load_settings() == {"cpu_isa": None, "cpu_kernels": None, "cuda_graphs": True, "cache_dir": cache}
     monkeypatch.setenv("CSM_CPU_ISA", "avx2")
     monkeypatch.setenv("CSM_CPU_KERNELS", "packed")
     monkeypatch.setenv("CSM_CUDA_GRAPHS", "0")
     monkeypatch.setenv("CSM_MIMI", "/some/mimi")
-    want = {"cpu_isa": "avx2", "cpu_kernels": "packed", "cuda_graphs": False, "mimi": "/some/mimi"}
+    want = {"cpu_isa": "avx2", "cpu_kernels": "packed", "cuda_graphs": False, "mimi": "/some/mimi", "cache_dir": cache}
     assert load_settings() == want
 
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .errors import OptionsError
 from .gemv import GemvKernels, compiled_gemv, gemv, warm_up
 from .model import TransformerSpec
-from .quant import Int8Linear
+from .quant import Int4Linear, Int8Linear
 
 CPU_KERNELS = ("auto", "packed", "plain")
 #: Vector instruction-set levels the CPU kernels distinguish, best first.
@@ -230,15 +230,19 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     multiplied in float32), preceded by ``gemv+`` when single rows take the compiled gemv.
 
     Float layers become :class:`CpuLinear`; :class:`~csmcli.quant.Int8Linear` layers keep their
-    int8 weights and gain the gemv path for single rows.  With ``max_batch > 1`` float layers are
+    int8 weights and gain the gemv path for single rows; :class:`~csmcli.quant.Int4Linear` layers
+    are repacked for torch's CPU int4 kernel (``int4pack+`` in the result).  With ``max_batch > 1`` float layers are
     packed even where gemv would be faster for one row (several rows at once need the packed layout,
     and keeping both would double the weights' memory).  bfloat16 weights on a CPU without oneDNN's
     bf16 kernels (``caps``) are never packed: single rows take the gemv, several rows float32.
     """
     caps = caps or cpu_caps()
     kernels = check_cpu_kernels(kernels)
+    int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    for layer in int4:  # torch's own CPU int4 kernel, whatever the choice for float layers
+        layer.pack_for_cpu()
     if kernels == "plain":
-        return "plain"
+        return "int4pack+plain" if int4 else "plain"
     dtype = model.audio_embeddings.weight.dtype
     packable = torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
     upcast = _upcasts(dtype, caps)
@@ -253,6 +257,8 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
         return built.gemv if use_gemv and wanted else None
 
     def swap(layer: nn.Module) -> nn.Module:
+        if isinstance(layer, Int4Linear):  # packed above
+            return layer
         if isinstance(layer, Int8Linear):
             wanted = use_gemv and wants_gemv(layer.out_features, layer.in_features)
             layer.gemv_fn = built.gemv_int8 if wanted else None
@@ -286,4 +292,4 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     used = any(getattr(m, "gemv", False) for m in model.modules())
     packed = any(getattr(m, "packed_weights", False) for m in model.modules()) or int8
     rest = "packed" if packed else "float32" if upcast else "linear"  # what several rows run on
-    return f"gemv+{rest}" if used else rest
+    return ("int4pack+" if int4 else "") + (f"gemv+{rest}" if used else rest)

@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import checkpoint, cpu
+from . import checkpoint, cpu, quantcache
 from .codec import Codec
 from .engine import Engine
 from .errors import CheckpointError, OptionsError
 from .model import CSMModel, TransformerSpec
-from .quant import check_quantization, quantize_int8
+from .quant import INT4_GROUP, INT4_KEEP_INT8, check_quantization, load_quantized, quantize, quantized_tensors
 
 log = logging.getLogger("csmcli")
 
@@ -73,7 +73,8 @@ def build_model(config: dict, state: dict[str, Tensor], device: torch.device, dt
 @dataclass
 class Parts:
     """What :func:`load_parts` loaded: everything an engine and a synthesizer are built from, and the
-    settings it checked (``max_batch_size``, ``quantize``, ``compile``: compile the engine, ``cpu_kernels``)."""
+    settings it checked (``max_batch_size``, ``quantize``, ``compile``: compile the engine, ``cpu_kernels``).
+    ``quant_cache``: what the quantized-weight cache did (``off``, ``read``, ``written``)."""
 
     model: CSMModel
     codec: Codec
@@ -90,6 +91,7 @@ class Parts:
     tokenizer: Any = None
     prompts_dir: Path | None = None
     state: dict[str, Tensor] | None = None
+    quant_cache: str = "off"
 
 
 def load_parts(
@@ -105,12 +107,14 @@ def load_parts(
     cpu_isa: str | None = None,
     mimi: str = checkpoint.MIMI_MODEL,
     keep_state: bool = False,
+    cache_dir: Path | None = None,
 ) -> Parts:
     """Check the settings, then load ``model`` (hub id or directory; None: the full-size CSM-1B
     architecture with random weights and a random Mimi, for benchmarks) onto ``device``.
 
     ``mimi`` is where the codec comes from when the checkpoint has none.  ``keep_state`` keeps the
-    source state dict (on the CPU) in :attr:`Parts.state`, e.g. for a reference model.
+    source state dict (on the CPU) in :attr:`Parts.state`, e.g. for a reference model.  ``cache_dir``:
+    where quantized weights are cached (see :mod:`csmcli.quantcache`; None: not cached).
     """
     torch_device = pick_device(device)
     caps = cpu.cpu_caps(cpu_isa) if torch_device.type == "cpu" else None
@@ -120,7 +124,7 @@ def load_parts(
     check_quantization(quantize)
     cpu_kernels = cpu.check_cpu_kernels(cpu_kernels)
     if compile and caps:
-        cpu.check_compilable(quantize == "int8", cpu_kernels, torch_dtype, caps)
+        cpu.check_compilable(quantize != "none", cpu_kernels, torch_dtype, caps)
     ckpt = path = None
     if model is None:
         config = checkpoint.CSM_1B_CONFIG
@@ -141,8 +145,7 @@ def load_parts(
     if torch_device.type == "cuda":  # the source tensors are off the GPU: peak memory is the engine's
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(torch_device)
-    if quantize == "int8":
-        quantize_int8(net)
+    cached = quantize_cached(net, quantize, ckpt.weight_files if ckpt and cache_dir else None, cache_dir, torch_dtype)
     if ckpt is None:
         codec = random_codec(torch_device)
     elif codec_state:
@@ -153,10 +156,36 @@ def load_parts(
     parts = Parts(
         net, codec, torch_device, torch_dtype, caps, config, source, max_batch_size, quantize, compile, cpu_kernels
     )
-    parts.path, parts.state = path, state
+    parts.path, parts.state, parts.quant_cache = path, state, cached
     if ckpt is not None:
         parts.tokenizer, parts.prompts_dir = _tokenizer(ckpt.tokenizer_file), ckpt.prompts_dir
     return parts
+
+
+def quantize_cached(
+    net: CSMModel, name: str, weight_files: list[Path] | None, cache_dir: Path | None, dtype: torch.dtype
+) -> str:
+    """Quantize ``net`` in place (:func:`csmcli.quant.quantize`), reading the quantized layers from
+    the cache under ``cache_dir`` when it has them for these ``weight_files`` and writing them there
+    when not.  Returns ``off`` (not cached: no quantization, cache or checkpoint), ``read`` or ``written``."""
+    if name == "none":
+        return "off"
+    if weight_files is None or cache_dir is None:
+        quantize(net, name)
+        return "off"
+    int4 = name == "int4"
+    settings = quantcache.settings_of(name, INT4_GROUP if int4 else 0, INT4_KEEP_INT8 if int4 else (), dtype)
+    file, key = quantcache.cache_file(cache_dir, weight_files, settings)
+    tensors = quantcache.read(file, key)
+    if tensors is not None:
+        try:
+            load_quantized(net, tensors)
+            log.info("quantized weights read from %s", file)
+            return "read"
+        except ValueError as exc:
+            quantcache.warn_unusable(file, exc)
+    quantize(net, name)
+    return "written" if quantcache.write(file, key, quantized_tensors(net)) else "off"
 
 
 def random_state(config: dict[str, Any], seed: int = 0, device: torch.device | None = None) -> dict[str, torch.Tensor]:

@@ -1,14 +1,25 @@
-"""Weight-only int8 quantization of CSM's linear layers (per output channel, symmetric).
+"""Weight-only quantization of CSM's linear layers: int8 (per output channel, symmetric) and int4
+(groups of input columns, asymmetric).
 
-On the CPU the matrix products run on torch's own int8 weight kernel
-(``torch._weight_int8pack_mm``, the one gpt-fast uses), which reads half the bytes of bf16, and
-single rows of the wide matrices through the compiled int8 gemv of :mod:`csmcli.gemv`;
-elsewhere the int8 weights are dequantized on the fly.  Embeddings stay in the model's dtype.
+int8: on the CPU the products run on torch's own int8 weight kernel (``torch._weight_int8pack_mm``,
+the one gpt-fast uses), which reads half the bytes of bf16, and single rows of the wide matrices
+through the compiled int8 gemv of :mod:`csmcli.gemv`; elsewhere the int8 weights are dequantized on
+the fly.
+
+int4 (:class:`Int4Linear`): the canonical form is :func:`quantize_int4_weight`'s; on the CPU the
+products run on torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``, a quarter of bf16's
+bytes), elsewhere the weights are dequantized on the fly.  ``--quantize int4`` keeps the layers
+named in :data:`INT4_KEEP_INT8` at int8 (chosen with ``scripts/quant_fidelity.py``).
+
+Embeddings stay in the model's dtype.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .gemv import gemv_int8
@@ -16,6 +27,18 @@ from .model import CSMModel
 
 # from this many rows on (prefill), CPU products dequantize the weight and use the float GEMM
 DEQUANTIZE_ROWS = 32
+
+QUANTIZATIONS = ("none", "int8", "int4")
+#: int4 group size (input columns sharing a scale and minimum); see scripts/cpu_kernels.py and
+#: scripts/quant_fidelity.py for the measurements behind it
+INT4_GROUP = 64
+INT4_GROUPS = (32, 64, 128)
+#: the parts of the model that ``--quantize int4`` keeps at int8 (names from :data:`PARTS`)
+INT4_KEEP_INT8 = ("codebook0_head", "heads")
+#: the quantized parts: the two transformers' projections, the first codebook's head, the
+#: backbone-to-decoder projection and the depth decoder's per-codebook heads
+PARTS = ("backbone", "decoder", "codebook0_head", "projection", "heads")
+PROJECTIONS = ("wqkv", "wo", "w13", "w2")
 
 
 class Int8Linear(nn.Module):
@@ -38,6 +61,13 @@ class Int8Linear(nn.Module):
         self.gemv_fn = None
         self.upcast = False
 
+    @classmethod
+    def from_quantized(cls, weight: Tensor, scales: Tensor) -> Int8Linear:
+        """The layer holding already quantized ``weight`` (int8) and ``scales`` (the model's dtype)."""
+        layer = cls(torch.empty(weight.shape, device="meta"), scales.dtype)
+        layer.weight, layer.scales = weight, scales
+        return layer
+
     @property
     def gemv(self) -> bool:
         """True when single rows go through the compiled int8 gemv."""
@@ -59,7 +89,116 @@ class Int8Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-QUANTIZATIONS = ("none", "int8")
+def quantize_int4_weight(w: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The canonical int4 form of ``w`` (``[..., N, K]``, K divisible by ``group``).
+
+    Per output row and each run of ``group`` input columns, asymmetric: ``scale = (max - min) / 15``,
+    ``q = round((w - min) / scale)`` in 0..15, so ``w ~ q * scale + min``.  Returns ``qweight``
+    (uint8 ``[..., N, K/2]``: byte j holds ``q[2j]`` in its low nibble and ``q[2j+1]`` in its high
+    nibble) and ``scales``, ``mins`` (float32 ``[..., N, K/group]``).
+    """
+    *lead, n, k = w.shape
+    if group not in INT4_GROUPS or k % group:
+        raise ValueError(f"int4 groups of {group} do not divide {k} input columns (groups: {INT4_GROUPS})")
+    g = w.detach().float().reshape(*lead, n, k // group, group)
+    mins = g.amin(dim=-1)
+    scales = ((g.amax(dim=-1) - mins) / 15).clamp(min=1e-8)
+    q = ((g - mins[..., None]) / scales[..., None]).round_().clamp_(0, 15).to(torch.uint8).reshape(*lead, n, k)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous(), scales, mins
+
+
+def unpack_int4(qweight: Tensor) -> Tensor:
+    """The 4-bit codes of a canonical ``qweight``: uint8 ``[..., N, K]`` in 0..15."""
+    return torch.stack([qweight & 15, qweight >> 4], dim=-1).reshape(*qweight.shape[:-1], -1)
+
+
+def dequantize_int4(qweight: Tensor, scales: Tensor, mins: Tensor) -> Tensor:
+    """``q * scale + min`` for a canonical int4 weight: float32 ``[..., N, K]``."""
+    q = unpack_int4(qweight)
+    *lead, n, k = q.shape
+    groups = scales.shape[-1]
+    w = q.reshape(*lead, n, groups, k // groups).float() * scales[..., None] + mins[..., None]
+    return w.reshape(*lead, n, k)
+
+
+def int4_group(in_features: int, group: int = INT4_GROUP) -> int | None:
+    """The group size for a matrix with ``in_features`` columns: ``group``, halved while it does not
+    divide them (small test models); None where no allowed group does (the layer stays int8)."""
+    while group >= INT4_GROUPS[0]:
+        if in_features % group == 0:
+            return group
+        group //= 2
+    return None
+
+
+class Int4Linear(nn.Module):
+    """``y = x @ W.T`` with ``W`` held as 4-bit codes (the canonical form of :func:`quantize_int4_weight`).
+
+    Stacks of layers (``[n, out, in]``) are called with ``index`` as :class:`Int8Linear` is.  Which
+    form it holds depends on the backend :func:`csmcli.cpu.prepare_cpu` picks:
+
+    * canonical (``qweight``, ``scales``, ``mins``): dequantized on the fly (GPUs, other devices);
+    * :meth:`pack_for_cpu`: torch's CPU int4 layout (``packed``, ``scales_zeros``; the canonical
+      tensors are freed), every product on ``_weight_int4pack_mm_for_cpu`` in bfloat16;
+    * ``kernel``: a CPU kernel called as ``kernel(rows, index)`` (rows ``[m, in]``, ``index`` as
+      given) for fewer than :data:`DEQUANTIZE_ROWS` rows; it packs its own copy from the canonical
+      form, and the setter frees whatever the layer no longer needs.
+    """
+
+    def __init__(self, qweight: Tensor, scales: Tensor, mins: Tensor) -> None:
+        super().__init__()
+        if scales.shape != mins.shape or qweight.shape[:-1] != scales.shape[:-1] or qweight.dtype != torch.uint8:
+            raise ValueError("int4 weight, scales and minimums do not fit together")
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales.float())
+        self.register_buffer("mins", mins.float())
+        self.out_features, self.in_features = qweight.shape[-2], 2 * qweight.shape[-1]
+        self.group = self.in_features // scales.shape[-1]
+        self.stacked = qweight.dim() == 3
+        self.packed: tuple[Tensor, ...] = ()  # torch's CPU layout, one per layer of a stack
+        self.scales_zeros: Tensor | None = None
+        self.kernel: Callable[[Tensor, int | None], Tensor] | None = None
+
+    @classmethod
+    def from_weight(cls, weight: Tensor, group: int = INT4_GROUP) -> Int4Linear:
+        """Quantize a float ``weight`` (``[out, in]`` or a stack ``[n, out, in]``)."""
+        return cls(*quantize_int4_weight(weight, group))
+
+    def canonical(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(qweight, scales, mins)``, or None once :meth:`pack_for_cpu` freed them."""
+        return None if self.qweight is None else (self.qweight, self.scales, self.mins)
+
+    def pack_for_cpu(self) -> None:
+        """Repack into torch's CPU int4 layout and free the canonical tensors.
+
+        torch's kernel wants ``w = (q - 8) * scale + zero``, so ``zero = min + 8 * scale``, and output
+        rows in multiples of 16 (zero rows pad the heads' 2051)."""
+        if self.packed:
+            return
+        pad = -self.out_features % 16
+        codes = unpack_int4(self.qweight).to(torch.int32)
+        stack = codes if self.stacked else codes[None]
+        convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+        self.packed = tuple(convert(F.pad(m, (0, 0, 0, pad)), 1) for m in stack)
+        sz = torch.stack([self.scales, self.mins + 8 * self.scales], dim=-1)  # [..., N, K/G, 2]
+        self.scales_zeros = F.pad(sz, (0, 0, 0, 0, 0, pad)).transpose(-3, -2).to(torch.bfloat16).contiguous()
+        self.qweight = self.scales = self.mins = None
+
+    def forward(self, x: Tensor, index: int | None = None) -> Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        if self.kernel is not None and flat.shape[0] < DEQUANTIZE_ROWS:
+            y = self.kernel(flat, index)
+        elif self.packed:
+            sz = self.scales_zeros if index is None else self.scales_zeros[index]
+            rows = flat.to(torch.bfloat16).contiguous()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed[index or 0], self.group, sz)
+            y = y[:, : self.out_features].to(x.dtype)
+        else:
+            parts = (self.qweight, self.scales, self.mins)
+            w = dequantize_int4(*(parts if index is None else (p[index] for p in parts)))
+            y = F.linear(flat, w.to(flat.dtype))
+        return y.reshape(*shape[:-1], self.out_features)
 
 
 def check_quantization(name: str) -> str:
@@ -71,19 +210,92 @@ def check_quantization(name: str) -> str:
     return name
 
 
+def _slots(model: CSMModel) -> Iterator[tuple[str, nn.Module, str, str]]:
+    """Every quantized slot: ``(key, parent module, attribute, part)``."""
+    for part, net in (("backbone", model.backbone), ("decoder", model.decoder)):
+        for i, block in enumerate(net.layers):
+            for attr in PROJECTIONS:
+                yield f"{part}.{i}.{attr}", block, attr, part
+    yield "codebook0_head", model, "codebook0_head", "codebook0_head"
+    yield "projection", model, "projection", "projection"
+    yield "heads", model, "head_layers", "heads"
+
+
+def _replace(model: CSMModel, make: Callable[[str, str, Tensor], nn.Module]) -> CSMModel:
+    """Put ``make(key, part, float weight)`` in every slot; all are made before any is replaced."""
+    if model.head_layers is not None:
+        raise ValueError("quantize before preparing the model for a device")
+    made = []
+    for key, parent, attr, part in _slots(model):
+        weight = model.audio_head.transpose(1, 2) if attr == "head_layers" else getattr(parent, attr).weight
+        made.append((parent, attr, make(key, part, weight)))
+    for parent, attr, layer in made:
+        setattr(parent, attr, layer)
+    del model.audio_head
+    model.register_parameter("audio_head", None)
+    return model
+
+
+def quantize(
+    model: CSMModel, name: str, group: int = INT4_GROUP, keep_int8: tuple[str, ...] = INT4_KEEP_INT8
+) -> CSMModel:
+    """Quantize every slot of ``model`` in place: ``int8``, or ``int4`` with the ``keep_int8`` parts
+    (and matrices no allowed group divides) at int8."""
+    check_quantization(name)
+    if name == "none":
+        return model
+    dtype = model.codebook0_head.weight.dtype
+
+    def make(key: str, part: str, weight: Tensor) -> nn.Module:
+        g = int4_group(weight.shape[-1], group)
+        if name == "int8" or part in keep_int8 or g is None:
+            return Int8Linear(weight, dtype)
+        return Int4Linear.from_weight(weight, g)
+
+    return _replace(model, make)
+
+
 def quantize_int8(model: CSMModel) -> CSMModel:
     """Replace every projection of both transformers and all heads by :class:`Int8Linear`, in place."""
-    dtype = model.codebook0_head.weight.dtype
-    for net in (model.backbone, model.decoder):
-        for block in net.layers:
-            for name in ("wqkv", "wo", "w13", "w2"):
-                setattr(block, name, Int8Linear(getattr(block, name).weight, dtype))
-    model.codebook0_head = Int8Linear(model.codebook0_head.weight, dtype)
-    model.projection = Int8Linear(model.projection.weight, dtype)
-    if model.head_layers is None:
-        model.head_layers = Int8Linear(model.audio_head.transpose(1, 2), dtype)
-        del model.audio_head
-        model.register_parameter("audio_head", None)
-    else:
-        raise ValueError("quantize before preparing the model for a device")
-    return model
+    return quantize(model, "int8")
+
+
+def quantized_tensors(model: CSMModel) -> dict[str, Tensor]:
+    """The quantized weights of a :func:`quantize`d model (canonical forms, on the CPU), by slot key."""
+    out = {}
+    for key, parent, attr, _ in _slots(model):
+        layer = getattr(parent, attr)
+        if isinstance(layer, Int8Linear):
+            out.update({f"{key}.weight": layer.weight, f"{key}.scales": layer.scales})
+        elif isinstance(layer, Int4Linear) and layer.canonical() is not None:
+            out.update(zip((f"{key}.qweight", f"{key}.scales", f"{key}.mins"), layer.canonical(), strict=True))
+        else:
+            raise ValueError(f"{key} is not quantized in its canonical form")
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def load_quantized(model: CSMModel, tensors: dict[str, Tensor]) -> CSMModel:
+    """Put the layers :func:`quantized_tensors` saved back into an unquantized ``model`` (in place).
+    Tensors that do not fit the model raise :class:`ValueError` before anything is replaced."""
+    dtype, device = model.codebook0_head.weight.dtype, model.codebook0_head.weight.device
+
+    def get(name: str, dtypes: tuple[torch.dtype, ...], shape: tuple[int, ...]) -> Tensor:
+        t = tensors.get(name)
+        if t is None or t.dtype not in dtypes or tuple(t.shape) != shape:
+            raise ValueError(f"quantized weights: {name} is missing or does not fit the model")
+        return t.to(device)
+
+    def make(key: str, part: str, weight: Tensor) -> nn.Module:
+        *lead, n, k = weight.shape
+        if f"{key}.qweight" in tensors:
+            groups = tensors[f"{key}.scales"].shape[-1] if f"{key}.scales" in tensors else 0
+            g = k // groups if groups and k % groups == 0 else 0
+            if g not in INT4_GROUPS:
+                raise ValueError(f"quantized weights: {key} has a bad int4 group")
+            q = get(f"{key}.qweight", (torch.uint8,), (*lead, n, k // 2))
+            s, m = (get(f"{key}.{x}", (torch.float32,), (*lead, n, k // g)) for x in ("scales", "mins"))
+            return Int4Linear(q, s, m)
+        q = get(f"{key}.weight", (torch.int8,), (*lead, n, k))
+        return Int8Linear.from_quantized(q, get(f"{key}.scales", (dtype,), (*lead, n)))
+
+    return _replace(model, make)

@@ -7,7 +7,8 @@ passed to :func:`csmcli.loader.load_parts` as parameters:
 * ``CSM_CPU_KERNELS``: CPU matrix kernels (``auto``, ``packed``, ``plain``).
 * ``CSM_CUDA_GRAPHS=0``: run frames eagerly on CUDA.
 * ``CSM_MIMI``: where the codec comes from when a checkpoint has none (hub id or directory).
-* ``CSM_HOME``: the user directory whose ``voices/`` holds the user's voices.
+* ``CSM_HOME``: the user directory whose ``voices/`` holds the user's voices and whose ``cache/``
+  the quantized weights (without it: the platform's cache directory).
 
 (``CSM_COMPILE``, ``CSM_QUANTIZE`` and ``CSM_MODEL`` are the defaults of command-line options.)
 """
@@ -35,9 +36,20 @@ def user_home() -> Path | None:
     return Path(home).expanduser() if home else None
 
 
+def cache_dir() -> Path:
+    """Where quantized weights are cached: ``$CSM_HOME/cache``, else the platform's user cache directory."""
+    home = user_home()
+    if home:
+        return home / "cache"
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("csmcli", appauthor=False))
+
+
 def load_settings() -> dict[str, Any]:
     """Every loader parameter the environment sets (see the module docstring)."""
     settings: dict[str, Any] = {**cpu_settings(), "cuda_graphs": os.environ.get("CSM_CUDA_GRAPHS", "1") != "0"}
+    settings["cache_dir"] = cache_dir()
     if os.environ.get("CSM_MIMI"):
         settings["mimi"] = os.environ["CSM_MIMI"]
     return settings
