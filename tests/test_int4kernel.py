@@ -132,3 +132,30 @@ def test_no_path_means_no_kernel() -> None:
 def test_pack_refuses_a_group_that_does_not_divide_the_row() -> None:
     with pytest.raises(ValueError, match="group 48"):
         pack(torch.zeros(16, 32, dtype=torch.uint8), torch.ones(16, 2), torch.zeros(16, 2), 48)
+
+
+@pytest.mark.skipif(not PATHS, reason="no C++ compiler or no AVX2 on this CPU")
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_prepare_cpu_gives_int4_layers_the_kernel_of_the_cpus_path(isa: str) -> None:
+    from csmcli import cpu
+    from csmcli.quant import Int4Linear
+
+    caps = cpu.detect_cpu_caps()
+    if isa == "avx512" and caps.isa != "avx512":
+        pytest.skip("this CPU has no AVX-512")
+    caps = cpu.cpu_caps(isa)
+    want = int4kernel.path_for(caps.isa, caps.vnni)
+    torch.manual_seed(3)
+    w = torch.randn(2, 40, 128) * 0.02
+    reference = Int4Linear.from_weight(w, 32)
+    layer = Int4Linear.from_weight(w, 32)
+    model = torch.nn.Module()
+    model.heads = layer
+    assert cpu.prepare_int4(model, caps, "auto") == f"int4-{want}"
+    assert layer.canonical() is None and not layer.packed  # one copy: the kernel's
+    x = torch.randn(5, 128)
+    for i in range(2):
+        torch.testing.assert_close(layer(x, i), reference(x, i), atol=5e-3, rtol=0.02)
+    plain = torch.nn.Module()
+    plain.layer = Int4Linear.from_weight(w[0], 32)
+    assert cpu.prepare_int4(plain, caps, "plain") == "int4pack"

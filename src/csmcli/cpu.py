@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import int4kernel
 from .errors import OptionsError
 from .gemv import GemvKernels, compiled_gemv, gemv, warm_up
 from .model import TransformerSpec
@@ -43,11 +44,13 @@ class CpuCaps:
     ``bf16_packed``: oneDNN's bfloat16 packed weights and matmuls work (they need AVX-512 BW/VL/DQ
     or AVX-NE-CONVERT); without them bfloat16 weights are read as bfloat16 and multiplied in float32.
     ``native_bf16``: bfloat16 arithmetic in hardware (AVX512-BF16 or AMX).
+    ``vnni``: AVX-512 VNNI integer dot products (the int4 kernel's fast path).
     """
 
     isa: str
     bf16_packed: bool
     native_bf16: bool
+    vnni: bool = False
 
     @property
     def simdlen(self) -> int:
@@ -71,7 +74,8 @@ def detect_cpu_caps() -> CpuCaps:
         except RuntimeError:
             packed = False
     native = isa == "avx512" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return CpuCaps(isa, bf16_packed=packed, native_bf16=native)
+    vnni = isa == "avx512" and torch.cpu._is_vnni_supported()
+    return CpuCaps(isa, bf16_packed=packed, native_bf16=native, vnni=vnni)
 
 
 def cpu_caps(isa: str | None = None) -> CpuCaps:
@@ -224,6 +228,39 @@ def check_cpu_kernels(name: str | None = None) -> str:
     return name
 
 
+def prepare_int4(model: nn.Module, caps: CpuCaps, kernels: str) -> str:
+    """Give every :class:`~csmcli.quant.Int4Linear` its CPU product; returns what it is (``""``
+    without int4 layers): ``int4-avx512_vnni`` / ``int4-avx2``, the W4A8 kernel of
+    :mod:`csmcli.int4kernel` for the CPU's instruction set, or ``int4pack``, torch's own int4 kernel
+    (``plain`` kernels, no C++ compiler, or a CPU with neither path)."""
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    if not layers:
+        return ""
+    fast = int4kernel.kernel(int4kernel.path_for(caps.isa, caps.vnni)) if kernels != "plain" else None
+    for layer in layers:
+        if layer.kernel is not None or layer.packed:  # prepared before
+            continue
+        if fast is None:
+            layer.pack_for_cpu()
+            continue
+        blobs = tuple(int4kernel.pack(*parts, layer.group) for parts in _stack(layer.canonical(), layer.stacked))
+        layer.kernel = functools.partial(_int4_product, fast, blobs, layer.out_features, layer.group)
+        layer.qweight = layer.scales = layer.mins = None  # the packed copy is the only one kept
+    done = {("int4pack" if m.packed else f"int4-{fast.path}") for m in layers}
+    return "+".join(sorted(done))
+
+
+def _stack(parts: tuple[Tensor, ...], stacked: bool) -> list[tuple[Tensor, ...]]:
+    """A layer's canonical tensors, one tuple per layer of a stack."""
+    return [tuple(p[i] for p in parts) for i in range(parts[0].shape[0])] if stacked else [parts]
+
+
+def _int4_product(
+    fast: int4kernel.Int4Kernel, blobs: tuple[Tensor, ...], out_features: int, group: int, rows: Tensor, index
+) -> Tensor:
+    return fast.matmul(rows, blobs[index or 0], out_features, group).to(rows.dtype)
+
+
 def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1, caps: CpuCaps | None = None) -> str:
     """Swap the model's projections for CPU kernels in place; returns what was used: ``plain``, or
     the several-rows path (``packed``; ``linear``: plain float weights; ``float32``: bf16 weights
@@ -238,11 +275,9 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     """
     caps = caps or cpu_caps()
     kernels = check_cpu_kernels(kernels)
-    int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
-    for layer in int4:  # torch's own CPU int4 kernel, whatever the choice for float layers
-        layer.pack_for_cpu()
+    int4 = prepare_int4(model, caps, kernels)
     if kernels == "plain":
-        return "int4pack+plain" if int4 else "plain"
+        return f"{int4}+plain" if int4 else "plain"
     dtype = model.audio_embeddings.weight.dtype
     packable = torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
     upcast = _upcasts(dtype, caps)
@@ -292,4 +327,4 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     used = any(getattr(m, "gemv", False) for m in model.modules())
     packed = any(getattr(m, "packed_weights", False) for m in model.modules()) or int8
     rest = "packed" if packed else "float32" if upcast else "linear"  # what several rows run on
-    return ("int4pack+" if int4 else "") + (f"gemv+{rest}" if used else rest)
+    return (f"{int4}+" if int4 else "") + (f"gemv+{rest}" if used else rest)
