@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import int4kernel
 from .errors import OptionsError
 from .gemv import GemvKernels, compiled_gemv, gemv, warm_up
 from .model import TransformerSpec
@@ -51,8 +52,9 @@ class CpuCaps:
     ``bf16_packed``: oneDNN's bfloat16 packed weights and matmuls work (they need AVX-512 BW/VL/DQ
     or AVX-NE-CONVERT); without them bfloat16 weights are read as bfloat16 and multiplied in float32.
     ``native_bf16``: bfloat16 arithmetic in hardware (AVX512-BF16 or AMX).
-    ``vnni``: AVX512-VNNI int8 multiply-adds, which let fbgemm's int8 products take 8-bit
-    activations (without it they saturate, so activations are quantized to 7 bits).
+    ``vnni``: AVX512-VNNI int8 multiply-adds: fbgemm's int8 products take 8-bit activations
+    (without it they saturate, so activations are quantized to 7 bits), and the int4 kernel
+    (:mod:`csmcli.int4kernel`) takes its fastest path.
     """
 
     isa: str
@@ -280,6 +282,39 @@ def check_cpu_kernels(name: str | None = None) -> str:
     return name
 
 
+def prepare_int4(model: nn.Module, caps: CpuCaps, kernels: str) -> str:
+    """Give every :class:`~csmcli.quant.Int4Linear` its CPU product; returns what it is (``""``
+    without int4 layers): ``int4-avx512_vnni`` / ``int4-avx2``, the W4A8 kernel of
+    :mod:`csmcli.int4kernel` for the CPU's instruction set, or ``int4pack``, torch's own int4 kernel
+    (``plain`` kernels, no C++ compiler, or a CPU with neither path)."""
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    if not layers:
+        return ""
+    fast = int4kernel.kernel(int4kernel.path_for(caps.isa, caps.vnni)) if kernels != "plain" else None
+    for layer in layers:
+        if layer.kernel is not None or layer.packed:  # prepared before
+            continue
+        if fast is None:
+            layer.pack_for_cpu()
+            continue
+        blobs = tuple(int4kernel.pack(*parts, layer.group) for parts in _stack(layer.canonical(), layer.stacked))
+        layer.kernel = functools.partial(_int4_product, fast, blobs, layer.out_features, layer.group)
+        layer.qweight = layer.scales = layer.mins = None  # the packed copy is the only one kept
+    done = {("int4pack" if m.packed else f"int4-{fast.path}") for m in layers}
+    return "+".join(sorted(done))
+
+
+def _stack(parts: tuple[Tensor, ...], stacked: bool) -> list[tuple[Tensor, ...]]:
+    """A layer's canonical tensors, one tuple per layer of a stack."""
+    return [tuple(p[i] for p in parts) for i in range(parts[0].shape[0])] if stacked else [parts]
+
+
+def _int4_product(
+    fast: int4kernel.Int4Kernel, blobs: tuple[Tensor, ...], out_features: int, group: int, rows: Tensor, index
+) -> Tensor:
+    return fast.matmul(rows, blobs[index or 0], out_features, group).to(rows.dtype)
+
+
 def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1, caps: CpuCaps | None = None) -> str:
     """Swap the model's projections for CPU kernels in place; returns what was used: ``plain``, or
     the several-rows path (``packed``; ``linear``: plain float weights; ``float32``: bf16 weights
@@ -288,8 +323,8 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
 
     Float layers become :class:`CpuLinear`; :class:`~csmcli.quant.Int8Linear` layers keep their
     int8 weights and gain the gemv path for single rows; :class:`~csmcli.quant.Int4Linear` layers
-    are repacked for torch's CPU int4 kernel (``int4pack+`` in the result).  With ``max_batch > 1`` float layers are
-    packed even where gemv would be faster for one row (several rows at once need the packed layout,
+    get :func:`prepare_int4`'s product, whose name leads the result.  With ``max_batch > 1`` float
+    layers are packed even where gemv would be faster for one row (several rows at once need the packed layout,
     and keeping both would double the weights' memory).  bfloat16 weights on a CPU without oneDNN's
     bf16 kernels (``caps``) are not packed as bf16: a one-slot engine keeps them plain (single rows
     take the gemv, several rows float32), a multi-slot engine packs them as float32 (twice the
@@ -300,11 +335,9 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     """
     caps = caps or cpu_caps()
     kernels = check_cpu_kernels(kernels)
-    int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
-    for layer in int4:  # torch's own CPU int4 kernel, whatever the choice for float layers
-        layer.pack_for_cpu()
+    int4 = prepare_int4(model, caps, kernels)
     if kernels == "plain":
-        return "int4pack+plain" if int4 else "plain"
+        return f"{int4}+plain" if int4 else "plain"
     dtype = model.audio_embeddings.weight.dtype
     packable = torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
     upcast = _upcasts(dtype, caps)
@@ -361,7 +394,7 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
         model.head_layers = swap(model.head_layers)
     if not packable and not int8:
         return "plain"
-    prefix = "int4pack+" if int4 else ""
+    prefix = f"{int4}+" if int4 else ""
     if any(isinstance(m, Int8Linear) and m.packed for m in model.modules()):
         return prefix + "fbgemm"
     used = any(getattr(m, "gemv", False) for m in model.modules())

@@ -187,9 +187,9 @@ class Int4Linear(nn.Module):
     * canonical (``qweight``, ``scales``, ``mins``): dequantized on the fly (GPUs, other devices);
     * :meth:`pack_for_cpu`: torch's CPU int4 layout (``packed``, ``scales_zeros``; the canonical
       tensors are freed), every product on ``_weight_int4pack_mm_for_cpu`` in bfloat16;
-    * ``kernel``: a CPU kernel called as ``kernel(rows, index)`` (rows ``[m, in]``, ``index`` as
-      given) for fewer than :data:`DEQUANTIZE_ROWS` rows; it packs its own copy from the canonical
-      form, and the setter frees whatever the layer no longer needs.
+    * ``kernel``: csmcli's W4A8 CPU kernel (:func:`csmcli.cpu.prepare_int4` sets it), called as
+      ``kernel(rows, index)`` (rows ``[m, in]``, ``index`` as given) for every product; it holds
+      its own packed copy and the canonical tensors are freed.
     """
 
     def __init__(self, qweight: Tensor, scales: Tensor, mins: Tensor) -> None:
@@ -234,7 +234,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: Tensor, index: int | None = None) -> Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        if self.kernel is not None and flat.shape[0] < DEQUANTIZE_ROWS:
+        if self.kernel is not None:
             y = self.kernel(flat, index)
         elif self.packed:
             sz = self.scales_zeros if index is None else self.scales_zeros[index]

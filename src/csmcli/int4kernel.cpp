@@ -1,0 +1,193 @@
+// W4A8 matrix products for csmcli's int4 weights: y[M, N] = x[M, K] @ W[N, K]^T.
+//
+// Weights are 4-bit codes q with one fp16 scale and minimum per output row and group of G inputs
+// (w = q * scale + min).  Each call quantizes x to int8 per row and group (x ~ sx * xq, with
+// sx = max|x| / 127) and multiplies with integer dot-product instructions, so a product costs a
+// few instructions per 64 weight bytes and runs at memory speed.  Per group,
+//   sum_k w_k x_k ~= scale * (sx * sum_k q_k xq_k + corr) + min * sum_k x_k,
+//   corr = 8 * (sum_k x_k - sx * sum_k xq_k),
+// which is exact but for scale * sum_k (q_k - 8)(x_k - sx xq_k): the rounding of x meets centred
+// codes, so its error is that of the weights' spread, not of their offset.
+//
+// Packed layout (csmcli.int4kernel.pack writes it): blocks of 16 output rows; per block and group,
+// 64 header bytes (16 fp16 scales, 16 fp16 minimums), then G/8 chunks of 64 bytes where byte
+// c*4+i holds q[row c][k0+i] in its low nibble and q[row c][k0+4+i] in its high one (k0 = 8 * chunk).
+//
+// Two paths, chosen by the caller from what the CPU reports: AVX-512 VNNI (vpdpbusd, 16 rows a
+// vector) and AVX2 (vpmaddubsw + vpmaddwd, two halves of 8 rows).  Codes are at most 15, so the
+// AVX2 path's 16-bit pair sums (at most 2 * 2 * 15 * 127) cannot saturate.
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+extern "C" {
+
+int csm_int4_cpu_has(int path) {
+    __builtin_cpu_init();
+    if (path == 1) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (path == 2)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vnni");
+    return 0;
+}
+
+}  // extern "C"
+
+// x[M, K] -> int8 codes, and per row and group the scale sx, the sum of x and the correction corr.
+static void quantize_rows(const float* x, int M, int K, int G, int8_t* xq, float* sx, float* xs, float* corr) {
+    const int ng = K / G;
+    for (int m = 0; m < M; ++m) {
+        for (int g = 0; g < ng; ++g) {
+            const float* v = x + (size_t)m * K + (size_t)g * G;
+            float amax = 0.f, sum = 0.f;
+            for (int k = 0; k < G; ++k) {
+                amax = fmaxf(amax, fabsf(v[k]));
+                sum += v[k];
+            }
+            const float scale = amax / 127.f;
+            const float inv = amax > 0.f ? 127.f / amax : 0.f;
+            int8_t* out = xq + (size_t)m * K + (size_t)g * G;
+            int codes = 0;
+            for (int k = 0; k < G; ++k) {
+                out[k] = (int8_t)lrintf(v[k] * inv);
+                codes += out[k];
+            }
+            sx[m * ng + g] = scale;
+            xs[m * ng + g] = sum;
+            corr[m * ng + g] = 8.f * (sum - scale * (float)codes);
+        }
+    }
+}
+
+static inline size_t group_bytes(int G) { return 64 + (size_t)8 * G; }
+
+template <int MB>
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl,f16c"))) static void block_vnni(
+    const uint8_t* wb, int K, int G, const int8_t* xq, const float* sx, const float* xs, const float* corr, float* y, int ldy) {
+    const int ng = K / G;
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    __m512 accf[MB];
+    for (int m = 0; m < MB; ++m) accf[m] = _mm512_setzero_ps();
+    for (int g = 0; g < ng; ++g) {
+        const uint8_t* p = wb + (size_t)g * group_bytes(G);
+        const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+        const __m512 mins = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 32)));
+        p += 64;
+        __m512i lo[MB], hi[MB];
+        for (int m = 0; m < MB; ++m) lo[m] = hi[m] = _mm512_setzero_si512();
+        const int8_t* xg = xq + (size_t)g * G;
+        for (int j = 0; j < G / 8; ++j) {
+            const __m512i v = _mm512_loadu_si512((const void*)(p + 64 * j));
+            const __m512i a = _mm512_and_si512(v, mask);
+            const __m512i b = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+            for (int m = 0; m < MB; ++m) {
+                int32_t xa, xb;
+                memcpy(&xa, xg + (size_t)m * K + 8 * j, 4);
+                memcpy(&xb, xg + (size_t)m * K + 8 * j + 4, 4);
+                lo[m] = _mm512_dpbusd_epi32(lo[m], a, _mm512_set1_epi32(xa));
+                hi[m] = _mm512_dpbusd_epi32(hi[m], b, _mm512_set1_epi32(xb));
+            }
+        }
+        for (int m = 0; m < MB; ++m) {
+            const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo[m], hi[m]));
+            const __m512 t = _mm512_fmadd_ps(dot, _mm512_set1_ps(sx[m * ng + g]), _mm512_set1_ps(corr[m * ng + g]));
+            accf[m] = _mm512_fmadd_ps(scale, t, accf[m]);
+            accf[m] = _mm512_fmadd_ps(mins, _mm512_set1_ps(xs[m * ng + g]), accf[m]);
+        }
+    }
+    for (int m = 0; m < MB; ++m) _mm512_storeu_ps(y + (size_t)m * ldy, accf[m]);
+}
+
+template <int MB>
+__attribute__((target("avx2,fma,f16c"))) static void block_avx2(
+    const uint8_t* wb, int K, int G, const int8_t* xq, const float* sx, const float* xs, const float* corr, float* y, int ldy) {
+    const int ng = K / G;
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 accf[MB][2];
+    for (int m = 0; m < MB; ++m) accf[m][0] = accf[m][1] = _mm256_setzero_ps();
+    for (int g = 0; g < ng; ++g) {
+        const uint8_t* p = wb + (size_t)g * group_bytes(G);
+        __m256 scale[2], mins[2];
+        for (int h = 0; h < 2; ++h) {
+            scale[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 16 * h)));
+            mins[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 32 + 16 * h)));
+        }
+        p += 64;
+        __m256i acc[MB][2];
+        for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+        const int8_t* xg = xq + (size_t)g * G;
+        for (int j = 0; j < G / 8; ++j) {
+            for (int h = 0; h < 2; ++h) {
+                const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 64 * j + 32 * h));
+                const __m256i a = _mm256_and_si256(v, mask);
+                const __m256i b = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                for (int m = 0; m < MB; ++m) {
+                    int32_t xa, xb;
+                    memcpy(&xa, xg + (size_t)m * K + 8 * j, 4);
+                    memcpy(&xb, xg + (size_t)m * K + 8 * j + 4, 4);
+                    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(a, _mm256_set1_epi32(xa)),
+                                                           _mm256_maddubs_epi16(b, _mm256_set1_epi32(xb)));
+                    acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+        }
+        for (int m = 0; m < MB; ++m) {
+            const __m256 xscale = _mm256_set1_ps(sx[m * ng + g]);
+            const __m256 xsum = _mm256_set1_ps(xs[m * ng + g]);
+            const __m256 xcorr = _mm256_set1_ps(corr[m * ng + g]);
+            for (int h = 0; h < 2; ++h) {
+                const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m][h]), xscale, xcorr);
+                accf[m][h] = _mm256_fmadd_ps(scale[h], t, accf[m][h]);
+                accf[m][h] = _mm256_fmadd_ps(mins[h], xsum, accf[m][h]);
+            }
+        }
+    }
+    for (int m = 0; m < MB; ++m)
+        for (int h = 0; h < 2; ++h) _mm256_storeu_ps(y + (size_t)m * ldy + 8 * h, accf[m][h]);
+}
+
+typedef void (*block_fn)(const uint8_t*, int, int, const int8_t*, const float*, const float*, const float*, float*,
+                         int);
+
+// Activation rows per pass over a weight block: as many as the accumulators that fit in registers
+// (32 vectors on AVX-512, 16 on AVX2); the block is re-read from cache for each further pass.
+static int rows_per_pass(int path) { return path == 2 ? 8 : 4; }
+
+static block_fn pick(int path, int rows) {
+    static const block_fn vnni[8] = {block_vnni<1>, block_vnni<2>, block_vnni<3>, block_vnni<4>,
+                                     block_vnni<5>, block_vnni<6>, block_vnni<7>, block_vnni<8>};
+    static const block_fn avx2[4] = {block_avx2<1>, block_avx2<2>, block_avx2<3>, block_avx2<4>};
+    return (path == 2 ? vnni : avx2)[rows - 1];
+}
+
+extern "C" {
+
+// y[M, Npad] = x[M, K] @ W^T for a weight packed for Npad = 16 * blocks rows.  scratch holds
+// M * K int8 codes (rounded up to 64 bytes) and 3 * M * (K / G) floats.  Returns 0, or -1 when the path cannot run here.
+int csm_int4_matmul(int path, const float* x, int M, int K, int G, const uint8_t* w, int blocks, float* y,
+                    void* scratch) {
+    if (!csm_int4_cpu_has(path) || K % G != 0 || G % 8 != 0) return -1;
+    int8_t* xq = (int8_t*)scratch;
+    float* sx = (float*)(xq + (((size_t)M * K + 63) & ~(size_t)63));
+    float* xs = sx + (size_t)M * (K / G);
+    float* corr = xs + (size_t)M * (K / G);
+    quantize_rows(x, M, K, G, xq, sx, xs, corr);
+    const size_t stride = (size_t)(K / G) * group_bytes(G);
+    const int ng = K / G;
+    const int ldy = blocks * 16;
+    const int per_pass = rows_per_pass(path);
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < blocks; ++b) {
+        for (int m0 = 0; m0 < M; m0 += per_pass) {
+            const int rows = M - m0 < per_pass ? M - m0 : per_pass;
+            pick(path, rows)(w + b * stride, K, G, xq + (size_t)m0 * K, sx + (size_t)m0 * ng, xs + (size_t)m0 * ng,
+                                     corr + (size_t)m0 * ng, y + (size_t)m0 * ldy + 16 * b, ldy);
+        }
+    }
+    return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,160 @@
+"""The hand-written W4A8 CPU kernel for int4 weights (``int4kernel.cpp``), built once per machine.
+
+torch's own CPU int4 product dequantizes every weight to floating point and is compute-bound at
+about two thirds of memory speed for one row, and slower still for several.  This kernel
+quantizes the few activation rows to int8 per group and multiplies with the CPU's integer
+dot-product instructions (AVX-512 VNNI, or AVX2), so it reads the 4-bit weights at memory speed
+for one row and serves several rows for little more.  It is a small C++ file compiled with the
+system's C++ compiler (the one ``torch.compile`` uses) and called through ctypes; without a
+compiler :func:`kernel` returns None and callers use torch's kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("int4kernel.cpp")
+#: Kernel paths by name, as the C code numbers them.
+PATHS = {"avx2": 1, "avx512_vnni": 2}
+#: Output rows per packed block, and bytes of scales and minimums per block and group.
+BLOCK_ROWS = 16
+HEADER_BYTES = 64
+
+
+def path_for(isa: str, vnni: bool) -> str | None:
+    """The kernel path for a CPU offering ``isa`` (csmcli.cpu's names) and, on AVX-512, VNNI; None
+    where neither path runs (the caller then uses torch's int4 kernel)."""
+    if isa == "avx512" and vnni:
+        return "avx512_vnni"
+    if isa in ("avx512", "avx2"):
+        return "avx2"
+    return None
+
+
+def packed_bytes(out_features: int, in_features: int, group: int) -> int:
+    """Size of :func:`pack`'s output for an ``out_features x in_features`` weight."""
+    blocks = -(-out_features // BLOCK_ROWS)
+    return blocks * (in_features // group) * (HEADER_BYTES + 8 * group)
+
+
+def pack(qweight: Tensor, scales: Tensor, mins: Tensor, group: int) -> Tensor:
+    """The kernel's layout (see ``int4kernel.cpp``) from csmcli's canonical int4 form: ``qweight``
+    uint8 ``[N, K/2]`` (low nibble: even column), ``scales`` and ``mins`` ``[N, K/group]``.  Rows
+    are padded to a multiple of 16 with zeros."""
+    n, half = qweight.shape
+    k = 2 * half
+    if group % 8 or k % group:
+        raise ValueError(f"group {group} must divide {k} input features and be a multiple of 8")
+    codes = torch.stack((qweight & 15, qweight >> 4), dim=-1).reshape(n, k)
+    pad = -n % BLOCK_ROWS
+    if pad:
+        codes = torch.cat((codes, codes.new_zeros(pad, k)))
+        scales = torch.cat((scales, scales.new_zeros(pad, scales.shape[1])))
+        mins = torch.cat((mins, mins.new_zeros(pad, mins.shape[1])))
+    blocks, groups = (n + pad) // BLOCK_ROWS, k // group
+    # [block, row c, group, chunk j, half h, i] with column = group * G + 8 * j + 4 * h + i
+    codes = codes.reshape(blocks, BLOCK_ROWS, groups, group // 8, 2, 4)
+    codes = codes.permute(0, 2, 3, 1, 5, 4)  # [block, group, chunk, row, i, half]
+    data = (codes[..., 0] | (codes[..., 1] << 4)).reshape(blocks, groups, 8 * group)
+
+    def header(t: Tensor) -> Tensor:  # [N, groups] -> [block, group, 16 fp16 as 32 bytes]
+        t = t.to(torch.float16).reshape(blocks, BLOCK_ROWS, groups).transpose(1, 2).contiguous()
+        return t.view(torch.uint8).reshape(blocks, groups, 2 * BLOCK_ROWS)
+
+    return torch.cat((header(scales), header(mins), data), dim=-1).reshape(-1).contiguous()
+
+
+@dataclass(frozen=True)
+class Int4Kernel:
+    """The built kernel, bound to one path (``avx512_vnni`` or ``avx2``)."""
+
+    lib: ctypes.CDLL
+    path: str
+
+    def matmul(self, x: Tensor, packed: Tensor, out_features: int, group: int) -> Tensor:
+        """``x [M, K] @ W.T -> [M, out_features]`` in float32, ``W`` as :func:`pack` wrote it."""
+        x = x.float().contiguous()
+        rows, k = x.shape
+        blocks = -(-out_features // BLOCK_ROWS)
+        y = torch.empty(rows, blocks * BLOCK_ROWS)
+        scratch = torch.empty(rows * k + 64 + 12 * rows * (k // group), dtype=torch.uint8)
+        status = self.lib.csm_int4_matmul(
+            PATHS[self.path], x.data_ptr(), rows, k, group, packed.data_ptr(), blocks, y.data_ptr(), scratch.data_ptr()
+        )
+        if status:
+            raise RuntimeError(f"int4 kernel path {self.path} cannot run on this CPU")
+        return y if blocks * BLOCK_ROWS == out_features else y[:, :out_features]
+
+
+class _Built:
+    """The loaded library (once per process), or the reason it could not be built."""
+
+    lib: ctypes.CDLL | None = None
+    failed: str | None = None
+    lock = threading.Lock()
+
+
+def default_build_dir() -> Path:
+    """Where the compiled library is kept between runs when the caller names no directory."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"csmcli-kernels-{uid}"
+
+
+def _compiler() -> str | None:
+    return next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+
+
+def _build(build_dir: Path) -> ctypes.CDLL:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found")
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + compiler.encode() + torch.__version__.encode()).hexdigest()[:16]
+    target = build_dir / f"int4kernel-{digest}.so"
+    if not target.exists():
+        build_dir.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", str(SOURCE), "-o", str(tmp)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode:
+            raise RuntimeError(f"{compiler} failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:200]}")
+        os.replace(tmp, target)
+    lib = ctypes.CDLL(str(target))  # after torch: its OpenMP runtime is the one the library binds to
+    lib.csm_int4_cpu_has.argtypes = [ctypes.c_int]
+    lib.csm_int4_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.csm_int4_matmul.argtypes += [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    return lib
+
+
+def kernel(path: str | None, build_dir: Path | None = None) -> Int4Kernel | None:
+    """The kernel for ``path`` (see :func:`path_for`), built on first use; None with one warning
+    when it cannot be built or the CPU lacks the path's instructions."""
+    if path is None:
+        return None
+    with _Built.lock:
+        if _Built.lib is None and _Built.failed is None:
+            try:
+                _Built.lib = _build(build_dir or default_build_dir())
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                _Built.failed = str(exc).splitlines()[0][:200]
+                log.warning("int4 CPU kernel unavailable (%s); using torch's int4 kernel", _Built.failed)
+        if _Built.lib is None:
+            return None
+    if not _Built.lib.csm_int4_cpu_has(PATHS[path]):
+        log.warning("this CPU lacks the instructions of the %s int4 kernel; using torch's int4 kernel", path)
+        return None
+    return Int4Kernel(_Built.lib, path)
