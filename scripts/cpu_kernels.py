@@ -116,7 +116,6 @@ def measure(n: int, k: int, caps: cpu.CpuCaps, gemv: GemvKernels | None, rows: i
         layers = int4_layers(n, k, group, 4 * copies, caps, kernels)
         for v, results in ((x, out), (xs, batched)):
             results.append(micros(lambda: [m(v) for m in layers], len(layers)))  # noqa: B023
-        del layers
     return out + batched
 
 
@@ -125,7 +124,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=physical_cores())
     parser.add_argument("--isa", default=None, help="limit the CPU paths to this instruction set")
     parser.add_argument("--rows", type=int, default=8, help="rows of the batched products (a batch's streams)")
-    parser.add_argument("--group", type=int, default=quant.INT4_GROUP, choices=quant.INT4_GROUPS, help="int4 group size")
+    parser.add_argument("--group", type=int, default=quant.INT4_GROUP, choices=quant.INT4_GROUPS, help="int4 groups")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     caps = cpu.cpu_caps(args.isa)
