@@ -131,13 +131,13 @@ def main() -> None:
     weights = "tiny checkpoint" if args.tiny else "full-size random weights"
     print(f"{weights}, {args.frames} frames, teacher-forced with bf16's greedy codes, torch {torch.__version__}")
     head = f"{'argmax agree':>12s} {'median err':>10s} {'max err':>8s}"
-    print(f"{'variant':16s} {'8-bit parts':38s} {'component':11s} {head}")
+    print(f"{'variant':16s} {'8-bit parts':46s} {'component':11s} {head}")
     for variant in names:
         got, _ = run_model(model_for(variant), tokens, mask, args.frames, forced)
         name, group, keep = VARIANTS[variant]
         kept = "all" if name == "int8" else (",".join(keep) or "none") + f" (g{group})"
         for comp, (agree, med, worst) in compare(ref_logits, got).items():
-            print(f"{variant:16s} {kept:38s} {comp:11s} {agree:11.1f}% {med:10.4f} {worst:8.4f}", flush=True)
+            print(f"{variant:16s} {kept:46s} {comp:11s} {agree:11.1f}% {med:10.4f} {worst:8.4f}", flush=True)
 
 
 if __name__ == "__main__":
