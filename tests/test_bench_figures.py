@@ -68,3 +68,13 @@ def test_the_cpu_baseline_is_transformers_best_dtype(tiny_dir) -> None:
     assert r["baseline"]["ms_per_frame"] == best["ms_per_frame"] == runs[r["baseline"]["dtype"]]["ms_per_frame"]
     assert r["speedup_vs_baseline"] == best["ms_per_frame"] / r["ms_per_frame"]
     assert r["floor_ms_per_frame"] == pytest.approx(r["frame_weight_mb"] / r["memory_read_gb_s"])
+
+
+def test_frame_weight_bytes_count_the_int4_kernels_packed_copy(tiny_dir) -> None:
+    parts = load_parts(str(tiny_dir), device="cpu", dtype="float32", quantize="int4")
+    canonical = frame_weight_bytes(parts.model)  # codes plus float32 scales and minimums
+    engine = make_engine(parts.model, parts.codec, parts.device, parts.dtype, 1)
+    if not engine.cpu_kernels.startswith("int4-"):
+        pytest.skip(f"the int4 kernel does not run here ({engine.cpu_kernels})")
+    packed = frame_weight_bytes(engine.model)  # the same codes with fp16 scales and minimums
+    assert 0.7 * canonical < packed < canonical

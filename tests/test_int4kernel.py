@@ -63,7 +63,7 @@ def test_pack_lays_out_blocks_of_sixteen_rows_with_fp16_headers() -> None:
     qweight = codes[:, 0::2] | (codes[:, 1::2] << 4)
     scales = torch.arange(n * (k // group), dtype=torch.float32).reshape(n, k // group) + 1
     mins = -scales
-    blob = pack(qweight, scales, mins, group)
+    blob = pack(qweight, scales, mins, group).reshape(-1)
     assert blob.numel() == packed_bytes(n, k, group) == 2 * 2 * (HEADER_BYTES + 8 * group)
     first = blob[: HEADER_BYTES + 8 * group]  # block 0, group 0
     head = first[:HEADER_BYTES].view(torch.float16).float()

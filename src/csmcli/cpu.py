@@ -298,6 +298,7 @@ def prepare_int4(model: nn.Module, caps: CpuCaps, kernels: str) -> str:
             layer.pack_for_cpu()
             continue
         blobs = tuple(int4kernel.pack(*parts, layer.group) for parts in _stack(layer.canonical(), layer.stacked))
+        layer.kernel_weights = blobs  # where memory and bandwidth accounting find them
         layer.kernel = functools.partial(_int4_product, fast, blobs, layer.out_features, layer.group)
         layer.qweight = layer.scales = layer.mins = None  # the packed copy is the only one kept
     done = {("int4pack" if m.packed else f"int4-{fast.path}") for m in layers}

@@ -54,7 +54,7 @@ def packed_bytes(out_features: int, in_features: int, group: int) -> int:
 def pack(qweight: Tensor, scales: Tensor, mins: Tensor, group: int) -> Tensor:
     """The kernel's layout (see ``int4kernel.cpp``) from csmcli's canonical int4 form: ``qweight``
     uint8 ``[N, K/2]`` (low nibble: even column), ``scales`` and ``mins`` ``[N, K/group]``.  Rows
-    are padded to a multiple of 16 with zeros."""
+    are padded to a multiple of 16 with zeros.  Returns uint8 ``[blocks, bytes per block]``."""
     n, half = qweight.shape
     k = 2 * half
     if group % 8 or k % group:
@@ -75,7 +75,7 @@ def pack(qweight: Tensor, scales: Tensor, mins: Tensor, group: int) -> Tensor:
         t = t.to(torch.float16).reshape(blocks, BLOCK_ROWS, groups).transpose(1, 2).contiguous()
         return t.view(torch.uint8).reshape(blocks, groups, 2 * BLOCK_ROWS)
 
-    return torch.cat((header(scales), header(mins), data), dim=-1).reshape(-1).contiguous()
+    return torch.cat((header(scales), header(mins), data), dim=-1).reshape(blocks, -1).contiguous()
 
 
 @dataclass(frozen=True)

@@ -205,6 +205,7 @@ class Int4Linear(nn.Module):
         self.packed: tuple[Tensor, ...] = ()  # torch's CPU layout, one per layer of a stack
         self.scales_zeros: Tensor | None = None
         self.kernel: Callable[[Tensor, int | None], Tensor] | None = None
+        self.kernel_weights: tuple[Tensor, ...] = ()  # the kernel's packed copy (one per stacked layer)
 
     @classmethod
     def from_weight(cls, weight: Tensor, group: int = INT4_GROUP) -> Int4Linear:
