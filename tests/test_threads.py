@@ -94,7 +94,7 @@ def test_bench_reports_the_threads_and_busy_cores(tiny_dir, cli_env) -> None:
     assert r.returncode == 0, r.stderr.decode()
     result = json.loads(r.stdout)
     assert result["threads"] == 1 and result["threads_setting"] == 1 and result["busy_cores"] == 1
-    assert result["openmp_wait_policy"] == "PASSIVE"  # waiting OpenMP threads sleep: see sleeping_openmp_waits
+    assert result["openmp_wait_policy"] == "PASSIVE"  # under load waiting OpenMP threads sleep (openmp_waits)
     assert result["floor_ms_per_frame"] > 0 and result["memory_read_gb_s"] > 0
 
 
@@ -178,3 +178,18 @@ def test_the_loader_sets_the_threads_it_is_given(tiny_dir) -> None:
             load_parts(str(tiny_dir), device="cpu", threads="none")
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("busy", "expect_load", "policy"), [(0.0, False, "None"), (1.0, False, "PASSIVE"), (0.0, True, "PASSIVE")]
+)
+def test_waiting_threads_sleep_only_under_load(busy, expect_load, policy) -> None:
+    code = (
+        "import os, sys\nfrom csmcli import threads\nfrom csmcli.cli.common import openmp_waits\n"
+        f"threads.busy_cores = lambda: {busy}\nopenmp_waits(expect_load={expect_load})\n"
+        "assert 'torch' not in sys.modules\nprint(os.environ.get('OMP_WAIT_POLICY'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == policy
