@@ -51,7 +51,7 @@ def play(
 
     def speak(line: str) -> None:
         utterance = synth.utterance(
-            line, speaker, context=base, history=history.segments, options=options, first_chunk_frames=2, chunk_frames=6
+            line, speaker, context=base, history=history.segments, options=options, first_chunk_frames=1, chunk_frames=6
         )
         expected = min(len(line) / CHARS_PER_SECOND, options.max_audio_ms / 1000)
         playback.play_stream(utterance.chunks(), device=out, expected_total_s=expected)
