@@ -98,7 +98,7 @@ BAD = [
     (["say", "hi", "-m", "someone/not-cached", "-o", "{out}"], "not in the local hub cache"),
     (["say", "hi", "--voice", "nobody", "-o", "{out}"], "unknown voice"),
     (["say", "hi", "--device", "tpu", "-o", "{out}"], "device must be one of"),
-    (["say", "hi", "--quantize", "int4", "-o", "{out}"], "quantize must be one of none, int8"),
+    (["say", "hi", "--quantize", "int3", "-o", "{out}"], "quantize must be one of none, int8, int4"),
 ]
 
 

@@ -218,7 +218,8 @@ def _prefix_ttfa(loop: FrameLoop, setup: BenchSetup) -> dict[str, float]:
 
 def _module_tensors(module: nn.Module) -> list[Tensor]:
     """The weights ``module`` and its children hold: parameters, persistent buffers (int8 scales; not
-    RoPE frequencies), and matrices kept as plain attributes (packed CPU weights, some in tuples)."""
+    RoPE frequencies), and matrices kept as plain attributes (packed CPU weights, some in tuples,
+    fbgemm's included)."""
     found: list[Tensor] = []
     for m in module.modules():
         buffers = [t for name, t in m._buffers.items() if name not in m._non_persistent_buffers_set]
@@ -226,7 +227,13 @@ def _module_tensors(module: nn.Module) -> list[Tensor]:
         for value in vars(m).values():
             items = value if isinstance(value, tuple | list) else (value,)
             found += [t for t in items if isinstance(t, Tensor) and t.dim() >= 2]
+            found += [_fbgemm_weight(t) for t in items if isinstance(t, torch.ScriptObject)]
     return found
+
+
+def _fbgemm_weight(packed: torch.ScriptObject) -> Tensor:
+    """The int8 matrix inside fbgemm's packed linear weights (what their reads cost)."""
+    return torch.ops.quantized.linear_unpack(packed)[0].int_repr()
 
 
 def _tensor_bytes(tensors: list[Tensor]) -> int:
