@@ -119,7 +119,7 @@ def test_no_compiler_means_no_kernel_and_one_warning(tmp_path) -> None:
     env = {**os.environ, "PATH": str(tmp_path)}  # no compiler on it
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.stdout.strip() == "None None"
-    assert done.stderr.count("int4 CPU kernel unavailable (no C++ compiler found)") == 1
+    assert done.stderr.count("CPU kernel int4kernel unavailable (no C++ compiler found)") == 1
 
 
 def test_no_path_means_no_kernel() -> None:

@@ -12,18 +12,14 @@ compiler :func:`kernel` returns None and callers use torch's kernel.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from . import ckernels
 
 log = logging.getLogger(__name__)
 
@@ -100,43 +96,13 @@ class Int4Kernel:
         return y if blocks * BLOCK_ROWS == out_features else y[:, :out_features]
 
 
-class _Built:
-    """The loaded library (once per process), or the reason it could not be built."""
-
-    lib: ctypes.CDLL | None = None
-    failed: str | None = None
-    lock = threading.Lock()
-
-
-def default_build_dir() -> Path:
-    """Where the compiled library is kept between runs when the caller names no directory."""
-    uid = os.getuid() if hasattr(os, "getuid") else 0
-    return Path(tempfile.gettempdir()) / f"csmcli-kernels-{uid}"
-
-
-def _compiler() -> str | None:
-    return next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
-
-
-def _build(build_dir: Path) -> ctypes.CDLL:
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found")
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + compiler.encode() + torch.__version__.encode()).hexdigest()[:16]
-    target = build_dir / f"int4kernel-{digest}.so"
-    if not target.exists():
-        build_dir.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", str(SOURCE), "-o", str(tmp)]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if done.returncode:
-            raise RuntimeError(f"{compiler} failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:200]}")
-        os.replace(tmp, target)
-    lib = ctypes.CDLL(str(target))  # after torch: its OpenMP runtime is the one the library binds to
-    lib.csm_int4_cpu_has.argtypes = [ctypes.c_int]
-    lib.csm_int4_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    lib.csm_int4_matmul.argtypes += [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+def _library(build_dir: Path | None) -> ctypes.CDLL | None:
+    lib = ckernels.load(SOURCE, build_dir)
+    if lib is not None and not getattr(lib, "csm_typed", False):
+        lib.csm_int4_cpu_has.argtypes = [ctypes.c_int]
+        lib.csm_int4_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.csm_int4_matmul.argtypes += [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        lib.csm_typed = True
     return lib
 
 
@@ -145,16 +111,10 @@ def kernel(path: str | None, build_dir: Path | None = None) -> Int4Kernel | None
     when it cannot be built or the CPU lacks the path's instructions."""
     if path is None:
         return None
-    with _Built.lock:
-        if _Built.lib is None and _Built.failed is None:
-            try:
-                _Built.lib = _build(build_dir or default_build_dir())
-            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-                _Built.failed = str(exc).splitlines()[0][:200]
-                log.warning("int4 CPU kernel unavailable (%s); using torch's int4 kernel", _Built.failed)
-        if _Built.lib is None:
-            return None
-    if not _Built.lib.csm_int4_cpu_has(PATHS[path]):
+    lib = _library(build_dir)
+    if lib is None:
+        return None
+    if not lib.csm_int4_cpu_has(PATHS[path]):
         log.warning("this CPU lacks the instructions of the %s int4 kernel; using torch's int4 kernel", path)
         return None
-    return Int4Kernel(_Built.lib, path)
+    return Int4Kernel(lib, path)
