@@ -187,5 +187,5 @@ def test_gemv_width_is_stated_where_torch_is_limited_to_avx2(monkeypatch: pytest
 
 def test_compiling_a_multi_slot_bf16_engine_on_the_avx2_path_is_refused_before_loading() -> None:
     cpu.check_compilable(False, None, torch.bfloat16, AVX2)  # one slot: plain bf16 weights, traceable
-    with pytest.raises(OptionsError, match="compiling on the CPU needs int8 weights"):
+    with pytest.raises(OptionsError, match="compiling on the CPU needs quantized weights"):
         cpu.check_compilable(False, None, torch.bfloat16, AVX2, max_batch=2)

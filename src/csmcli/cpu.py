@@ -239,13 +239,13 @@ class CpuLinear(nn.Module):
 
 
 _CANNOT_COMPILE = (
-    "compiling on the CPU needs int8 weights (--quantize int8) or CSM_CPU_KERNELS=plain: "
+    "compiling on the CPU needs quantized weights (--quantize int8 or int4) or CSM_CPU_KERNELS=plain: "
     "float weights are packed for oneDNN, which the compiler cannot read"
 )
 
 
 def check_compilable(
-    int8: bool,
+    quantized: bool,
     kernels: str | None = None,
     dtype: torch.dtype = torch.float32,
     caps: CpuCaps | None = None,
@@ -255,7 +255,7 @@ def check_compilable(
     have packed weights, which ``torch.compile`` cannot trace (:func:`check_model_compilable`);
     bf16 weights a CPU cannot pack are packed as float32 in multi-slot engines."""
     packed = not _upcasts(dtype, caps or cpu_caps()) or max_batch > 1
-    if not int8 and check_cpu_kernels(kernels) != "plain" and packed:
+    if not quantized and check_cpu_kernels(kernels) != "plain" and packed:
         raise OptionsError(_CANNOT_COMPILE)
 
 
@@ -296,24 +296,10 @@ def prepare_int4(model: nn.Module, caps: CpuCaps, kernels: str) -> str:
             continue
         if fast is None:
             layer.pack_for_cpu()
-            continue
-        blobs = tuple(int4kernel.pack(*parts, layer.group) for parts in _stack(layer.canonical(), layer.stacked))
-        layer.kernel_weights = blobs  # where memory and bandwidth accounting find them
-        layer.kernel = functools.partial(_int4_product, fast, blobs, layer.out_features, layer.group)
-        layer.qweight = layer.scales = layer.mins = None  # the packed copy is the only one kept
+        else:
+            layer.use_kernel(fast)
     done = {("int4pack" if m.packed else f"int4-{fast.path}") for m in layers}
     return "+".join(sorted(done))
-
-
-def _stack(parts: tuple[Tensor, ...], stacked: bool) -> list[tuple[Tensor, ...]]:
-    """A layer's canonical tensors, one tuple per layer of a stack."""
-    return [tuple(p[i] for p in parts) for i in range(parts[0].shape[0])] if stacked else [parts]
-
-
-def _int4_product(
-    fast: int4kernel.Int4Kernel, blobs: tuple[Tensor, ...], out_features: int, group: int, rows: Tensor, index
-) -> Tensor:
-    return fast.matmul(rows, blobs[index or 0], out_features, group).to(rows.dtype)
 
 
 def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1, caps: CpuCaps | None = None) -> str:

@@ -22,6 +22,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <vector>
+
 extern "C" {
 
 int csm_int4_cpu_has(int path) {
@@ -65,7 +67,7 @@ static inline size_t group_bytes(int G) { return 64 + (size_t)8 * G; }
 
 template <int MB>
 __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl,f16c"))) static void block_vnni(
-    const uint8_t* wb, int K, int G, const int8_t* xq, const float* sx, const float* xs, const float* corr, float* y, int ldy) {
+    const uint8_t* wb, int K, int G, const int8_t* xq, const float* sx, const float* xs, const float* corr, float* y, int ldy, int ncols) {
     const int ng = K / G;
     const __m512i mask = _mm512_set1_epi8(0x0F);
     __m512 accf[MB];
@@ -97,12 +99,13 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl,f16c"))) static void
             accf[m] = _mm512_fmadd_ps(mins, _mm512_set1_ps(xs[m * ng + g]), accf[m]);
         }
     }
-    for (int m = 0; m < MB; ++m) _mm512_storeu_ps(y + (size_t)m * ldy, accf[m]);
+    const __mmask16 keep = (__mmask16)((1u << ncols) - 1);
+    for (int m = 0; m < MB; ++m) _mm512_mask_storeu_ps(y + (size_t)m * ldy, keep, accf[m]);
 }
 
 template <int MB>
 __attribute__((target("avx2,fma,f16c"))) static void block_avx2(
-    const uint8_t* wb, int K, int G, const int8_t* xq, const float* sx, const float* xs, const float* corr, float* y, int ldy) {
+    const uint8_t* wb, int K, int G, const int8_t* xq, const float* sx, const float* xs, const float* corr, float* y, int ldy, int ncols) {
     const int ng = K / G;
     const __m256i mask = _mm256_set1_epi8(0x0F);
     const __m256i ones = _mm256_set1_epi16(1);
@@ -145,12 +148,19 @@ __attribute__((target("avx2,fma,f16c"))) static void block_avx2(
             }
         }
     }
-    for (int m = 0; m < MB; ++m)
-        for (int h = 0; h < 2; ++h) _mm256_storeu_ps(y + (size_t)m * ldy + 8 * h, accf[m][h]);
+    for (int m = 0; m < MB; ++m) {
+        if (ncols == 16) {
+            for (int h = 0; h < 2; ++h) _mm256_storeu_ps(y + (size_t)m * ldy + 8 * h, accf[m][h]);
+        } else {  // the last block of a matrix whose rows are not a multiple of 16
+            float row[16];
+            for (int h = 0; h < 2; ++h) _mm256_storeu_ps(row + 8 * h, accf[m][h]);
+            memcpy(y + (size_t)m * ldy, row, sizeof(float) * ncols);
+        }
+    }
 }
 
 typedef void (*block_fn)(const uint8_t*, int, int, const int8_t*, const float*, const float*, const float*, float*,
-                         int);
+                         int, int);
 
 // Activation rows per pass over a weight block: as many as the accumulators that fit in registers
 // (32 vectors on AVX-512, 16 on AVX2); the block is re-read from cache for each further pass.
@@ -165,26 +175,29 @@ static block_fn pick(int path, int rows) {
 
 extern "C" {
 
-// y[M, Npad] = x[M, K] @ W^T for a weight packed for Npad = 16 * blocks rows.  scratch holds
-// M * K int8 codes (rounded up to 64 bytes) and 3 * M * (K / G) floats.  Returns 0, or -1 when the path cannot run here.
-int csm_int4_matmul(int path, const float* x, int M, int K, int G, const uint8_t* w, int blocks, float* y,
-                    void* scratch) {
+// y[M, N] = x[M, K] @ W^T for a weight packed in ceil(N / 16) blocks.  Returns 0, or -1 when the
+// path cannot run here.  The activations' codes live in a per-thread buffer reused across calls.
+int csm_int4_matmul(int path, const float* x, int M, int K, int G, const uint8_t* w, int N, float* y) {
     if (!csm_int4_cpu_has(path) || K % G != 0 || G % 8 != 0) return -1;
-    int8_t* xq = (int8_t*)scratch;
-    float* sx = (float*)(xq + (((size_t)M * K + 63) & ~(size_t)63));
-    float* xs = sx + (size_t)M * (K / G);
-    float* corr = xs + (size_t)M * (K / G);
-    quantize_rows(x, M, K, G, xq, sx, xs, corr);
-    const size_t stride = (size_t)(K / G) * group_bytes(G);
+    static thread_local std::vector<uint8_t> scratch;
     const int ng = K / G;
-    const int ldy = blocks * 16;
+    const size_t codes = ((size_t)M * K + 63) & ~(size_t)63;
+    scratch.resize(codes + sizeof(float) * 3 * (size_t)M * ng);
+    int8_t* xq = (int8_t*)scratch.data();
+    float* sx = (float*)(scratch.data() + codes);
+    float* xs = sx + (size_t)M * ng;
+    float* corr = xs + (size_t)M * ng;
+    quantize_rows(x, M, K, G, xq, sx, xs, corr);
+    const size_t stride = (size_t)ng * group_bytes(G);
+    const int blocks = (N + 15) / 16;
     const int per_pass = rows_per_pass(path);
 #pragma omp parallel for schedule(static)
     for (int b = 0; b < blocks; ++b) {
+        const int ncols = N - 16 * b < 16 ? N - 16 * b : 16;
         for (int m0 = 0; m0 < M; m0 += per_pass) {
             const int rows = M - m0 < per_pass ? M - m0 : per_pass;
             pick(path, rows)(w + b * stride, K, G, xq + (size_t)m0 * K, sx + (size_t)m0 * ng, xs + (size_t)m0 * ng,
-                                     corr + (size_t)m0 * ng, y + (size_t)m0 * ldy + 16 * b, ldy);
+                             corr + (size_t)m0 * ng, y + (size_t)m0 * N + 16 * b, N, ncols);
         }
     }
     return 0;

@@ -74,6 +74,38 @@ def pack(qweight: Tensor, scales: Tensor, mins: Tensor, group: int) -> Tensor:
     return torch.cat((header(scales), header(mins), data), dim=-1).reshape(blocks, -1).contiguous()
 
 
+def _product(lib: ctypes.CDLL, path: int, x: Tensor, packed: Tensor, out_features: int, group: int) -> Tensor:
+    x = x.float().contiguous()
+    rows, k = x.shape
+    y = torch.empty(rows, out_features)
+    if lib.csm_int4_matmul(path, x.data_ptr(), rows, k, group, packed.data_ptr(), out_features, y.data_ptr()):
+        raise RuntimeError(f"int4 kernel path {path} cannot run on this CPU")
+    return y
+
+
+#: The kernel as a torch operator, ``csmcli::int4_mm(x, packed, out_features, group, path)``, so that
+#: ``torch.compile`` keeps it as one call in its graphs (a ctypes call cannot be traced).  Registered
+#: with the plain operator API: its dispatch costs about a microsecond, ``torch.library.custom_op``'s
+#: several, and a frame makes hundreds of calls.
+_OPS = torch.library.Library("csmcli", "DEF")
+_OPS.define("int4_mm(Tensor x, Tensor packed, int out_features, int group, int path) -> Tensor")
+
+
+def _int4_mm(x: Tensor, packed: Tensor, out_features: int, group: int, path: int) -> Tensor:
+    lib = _library(None)
+    if lib is None:
+        raise RuntimeError("the int4 CPU kernel is not built")
+    return _product(lib, path, x, packed, out_features, group)
+
+
+def _int4_mm_shape(x: Tensor, packed: Tensor, out_features: int, group: int, path: int) -> Tensor:
+    return x.new_empty(x.shape[0], out_features, dtype=torch.float32)
+
+
+_OPS.impl("int4_mm", _int4_mm, "CPU")
+torch.library.register_fake("csmcli::int4_mm", _int4_mm_shape, lib=_OPS)
+
+
 @dataclass(frozen=True)
 class Int4Kernel:
     """The built kernel, bound to one path (``avx512_vnni`` or ``avx2``)."""
@@ -82,18 +114,11 @@ class Int4Kernel:
     path: str
 
     def matmul(self, x: Tensor, packed: Tensor, out_features: int, group: int) -> Tensor:
-        """``x [M, K] @ W.T -> [M, out_features]`` in float32, ``W`` as :func:`pack` wrote it."""
-        x = x.float().contiguous()
-        rows, k = x.shape
-        blocks = -(-out_features // BLOCK_ROWS)
-        y = torch.empty(rows, blocks * BLOCK_ROWS)
-        scratch = torch.empty(rows * k + 64 + 12 * rows * (k // group), dtype=torch.uint8)
-        status = self.lib.csm_int4_matmul(
-            PATHS[self.path], x.data_ptr(), rows, k, group, packed.data_ptr(), blocks, y.data_ptr(), scratch.data_ptr()
-        )
-        if status:
-            raise RuntimeError(f"int4 kernel path {self.path} cannot run on this CPU")
-        return y if blocks * BLOCK_ROWS == out_features else y[:, :out_features]
+        """``x [M, K] @ W.T -> [M, out_features]`` in float32, ``W`` as :func:`pack` wrote it (contiguous).
+        Eager calls go straight to the library; compiled code calls the operator (``csmcli::int4_mm``)."""
+        if torch.compiler.is_compiling():
+            return torch.ops.csmcli.int4_mm(x, packed, out_features, group, PATHS[self.path])
+        return _product(self.lib, PATHS[self.path], x, packed, out_features, group)
 
 
 def _library(build_dir: Path | None) -> ctypes.CDLL | None:
@@ -101,7 +126,7 @@ def _library(build_dir: Path | None) -> ctypes.CDLL | None:
     if lib is not None and not getattr(lib, "csm_typed", False):
         lib.csm_int4_cpu_has.argtypes = [ctypes.c_int]
         lib.csm_int4_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.csm_int4_matmul.argtypes += [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        lib.csm_int4_matmul.argtypes += [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
         lib.csm_typed = True
     return lib
 

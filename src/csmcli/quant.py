@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .gemv import gemv_int8
+from .int4kernel import Int4Kernel, pack
 from .model import CSMModel
 
 # from this many rows on (prefill), CPU products dequantize the weight and use the float GEMM
@@ -187,9 +188,9 @@ class Int4Linear(nn.Module):
     * canonical (``qweight``, ``scales``, ``mins``): dequantized on the fly (GPUs, other devices);
     * :meth:`pack_for_cpu`: torch's CPU int4 layout (``packed``, ``scales_zeros``; the canonical
       tensors are freed), every product on ``_weight_int4pack_mm_for_cpu`` in bfloat16;
-    * ``kernel``: csmcli's W4A8 CPU kernel (:func:`csmcli.cpu.prepare_int4` sets it), called as
-      ``kernel(rows, index)`` (rows ``[m, in]``, ``index`` as given) for every product; it holds
-      its own packed copy and the canonical tensors are freed.
+    * :meth:`use_kernel`: csmcli's W4A8 CPU kernel (:class:`csmcli.int4kernel.Int4Kernel`) for every
+      product, on its own packed copy (``kernel_weights``, ``[n, ...]`` for a stack); the canonical
+      tensors are freed.
     """
 
     def __init__(self, qweight: Tensor, scales: Tensor, mins: Tensor) -> None:
@@ -204,8 +205,8 @@ class Int4Linear(nn.Module):
         self.stacked = qweight.dim() == 3
         self.packed: tuple[Tensor, ...] = ()  # torch's CPU layout, one per layer of a stack
         self.scales_zeros: Tensor | None = None
-        self.kernel: Callable[[Tensor, int | None], Tensor] | None = None
-        self.kernel_weights: tuple[Tensor, ...] = ()  # the kernel's packed copy (one per stacked layer)
+        self.kernel: Int4Kernel | None = None
+        self.kernel_weights: Tensor | None = None
 
     @classmethod
     def from_weight(cls, weight: Tensor, group: int = INT4_GROUP) -> Int4Linear:
@@ -232,11 +233,24 @@ class Int4Linear(nn.Module):
         self.scales_zeros = F.pad(sz, (0, 0, 0, 0, 0, pad)).transpose(-3, -2).to(torch.bfloat16).contiguous()
         self.qweight = self.scales = self.mins = None
 
+    def use_kernel(self, kernel: Int4Kernel) -> None:
+        """Run every product on ``kernel``, which gets its own packed copy; the canonical tensors are freed."""
+        if self.kernel is not None:
+            return
+        canon = (self.qweight, self.scales, self.mins)
+        if self.stacked:
+            self.kernel_weights = torch.stack([pack(*(p[i] for p in canon), self.group) for i in range(len(canon[0]))])
+        else:
+            self.kernel_weights = pack(*canon, self.group)
+        self.kernel = kernel
+        self.qweight = self.scales = self.mins = None
+
     def forward(self, x: Tensor, index: int | None = None) -> Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         if self.kernel is not None:
-            y = self.kernel(flat, index)
+            packed = self.kernel_weights if index is None else self.kernel_weights[index]
+            y = self.kernel.matmul(flat, packed, self.out_features, self.group).to(flat.dtype)
         elif self.packed:
             sz = self.scales_zeros if index is None else self.scales_zeros[index]
             rows = flat.to(torch.bfloat16).contiguous()
