@@ -4,7 +4,7 @@ What ``csmcli.cpu`` chooses between: float32 ``F.linear`` and oneDNN-packed weig
 ``F.linear`` / packed (only where the CPU has oneDNN's bf16 kernels) / the compiled gemv,
 ``torch._weight_int8pack_mm``, the compiled int8 gemv, fbgemm's dynamic int8 linear, torch's CPU
 int4 kernel (``_weight_int4pack_mm_for_cpu``, bf16 rows) and csmcli's W4A8 int4 kernel (the
-CPU's path, :mod:`csmcli.int4kernel`) at ``--group``; then the products of ``--rows`` rows (a
+CPU's path, :mod:`csmcli.qkernel`) at ``--group``; then the products of ``--rows`` rows (a
 multi-slot engine's batch): float32 packed (what bf16 weights get on a CPU without bf16 packing),
 bf16 packed, ``_weight_int8pack_mm``, fbgemm and both int4 kernels.  Each shape is timed over enough
 copies of the matrix to overflow the caches, as a frame does.  The last line sums each column over

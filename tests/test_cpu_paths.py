@@ -96,7 +96,7 @@ def test_bfloat16_model_on_the_avx2_path(tiny_dir, no_onednn_bf16, monkeypatch, 
     layers = [m for m in synth.model.modules() if isinstance(m, cpu.CpuLinear)]
     assert not any(m.packed_weights for m in layers)
     if cpu.gemv_kernels(torch.bfloat16, AVX2) is not None:
-        assert synth.engine.cpu_kernels.startswith("gemv+") and synth.model.decoder.layers[0].w13.gemv
+        assert "gemv+" in synth.engine.cpu_kernels and synth.model.decoder.layers[0].w13.gemv
     audio = synth.generate("Hello from CSM.", options=GenerationOptions(temperature=0, max_audio_ms=480))
     assert audio.stats.frames == 6 and len(audio.samples) == 6 * 1920
 

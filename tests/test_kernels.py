@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from csmcli import cpu, int4kernel
+from csmcli import cpu, qkernel
 from csmcli.engine import Engine
 from csmcli.errors import OptionsError
 from csmcli.gemv import compiled_gemv
@@ -248,7 +248,7 @@ def test_a_compiled_int4_engine_calls_the_kernel_inside_its_graphs(tiny_dir) -> 
     from csmcli.model import _attn_out_ffn
 
     caps = cpu.detect_cpu_caps()
-    if int4kernel.kernel(int4kernel.path_for(caps.isa, caps.vnni)) is None:
+    if qkernel.kernel(qkernel.path_for(caps.isa, caps.vnni)) is None:
         pytest.skip("no int4 CPU kernel here (no C++ compiler or no AVX2)")
     synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="float32", max_batch_size=2, quantize="int4")
     block = synth.model.decoder.layers[0]

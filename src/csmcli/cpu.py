@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import int4kernel
+from . import qkernel
 from .errors import OptionsError
 from .gemv import GemvKernels, compiled_gemv, gemv, warm_up
 from .model import TransformerSpec
@@ -54,7 +54,7 @@ class CpuCaps:
     ``native_bf16``: bfloat16 arithmetic in hardware (AVX512-BF16 or AMX).
     ``vnni``: AVX512-VNNI int8 multiply-adds: fbgemm's int8 products take 8-bit activations
     (without it they saturate, so activations are quantized to 7 bits), and the int4 kernel
-    (:mod:`csmcli.int4kernel`) takes its fastest path.
+    (:mod:`csmcli.qkernel`) takes its fastest path.
     """
 
     isa: str
@@ -269,9 +269,19 @@ def check_model_compilable(model: nn.Module, caps: CpuCaps | None = None) -> Non
         if isinstance(m, Int8Linear) and not m.traced:
             if m.packed:
                 m.use_plain()
+                found = caps or cpu_caps()
+                fast = qkernel.kernel(qkernel.path_for(found.isa, found.vnni))
                 built = gemv_kernels(m.scales.dtype, caps) if wants_gemv(m.out_features, m.in_features) else None
-                m.gemv_fn = built.gemv_int8 if built is not None else None
+                _plain_int8(m, fast, built)
             m.traced = True
+
+
+def _plain_int8(layer: Int8Linear, fast: qkernel.QKernel | None, built: GemvKernels | None) -> None:
+    """An int8 layer in the plain layout: its rows on the W8A8 kernel where it runs, else single rows of
+    the wide matrices on the compiled int8 gemv (``built``)."""
+    layer.use_kernel(fast)
+    wanted = layer.kernel is None and built is not None and wants_gemv(layer.out_features, layer.in_features)
+    layer.gemv_fn = built.gemv_int8 if wanted else None
 
 
 def check_cpu_kernels(name: str | None = None) -> str:
@@ -285,12 +295,12 @@ def check_cpu_kernels(name: str | None = None) -> str:
 def prepare_int4(model: nn.Module, caps: CpuCaps, kernels: str) -> str:
     """Give every :class:`~csmcli.quant.Int4Linear` its CPU product; returns what it is (``""``
     without int4 layers): ``int4-avx512_vnni`` / ``int4-avx2``, the W4A8 kernel of
-    :mod:`csmcli.int4kernel` for the CPU's instruction set, or ``int4pack``, torch's own int4 kernel
+    :mod:`csmcli.qkernel` for the CPU's instruction set, or ``int4pack``, torch's own int4 kernel
     (``plain`` kernels, no C++ compiler, or a CPU with neither path)."""
     layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
     if not layers:
         return ""
-    fast = int4kernel.kernel(int4kernel.path_for(caps.isa, caps.vnni)) if kernels != "plain" else None
+    fast = qkernel.kernel(qkernel.path_for(caps.isa, caps.vnni)) if kernels != "plain" else None
     for layer in layers:
         if layer.kernel is not None or layer.packed:  # prepared before
             continue
@@ -325,6 +335,8 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     int4 = prepare_int4(model, caps, kernels)
     if kernels == "plain":
         return f"{int4}+plain" if int4 else "plain"
+    # int8 rows on the W8A8 kernel where ``auto`` allows compiled kernels (as for the gemv it replaces)
+    fast = qkernel.kernel(qkernel.path_for(caps.isa, caps.vnni)) if kernels == "auto" else None
     dtype = model.audio_embeddings.weight.dtype
     packable = torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
     upcast = _upcasts(dtype, caps)
@@ -349,11 +361,11 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
                 return layer
             if fbgemm:
                 layer.gemv_fn = None
+                layer.use_kernel(None)
                 layer.use_fbgemm(reduce_range=not caps.vnni)
             else:
                 layer.use_plain()
-                wanted = use_gemv and wants_gemv(layer.out_features, layer.in_features)
-                layer.gemv_fn = built.gemv_int8 if wanted else None
+                _plain_int8(layer, fast, built if use_gemv else None)
             return layer
         if isinstance(layer, CpuLinear):  # prepared before: repack if several rows now need it
             if max_batch > 1 and not layer.packed_weights:
@@ -384,6 +396,8 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     prefix = f"{int4}+" if int4 else ""
     if any(isinstance(m, Int8Linear) and m.packed for m in model.modules()):
         return prefix + "fbgemm"
+    if any(isinstance(m, Int8Linear) and m.kernel for m in model.modules()):
+        prefix += f"int8-{fast.path}+"
     used = any(getattr(m, "gemv", False) for m in model.modules())
     packed = any(getattr(m, "packed_weights", False) for m in model.modules()) or int8
     rest = "packed" if packed else "float32" if upcast else "linear"  # what several rows run on

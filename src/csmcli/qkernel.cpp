@@ -9,7 +9,7 @@
 // which is exact but for scale * sum_k (q_k - 8)(x_k - sx xq_k): the rounding of x meets centred
 // codes, so its error is that of the weights' spread, not of their offset.
 //
-// Packed layout (csmcli.int4kernel.pack writes it): blocks of 16 output rows; per block and group,
+// Packed layout (csmcli.qkernel.pack writes it): blocks of 16 output rows; per block and group,
 // 64 header bytes (16 fp16 scales, 16 fp16 minimums), then G/8 chunks of 64 bytes where byte
 // c*4+i holds q[row c][k0+i] in its low nibble and q[row c][k0+4+i] in its high one (k0 = 8 * chunk).
 //
@@ -173,21 +173,100 @@ static block_fn pick(int path, int rows) {
     return (path == 2 ? vnni : avx2)[rows - 1];
 }
 
-extern "C" {
+// W8A8 over the plain int8 layout (csmcli.quant.Int8Linear's weight [N, K], one scale per row):
+// each output row is a dot product along K, 64 (AVX-512) or 32 (AVX2) weights a vector.  Signed
+// by signed bytes without saturation: |w| times x with w's sign moved onto x (weights and
+// activations are within +-127, so the AVX2 pair sums stay within 16 bits).
+template <int MB>
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) static void row_vnni8(
+    const int8_t* w, int K, int G, const int8_t* xq, const float* sx, float* out, int ldo) {
+    const int ng = K / G;
+    const __m512i zero = _mm512_setzero_si512();
+    __m512 accf[MB];
+    for (int m = 0; m < MB; ++m) accf[m] = _mm512_setzero_ps();
+    for (int g = 0; g < ng; ++g) {
+        __m512i acc[MB];
+        for (int m = 0; m < MB; ++m) acc[m] = zero;
+        for (int k = g * G; k < (g + 1) * G; k += 64) {
+            const __m512i v = _mm512_loadu_si512((const void*)(w + k));
+            const __m512i a = _mm512_abs_epi8(v);
+            const __mmask64 neg = _mm512_movepi8_mask(v);
+            for (int m = 0; m < MB; ++m) {
+                const __m512i x = _mm512_loadu_si512((const void*)(xq + (size_t)m * K + k));
+                acc[m] = _mm512_dpbusd_epi32(acc[m], a, _mm512_mask_sub_epi8(x, neg, zero, x));
+            }
+        }
+        for (int m = 0; m < MB; ++m)
+            accf[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(sx[m * ng + g]), accf[m]);
+    }
+    for (int m = 0; m < MB; ++m) out[(size_t)m * ldo] = _mm512_reduce_add_ps(accf[m]);
+}
 
-// y[M, N] = x[M, K] @ W^T for a weight packed in ceil(N / 16) blocks.  Returns 0, or -1 when the
-// path cannot run here.  The activations' codes live in a per-thread buffer reused across calls.
-int csm_int4_matmul(int path, const float* x, int M, int K, int G, const uint8_t* w, int N, float* y) {
-    if (!csm_int4_cpu_has(path) || K % G != 0 || G % 8 != 0) return -1;
+template <int MB>
+__attribute__((target("avx2,fma"))) static void row_avx2_8(
+    const int8_t* w, int K, int G, const int8_t* xq, const float* sx, float* out, int ldo) {
+    const int ng = K / G;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 accf[MB];
+    for (int m = 0; m < MB; ++m) accf[m] = _mm256_setzero_ps();
+    for (int g = 0; g < ng; ++g) {
+        __m256i acc[MB];
+        for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_si256();
+        for (int k = g * G; k < (g + 1) * G; k += 32) {
+            const __m256i v = _mm256_loadu_si256((const __m256i*)(w + k));
+            const __m256i a = _mm256_abs_epi8(v);
+            for (int m = 0; m < MB; ++m) {
+                const __m256i x = _mm256_loadu_si256((const __m256i*)(xq + (size_t)m * K + k));
+                const __m256i pairs = _mm256_maddubs_epi16(a, _mm256_sign_epi8(x, v));
+                acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(pairs, ones));
+            }
+        }
+        for (int m = 0; m < MB; ++m)
+            accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), _mm256_set1_ps(sx[m * ng + g]), accf[m]);
+    }
+    for (int m = 0; m < MB; ++m) {
+        const __m128 h = _mm_add_ps(_mm256_castps256_ps128(accf[m]), _mm256_extractf128_ps(accf[m], 1));
+        const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        out[(size_t)m * ldo] = _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+    }
+}
+
+typedef void (*row_fn)(const int8_t*, int, int, const int8_t*, const float*, float*, int);
+
+static row_fn pick8(int path, int rows) {
+    static const row_fn vnni[4] = {row_vnni8<1>, row_vnni8<2>, row_vnni8<3>, row_vnni8<4>};
+    static const row_fn avx2[4] = {row_avx2_8<1>, row_avx2_8<2>, row_avx2_8<3>, row_avx2_8<4>};
+    return (path == 2 ? vnni : avx2)[rows - 1];
+}
+
+// The activations' int8 codes and per-group sums, in a per-thread buffer reused across calls.
+struct Codes {
+    int8_t* xq;
+    float *sx, *xs, *corr;
+};
+
+static Codes quantize(const float* x, int M, int K, int G) {
     static thread_local std::vector<uint8_t> scratch;
     const int ng = K / G;
     const size_t codes = ((size_t)M * K + 63) & ~(size_t)63;
     scratch.resize(codes + sizeof(float) * 3 * (size_t)M * ng);
-    int8_t* xq = (int8_t*)scratch.data();
-    float* sx = (float*)(scratch.data() + codes);
-    float* xs = sx + (size_t)M * ng;
-    float* corr = xs + (size_t)M * ng;
-    quantize_rows(x, M, K, G, xq, sx, xs, corr);
+    Codes c;
+    c.xq = (int8_t*)scratch.data();
+    c.sx = (float*)(scratch.data() + codes);
+    c.xs = c.sx + (size_t)M * ng;
+    c.corr = c.xs + (size_t)M * ng;
+    quantize_rows(x, M, K, G, c.xq, c.sx, c.xs, c.corr);
+    return c;
+}
+
+extern "C" {
+
+// y[M, N] = x[M, K] @ W^T for a weight packed in ceil(N / 16) blocks.  Returns 0, or -1 when the
+// path cannot run here.
+int csm_int4_matmul(int path, const float* x, int M, int K, int G, const uint8_t* w, int N, float* y) {
+    if (!csm_int4_cpu_has(path) || K % G != 0 || G % 8 != 0) return -1;
+    const int ng = K / G;
+    const Codes c = quantize(x, M, K, G);
     const size_t stride = (size_t)ng * group_bytes(G);
     const int blocks = (N + 15) / 16;
     const int per_pass = rows_per_pass(path);
@@ -196,9 +275,28 @@ int csm_int4_matmul(int path, const float* x, int M, int K, int G, const uint8_t
         const int ncols = N - 16 * b < 16 ? N - 16 * b : 16;
         for (int m0 = 0; m0 < M; m0 += per_pass) {
             const int rows = M - m0 < per_pass ? M - m0 : per_pass;
-            pick(path, rows)(w + b * stride, K, G, xq + (size_t)m0 * K, sx + (size_t)m0 * ng, xs + (size_t)m0 * ng,
-                             corr + (size_t)m0 * ng, y + (size_t)m0 * N + 16 * b, N, ncols);
+            pick(path, rows)(w + b * stride, K, G, c.xq + (size_t)m0 * K, c.sx + (size_t)m0 * ng,
+                             c.xs + (size_t)m0 * ng, c.corr + (size_t)m0 * ng, y + (size_t)m0 * N + 16 * b, N, ncols);
         }
+    }
+    return 0;
+}
+
+// y[M, N] = (x[M, K] @ W^T) * scales for a plain int8 weight W[N, K], with activations quantized to
+// int8 per row and group of G (a multiple of 64).  Returns 0, or -1 when the path cannot run here.
+int csm_int8_matmul(int path, const float* x, int M, int K, int G, const int8_t* w, const float* scales, int N,
+                    float* y) {
+    if (!csm_int4_cpu_has(path) || K % G != 0 || G % 64 != 0) return -1;
+    const int ng = K / G;
+    const Codes c = quantize(x, M, K, G);
+#pragma omp parallel for schedule(static, 16)
+    for (int n = 0; n < N; ++n) {
+        for (int m0 = 0; m0 < M; m0 += 4) {
+            const int rows = M - m0 < 4 ? M - m0 : 4;
+            pick8(path, rows)(w + (size_t)n * K, K, G, c.xq + (size_t)m0 * K, c.sx + (size_t)m0 * ng,
+                              y + (size_t)m0 * N + n, N);
+        }
+        for (int m = 0; m < M; ++m) y[(size_t)m * N + n] *= scales[n];
     }
     return 0;
 }
