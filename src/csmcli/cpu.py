@@ -11,7 +11,8 @@ On a CPU a frame's speed is how fast the weights stream from memory.  Per matrix
   every bfloat16 matrix on CPUs that cannot pack bfloat16.
 * **plain**: torch's defaults.
 * int8 weights (:class:`~csmcli.quant.Int8Linear`): one-slot engines keep the plain layout
-  (single rows on the int8 gemv, ``torch._weight_int8pack_mm`` elsewhere); multi-slot engines move
+  (rows on the W8A8 kernel of :mod:`csmcli.qkernel` where it builds; otherwise single rows on the int8
+  gemv, ``torch._weight_int8pack_mm`` elsewhere); multi-slot engines move
   every projection to fbgemm's packed layout and dynamically quantized linear, which streams int8
   weights at memory speed for several rows where ``torch._weight_int8pack_mm`` is compute-bound,
   at a cost in fidelity (its activations are quantized to 8 bits); compiled engines keep the plain

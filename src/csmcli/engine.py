@@ -384,9 +384,9 @@ class Engine:
         default is the whole step on the CPU, where those eager ops are a large share of a frame, and
         the layers only on a GPU (``scripts/gpu_variants.py`` compares both there).
 
-        On the CPU every projection must be int8 or kept plain (``cpu_kernels="plain"``, bfloat16 on a
-        CPU without oneDNN's bf16 kernels, or a one-slot engine's gemv layers): oneDNN's packed
-        weights are opaque to the compiler.
+        On the CPU every projection must be quantized (int8, or int4 on csmcli's kernel operator) or
+        kept plain (``cpu_kernels="plain"``, bfloat16 on a CPU without oneDNN's bf16 kernels, or a
+        one-slot engine's gemv layers): oneDNN's packed weights are opaque to the compiler.
         """
         from .cpu import check_model_compilable
         from .model import CPU_COMPILE_OPTIONS, compile_layers
