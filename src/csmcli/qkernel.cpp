@@ -77,8 +77,12 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl,f16c"))) static void
         const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
         const __m512 mins = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + 32)));
         p += 64;
-        __m512i lo[MB], hi[MB];
-        for (int m = 0; m < MB; ++m) lo[m] = hi[m] = _mm512_setzero_si512();
+        // Two accumulators per row keep a lone row's dependency chains short; from five rows on,
+        // one per row, so that accumulators and sums stay in the 32 registers (no spills).
+        constexpr int NA = MB <= 4 ? 2 : 1;
+        __m512i acc[MB][NA];
+        for (int m = 0; m < MB; ++m)
+            for (int h = 0; h < NA; ++h) acc[m][h] = _mm512_setzero_si512();
         const int8_t* xg = xq + (size_t)g * G;
         for (int j = 0; j < G / 8; ++j) {
             const __m512i v = _mm512_loadu_si512((const void*)(p + 64 * j));
@@ -88,12 +92,12 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl,f16c"))) static void
                 int32_t xa, xb;
                 memcpy(&xa, xg + (size_t)m * K + 8 * j, 4);
                 memcpy(&xb, xg + (size_t)m * K + 8 * j + 4, 4);
-                lo[m] = _mm512_dpbusd_epi32(lo[m], a, _mm512_set1_epi32(xa));
-                hi[m] = _mm512_dpbusd_epi32(hi[m], b, _mm512_set1_epi32(xb));
+                acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], a, _mm512_set1_epi32(xa));
+                acc[m][NA - 1] = _mm512_dpbusd_epi32(acc[m][NA - 1], b, _mm512_set1_epi32(xb));
             }
         }
         for (int m = 0; m < MB; ++m) {
-            const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo[m], hi[m]));
+            const __m512 dot = _mm512_cvtepi32_ps(NA == 2 ? _mm512_add_epi32(acc[m][0], acc[m][NA - 1]) : acc[m][0]);
             const __m512 t = _mm512_fmadd_ps(dot, _mm512_set1_ps(sx[m * ng + g]), _mm512_set1_ps(corr[m * ng + g]));
             accf[m] = _mm512_fmadd_ps(scale, t, accf[m]);
             accf[m] = _mm512_fmadd_ps(mins, _mm512_set1_ps(xs[m * ng + g]), accf[m]);
