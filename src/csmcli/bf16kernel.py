@@ -47,6 +47,38 @@ def pack(weight: Tensor) -> Tensor:
     return w.reshape(*lead, blocks, k, BLOCK_ROWS).contiguous()
 
 
+def _check(x: Tensor, packed: Tensor, out_features: int) -> None:
+    blocks, k = -(-out_features // BLOCK_ROWS), x.shape[-1]
+    if x.dim() != 2 or packed.shape != (blocks, k, BLOCK_ROWS) or packed.dtype != torch.bfloat16:
+        raise ValueError(f"packed weight {tuple(packed.shape)} does not fit {k} inputs and {out_features} outputs")
+
+
+def _product(lib: ctypes.CDLL, x: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    x, packed = x.float().contiguous(), packed.contiguous()
+    rows, k = x.shape
+    y = torch.empty(rows, out_features)
+    if rows:
+        status = lib.csm_bf16_matmul(x.data_ptr(), rows, k, packed.data_ptr(), out_features, y.data_ptr())
+        if status:
+            raise RuntimeError(f"bf16 kernel: {'this CPU lacks AVX2 or FMA' if status == -1 else 'out of memory'}")
+    return y
+
+
+@torch.library.custom_op("csmcli::bf16_mm", mutates_args=())
+def bf16_mm(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    """The kernel as a torch operator, so that ``torch.compile`` keeps it as one call in its graphs
+    (a ctypes call cannot be traced): ``x [M, K] @ W.T -> [M, out_features]`` in float32."""
+    found = _built(None)
+    if found is None:
+        raise RuntimeError("the bf16 CPU kernel is not built")
+    return _product(found.lib, x, packed, out_features)
+
+
+@bf16_mm.register_fake
+def _bf16_mm_shape(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    return x.new_empty(x.shape[0], out_features, dtype=torch.float32)
+
+
 @dataclass(frozen=True)
 class Bf16Kernel:
     """The built kernel."""
@@ -55,18 +87,12 @@ class Bf16Kernel:
     name = "bf16-avx2"  # what csmcli.cpu.prepare_cpu reports for layers using it
 
     def matmul(self, x: Tensor, packed: Tensor, out_features: int) -> Tensor:
-        """``x [M, K] @ W.T -> [M, out_features]`` in float32, ``W`` as :func:`pack` wrote it."""
-        x = x.float().contiguous()
-        rows, k = x.shape
-        blocks = -(-out_features // BLOCK_ROWS)
-        if packed.shape != (blocks, k, BLOCK_ROWS) or packed.dtype != torch.bfloat16 or not packed.is_contiguous():
-            raise ValueError(f"packed weight {tuple(packed.shape)} does not fit {k} inputs and {out_features} outputs")
-        y = torch.empty(rows, out_features)
-        if rows:
-            status = self.lib.csm_bf16_matmul(x.data_ptr(), rows, k, packed.data_ptr(), out_features, y.data_ptr())
-            if status:
-                raise RuntimeError(f"bf16 kernel: {'this CPU lacks AVX2 or FMA' if status == -1 else 'out of memory'}")
-        return y
+        """``x [M, K] @ W.T -> [M, out_features]`` in float32, ``W`` as :func:`pack` wrote it.
+        Eager calls go straight to the library; compiled code calls :func:`bf16_mm`."""
+        _check(x, packed, out_features)
+        if torch.compiler.is_compiling():
+            return bf16_mm(x, packed, out_features)
+        return _product(self.lib, x, packed, out_features)
 
 
 @functools.cache
@@ -87,17 +113,3 @@ def kernel(isa: str, build_dir: Path | None = None) -> Bf16Kernel | None:
     """The kernel for a CPU offering ``isa`` (csmcli.cpu's names), built on first use; None (with one
     warning where it cannot be built or the CPU lacks its instructions) below AVX2."""
     return _built(build_dir) if isa in ISAS else None
-
-
-@torch.library.custom_op("csmcli::bf16_mm", mutates_args=())
-def bf16_mm(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
-    """:meth:`Bf16Kernel.matmul` as an operator ``torch.compile`` calls as is (ctypes cannot be traced)."""
-    found = _built(None)
-    if found is None:
-        raise RuntimeError("the bf16 kernel is not available on this machine")
-    return found.matmul(x, packed, out_features)
-
-
-@bf16_mm.register_fake
-def _(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
-    return x.new_empty(x.shape[0], out_features, dtype=torch.float32)

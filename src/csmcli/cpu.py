@@ -246,8 +246,7 @@ class CpuLinear(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
         if self.kernel is not None:
-            mm = torch.ops.csmcli.bf16_mm if torch.compiler.is_compiling() else self.kernel.matmul
-            y = mm(flat, weight, self.out_features).to(self.dtype)
+            y = self.kernel.matmul(flat, weight, self.out_features).to(self.dtype)
         elif self.gemv_fn is not None and flat.shape[0] == 1:
             y = (gemv if torch.compiler.is_compiling() else self.gemv_fn)(flat.float(), weight)
         elif self.packed_weights:
