@@ -5,7 +5,7 @@ What ``csmcli.cpu`` chooses between: float32 ``F.linear`` and oneDNN-packed weig
 bf16 kernel (:mod:`csmcli.bf16kernel`, for CPUs without oneDNN's bf16 kernels),
 ``torch._weight_int8pack_mm``, the compiled int8 gemv, fbgemm's dynamic int8 linear, torch's CPU
 int4 kernel (``_weight_int4pack_mm_for_cpu``, bf16 rows) and csmcli's W4A8 int4 kernel (the
-CPU's path, :mod:`csmcli.int4kernel`) at ``--group``; then the products of ``--rows`` rows (a
+CPU's path, :mod:`csmcli.qkernel`) at ``--group``; then the products of ``--rows`` rows (a
 multi-slot engine's batch): float32 packed (what bf16 weights got on a CPU without bf16 packing
 before the bf16 kernel), bf16 packed, the bf16 kernel, ``_weight_int8pack_mm``, fbgemm and both
 int4 kernels.  Each shape is timed over enough copies of the matrix to overflow the caches, as a

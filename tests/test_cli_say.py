@@ -154,5 +154,5 @@ def test_compile_with_float_cpu_weights_is_a_one_line_error(tiny_dir, cli_env, t
     args = [a.replace("{tmp}", str(tmp_path)) for a in command]
     r = csm([*args, "-m", str(tiny_dir), "--device", "cpu", "--compile"], cli_env)
     err = r.stderr.decode()
-    assert r.returncode == 1 and "compiling on the CPU needs int8 weights (--quantize int8)" in err, err
+    assert r.returncode == 1 and "compiling on the CPU needs quantized weights (--quantize int8 or int4)" in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

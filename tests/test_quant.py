@@ -82,17 +82,19 @@ def test_stacked_int4_layers_by_index() -> None:
     assert (layer.out_features, layer.in_features, layer.group) == (24, 64, 32)
 
 
-def test_kernel_slot_takes_every_product() -> None:
-    layer = Int4Linear.from_weight(torch.randn(16, 64), 64)
+def test_a_kernel_takes_every_product_on_its_own_packed_copy() -> None:
+    layer = Int4Linear.from_weight(torch.randn(2, 16, 64), 64)
     calls = []
 
-    def kernel(rows: torch.Tensor, index: int | None) -> torch.Tensor:
-        calls.append((rows.shape[0], index))
-        return torch.zeros(rows.shape[0], 16)
+    class Kernel:
+        def matmul(self, rows: torch.Tensor, packed: torch.Tensor, out_features: int, group: int) -> torch.Tensor:
+            calls.append((rows.shape[0], tuple(packed.shape), out_features, group))
+            return torch.zeros(rows.shape[0], out_features)
 
-    layer.kernel = kernel
-    assert layer(torch.randn(1, 3, 64)).abs().sum() == 0 and calls == [(3, None)]
-    assert layer(torch.randn(quant.DEQUANTIZE_ROWS, 64)).abs().sum() == 0 and calls[1] == (quant.DEQUANTIZE_ROWS, None)
+    layer.use_kernel(Kernel())
+    assert layer.canonical() is None and layer.kernel_weights.shape == (2, 1, 64 + 8 * 64)
+    assert layer(torch.randn(1, 3, 64), 1).abs().sum() == 0 and calls == [(3, (1, 576), 16, 64)]
+    assert layer(torch.randn(quant.DEQUANTIZE_ROWS, 64), 0).shape == (quant.DEQUANTIZE_ROWS, 16)
 
 
 @pytest.fixture(scope="module")

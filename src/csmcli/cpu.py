@@ -11,7 +11,8 @@ On a CPU a frame's speed is how fast the weights stream from memory.  Per matrix
   every bfloat16 matrix on CPUs that cannot pack bfloat16.
 * **plain**: torch's defaults.
 * int8 weights (:class:`~csmcli.quant.Int8Linear`): one-slot engines keep the plain layout
-  (single rows on the int8 gemv, ``torch._weight_int8pack_mm`` elsewhere); multi-slot engines move
+  (rows on the W8A8 kernel of :mod:`csmcli.qkernel` where it builds; otherwise single rows on the int8
+  gemv, ``torch._weight_int8pack_mm`` elsewhere); multi-slot engines move
   every projection to fbgemm's packed layout and dynamically quantized linear, which streams int8
   weights at memory speed for several rows where ``torch._weight_int8pack_mm`` is compute-bound,
   at a cost in fidelity (its activations are quantized to 8 bits); compiled engines keep the plain
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import bf16kernel, int4kernel
+from . import bf16kernel, qkernel
 from .errors import OptionsError
 from .gemv import GemvKernels, compiled_gemv, gemv, warm_up
 from .model import TransformerSpec
@@ -56,7 +57,7 @@ class CpuCaps:
     ``native_bf16``: bfloat16 arithmetic in hardware (AVX512-BF16 or AMX).
     ``vnni``: AVX512-VNNI int8 multiply-adds: fbgemm's int8 products take 8-bit activations
     (without it they saturate, so activations are quantized to 7 bits), and the int4 kernel
-    (:mod:`csmcli.int4kernel`) takes its fastest path.
+    (:mod:`csmcli.qkernel`) takes its fastest path.
     """
 
     isa: str
@@ -260,13 +261,13 @@ class CpuLinear(nn.Module):
 
 
 _CANNOT_COMPILE = (
-    "compiling on the CPU needs int8 weights (--quantize int8) or CSM_CPU_KERNELS=plain: "
+    "compiling on the CPU needs quantized weights (--quantize int8 or int4) or CSM_CPU_KERNELS=plain: "
     "float weights are packed for oneDNN, which the compiler cannot read"
 )
 
 
 def check_compilable(
-    int8: bool,
+    quantized: bool,
     kernels: str | None = None,
     dtype: torch.dtype = torch.float32,
     caps: CpuCaps | None = None,
@@ -276,7 +277,7 @@ def check_compilable(
     have packed weights, which ``torch.compile`` cannot trace (:func:`check_model_compilable`);
     bf16 weights a CPU cannot pack are packed as float32 in multi-slot engines."""
     packed = not _upcasts(dtype, caps or cpu_caps()) or max_batch > 1
-    if not int8 and check_cpu_kernels(kernels) != "plain" and packed:
+    if not quantized and check_cpu_kernels(kernels) != "plain" and packed:
         raise OptionsError(_CANNOT_COMPILE)
 
 
@@ -290,9 +291,19 @@ def check_model_compilable(model: nn.Module, caps: CpuCaps | None = None) -> Non
         if isinstance(m, Int8Linear) and not m.traced:
             if m.packed:
                 m.use_plain()
+                found = caps or cpu_caps()
+                fast = qkernel.kernel(qkernel.path_for(found.isa, found.vnni))
                 built = gemv_kernels(m.scales.dtype, caps) if wants_gemv(m.out_features, m.in_features) else None
-                m.gemv_fn = built.gemv_int8 if built is not None else None
+                _plain_int8(m, fast, built)
             m.traced = True
+
+
+def _plain_int8(layer: Int8Linear, fast: qkernel.QKernel | None, built: GemvKernels | None) -> None:
+    """An int8 layer in the plain layout: its rows on the W8A8 kernel where it runs, else single rows of
+    the wide matrices on the compiled int8 gemv (``built``)."""
+    layer.use_kernel(fast)
+    wanted = layer.kernel is None and built is not None and wants_gemv(layer.out_features, layer.in_features)
+    layer.gemv_fn = built.gemv_int8 if wanted else None
 
 
 def check_cpu_kernels(name: str | None = None) -> str:
@@ -306,35 +317,21 @@ def check_cpu_kernels(name: str | None = None) -> str:
 def prepare_int4(model: nn.Module, caps: CpuCaps, kernels: str) -> str:
     """Give every :class:`~csmcli.quant.Int4Linear` its CPU product; returns what it is (``""``
     without int4 layers): ``int4-avx512_vnni`` / ``int4-avx2``, the W4A8 kernel of
-    :mod:`csmcli.int4kernel` for the CPU's instruction set, or ``int4pack``, torch's own int4 kernel
+    :mod:`csmcli.qkernel` for the CPU's instruction set, or ``int4pack``, torch's own int4 kernel
     (``plain`` kernels, no C++ compiler, or a CPU with neither path)."""
     layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
     if not layers:
         return ""
-    fast = int4kernel.kernel(int4kernel.path_for(caps.isa, caps.vnni)) if kernels != "plain" else None
+    fast = qkernel.kernel(qkernel.path_for(caps.isa, caps.vnni)) if kernels != "plain" else None
     for layer in layers:
         if layer.kernel is not None or layer.packed:  # prepared before
             continue
         if fast is None:
             layer.pack_for_cpu()
-            continue
-        blobs = tuple(int4kernel.pack(*parts, layer.group) for parts in _stack(layer.canonical(), layer.stacked))
-        layer.kernel_weights = blobs  # where memory and bandwidth accounting find them
-        layer.kernel = functools.partial(_int4_product, fast, blobs, layer.out_features, layer.group)
-        layer.qweight = layer.scales = layer.mins = None  # the packed copy is the only one kept
+        else:
+            layer.use_kernel(fast)
     done = {("int4pack" if m.packed else f"int4-{fast.path}") for m in layers}
     return "+".join(sorted(done))
-
-
-def _stack(parts: tuple[Tensor, ...], stacked: bool) -> list[tuple[Tensor, ...]]:
-    """A layer's canonical tensors, one tuple per layer of a stack."""
-    return [tuple(p[i] for p in parts) for i in range(parts[0].shape[0])] if stacked else [parts]
-
-
-def _int4_product(
-    fast: int4kernel.Int4Kernel, blobs: tuple[Tensor, ...], out_features: int, group: int, rows: Tensor, index
-) -> Tensor:
-    return fast.matmul(rows, blobs[index or 0], out_features, group).to(rows.dtype)
 
 
 def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1, caps: CpuCaps | None = None) -> str:
@@ -362,11 +359,13 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     int4 = prepare_int4(model, caps, kernels)
     if kernels == "plain":
         return f"{int4}+plain" if int4 else "plain"
+    # int8 rows on the W8A8 kernel where ``auto`` allows compiled kernels (as for the gemv it replaces)
+    fast = qkernel.kernel(qkernel.path_for(caps.isa, caps.vnni)) if kernels == "auto" else None
     dtype = model.audio_embeddings.weight.dtype
     packable = torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
     upcast = _upcasts(dtype, caps)
-    fast = bf16_kernel(dtype, caps, kernels) if packable else None
-    multi_upcast = upcast and max_batch > 1 and fast is None
+    bf16_fast = bf16_kernel(dtype, caps, kernels) if packable else None
+    multi_upcast = upcast and max_batch > 1 and bf16_fast is None
     # compile (seconds, once per process) only where some matrix would use the gemv
     int8 = any(isinstance(m, Int8Linear) for m in model.modules())
     fbgemm = int8 and max_batch > 1 and int8_fbgemm()
@@ -387,11 +386,11 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
                 return layer
             if fbgemm:
                 layer.gemv_fn = None
+                layer.use_kernel(None)
                 layer.use_fbgemm(reduce_range=not caps.vnni)
             else:
                 layer.use_plain()
-                wanted = use_gemv and wants_gemv(layer.out_features, layer.in_features)
-                layer.gemv_fn = built.gemv_int8 if wanted else None
+                _plain_int8(layer, fast, built if use_gemv else None)
             return layer
         if isinstance(layer, CpuLinear):  # prepared before: repack if several rows now need it
             if max_batch > 1 and not layer.packed_weights and layer.kernel is None:
@@ -401,7 +400,7 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
             raise TypeError(f"cannot prepare {type(layer).__name__} for the CPU")
         if not packable:  # e.g. float16, or a torch built without oneDNN: torch's defaults
             return layer
-        return CpuLinear(layer.weight, float_gemv(*layer.weight.shape), caps, float32=multi_upcast, kernel=fast)
+        return CpuLinear(layer.weight, float_gemv(*layer.weight.shape), caps, float32=multi_upcast, kernel=bf16_fast)
 
     for net in (model.backbone, model.decoder):
         for block in net.layers:
@@ -412,7 +411,7 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     if model.head_layers is None and packable:
         heads = model.audio_head  # [codebooks - 1, in, out]
         gemv_fn = float_gemv(heads.shape[2], heads.shape[1])
-        model.head_layers = CpuLinear(heads.transpose(1, 2), gemv_fn, caps, float32=multi_upcast, kernel=fast)
+        model.head_layers = CpuLinear(heads.transpose(1, 2), gemv_fn, caps, float32=multi_upcast, kernel=bf16_fast)
         del model.audio_head
         model.register_parameter("audio_head", None)
     elif model.head_layers is not None:
@@ -422,8 +421,10 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     prefix = f"{int4}+" if int4 else ""
     if any(isinstance(m, Int8Linear) and m.packed for m in model.modules()):
         return prefix + "fbgemm"
+    if any(isinstance(m, Int8Linear) and m.kernel for m in model.modules()):
+        prefix += f"int8-{fast.path}+"
     if not int8 and any(isinstance(m, CpuLinear) and m.kernel is not None for m in model.modules()):
-        return prefix + fast.name
+        return prefix + bf16_fast.name
     used = any(getattr(m, "gemv", False) for m in model.modules())
     packed = any(getattr(m, "packed_weights", False) for m in model.modules()) or int8
     rest = "packed" if packed else "float32" if upcast else "linear"  # what several rows run on

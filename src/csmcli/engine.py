@@ -16,7 +16,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -337,7 +337,8 @@ class Engine:
                 # penalty of 1 changes nothing; see sample): the same codes from one graph for all
                 self.k_max = max(k_max, self._least_candidates) if self.compiled else k_max
                 self.use_penalty = self.compiled or any(o.repetition_penalty != 1.0 for o in jobs)
-                codes = self._frame(width, max(positions) + 1)
+                with self._frame_stance():
+                    codes = self._frame(width, max(positions) + 1)
             host_codes = codes.cpu()
             for i in rows:
                 self.positions[i] += 1
@@ -359,6 +360,17 @@ class Engine:
         self.hidden[:n] = self.model.backbone_step(codes, self.frame_positions[:n], self.cache, kv_len, self.layer_fns)
         return codes
 
+    def _frame_stance(self) -> AbstractContextManager[None]:
+        """How a CPU frame runs compiled code: checking only the guards that tell its graphs apart.
+
+        Every graph a frame needs is compiled before the first job (:meth:`compile` runs frames of
+        one and several slots, and compiled frames always take the same sampling path), so full
+        guard checks would only cost time, on each of a frame's many compiled calls.
+        """
+        if self.compiled and self.device.type == "cpu":
+            return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
+        return nullcontext()
+
     def _bucket(self, n: int) -> int:
         return next(b for b in self.graph_buckets if b >= n)
 
@@ -372,9 +384,9 @@ class Engine:
         default is the whole step on the CPU, where those eager ops are a large share of a frame, and
         the layers only on a GPU (``scripts/gpu_variants.py`` compares both there).
 
-        On the CPU every projection must be int8 or kept plain (``cpu_kernels="plain"``, bfloat16 on a
-        CPU without oneDNN's bf16 kernels, or a one-slot engine's gemv layers): oneDNN's packed
-        weights are opaque to the compiler.
+        On the CPU every projection must be quantized (int8, or int4 on csmcli's kernel operator) or
+        kept plain (``cpu_kernels="plain"``, bfloat16 on a CPU without oneDNN's bf16 kernels, or a
+        one-slot engine's gemv layers): oneDNN's packed weights are opaque to the compiler.
         """
         from .cpu import check_model_compilable
         from .model import CPU_COMPILE_OPTIONS, compile_layers

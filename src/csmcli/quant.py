@@ -9,7 +9,7 @@ whose dynamically quantized linear reads the int8 weights at memory speed for a 
 where ``_weight_int8pack_mm`` is compute-bound.
 
 int4 (:class:`Int4Linear`): the canonical form is :func:`quantize_int4_weight`'s; on the CPU the
-products run on csmcli's W4A8 kernel (:mod:`csmcli.int4kernel`) or, where it cannot run, torch's
+products run on csmcli's W4A8 kernel (:mod:`csmcli.qkernel`) or, where it cannot run, torch's
 CPU int4 kernel (``_weight_int4pack_mm_for_cpu``); elsewhere the weights are dequantized on the
 fly.  ``--quantize int4`` keeps the layers named in :data:`INT4_KEEP_INT8` at int8 (chosen with
 ``scripts/quant_fidelity.py``).
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .gemv import gemv_int8
 from .model import CSMModel
+from .qkernel import QKernel, pack
 
 # from this many rows on (prefill), CPU products dequantize the weight and use the float GEMM
 DEQUANTIZE_ROWS = 32
@@ -75,6 +76,9 @@ class Int8Linear(nn.Module):
         self.packed: tuple = ()  # fbgemm's packed weights, one per stacked layer (use_fbgemm)
         self.reduce_range = False
         self.traced = False  # compiled code reads the plain weights: they stay plain
+        self.kernel: QKernel | None = None  # use_kernel: csmcli's W8A8 kernel on the plain weights
+        self.kernel_group = 0
+        self.kernel_scales: Tensor | None = None
 
     @classmethod
     def from_quantized(cls, weight: Tensor, scales: Tensor) -> Int8Linear:
@@ -87,6 +91,16 @@ class Int8Linear(nn.Module):
     def gemv(self) -> bool:
         """True when single rows go through the compiled int8 gemv."""
         return self.gemv_fn is not None
+
+    def use_kernel(self, kernel: QKernel | None) -> None:
+        """Run products of fewer than :data:`DEQUANTIZE_ROWS` rows on ``kernel``'s W8A8 product over the
+        plain weights (activations quantized to int8 per row and group of :func:`kernel_group`
+        columns: about 0.6% relative error per product, at memory speed where the int8 gemv is
+        compute-bound); None, or a width no group divides, turns it off."""
+        group = kernel_group(self.in_features)
+        self.kernel = kernel if group else None
+        self.kernel_group = group or 0
+        self.kernel_scales = self.scales.float().contiguous() if self.kernel else None
 
     def use_fbgemm(self, reduce_range: bool) -> None:
         """Move the weights into fbgemm's packed layout (the plain buffer is dropped).
@@ -124,7 +138,10 @@ class Int8Linear(nn.Module):
             y = torch.ops.quantized.linear_dynamic(flat.float(), packed, self.reduce_range).to(scales.dtype)
             return y.reshape(*shape[:-1], self.out_features)
         weight, scales = (self.weight, self.scales) if index is None else (self.weight[index], self.scales[index])
-        if self.gemv_fn is not None and flat.shape[0] == 1:
+        if self.kernel is not None and flat.shape[0] < DEQUANTIZE_ROWS:
+            kernel_scales = self.kernel_scales if index is None else self.kernel_scales[index]
+            y = self.kernel.int8_matmul(flat, weight, kernel_scales, self.kernel_group).to(scales.dtype)
+        elif self.gemv_fn is not None and flat.shape[0] == 1:
             gemv = gemv_int8 if torch.compiler.is_compiling() else self.gemv_fn
             y = gemv(flat.float(), weight, scales)
         elif flat.device.type == "cpu" and flat.shape[0] < DEQUANTIZE_ROWS:
@@ -134,6 +151,12 @@ class Int8Linear(nn.Module):
         else:  # GPUs, and prompts on the CPU (compute-bound: the float GEMM is faster there)
             y = nn.functional.linear(flat, weight.to(flat.dtype)) * scales
         return y.reshape(*shape[:-1], self.out_features)
+
+
+def kernel_group(in_features: int) -> int | None:
+    """Activation group of the W8A8 kernel for a matrix with ``in_features`` columns: 128, or 64 for
+    narrow test models; None where neither divides them."""
+    return next((g for g in (128, 64) if in_features % g == 0), None)
 
 
 def quantize_int4_weight(w: Tensor, group: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -187,9 +210,9 @@ class Int4Linear(nn.Module):
     * canonical (``qweight``, ``scales``, ``mins``): dequantized on the fly (GPUs, other devices);
     * :meth:`pack_for_cpu`: torch's CPU int4 layout (``packed``, ``scales_zeros``; the canonical
       tensors are freed), every product on ``_weight_int4pack_mm_for_cpu`` in bfloat16;
-    * ``kernel``: csmcli's W4A8 CPU kernel (:func:`csmcli.cpu.prepare_int4` sets it), called as
-      ``kernel(rows, index)`` (rows ``[m, in]``, ``index`` as given) for every product; it holds
-      its own packed copy and the canonical tensors are freed.
+    * :meth:`use_kernel`: csmcli's W4A8 CPU kernel (:class:`csmcli.qkernel.QKernel`) for every
+      product, on its own packed copy (``kernel_weights``, ``[n, ...]`` for a stack); the canonical
+      tensors are freed.
     """
 
     def __init__(self, qweight: Tensor, scales: Tensor, mins: Tensor) -> None:
@@ -204,8 +227,8 @@ class Int4Linear(nn.Module):
         self.stacked = qweight.dim() == 3
         self.packed: tuple[Tensor, ...] = ()  # torch's CPU layout, one per layer of a stack
         self.scales_zeros: Tensor | None = None
-        self.kernel: Callable[[Tensor, int | None], Tensor] | None = None
-        self.kernel_weights: tuple[Tensor, ...] = ()  # the kernel's packed copy (one per stacked layer)
+        self.kernel: QKernel | None = None
+        self.kernel_weights: Tensor | None = None
 
     @classmethod
     def from_weight(cls, weight: Tensor, group: int = INT4_GROUP) -> Int4Linear:
@@ -232,11 +255,24 @@ class Int4Linear(nn.Module):
         self.scales_zeros = F.pad(sz, (0, 0, 0, 0, 0, pad)).transpose(-3, -2).to(torch.bfloat16).contiguous()
         self.qweight = self.scales = self.mins = None
 
+    def use_kernel(self, kernel: QKernel) -> None:
+        """Run every product on ``kernel``, which gets its own packed copy; the canonical tensors are freed."""
+        if self.kernel is not None:
+            return
+        canon = (self.qweight, self.scales, self.mins)
+        if self.stacked:
+            self.kernel_weights = torch.stack([pack(*(p[i] for p in canon), self.group) for i in range(len(canon[0]))])
+        else:
+            self.kernel_weights = pack(*canon, self.group)
+        self.kernel = kernel
+        self.qweight = self.scales = self.mins = None
+
     def forward(self, x: Tensor, index: int | None = None) -> Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         if self.kernel is not None:
-            y = self.kernel(flat, index)
+            packed = self.kernel_weights if index is None else self.kernel_weights[index]
+            y = self.kernel.matmul(flat, packed, self.out_features, self.group).to(flat.dtype)
         elif self.packed:
             sz = self.scales_zeros if index is None else self.scales_zeros[index]
             rows = flat.to(torch.bfloat16).contiguous()

@@ -1,5 +1,6 @@
-"""The hand-written W4A8 CPU kernel: its packed layout, each instruction-set path against a reference
-computed in float64 from the same activation quantization, and the fallback when it cannot be built."""
+"""The hand-written CPU kernels for quantized weights (W4A8 and W8A8): the int4 packed layout, each
+instruction-set path against a reference computed in float64 from the same activation quantization,
+and the fallback when they cannot be built."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from csmcli import int4kernel
-from csmcli.int4kernel import BLOCK_ROWS, HEADER_BYTES, kernel, pack, packed_bytes
+from csmcli import qkernel
+from csmcli.qkernel import BLOCK_ROWS, HEADER_BYTES, kernel, pack, packed_bytes
 
 
 def _quantize(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -43,7 +44,7 @@ def _reference(x: torch.Tensor, qweight, scales, mins, group: int) -> torch.Tens
 
 def _paths() -> list[str]:
     found = []
-    for path in int4kernel.PATHS:
+    for path in qkernel.PATHS:
         k = kernel(path)
         if k is not None:
             found.append(path)
@@ -110,23 +111,73 @@ def test_the_kernel_is_close_to_the_dequantized_float_product() -> None:
     assert (y - want).norm() / want.norm() < 0.008
 
 
+def _reference8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """The W8A8 kernel's arithmetic in float64: int8 activations per row and group, exact integer sums."""
+    m, k = x.shape
+    xg = x.reshape(m, k // group, group)
+    amax = xg.abs().amax(-1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    xq = (xg * inv[..., None]).round().double()
+    dots = torch.einsum("mgk,ngk->mng", xq, weight.double().reshape(-1, k // group, group))
+    return (dots * (amax / 127.0).double()[:, None]).sum(-1) * scales.double()
+
+
+@pytest.mark.skipif(not PATHS, reason="no C++ compiler or no AVX2 on this CPU")
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("group", [64, 128])
+def test_each_int8_path_matches_the_reference(path: str, group: int) -> None:
+    torch.manual_seed(group)
+    n, k = 2051, 256
+    weight = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    weight[0] = -127  # the extremes: |w| and x at 127 must not saturate the AVX2 pair sums
+    scales = torch.rand(n) * 0.01
+    kern = kernel(path)
+    for rows in (1, 2, 4, 5, 9):
+        x = torch.randn(rows, k)
+        x[0, :group] = 0
+        x[-1, -group:] = -1.0
+        y = kern.int8_matmul(x, weight, scales, group)
+        assert y.shape == (rows, n)
+        torch.testing.assert_close(y.double(), _reference8(x, weight, scales, group), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not PATHS, reason="no C++ compiler or no AVX2 on this CPU")
+def test_int8_layers_run_their_rows_on_the_kernel_close_to_the_weight_only_product() -> None:
+    from csmcli.quant import DEQUANTIZE_ROWS, Int8Linear
+
+    torch.manual_seed(1)
+    layer = Int8Linear(torch.randn(3, 96, 256) * 0.02, torch.float32)  # a stack, as the depth heads
+    x = torch.randn(4, 256)
+    plain = [layer(x, i) for i in range(3)]
+    layer.use_kernel(kernel(PATHS[0]))
+    assert layer.kernel is not None and layer.kernel_group == 128
+    for i in range(3):
+        got = layer(x, i)
+        assert got.dtype == torch.float32 and (got - plain[i]).norm() / plain[i].norm() < 0.01
+    prompt = torch.randn(DEQUANTIZE_ROWS, 256)  # prompts keep the float GEMM over the plain weights
+    torch.testing.assert_close(layer(prompt, 1), prompt @ (layer.weight[1].float() * layer.scales[1, :, None]).T)
+    narrow = Int8Linear(torch.randn(8, 96), torch.float32)
+    narrow.use_kernel(kernel(PATHS[0]))
+    assert narrow.kernel is None  # no group divides 96 columns
+
+
 def test_no_compiler_means_no_kernel_and_one_warning(tmp_path) -> None:
     code = (
         "import logging, sys; from pathlib import Path; logging.basicConfig();"
-        "from csmcli.int4kernel import kernel;"
+        "from csmcli.qkernel import kernel;"
         f"print(kernel('avx2', Path({str(tmp_path)!r})), kernel('avx2', Path({str(tmp_path)!r})))"
     )
     env = {**os.environ, "PATH": str(tmp_path)}  # no compiler on it
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.stdout.strip() == "None None"
-    assert done.stderr.count("CPU kernel int4kernel unavailable (no C++ compiler found)") == 1
+    assert done.stderr.count("CPU kernel qkernel unavailable (no C++ compiler found)") == 1
 
 
 def test_no_path_means_no_kernel() -> None:
-    assert int4kernel.path_for("default", vnni=False) is None
-    assert int4kernel.path_for("avx2", vnni=True) == "avx2"
-    assert int4kernel.path_for("avx512", vnni=False) == "avx2"
-    assert int4kernel.path_for("avx512", vnni=True) == "avx512_vnni"
+    assert qkernel.path_for("default", vnni=False) is None
+    assert qkernel.path_for("avx2", vnni=True) == "avx2"
+    assert qkernel.path_for("avx512", vnni=False) == "avx2"
+    assert qkernel.path_for("avx512", vnni=True) == "avx512_vnni"
 
 
 def test_pack_refuses_a_group_that_does_not_divide_the_row() -> None:
@@ -144,7 +195,7 @@ def test_prepare_cpu_gives_int4_layers_the_kernel_of_the_cpus_path(isa: str) -> 
     if isa == "avx512" and caps.isa != "avx512":
         pytest.skip("this CPU has no AVX-512")
     caps = cpu.cpu_caps(isa)
-    want = int4kernel.path_for(caps.isa, caps.vnni)
+    want = qkernel.path_for(caps.isa, caps.vnni)
     torch.manual_seed(3)
     w = torch.randn(2, 40, 128) * 0.02
     reference = Int4Linear.from_weight(w, 32)

@@ -9,7 +9,7 @@
 // which is exact but for scale * sum_k (q_k - 8)(x_k - sx xq_k): the rounding of x meets centred
 // codes, so its error is that of the weights' spread, not of their offset.
 //
-// Packed layout (csmcli.int4kernel.pack writes it): blocks of 16 output rows; per block and group,
+// Packed layout (csmcli.qkernel.pack writes it): blocks of 16 output rows; per block and group,
 // 64 header bytes (16 fp16 scales, 16 fp16 minimums), then G/8 chunks of 64 bytes where byte
 // c*4+i holds q[row c][k0+i] in its low nibble and q[row c][k0+4+i] in its high one (k0 = 8 * chunk).
 //
@@ -21,6 +21,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include <vector>
 
 extern "C" {
 
@@ -65,7 +67,7 @@ static inline size_t group_bytes(int G) { return 64 + (size_t)8 * G; }
 
 template <int MB>
 __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl,f16c"))) static void block_vnni(
-    const uint8_t* wb, int K, int G, const int8_t* xq, const float* sx, const float* xs, const float* corr, float* y, int ldy) {
+    const uint8_t* wb, int K, int G, const int8_t* xq, const float* sx, const float* xs, const float* corr, float* y, int ldy, int ncols) {
     const int ng = K / G;
     const __m512i mask = _mm512_set1_epi8(0x0F);
     __m512 accf[MB];
@@ -97,12 +99,13 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl,f16c"))) static void
             accf[m] = _mm512_fmadd_ps(mins, _mm512_set1_ps(xs[m * ng + g]), accf[m]);
         }
     }
-    for (int m = 0; m < MB; ++m) _mm512_storeu_ps(y + (size_t)m * ldy, accf[m]);
+    const __mmask16 keep = (__mmask16)((1u << ncols) - 1);
+    for (int m = 0; m < MB; ++m) _mm512_mask_storeu_ps(y + (size_t)m * ldy, keep, accf[m]);
 }
 
 template <int MB>
 __attribute__((target("avx2,fma,f16c"))) static void block_avx2(
-    const uint8_t* wb, int K, int G, const int8_t* xq, const float* sx, const float* xs, const float* corr, float* y, int ldy) {
+    const uint8_t* wb, int K, int G, const int8_t* xq, const float* sx, const float* xs, const float* corr, float* y, int ldy, int ncols) {
     const int ng = K / G;
     const __m256i mask = _mm256_set1_epi8(0x0F);
     const __m256i ones = _mm256_set1_epi16(1);
@@ -145,12 +148,19 @@ __attribute__((target("avx2,fma,f16c"))) static void block_avx2(
             }
         }
     }
-    for (int m = 0; m < MB; ++m)
-        for (int h = 0; h < 2; ++h) _mm256_storeu_ps(y + (size_t)m * ldy + 8 * h, accf[m][h]);
+    for (int m = 0; m < MB; ++m) {
+        if (ncols == 16) {
+            for (int h = 0; h < 2; ++h) _mm256_storeu_ps(y + (size_t)m * ldy + 8 * h, accf[m][h]);
+        } else {  // the last block of a matrix whose rows are not a multiple of 16
+            float row[16];
+            for (int h = 0; h < 2; ++h) _mm256_storeu_ps(row + 8 * h, accf[m][h]);
+            memcpy(y + (size_t)m * ldy, row, sizeof(float) * ncols);
+        }
+    }
 }
 
 typedef void (*block_fn)(const uint8_t*, int, int, const int8_t*, const float*, const float*, const float*, float*,
-                         int);
+                         int, int);
 
 // Activation rows per pass over a weight block: as many as the accumulators that fit in registers
 // (32 vectors on AVX-512, 16 on AVX2); the block is re-read from cache for each further pass.
@@ -163,29 +173,130 @@ static block_fn pick(int path, int rows) {
     return (path == 2 ? vnni : avx2)[rows - 1];
 }
 
+// W8A8 over the plain int8 layout (csmcli.quant.Int8Linear's weight [N, K], one scale per row):
+// each output row is a dot product along K, 64 (AVX-512) or 32 (AVX2) weights a vector.  Signed
+// by signed bytes without saturation: |w| times x with w's sign moved onto x (weights and
+// activations are within +-127, so the AVX2 pair sums stay within 16 bits).
+template <int MB>
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) static void row_vnni8(
+    const int8_t* w, int K, int G, const int8_t* xq, const float* sx, float* out, int ldo) {
+    const int ng = K / G;
+    const __m512i zero = _mm512_setzero_si512();
+    __m512 accf[MB];
+    for (int m = 0; m < MB; ++m) accf[m] = _mm512_setzero_ps();
+    for (int g = 0; g < ng; ++g) {
+        __m512i acc[MB];
+        for (int m = 0; m < MB; ++m) acc[m] = zero;
+        for (int k = g * G; k < (g + 1) * G; k += 64) {
+            const __m512i v = _mm512_loadu_si512((const void*)(w + k));
+            const __m512i a = _mm512_abs_epi8(v);
+            const __mmask64 neg = _mm512_movepi8_mask(v);
+            for (int m = 0; m < MB; ++m) {
+                const __m512i x = _mm512_loadu_si512((const void*)(xq + (size_t)m * K + k));
+                acc[m] = _mm512_dpbusd_epi32(acc[m], a, _mm512_mask_sub_epi8(x, neg, zero, x));
+            }
+        }
+        for (int m = 0; m < MB; ++m)
+            accf[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(sx[m * ng + g]), accf[m]);
+    }
+    for (int m = 0; m < MB; ++m) out[(size_t)m * ldo] = _mm512_reduce_add_ps(accf[m]);
+}
+
+template <int MB>
+__attribute__((target("avx2,fma"))) static void row_avx2_8(
+    const int8_t* w, int K, int G, const int8_t* xq, const float* sx, float* out, int ldo) {
+    const int ng = K / G;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 accf[MB];
+    for (int m = 0; m < MB; ++m) accf[m] = _mm256_setzero_ps();
+    for (int g = 0; g < ng; ++g) {
+        __m256i acc[MB];
+        for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_si256();
+        for (int k = g * G; k < (g + 1) * G; k += 32) {
+            const __m256i v = _mm256_loadu_si256((const __m256i*)(w + k));
+            const __m256i a = _mm256_abs_epi8(v);
+            for (int m = 0; m < MB; ++m) {
+                const __m256i x = _mm256_loadu_si256((const __m256i*)(xq + (size_t)m * K + k));
+                const __m256i pairs = _mm256_maddubs_epi16(a, _mm256_sign_epi8(x, v));
+                acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(pairs, ones));
+            }
+        }
+        for (int m = 0; m < MB; ++m)
+            accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), _mm256_set1_ps(sx[m * ng + g]), accf[m]);
+    }
+    for (int m = 0; m < MB; ++m) {
+        const __m128 h = _mm_add_ps(_mm256_castps256_ps128(accf[m]), _mm256_extractf128_ps(accf[m], 1));
+        const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        out[(size_t)m * ldo] = _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+    }
+}
+
+typedef void (*row_fn)(const int8_t*, int, int, const int8_t*, const float*, float*, int);
+
+static row_fn pick8(int path, int rows) {
+    static const row_fn vnni[4] = {row_vnni8<1>, row_vnni8<2>, row_vnni8<3>, row_vnni8<4>};
+    static const row_fn avx2[4] = {row_avx2_8<1>, row_avx2_8<2>, row_avx2_8<3>, row_avx2_8<4>};
+    return (path == 2 ? vnni : avx2)[rows - 1];
+}
+
+// The activations' int8 codes and per-group sums, in a per-thread buffer reused across calls.
+struct Codes {
+    int8_t* xq;
+    float *sx, *xs, *corr;
+};
+
+static Codes quantize(const float* x, int M, int K, int G) {
+    static thread_local std::vector<uint8_t> scratch;
+    const int ng = K / G;
+    const size_t codes = ((size_t)M * K + 63) & ~(size_t)63;
+    scratch.resize(codes + sizeof(float) * 3 * (size_t)M * ng);
+    Codes c;
+    c.xq = (int8_t*)scratch.data();
+    c.sx = (float*)(scratch.data() + codes);
+    c.xs = c.sx + (size_t)M * ng;
+    c.corr = c.xs + (size_t)M * ng;
+    quantize_rows(x, M, K, G, c.xq, c.sx, c.xs, c.corr);
+    return c;
+}
+
 extern "C" {
 
-// y[M, Npad] = x[M, K] @ W^T for a weight packed for Npad = 16 * blocks rows.  scratch holds
-// M * K int8 codes (rounded up to 64 bytes) and 3 * M * (K / G) floats.  Returns 0, or -1 when the path cannot run here.
-int csm_int4_matmul(int path, const float* x, int M, int K, int G, const uint8_t* w, int blocks, float* y,
-                    void* scratch) {
+// y[M, N] = x[M, K] @ W^T for a weight packed in ceil(N / 16) blocks.  Returns 0, or -1 when the
+// path cannot run here.
+int csm_int4_matmul(int path, const float* x, int M, int K, int G, const uint8_t* w, int N, float* y) {
     if (!csm_int4_cpu_has(path) || K % G != 0 || G % 8 != 0) return -1;
-    int8_t* xq = (int8_t*)scratch;
-    float* sx = (float*)(xq + (((size_t)M * K + 63) & ~(size_t)63));
-    float* xs = sx + (size_t)M * (K / G);
-    float* corr = xs + (size_t)M * (K / G);
-    quantize_rows(x, M, K, G, xq, sx, xs, corr);
-    const size_t stride = (size_t)(K / G) * group_bytes(G);
     const int ng = K / G;
-    const int ldy = blocks * 16;
+    const Codes c = quantize(x, M, K, G);
+    const size_t stride = (size_t)ng * group_bytes(G);
+    const int blocks = (N + 15) / 16;
     const int per_pass = rows_per_pass(path);
 #pragma omp parallel for schedule(static)
     for (int b = 0; b < blocks; ++b) {
+        const int ncols = N - 16 * b < 16 ? N - 16 * b : 16;
         for (int m0 = 0; m0 < M; m0 += per_pass) {
             const int rows = M - m0 < per_pass ? M - m0 : per_pass;
-            pick(path, rows)(w + b * stride, K, G, xq + (size_t)m0 * K, sx + (size_t)m0 * ng, xs + (size_t)m0 * ng,
-                                     corr + (size_t)m0 * ng, y + (size_t)m0 * ldy + 16 * b, ldy);
+            pick(path, rows)(w + b * stride, K, G, c.xq + (size_t)m0 * K, c.sx + (size_t)m0 * ng,
+                             c.xs + (size_t)m0 * ng, c.corr + (size_t)m0 * ng, y + (size_t)m0 * N + 16 * b, N, ncols);
         }
+    }
+    return 0;
+}
+
+// y[M, N] = (x[M, K] @ W^T) * scales for a plain int8 weight W[N, K], with activations quantized to
+// int8 per row and group of G (a multiple of 64).  Returns 0, or -1 when the path cannot run here.
+int csm_int8_matmul(int path, const float* x, int M, int K, int G, const int8_t* w, const float* scales, int N,
+                    float* y) {
+    if (!csm_int4_cpu_has(path) || K % G != 0 || G % 64 != 0) return -1;
+    const int ng = K / G;
+    const Codes c = quantize(x, M, K, G);
+#pragma omp parallel for schedule(static, 16)
+    for (int n = 0; n < N; ++n) {
+        for (int m0 = 0; m0 < M; m0 += 4) {
+            const int rows = M - m0 < 4 ? M - m0 : 4;
+            pick8(path, rows)(w + (size_t)n * K, K, G, c.xq + (size_t)m0 * K, c.sx + (size_t)m0 * ng,
+                              y + (size_t)m0 * N + n, N);
+        }
+        for (int m = 0; m < M; ++m) y[(size_t)m * N + n] *= scales[n];
     }
     return 0;
 }

@@ -1,0 +1,183 @@
+"""csmcli's hand-written CPU kernels for quantized weights (``qkernel.cpp``), built once per machine.
+
+* int4 (W4A8): torch's own CPU int4 product dequantizes every weight to floating point and is
+  compute-bound at about two thirds of memory speed for one row, and slower still for several.
+  This kernel quantizes the few activation rows to int8 per group and multiplies with the CPU's
+  integer dot-product instructions (AVX-512 VNNI, or AVX2), so it reads the 4-bit weights at
+  memory speed for one row and serves several rows for little more.
+* int8 (W8A8, :meth:`QKernel.int8_matmul`): the same activation quantization over the plain int8
+  layout of :class:`csmcli.quant.Int8Linear`, for the single rows where the float gemv over int8
+  weights is compute-bound on one core.
+
+  It is a small C++ file compiled with the
+system's C++ compiler (the one ``torch.compile`` uses) and called through ctypes; without a
+compiler :func:`kernel` returns None and callers use torch's kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import ckernels
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("qkernel.cpp")
+#: Kernel paths by name, as the C code numbers them.
+PATHS = {"avx2": 1, "avx512_vnni": 2}
+#: Output rows per packed block, and bytes of scales and minimums per block and group.
+BLOCK_ROWS = 16
+HEADER_BYTES = 64
+
+
+def path_for(isa: str, vnni: bool) -> str | None:
+    """The kernel path for a CPU offering ``isa`` (csmcli.cpu's names) and, on AVX-512, VNNI; None
+    where neither path runs (the caller then uses torch's int4 kernel)."""
+    if isa == "avx512" and vnni:
+        return "avx512_vnni"
+    if isa in ("avx512", "avx2"):
+        return "avx2"
+    return None
+
+
+def packed_bytes(out_features: int, in_features: int, group: int) -> int:
+    """Size of :func:`pack`'s output for an ``out_features x in_features`` weight."""
+    blocks = -(-out_features // BLOCK_ROWS)
+    return blocks * (in_features // group) * (HEADER_BYTES + 8 * group)
+
+
+def pack(qweight: Tensor, scales: Tensor, mins: Tensor, group: int) -> Tensor:
+    """The kernel's layout (see ``qkernel.cpp``) from csmcli's canonical int4 form: ``qweight``
+    uint8 ``[N, K/2]`` (low nibble: even column), ``scales`` and ``mins`` ``[N, K/group]``.  Rows
+    are padded to a multiple of 16 with zeros.  Returns uint8 ``[blocks, bytes per block]``."""
+    n, half = qweight.shape
+    k = 2 * half
+    if group % 8 or k % group:
+        raise ValueError(f"group {group} must divide {k} input features and be a multiple of 8")
+    codes = torch.stack((qweight & 15, qweight >> 4), dim=-1).reshape(n, k)
+    pad = -n % BLOCK_ROWS
+    if pad:
+        codes = torch.cat((codes, codes.new_zeros(pad, k)))
+        scales = torch.cat((scales, scales.new_zeros(pad, scales.shape[1])))
+        mins = torch.cat((mins, mins.new_zeros(pad, mins.shape[1])))
+    blocks, groups = (n + pad) // BLOCK_ROWS, k // group
+    # [block, row c, group, chunk j, half h, i] with column = group * G + 8 * j + 4 * h + i
+    codes = codes.reshape(blocks, BLOCK_ROWS, groups, group // 8, 2, 4)
+    codes = codes.permute(0, 2, 3, 1, 5, 4)  # [block, group, chunk, row, i, half]
+    data = (codes[..., 0] | (codes[..., 1] << 4)).reshape(blocks, groups, 8 * group)
+
+    def header(t: Tensor) -> Tensor:  # [N, groups] -> [block, group, 16 fp16 as 32 bytes]
+        t = t.to(torch.float16).reshape(blocks, BLOCK_ROWS, groups).transpose(1, 2).contiguous()
+        return t.view(torch.uint8).reshape(blocks, groups, 2 * BLOCK_ROWS)
+
+    return torch.cat((header(scales), header(mins), data), dim=-1).reshape(blocks, -1).contiguous()
+
+
+def _product(lib: ctypes.CDLL, path: int, x: Tensor, packed: Tensor, out_features: int, group: int) -> Tensor:
+    x = x.float().contiguous()
+    rows, k = x.shape
+    y = torch.empty(rows, out_features)
+    if lib.csm_int4_matmul(path, x.data_ptr(), rows, k, group, packed.data_ptr(), out_features, y.data_ptr()):
+        raise RuntimeError(f"int4 kernel path {path} cannot run on this CPU")
+    return y
+
+
+def _product8(lib: ctypes.CDLL, path: int, x: Tensor, weight: Tensor, scales: Tensor, group: int) -> Tensor:
+    x = x.float().contiguous()
+    rows, k = x.shape
+    y = torch.empty(rows, weight.shape[0])
+    status = lib.csm_int8_matmul(
+        path, x.data_ptr(), rows, k, group, weight.data_ptr(), scales.data_ptr(), weight.shape[0], y.data_ptr()
+    )
+    if status:
+        raise RuntimeError(f"int8 kernel path {path} cannot run on this CPU")
+    return y
+
+
+#: The kernels as torch operators, ``csmcli::int4_mm(x, packed, out_features, group, path)`` and
+#: ``csmcli::int8_mm(x, weight, scales, group, path)``, so that ``torch.compile`` keeps each as one
+#: call in its graphs (a ctypes call cannot be traced).  Registered with the plain operator API:
+#: its dispatch costs about a microsecond, ``torch.library.custom_op``'s several, and a frame
+#: makes hundreds of calls.
+_OPS = torch.library.Library("csmcli", "DEF")
+_OPS.define("int4_mm(Tensor x, Tensor packed, int out_features, int group, int path) -> Tensor")
+_OPS.define("int8_mm(Tensor x, Tensor weight, Tensor scales, int group, int path) -> Tensor")
+
+
+def _built() -> ctypes.CDLL:
+    lib = _library(None)
+    if lib is None:
+        raise RuntimeError("the CPU kernels for quantized weights are not built")
+    return lib
+
+
+def _int4_mm(x: Tensor, packed: Tensor, out_features: int, group: int, path: int) -> Tensor:
+    return _product(_built(), path, x, packed, out_features, group)
+
+
+def _int8_mm(x: Tensor, weight: Tensor, scales: Tensor, group: int, path: int) -> Tensor:
+    return _product8(_built(), path, x, weight, scales, group)
+
+
+def _rows_of(x: Tensor, out_features: int) -> Tensor:
+    return x.new_empty(x.shape[0], out_features, dtype=torch.float32)
+
+
+_OPS.impl("int4_mm", _int4_mm, "CPU")
+_OPS.impl("int8_mm", _int8_mm, "CPU")
+torch.library.register_fake("csmcli::int4_mm", lambda x, packed, n, group, path: _rows_of(x, n), lib=_OPS)
+torch.library.register_fake("csmcli::int8_mm", lambda x, w, scales, group, path: _rows_of(x, w.shape[0]), lib=_OPS)
+
+
+@dataclass(frozen=True)
+class QKernel:
+    """The built kernel, bound to one path (``avx512_vnni`` or ``avx2``)."""
+
+    lib: ctypes.CDLL
+    path: str
+
+    def matmul(self, x: Tensor, packed: Tensor, out_features: int, group: int) -> Tensor:
+        """``x [M, K] @ W.T -> [M, out_features]`` in float32, ``W`` as :func:`pack` wrote it (contiguous).
+        Eager calls go straight to the library; compiled code calls the operator (``csmcli::int4_mm``)."""
+        if torch.compiler.is_compiling():
+            return torch.ops.csmcli.int4_mm(x, packed, out_features, group, PATHS[self.path])
+        return _product(self.lib, PATHS[self.path], x, packed, out_features, group)
+
+    def int8_matmul(self, x: Tensor, weight: Tensor, scales: Tensor, group: int) -> Tensor:
+        """``(x [M, K] @ weight.T) * scales -> [M, N]`` in float32 for a plain int8 ``weight [N, K]`` and
+        float32 ``scales [N]``, activations quantized per row and ``group`` (a multiple of 64)."""
+        if torch.compiler.is_compiling():
+            return torch.ops.csmcli.int8_mm(x, weight, scales, group, PATHS[self.path])
+        return _product8(self.lib, PATHS[self.path], x, weight, scales, group)
+
+
+def _library(build_dir: Path | None) -> ctypes.CDLL | None:
+    lib = ckernels.load(SOURCE, build_dir)
+    if lib is not None and not getattr(lib, "csm_typed", False):
+        lib.csm_int4_cpu_has.argtypes = [ctypes.c_int]
+        lib.csm_int4_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.csm_int4_matmul.argtypes += [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+        lib.csm_int8_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.csm_int8_matmul.argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+        lib.csm_typed = True
+    return lib
+
+
+def kernel(path: str | None, build_dir: Path | None = None) -> QKernel | None:
+    """The kernel for ``path`` (see :func:`path_for`), built on first use; None with one warning
+    when it cannot be built or the CPU lacks the path's instructions."""
+    if path is None:
+        return None
+    lib = _library(build_dir)
+    if lib is None:
+        return None
+    if not lib.csm_int4_cpu_has(PATHS[path]):
+        log.warning("this CPU lacks the instructions of the %s int4 kernel; using torch's int4 kernel", path)
+        return None
+    return QKernel(lib, path)
