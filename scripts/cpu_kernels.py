@@ -1,14 +1,16 @@
 """Time each CPU matrix kernel on CSM-1B's shapes (microseconds per product), for one row and for a batch.
 
 What ``csmcli.cpu`` chooses between: float32 ``F.linear`` and oneDNN-packed weights, bfloat16
-``F.linear`` / packed (only where the CPU has oneDNN's bf16 kernels) / the compiled gemv,
+``F.linear`` / packed (only where the CPU has oneDNN's bf16 kernels) / the compiled gemv / csmcli's
+bf16 kernel (:mod:`csmcli.bf16kernel`, for CPUs without oneDNN's bf16 kernels),
 ``torch._weight_int8pack_mm``, the compiled int8 gemv, fbgemm's dynamic int8 linear, torch's CPU
 int4 kernel (``_weight_int4pack_mm_for_cpu``, bf16 rows) and csmcli's W4A8 int4 kernel (the
 CPU's path, :mod:`csmcli.qkernel`) at ``--group``; then the products of ``--rows`` rows (a
-multi-slot engine's batch): float32 packed (what bf16 weights get on a CPU without bf16 packing),
-bf16 packed, ``_weight_int8pack_mm``, fbgemm and both int4 kernels.  Each shape is timed over enough
-copies of the matrix to overflow the caches, as a frame does.  The last line sums each column over
-one frame's products (the backbone once, the depth decoder 31 times).
+multi-slot engine's batch): float32 packed (what bf16 weights got on a CPU without bf16 packing
+before the bf16 kernel), bf16 packed, the bf16 kernel, ``_weight_int8pack_mm``, fbgemm and both
+int4 kernels.  Each shape is timed over enough copies of the matrix to overflow the caches, as a
+frame does.  The last line sums each column over one frame's products (the backbone once, the depth
+decoder 31 times); a last table gives the bf16 kernel's reading speed (GB/s of bf16 weights) per shape.
 
 Usage: python scripts/cpu_kernels.py [--threads N] [--isa avx512|avx2|default] [--rows M] [--group G]
 (``--isa avx2`` runs the paths an AVX2-only CPU takes; ``ATEN_CPU_CAPABILITY=avx2`` in the
@@ -26,8 +28,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from csmcli import cpu, quant
+from csmcli import bf16kernel, cpu, quant
 from csmcli.bench import physical_cores
+from csmcli.bf16kernel import Bf16Kernel
 from csmcli.gemv import GemvKernels
 
 # (name, out_features, in_features, uses per frame)
@@ -42,9 +45,9 @@ SHAPES = [
     ("depth w2", 1024, 8192, 124),
     ("depth head", 2051, 1024, 31),
 ]
-COLUMNS = ("f32 linear", "f32 packed", "bf16 linear", "bf16 packed", "bf16 gemv", "int8pack", "int8 gemv", "fbgemm")
-COLUMNS += ("int4pack", "int4 kernel")
-ROWS_COLUMNS = ("f32 packed", "bf16 packed", "int8pack", "fbgemm", "int4pack", "int4 kernel")
+COLUMNS = ("f32 linear", "f32 packed", "bf16 linear", "bf16 packed", "bf16 gemv", "bf16 kernel")
+COLUMNS += ("int8pack", "int8 gemv", "fbgemm", "int4pack", "int4 kernel")
+ROWS_COLUMNS = ("f32 packed", "bf16 packed", "bf16 kernel", "int8pack", "fbgemm", "int4pack", "int4 kernel")
 
 
 def micros(fn, count: int, reps: int = 7) -> float:
@@ -78,7 +81,9 @@ def int4_layers(n: int, k: int, group: int, count: int, caps: cpu.CpuCaps, kerne
     return layers
 
 
-def measure(n: int, k: int, caps: cpu.CpuCaps, gemv: GemvKernels | None, rows: int, group: int) -> list[float]:
+def measure(
+    n: int, k: int, caps: cpu.CpuCaps, gemv: GemvKernels | None, bf16: Bf16Kernel | None, rows: int, group: int
+) -> list[float]:
     """Microseconds per product of each kernel for an ``n x k`` matrix and one row, then ``rows`` rows."""
     nan = float("nan")
     copies = max(2, 256_000_000 // (n * k * 2))
@@ -99,6 +104,12 @@ def measure(n: int, k: int, caps: cpu.CpuCaps, gemv: GemvKernels | None, rows: i
             batched.append(nan)
         if dtype == torch.bfloat16:
             out.append(micros(lambda: [gemv.gemv(x.float(), m) for m in w], len(w)) if gemv else nan)  # noqa: B023
+            packed = [bf16kernel.pack(m) for m in w] if bf16 else []
+            w.clear()  # the kernel's copies replace the plain ones, as in an engine
+            for v, results in ((x, out), (xs, batched)):
+                run = lambda: [bf16.matmul(v, p, n).to(v.dtype) for p in packed]  # noqa: B023, E731
+                results.append(micros(run, len(packed)) if bf16 else nan)
+            del packed
     x = torch.randn(1, k, dtype=torch.bfloat16)
     xs = torch.randn(rows, k, dtype=torch.bfloat16)
     q = [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(2 * copies)]
@@ -129,16 +140,24 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     caps = cpu.cpu_caps(args.isa)
     gemv = cpu.gemv_kernels(torch.bfloat16, caps)
-    print(f"threads {args.threads}, torch {torch.__version__}, {caps}, compiled gemv: {gemv is not None}")
+    bf16 = bf16kernel.kernel(caps.isa)
+    built = f"compiled gemv: {gemv is not None}, bf16 kernel: {bf16 is not None}"
+    print(f"threads {args.threads}, torch {torch.__version__}, {caps}, {built}")
     columns = COLUMNS + tuple(f"{c} x{args.rows}" for c in ROWS_COLUMNS)
     print(f"{'shape':16s} {'N x K':>12s} " + " ".join(f"{c:>11s}" for c in columns) + "   (us per product)")
     totals = [0.0] * len(columns)
+    speeds = []  # the bf16 kernel's GB/s of bf16 weights per shape, one row and args.rows rows
+    single, several = columns.index("bf16 kernel"), columns.index(f"bf16 kernel x{args.rows}")
     with torch.inference_mode():
         for name, n, k, uses in SHAPES:
-            row = measure(n, k, caps, gemv, args.rows, args.group)
+            row = measure(n, k, caps, gemv, bf16, args.rows, args.group)
             totals = [t + v * uses for t, v in zip(totals, row, strict=True)]
+            speeds.append((name, n * k * 2e-3 / row[single], n * k * 2e-3 / row[several]))
             print(f"{name:16s} {n:>5d} x {k:<5d} " + " ".join(f"{v:11.1f}" for v in row), flush=True)
     print(f"{'ms per frame':29s} " + " ".join(f"{t / 1e3:11.1f}" for t in totals))
+    print(f"\nbf16 kernel, GB/s of bf16 weights read: {'1 row':>8s} {f'{args.rows} rows':>8s}")
+    for name, one, many in speeds:
+        print(f"{name:39s} {one:8.1f} {many:8.1f}")
 
 
 if __name__ == "__main__":

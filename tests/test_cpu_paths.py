@@ -85,9 +85,9 @@ def test_linear_without_onednn_bf16(no_onednn_bf16, caps, dtype: torch.dtype, ro
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_bfloat16_model_on_the_avx2_path(tiny_dir, no_onednn_bf16, monkeypatch, quantize: str) -> None:
-    """The whole model in bfloat16 as an AVX2 CPU runs it: nothing packed in bf16, single rows
-    through the compiled gemv (every matrix, tiny ones included here), prompts in float32, and the
-    greedy codes of the float32 model."""
+    """The whole model in bfloat16 as an AVX2 CPU runs it: nothing packed in bf16, every product on
+    the bf16 kernel or (int8) single rows through the compiled gemv (every matrix, tiny ones
+    included here), prompts in float32, and the greedy codes of the float32 model."""
     from csmcli import GenerationOptions, Synthesizer
 
     monkeypatch.setattr(cpu, "GEMV_MIN_ELEMENTS", 0)
@@ -95,7 +95,9 @@ def test_bfloat16_model_on_the_avx2_path(tiny_dir, no_onednn_bf16, monkeypatch, 
     assert synth.engine.cpu_caps == AVX2
     layers = [m for m in synth.model.modules() if isinstance(m, cpu.CpuLinear)]
     assert not any(m.packed_weights for m in layers)
-    if cpu.gemv_kernels(torch.bfloat16, AVX2) is not None:
+    if quantize == "none" and cpu.bf16_kernel(torch.bfloat16, AVX2) is not None:
+        assert synth.engine.cpu_kernels == "bf16-avx2"
+    elif cpu.gemv_kernels(torch.bfloat16, AVX2) is not None:
         assert "gemv+" in synth.engine.cpu_kernels and synth.model.decoder.layers[0].w13.gemv
     audio = synth.generate("Hello from CSM.", options=GenerationOptions(temperature=0, max_audio_ms=480))
     assert audio.stats.frames == 6 and len(audio.samples) == 6 * 1920
@@ -157,20 +159,22 @@ def _float32_packed(model) -> bool:
 
 
 def test_multi_slot_bf16_engine_on_the_avx2_path(tiny_dir, no_onednn_bf16, monkeypatch) -> None:
-    """Two slots, bf16 weights, the AVX2 path: every projection packed as float32 once (no bf16
-    copy kept), two streams generated together; a one-slot model re-prepared for two slots (as
-    ``csm bench`` does) ends the same way."""
+    """Two slots, bf16 weights, the AVX2 path without the bf16 kernel (``packed`` kernels, as
+    without a compiler): every projection packed as float32 once (no bf16 copy kept), two streams
+    generated together; a one-slot model re-prepared for two slots (as ``csm bench`` does) ends
+    the same way."""
     from csmcli import GenerationOptions, Synthesizer
 
     monkeypatch.setattr(cpu, "GEMV_MIN_ELEMENTS", 0)
-    synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="bfloat16", cpu_isa="avx2", max_batch_size=2)
+    settings = {"device": "cpu", "dtype": "bfloat16", "cpu_isa": "avx2", "cpu_kernels": "packed"}
+    synth = Synthesizer.load(str(tiny_dir), max_batch_size=2, **settings)
     assert synth.engine.cpu_kernels == "packed-float32" and _float32_packed(synth.model)
     options = GenerationOptions(temperature=0, max_audio_ms=6 * 80)
     jobs = [synth.job(text, 0, [], options) for text in ("Hello from CSM.", "Good morning.")]
     assert [a.stats.frames for a in synth.generate_many(jobs)] == [6, 6]
-    one = Synthesizer.load(str(tiny_dir), device="cpu", dtype="bfloat16", cpu_isa="avx2")
+    one = Synthesizer.load(str(tiny_dir), **settings)
     assert not _float32_packed(one.model)
-    assert cpu.prepare_cpu(one.model, max_batch=2, caps=AVX2) == "packed-float32" and _float32_packed(one.model)
+    assert cpu.prepare_cpu(one.model, "packed", 2, AVX2) == "packed-float32" and _float32_packed(one.model)
 
 
 def test_gemv_width_is_stated_where_torch_is_limited_to_avx2(monkeypatch: pytest.MonkeyPatch) -> None:

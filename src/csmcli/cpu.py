@@ -17,8 +17,10 @@ On a CPU a frame's speed is how fast the weights stream from memory.  Per matrix
   weights at memory speed for several rows where ``torch._weight_int8pack_mm`` is compute-bound,
   at a cost in fidelity (its activations are quantized to 8 bits); compiled engines keep the plain
   layout the compiler reads.
-* bfloat16 weights a CPU cannot pack: multi-slot engines pack them once as float32 (twice the
-  bytes) rather than converting them on every call of a batch.
+* bfloat16 weights a CPU cannot pack: csmcli's bf16 kernel (:mod:`csmcli.bf16kernel`, AVX2, needs
+  a C++ compiler) keeps one re-laid-out bfloat16 copy and serves single rows and a batch's rows at
+  memory speed; without it single rows take the gemv and multi-slot engines pack the weights once
+  as float32 (twice the bytes) rather than converting them on every call of a batch.
 
 ``cpu_kernels`` picks ``auto`` (gemv where it helps and a compiler works, packed elsewhere),
 ``packed`` (no compiler) or ``plain``; ``cpu_isa`` limits the choice to what a CPU with a lesser
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import qkernel
+from . import bf16kernel, qkernel
 from .errors import OptionsError
 from .gemv import GemvKernels, compiled_gemv, gemv, warm_up
 from .model import TransformerSpec
@@ -152,6 +154,14 @@ def _upcasts(dtype: torch.dtype, caps: CpuCaps) -> bool:
     return dtype == torch.bfloat16 and not caps.bf16_packed
 
 
+def bf16_kernel(dtype: torch.dtype, caps: CpuCaps, kernels: str | None = None) -> bf16kernel.Bf16Kernel | None:
+    """csmcli's bf16 kernel where ``dtype`` weights are bfloat16 that oneDNN cannot multiply here,
+    ``kernels`` is ``auto`` and the kernel builds and runs on ``caps``' instruction set; else None."""
+    if not _upcasts(dtype, caps) or check_cpu_kernels(kernels) != "auto":
+        return None
+    return bf16kernel.kernel(caps.isa)
+
+
 def needs_gemv(
     kernels: str | None,
     specs: Iterable[TransformerSpec],
@@ -168,6 +178,8 @@ def needs_gemv(
     upcast = _upcasts(dtype, caps) and not int8
     if int8 and max_batch > 1 and int8_fbgemm():
         return False
+    if upcast and bf16_kernel(dtype, caps, kernels) is not None:  # it serves single rows too
+        return False
     if check_cpu_kernels(kernels) != "auto" or not (max_batch == 1 or int8):
         return False
     for s in specs:
@@ -182,13 +194,15 @@ def needs_gemv(
 
 
 class CpuLinear(nn.Module):
-    """A bias-free linear layer for the CPU: packed oneDNN weights, or plain weights plus gemv.
+    """A bias-free linear layer for the CPU: packed oneDNN weights, plain weights plus gemv, or the bf16 kernel.
 
     With ``gemv_fn`` (the compiled :func:`~csmcli.gemv.gemv`) the plain ``[out, in]`` weight is kept: single
     rows go through it, several rows (prefill) through ``F.linear``.  Otherwise the weight is packed
     once, unless it is bfloat16 and ``caps`` says oneDNN's bf16 kernels do not run here: then it
     stays plain and products run in float32, or with ``float32`` (multi-slot engines) it is packed
     once as float32, twice the bytes, so that several rows are not converted on every call.
+    With ``kernel`` (:func:`bf16_kernel`) bfloat16 weights are kept only in its layout and every
+    product runs on it (inside compiled code as the ``csmcli::bf16_mm`` operator).
     A stack of same-shaped layers (``[n, out, in]``, the depth decoder's heads) is one module
     called with the layer's ``index``, as for :class:`~csmcli.quant.Int8Linear`.
     """
@@ -199,16 +213,21 @@ class CpuLinear(nn.Module):
         gemv_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
         caps: CpuCaps | None = None,
         float32: bool = False,
+        kernel: bf16kernel.Bf16Kernel | None = None,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape[-2:]
         self.dtype = weight.dtype  # of the outputs
+        self.kernel = kernel if weight.dtype == torch.bfloat16 else None
+        if self.kernel is not None:
+            gemv_fn, float32 = None, False
+            weight = bf16kernel.pack(weight)  # [(n,) blocks, in, 16]: the only copy kept
         weight = weight.detach().float().contiguous() if float32 else weight.detach().contiguous()
         self.compute_dtype = weight.dtype
         self.gemv_fn = gemv_fn
         # several rows in float32: bfloat16 weights where oneDNN has no bf16 kernels
-        self.upcast = _upcasts(weight.dtype, caps or cpu_caps())
-        self.packed_weights = gemv_fn is None and not self.upcast
+        self.upcast = _upcasts(weight.dtype, caps or cpu_caps()) and self.kernel is None
+        self.packed_weights = gemv_fn is None and not self.upcast and self.kernel is None
         self.packed: tuple[Tensor, ...] = ()  # a stack's packed weights (opaque tensors cannot be stacked)
         if not self.packed_weights:
             self.weight = weight
@@ -227,7 +246,9 @@ class CpuLinear(nn.Module):
         weight = self.weight if index is None else (self.packed or self.weight)[index]
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
-        if self.gemv_fn is not None and flat.shape[0] == 1:
+        if self.kernel is not None:
+            y = self.kernel.matmul(flat, weight, self.out_features).to(self.dtype)
+        elif self.gemv_fn is not None and flat.shape[0] == 1:
             y = (gemv if torch.compiler.is_compiling() else self.gemv_fn)(flat.float(), weight)
         elif self.packed_weights:
             flat = flat.to(self.compute_dtype).contiguous()
@@ -314,7 +335,8 @@ def prepare_int4(model: nn.Module, caps: CpuCaps, kernels: str) -> str:
 
 
 def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1, caps: CpuCaps | None = None) -> str:
-    """Swap the model's projections for CPU kernels in place; returns what was used: ``plain``, or
+    """Swap the model's projections for CPU kernels in place; returns what was used: ``plain``,
+    ``bf16-avx2`` (bfloat16 weights on :func:`bf16_kernel`, one row or several), or
     the several-rows path (``packed``; ``linear``: plain float weights; ``float32``: bf16 weights
     multiplied in float32; ``packed-float32``: bf16 weights packed as float32), preceded by
     ``gemv+`` when single rows take the compiled gemv; or ``fbgemm`` (int8 weights, every product).
@@ -327,8 +349,9 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     bf16 kernels (``caps``) are not packed as bf16: a one-slot engine keeps them plain (single rows
     take the gemv, several rows float32), a multi-slot engine packs them as float32 (twice the
     weights' bytes, as a float32 model; converting them on each call of a batch made batch 8 slower
-    than one stream).  int8 layers move to fbgemm (:meth:`~csmcli.quant.Int8Linear.use_fbgemm`),
-    in multi-slot engines, unless compiled code reads them; one-slot engines keep (or return to)
+    than one stream), unless :func:`bf16_kernel` serves them (every engine, in bfloat16).
+    int8 layers move to fbgemm (:meth:`~csmcli.quant.Int8Linear.use_fbgemm`), in multi-slot
+    engines, unless compiled code reads them; one-slot engines keep (or return to)
     the plain layout, whose numerics are closer to bf16 (``scripts/int8_kernels_fidelity.py``).
     """
     caps = caps or cpu_caps()
@@ -341,7 +364,8 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     dtype = model.audio_embeddings.weight.dtype
     packable = torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
     upcast = _upcasts(dtype, caps)
-    multi_upcast = upcast and max_batch > 1
+    bf16_fast = bf16_kernel(dtype, caps, kernels) if packable else None
+    multi_upcast = upcast and max_batch > 1 and bf16_fast is None
     # compile (seconds, once per process) only where some matrix would use the gemv
     int8 = any(isinstance(m, Int8Linear) for m in model.modules())
     fbgemm = int8 and max_batch > 1 and int8_fbgemm()
@@ -369,14 +393,14 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
                 _plain_int8(layer, fast, built if use_gemv else None)
             return layer
         if isinstance(layer, CpuLinear):  # prepared before: repack if several rows now need it
-            if max_batch > 1 and not layer.packed_weights:
+            if max_batch > 1 and not layer.packed_weights and layer.kernel is None:
                 return CpuLinear(layer.weight, None, caps, float32=layer.upcast)
             return layer
         if not isinstance(layer, nn.Linear) or layer.bias is not None:
             raise TypeError(f"cannot prepare {type(layer).__name__} for the CPU")
         if not packable:  # e.g. float16, or a torch built without oneDNN: torch's defaults
             return layer
-        return CpuLinear(layer.weight, float_gemv(*layer.weight.shape), caps, float32=multi_upcast)
+        return CpuLinear(layer.weight, float_gemv(*layer.weight.shape), caps, float32=multi_upcast, kernel=bf16_fast)
 
     for net in (model.backbone, model.decoder):
         for block in net.layers:
@@ -387,7 +411,7 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     if model.head_layers is None and packable:
         heads = model.audio_head  # [codebooks - 1, in, out]
         gemv_fn = float_gemv(heads.shape[2], heads.shape[1])
-        model.head_layers = CpuLinear(heads.transpose(1, 2), gemv_fn, caps, float32=multi_upcast)
+        model.head_layers = CpuLinear(heads.transpose(1, 2), gemv_fn, caps, float32=multi_upcast, kernel=bf16_fast)
         del model.audio_head
         model.register_parameter("audio_head", None)
     elif model.head_layers is not None:
@@ -399,6 +423,8 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
         return prefix + "fbgemm"
     if any(isinstance(m, Int8Linear) and m.kernel for m in model.modules()):
         prefix += f"int8-{fast.path}+"
+    if not int8 and any(isinstance(m, CpuLinear) and m.kernel is not None for m in model.modules()):
+        return prefix + bf16_fast.name
     used = any(getattr(m, "gemv", False) for m in model.modules())
     packed = any(getattr(m, "packed_weights", False) for m in model.modules()) or int8
     rest = "packed" if packed else "float32" if upcast else "linear"  # what several rows run on

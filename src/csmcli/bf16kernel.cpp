@@ -1,0 +1,117 @@
+// bfloat16 weights times float32 rows on AVX2 + FMA: y[M, N] = x[M, K] @ W[N, K]^T in float32.
+//
+// For CPUs whose oneDNN cannot multiply bfloat16 (no AVX-512 BW/VL, no AVX-NE-CONVERT): the
+// weights are read once per call as bfloat16 and widened in registers, so a product streams half
+// the bytes of a float32 copy.  A bfloat16 value is the top half of a float32, so widening is a
+// shift or a mask of 32-bit lanes, without shuffles.
+//
+// Packed layout (csmcli.bf16kernel.pack writes it): blocks of 16 output rows; per block and input
+// column k, 16 values where element 2j holds W[16b + j][k] and element 2j+1 holds W[16b + 8 + j][k].
+// One 32-byte load then gives, per 32-bit lane j, rows j (low half, shifted up) and 8 + j (high
+// half, masked), each multiplied by the broadcast x[m][k].  Any K works; N is padded to 16 rows.
+//
+// Each thread takes whole blocks; a block's columns go in chunks that stay in L1, and every
+// activation row is applied to a chunk before the next is read, so the weights stream from memory
+// once per call whatever M is, with up to 4 rows' accumulators in registers per pass.
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern "C" {
+
+int csm_bf16_cpu_has(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+}  // extern "C"
+
+// Columns per chunk: 256 columns of a block are 8 KiB of weights, and of 8 rows 8 KiB of x.
+static const int CHUNK = 256;
+// Activation rows per pass over a chunk (two accumulators a row, unrolled by U, in 16 registers).
+static const int PASS_ROWS = 4;
+
+// acc[m][16] += x[m][0:kn] . block columns 0:kn, for MB rows; w points at the chunk's first column.
+template <int MB, int U>
+__attribute__((target("avx2,fma"))) static void pass(const uint16_t* w, int kn, const float* x, int ldx,
+                                                     float* acc) {
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+    __m256 lo[U][MB], hi[U][MB];
+    for (int u = 0; u < U; ++u)
+        for (int m = 0; m < MB; ++m) lo[u][m] = hi[u][m] = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + U <= kn; k += U) {
+        for (int u = 0; u < U; ++u) {
+            const __m256i v = _mm256_loadu_si256((const __m256i*)(w + (size_t)(k + u) * 16));
+            const __m256 a = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+            const __m256 b = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+            for (int m = 0; m < MB; ++m) {
+                const __m256 xb = _mm256_broadcast_ss(x + (size_t)m * ldx + k + u);
+                lo[u][m] = _mm256_fmadd_ps(a, xb, lo[u][m]);
+                hi[u][m] = _mm256_fmadd_ps(b, xb, hi[u][m]);
+            }
+        }
+    }
+    for (; k < kn; ++k) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(w + (size_t)k * 16));
+        const __m256 a = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        const __m256 b = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+        for (int m = 0; m < MB; ++m) {
+            const __m256 xb = _mm256_broadcast_ss(x + (size_t)m * ldx + k);
+            lo[0][m] = _mm256_fmadd_ps(a, xb, lo[0][m]);
+            hi[0][m] = _mm256_fmadd_ps(b, xb, hi[0][m]);
+        }
+    }
+    for (int m = 0; m < MB; ++m) {
+        for (int u = 1; u < U; ++u) {
+            lo[0][m] = _mm256_add_ps(lo[0][m], lo[u][m]);
+            hi[0][m] = _mm256_add_ps(hi[0][m], hi[u][m]);
+        }
+        _mm256_storeu_ps(acc + 16 * m, _mm256_add_ps(_mm256_loadu_ps(acc + 16 * m), lo[0][m]));
+        _mm256_storeu_ps(acc + 16 * m + 8, _mm256_add_ps(_mm256_loadu_ps(acc + 16 * m + 8), hi[0][m]));
+    }
+}
+
+typedef void (*pass_fn)(const uint16_t*, int, const float*, int, float*);
+
+// Unrolled so that at least eight independent multiply-add chains hide the FMA latency.
+static const pass_fn PASSES[PASS_ROWS] = {pass<1, 4>, pass<2, 2>, pass<3, 2>, pass<4, 1>};
+
+extern "C" {
+
+// y[M, N] = x[M, K] @ W^T for a weight packed in ceil(N / 16) blocks.  Returns 0; -1 when this CPU
+// lacks AVX2 or FMA; -2 when the scratch accumulators cannot be allocated.
+int csm_bf16_matmul(const float* x, int M, int K, const uint16_t* w, int N, float* y) {
+    if (!csm_bf16_cpu_has()) return -1;
+    const int blocks = (N + 15) / 16;
+    int failed = 0;
+#pragma omp parallel
+    {
+        float* acc = (float*)malloc(sizeof(float) * 16 * (size_t)M);
+        if (acc == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int b = 0; b < blocks; ++b) {
+            if (acc == NULL) continue;
+            const uint16_t* wb = w + (size_t)b * K * 16;
+            memset(acc, 0, sizeof(float) * 16 * (size_t)M);
+            for (int k0 = 0; k0 < K; k0 += CHUNK) {
+                const int kn = K - k0 < CHUNK ? K - k0 : CHUNK;
+                for (int m0 = 0; m0 < M; m0 += PASS_ROWS) {
+                    const int rows = M - m0 < PASS_ROWS ? M - m0 : PASS_ROWS;
+                    PASSES[rows - 1](wb + (size_t)k0 * 16, kn, x + (size_t)m0 * K + k0, K, acc + 16 * m0);
+                }
+            }
+            const int n0 = 16 * b, width = N - n0 < 16 ? N - n0 : 16;
+            for (int m = 0; m < M; ++m) memcpy(y + (size_t)m * N + n0, acc + 16 * m, sizeof(float) * width);
+        }
+        free(acc);
+    }
+    return failed ? -2 : 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,115 @@
+"""The hand-written CPU kernel for bfloat16 weights on CPUs without oneDNN's bf16 kernels (``bf16kernel.cpp``).
+
+On an AVX2 CPU (no AVX-512 BW/VL, no AVX-NE-CONVERT) oneDNN cannot multiply bfloat16 weights, and
+the alternatives either convert them on every call or keep a float32 copy (twice the bytes).  This
+kernel reads the bfloat16 weights once per call, widens them in registers and multiplies in float32
+with AVX2 + FMA, for one row or a batch's few rows, so a product runs at memory speed.  It is a small
+C++ file compiled with the system's C++ compiler (:mod:`csmcli.ckernels`) and called through ctypes,
+or as the ``csmcli::bf16_mm`` operator inside compiled code; without a compiler :func:`kernel`
+returns None and callers use torch's kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import ckernels
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("bf16kernel.cpp")
+#: Output rows per packed block.
+BLOCK_ROWS = 16
+#: csmcli.cpu's instruction-set names on which the kernel's AVX2 code runs.
+ISAS = ("avx512", "avx2")
+
+
+def pack(weight: Tensor) -> Tensor:
+    """The kernel's layout (see ``bf16kernel.cpp``) of a bfloat16 ``[..., N, K]`` weight (a stack of
+    layers keeps its leading dimension): ``[..., blocks, K, 16]`` bfloat16, rows padded to a multiple
+    of 16 with zeros, where element ``2j`` of column ``k`` of block ``b`` is ``W[16b + j, k]`` and
+    element ``2j + 1`` is ``W[16b + 8 + j, k]``."""
+    if weight.dtype != torch.bfloat16:
+        raise ValueError(f"the bf16 kernel packs bfloat16 weights, got {weight.dtype}")
+    *lead, n, k = weight.shape
+    pad = -n % BLOCK_ROWS
+    w = torch.nn.functional.pad(weight.detach(), (0, 0, 0, pad)) if pad else weight.detach()
+    blocks = (n + pad) // BLOCK_ROWS
+    w = w.reshape(*lead, blocks, 2, 8, k)  # [..., block, half h, lane j, column]
+    w = w.movedim(-1, -3).transpose(-1, -2)  # [..., block, column, lane j, half h]
+    return w.reshape(*lead, blocks, k, BLOCK_ROWS).contiguous()
+
+
+def _check(x: Tensor, packed: Tensor, out_features: int) -> None:
+    blocks, k = -(-out_features // BLOCK_ROWS), x.shape[-1]
+    if x.dim() != 2 or packed.shape != (blocks, k, BLOCK_ROWS) or packed.dtype != torch.bfloat16:
+        raise ValueError(f"packed weight {tuple(packed.shape)} does not fit {k} inputs and {out_features} outputs")
+
+
+def _product(lib: ctypes.CDLL, x: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    x, packed = x.float().contiguous(), packed.contiguous()
+    rows, k = x.shape
+    y = torch.empty(rows, out_features)
+    if rows:
+        status = lib.csm_bf16_matmul(x.data_ptr(), rows, k, packed.data_ptr(), out_features, y.data_ptr())
+        if status:
+            raise RuntimeError(f"bf16 kernel: {'this CPU lacks AVX2 or FMA' if status == -1 else 'out of memory'}")
+    return y
+
+
+@torch.library.custom_op("csmcli::bf16_mm", mutates_args=())
+def bf16_mm(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    """The kernel as a torch operator, so that ``torch.compile`` keeps it as one call in its graphs
+    (a ctypes call cannot be traced): ``x [M, K] @ W.T -> [M, out_features]`` in float32."""
+    found = _built(None)
+    if found is None:
+        raise RuntimeError("the bf16 CPU kernel is not built")
+    return _product(found.lib, x, packed, out_features)
+
+
+@bf16_mm.register_fake
+def _bf16_mm_shape(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    return x.new_empty(x.shape[0], out_features, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class Bf16Kernel:
+    """The built kernel."""
+
+    lib: ctypes.CDLL
+    name = "bf16-avx2"  # what csmcli.cpu.prepare_cpu reports for layers using it
+
+    def matmul(self, x: Tensor, packed: Tensor, out_features: int) -> Tensor:
+        """``x [M, K] @ W.T -> [M, out_features]`` in float32, ``W`` as :func:`pack` wrote it.
+        Eager calls go straight to the library; compiled code calls :func:`bf16_mm`."""
+        _check(x, packed, out_features)
+        if torch.compiler.is_compiling():
+            return bf16_mm(x, packed, out_features)
+        return _product(self.lib, x, packed, out_features)
+
+
+@functools.cache
+def _built(build_dir: Path | None) -> Bf16Kernel | None:
+    lib = ckernels.load(SOURCE, build_dir)
+    if lib is None:
+        return None
+    lib.csm_bf16_cpu_has.argtypes = []
+    lib.csm_bf16_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    lib.csm_bf16_matmul.argtypes += [ctypes.c_void_p]
+    if not lib.csm_bf16_cpu_has():
+        log.warning("this CPU lacks AVX2 or FMA, which the bf16 kernel needs; using torch's kernels")
+        return None
+    return Bf16Kernel(lib)
+
+
+def kernel(isa: str, build_dir: Path | None = None) -> Bf16Kernel | None:
+    """The kernel for a CPU offering ``isa`` (csmcli.cpu's names), built on first use; None (with one
+    warning where it cannot be built or the CPU lacks its instructions) below AVX2."""
+    return _built(build_dir) if isa in ISAS else None

@@ -1,0 +1,160 @@
+"""The hand-written bf16 CPU kernel: its packed layout, its products against float64 for one to a
+batch's rows and shapes that are no multiple of its blocks, the AVX2 engine paths that use it, the
+compiled operator, and the fallback when it cannot be built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from csmcli import bf16kernel, cpu
+from csmcli.bf16kernel import BLOCK_ROWS, kernel, pack
+
+AVX2 = cpu.cpu_caps("avx2")
+KERNEL = kernel("avx2")
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason="no C++ compiler or no AVX2 on this CPU")
+
+
+def test_the_kernel_builds_on_a_machine_with_a_compiler() -> None:
+    assert KERNEL is not None or not torch.backends.cpu.get_cpu_capability().startswith("AVX")
+
+
+def test_pack_interleaves_blocks_of_sixteen_rows_column_by_column() -> None:
+    n, k = 20, 3
+    w = torch.arange(n * k, dtype=torch.float32).reshape(n, k).to(torch.bfloat16)
+    blob = pack(w)
+    assert blob.shape == (2, k, BLOCK_ROWS) and blob.dtype == torch.bfloat16
+    for row in (0, 7, 8, 15, 16, 19):
+        block, r = divmod(row, BLOCK_ROWS)
+        slot = 2 * (r % 8) + r // 8  # rows j and 8 + j share 32-bit lane j
+        for col in range(k):
+            assert blob[block, col, slot] == w[row, col]
+    padded = [2 * j + h for h in range(2) for j in range(8) if 8 * h + j >= n - BLOCK_ROWS]
+    assert not blob[1][:, padded].any()  # rows 20..31 are zeros
+    stack = pack(torch.stack((w, -w)))
+    assert torch.equal(stack[0], blob) and torch.equal(stack[1], -blob)
+
+
+def test_pack_refuses_other_dtypes() -> None:
+    with pytest.raises(ValueError, match="packs bfloat16 weights, got torch.float32"):
+        pack(torch.zeros(16, 16))
+
+
+@needs_kernel
+@pytest.mark.parametrize("n, k", [(16, 16), (37, 19), (2051, 300), (5, 1), (48, 1031)])
+def test_the_kernel_matches_float64(n: int, k: int) -> None:
+    """Any input width (no multiple of 8 or 16 needed) and output rows padded to blocks of 16."""
+    torch.manual_seed(n * k)
+    w = torch.randn(n, k).to(torch.bfloat16)
+    blob = pack(w)
+    for rows in (*range(1, 10), 13):
+        x = torch.randn(rows, k)
+        y = KERNEL.matmul(x, blob, n)
+        assert y.shape == (rows, n) and y.dtype == torch.float32
+        torch.testing.assert_close(y.double(), x.double() @ w.double().T, atol=1e-4, rtol=1e-5)
+
+
+@needs_kernel
+def test_the_kernel_refuses_a_weight_of_another_shape() -> None:
+    blob = pack(torch.zeros(32, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="does not fit 48 inputs and 32 outputs"):
+        KERNEL.matmul(torch.zeros(1, 48), blob, 32)
+    with pytest.raises(ValueError, match="does not fit 64 inputs and 33 outputs"):
+        KERNEL.matmul(torch.zeros(1, 64), blob, 33)
+
+
+def test_no_kernel_below_avx2() -> None:
+    assert kernel("default") is None
+    assert cpu.bf16_kernel(torch.bfloat16, cpu.cpu_caps("default")) is None
+    assert cpu.bf16_kernel(torch.float32, AVX2) is None  # float32 weights: oneDNN's packed kernels
+    assert cpu.bf16_kernel(torch.bfloat16, AVX2, "packed") is None  # no compiled kernels asked for
+
+
+def test_without_a_compiler_a_bf16_engine_falls_back_with_one_warning(tiny_dir, tmp_path) -> None:
+    """No C++ compiler on PATH: no kernel (one warning for the process), and a two-slot bf16 engine on
+    the AVX2 path packs its weights once as float32, as before the kernel."""
+    script = tmp_path / "fallback.py"
+    script.write_text(
+        "import logging\nfrom pathlib import Path\nfrom csmcli import Synthesizer, bf16kernel\n"
+        f"logging.basicConfig()\nprint(bf16kernel.kernel('avx2', Path({str(tmp_path)!r})))\n"
+        f"synth = Synthesizer.load({str(tiny_dir)!r}, device='cpu', dtype='bfloat16', cpu_isa='avx2',"
+        " max_batch_size=2)\nprint(synth.engine.cpu_kernels)\n"
+    )
+    env = {**os.environ, "PATH": str(tmp_path)}  # no compiler on it
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.stdout.split() == ["None", "packed-float32"], done.stderr
+    assert done.stderr.count("CPU kernel bf16kernel unavailable (no C++ compiler found)") == 1
+
+
+@needs_kernel
+def test_cpu_linear_on_the_kernel_keeps_one_bf16_copy_and_serves_any_rows() -> None:
+    torch.manual_seed(2)
+    w = torch.randn(3, 40, 72, dtype=torch.bfloat16)  # a stack, as the depth decoder's heads
+    layer = cpu.CpuLinear(w, caps=AVX2, kernel=KERNEL)
+    assert not layer.packed_weights and not layer.upcast and not layer.gemv
+    assert layer.weight.shape == (3, 3, 72, BLOCK_ROWS) and layer.weight.dtype == torch.bfloat16
+    for rows in (1, 8, 64):
+        x = torch.randn(rows, 72, dtype=torch.bfloat16)
+        got = layer(x, 2)
+        assert got.shape == (rows, 40) and got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, F.linear(x.float(), w[2].float()).to(torch.bfloat16), atol=1e-2, rtol=1e-2)
+
+
+@needs_kernel
+def test_compiled_code_calls_the_kernel_as_an_operator() -> None:
+    torch.manual_seed(4)
+    w = torch.randn(40, 72, dtype=torch.bfloat16)
+    layer = cpu.CpuLinear(w, caps=AVX2, kernel=KERNEL)
+    x = torch.randn(2, 72, dtype=torch.bfloat16)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), layer(x), atol=0, rtol=0)
+    torch.testing.assert_close(bf16kernel.bf16_mm(x.float(), layer.weight, 40), KERNEL.matmul(x, layer.weight, 40))
+
+
+def _codes(synth, texts: list[str]) -> list[torch.Tensor]:
+    from csmcli import GenerationOptions
+
+    options = GenerationOptions(temperature=0, max_audio_ms=6 * 80)
+    if len(texts) == 1:
+        return [synth.generate(texts[0], options=options).codes]
+    return [a.codes for a in synth.generate_many([synth.job(t, 0, [], options) for t in texts])]
+
+
+@needs_kernel
+@pytest.mark.parametrize("slots", [1, 2])
+def test_the_avx2_engine_runs_bf16_on_the_kernel_with_the_codes_of_the_float32_products(tiny_dir, slots: int) -> None:
+    """bf16 weights on the AVX2 path, one slot or two: every projection on the kernel (one bf16 copy,
+    nothing packed by oneDNN), and the greedy codes of the path it replaces (bf16 weights multiplied
+    in float32: ``cpu_kernels="packed"``), which differs from it only in the order of the sums."""
+    from csmcli import Synthesizer
+
+    texts = ["Hello from CSM.", "Good morning."][:slots]
+    settings = {"device": "cpu", "dtype": "bfloat16", "cpu_isa": "avx2", "max_batch_size": slots}
+    synth = Synthesizer.load(str(tiny_dir), **settings)
+    assert synth.engine.cpu_kernels == "bf16-avx2"
+    layers = [m for m in synth.model.modules() if isinstance(m, cpu.CpuLinear)]
+    assert layers and all(m.kernel is KERNEL and not m.packed_weights and not m.gemv for m in layers)
+    assert all(m.weight.dtype == torch.bfloat16 and m.weight.shape[-1] == BLOCK_ROWS for m in layers)
+    cpu.check_model_compilable(synth.model)  # the operator is traceable: nothing packed by oneDNN
+    before = Synthesizer.load(str(tiny_dir), cpu_kernels="packed", **settings)
+    assert before.engine.cpu_kernels == ("float32" if slots == 1 else "packed-float32")
+    for got, want in zip(_codes(synth, texts), _codes(before, texts), strict=True):
+        assert got.shape == want.shape == (6, 32)
+        assert torch.equal(got, want)
+
+
+@needs_kernel
+def test_a_one_slot_model_re_prepared_for_a_batch_stays_on_the_kernel(tiny_dir) -> None:
+    from csmcli import Synthesizer
+
+    one = Synthesizer.load(str(tiny_dir), device="cpu", dtype="bfloat16", cpu_isa="avx2")
+    weights = [m.weight for m in one.model.modules() if isinstance(m, cpu.CpuLinear)]
+    assert cpu.prepare_cpu(one.model, max_batch=8, caps=AVX2) == "bf16-avx2"
+    after = [m.weight for m in one.model.modules() if isinstance(m, cpu.CpuLinear)]
+    assert len(after) == len(weights) and all(a is b for a, b in zip(after, weights, strict=True))
