@@ -3,12 +3,13 @@
 What ``csmcli.cpu`` chooses between: float32 ``F.linear`` and oneDNN-packed weights, bfloat16
 ``F.linear`` / packed (only where the CPU has oneDNN's bf16 kernels) / the compiled gemv / csmcli's
 bf16 kernel (:mod:`csmcli.bf16kernel`, for CPUs without oneDNN's bf16 kernels),
-``torch._weight_int8pack_mm``, the compiled int8 gemv, fbgemm's dynamic int8 linear, torch's CPU
+``torch._weight_int8pack_mm``, the compiled int8 gemv, fbgemm's dynamic int8 linear, csmcli's W8A8
+int8 kernel (:mod:`csmcli.qkernel`), torch's CPU
 int4 kernel (``_weight_int4pack_mm_for_cpu``, bf16 rows) and csmcli's W4A8 int4 kernel (the
 CPU's path, :mod:`csmcli.qkernel`) at ``--group``; then the products of ``--rows`` rows (a
 multi-slot engine's batch): float32 packed (what bf16 weights got on a CPU without bf16 packing
-before the bf16 kernel), bf16 packed, the bf16 kernel, ``_weight_int8pack_mm``, fbgemm and both
-int4 kernels.  Each shape is timed over enough copies of the matrix to overflow the caches, as a
+before the bf16 kernel), bf16 packed, the bf16 kernel, ``_weight_int8pack_mm``, fbgemm, the W8A8
+kernel and both int4 kernels.  Each shape is timed over enough copies of the matrix to overflow the caches, as a
 frame does.  The last line sums each column over one frame's products (the backbone once, the depth
 decoder 31 times); a last table gives the bf16 kernel's reading speed (GB/s of bf16 weights) per shape.
 
@@ -28,7 +29,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from csmcli import bf16kernel, cpu, quant
+from csmcli import bf16kernel, cpu, qkernel, quant
 from csmcli.bench import physical_cores
 from csmcli.bf16kernel import Bf16Kernel
 from csmcli.gemv import GemvKernels
@@ -46,8 +47,9 @@ SHAPES = [
     ("depth head", 2051, 1024, 31),
 ]
 COLUMNS = ("f32 linear", "f32 packed", "bf16 linear", "bf16 packed", "bf16 gemv", "bf16 kernel")
-COLUMNS += ("int8pack", "int8 gemv", "fbgemm", "int4pack", "int4 kernel")
-ROWS_COLUMNS = ("f32 packed", "bf16 packed", "bf16 kernel", "int8pack", "fbgemm", "int4pack", "int4 kernel")
+COLUMNS += ("int8pack", "int8 gemv", "fbgemm", "int8 W8A8", "int4pack", "int4 kernel")
+ROWS_COLUMNS = ("f32 packed", "bf16 packed", "bf16 kernel", "int8pack", "fbgemm", "int8 W8A8")
+ROWS_COLUMNS += ("int4pack", "int4 kernel")
 
 
 def micros(fn, count: int, reps: int = 7) -> float:
@@ -82,10 +84,16 @@ def int4_layers(n: int, k: int, group: int, count: int, caps: cpu.CpuCaps, kerne
 
 
 def measure(
-    n: int, k: int, caps: cpu.CpuCaps, gemv: GemvKernels | None, bf16: Bf16Kernel | None, rows: int, group: int
+    n: int,
+    k: int,
+    caps: cpu.CpuCaps,
+    kernels: tuple[GemvKernels | None, Bf16Kernel | None, qkernel.QKernel | None],
+    rows: int,
+    group: int,
 ) -> list[float]:
     """Microseconds per product of each kernel for an ``n x k`` matrix and one row, then ``rows`` rows."""
     nan = float("nan")
+    gemv, bf16, w8a8 = kernels
     copies = max(2, 256_000_000 // (n * k * 2))
     out, batched = [], []
     for dtype in (torch.float32, torch.bfloat16):
@@ -121,6 +129,10 @@ def measure(
     for v, results in ((x, out), (xs, batched)):
         run = lambda: [torch.ops.quantized.linear_dynamic(v.float(), p, False).to(v.dtype) for p in fb]  # noqa: B023, E731
         results.append(micros(run, len(fb)) if fb else nan)
+    s32, act_group = s.float(), quant.kernel_group(k)
+    for v, results in ((x, out), (xs, batched)):
+        run = lambda: [w8a8.int8_matmul(v, m, s32, act_group).to(v.dtype) for m in q]  # noqa: B023, E731
+        results.append(micros(run, len(q)) if w8a8 and act_group else nan)
     q.clear()  # free before the int4 copies
     fb.clear()
     for kernels in ("plain", "auto"):  # torch's int4 kernel, then csmcli's for this CPU's path
@@ -141,7 +153,8 @@ def main() -> None:
     caps = cpu.cpu_caps(args.isa)
     gemv = cpu.gemv_kernels(torch.bfloat16, caps)
     bf16 = bf16kernel.kernel(caps.isa)
-    built = f"compiled gemv: {gemv is not None}, bf16 kernel: {bf16 is not None}"
+    w8a8 = qkernel.kernel(qkernel.path_for(caps.isa, caps.vnni))
+    built = f"compiled gemv: {gemv is not None}, bf16 kernel: {bf16 is not None}, int8/int4 kernels: {w8a8 is not None}"
     print(f"threads {args.threads}, torch {torch.__version__}, {caps}, {built}")
     columns = COLUMNS + tuple(f"{c} x{args.rows}" for c in ROWS_COLUMNS)
     print(f"{'shape':16s} {'N x K':>12s} " + " ".join(f"{c:>11s}" for c in columns) + "   (us per product)")
@@ -150,7 +163,7 @@ def main() -> None:
     single, several = columns.index("bf16 kernel"), columns.index(f"bf16 kernel x{args.rows}")
     with torch.inference_mode():
         for name, n, k, uses in SHAPES:
-            row = measure(n, k, caps, gemv, bf16, args.rows, args.group)
+            row = measure(n, k, caps, (gemv, bf16, w8a8), args.rows, args.group)
             totals = [t + v * uses for t, v in zip(totals, row, strict=True)]
             speeds.append((name, n * k * 2e-3 / row[single], n * k * 2e-3 / row[several]))
             print(f"{name:16s} {n:>5d} x {k:<5d} " + " ".join(f"{v:11.1f}" for v in row), flush=True)
