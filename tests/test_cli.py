@@ -170,3 +170,24 @@ def test_checkpoint_without_weights_names_what_is_missing(cli_env, tmp_path: Pat
     r = csm(["say", "hi", "-m", str(tmp_path), "-o", str(tmp_path / "o.wav"), *BASE], cli_env)
     err = r.stderr.decode()
     assert r.returncode == 1 and "not a CSM checkpoint: no weights (model.safetensors, ckpt.pt" in err, err
+
+
+def test_the_cli_logs_to_the_current_stderr_once_however_often_it_runs(monkeypatch, capsys) -> None:
+    """Commands run in one process (tests, embedders) share one log handler, which writes to
+    ``sys.stderr`` as it is when a line is logged: never to a stream closed since."""
+    import io
+    import logging
+
+    from csmcli import cli
+
+    for _ in range(3):
+        cli._setup_logging()
+    log = logging.getLogger("csmcli")
+    assert sum(isinstance(h, cli.StderrHandler) for h in log.handlers) == 1
+    gone = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", gone)
+    gone.close()
+    now = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", now)
+    log.warning("a warning")
+    assert now.getvalue() == "csm: WARNING: a warning\n"

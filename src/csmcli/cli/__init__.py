@@ -58,11 +58,26 @@ def _root(
     """Fast, streaming speech synthesis with Sesame's CSM-1B."""
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes each record to ``sys.stderr`` as it is at that moment, so a command run again in the same
+    process (tests, embedders that swap or close the stream) neither writes to a closed stream nor
+    repeats its lines."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # the stream is always the current sys.stderr
+        pass
+
+
 def _setup_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("csm: %(levelname)s: %(message)s"))
     log = logging.getLogger("csmcli")
-    log.addHandler(handler)
+    if not any(isinstance(h, StderrHandler) for h in log.handlers):
+        handler = StderrHandler()
+        handler.setFormatter(logging.Formatter("csm: %(levelname)s: %(message)s"))
+        log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
     logging.getLogger("transformers").setLevel(logging.ERROR)
