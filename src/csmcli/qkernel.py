@@ -9,9 +9,9 @@
   layout of :class:`csmcli.quant.Int8Linear`, for the single rows where the float gemv over int8
   weights is compute-bound on one core.
 
-  It is a small C++ file compiled with the
-system's C++ compiler (the one ``torch.compile`` uses) and called through ctypes; without a
-compiler :func:`kernel` returns None and callers use torch's kernel.
+Both live in one small C++ file, built by :mod:`csmcli.ckernels` and called through ctypes (or, in
+compiled code, as torch operators); without a compiler :func:`kernel` returns None and callers use
+torch's kernels.
 """
 
 from __future__ import annotations
@@ -178,6 +178,6 @@ def kernel(path: str | None, build_dir: Path | None = None) -> QKernel | None:
     if lib is None:
         return None
     if not lib.csm_int4_cpu_has(PATHS[path]):
-        log.warning("this CPU lacks the instructions of the %s int4 kernel; using torch's int4 kernel", path)
+        log.warning("this CPU lacks the instructions of the %s kernels for quantized weights; using torch's", path)
         return None
     return QKernel(lib, path)
