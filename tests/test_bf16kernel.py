@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from csmcli import bf16kernel, cpu
+from csmcli import cpu
 from csmcli.bf16kernel import BLOCK_ROWS, kernel, pack
 
 AVX2 = cpu.cpu_caps("avx2")
@@ -114,7 +114,9 @@ def test_compiled_code_calls_the_kernel_as_an_operator() -> None:
     compiled = torch.compile(layer, fullgraph=True, dynamic=False)
     with torch.inference_mode():
         torch.testing.assert_close(compiled(x), layer(x), atol=0, rtol=0)
-    torch.testing.assert_close(bf16kernel.bf16_mm(x.float(), layer.weight, 40), KERNEL.matmul(x, layer.weight, 40))
+    torch.testing.assert_close(
+        torch.ops.csmcli.bf16_mm(x.float(), layer.weight, 40), KERNEL.matmul(x, layer.weight, 40)
+    )
 
 
 def _codes(synth, texts: list[str]) -> list[torch.Tensor]:

@@ -64,19 +64,19 @@ def _product(lib: ctypes.CDLL, x: Tensor, packed: Tensor, out_features: int) -> 
     return y
 
 
-@torch.library.custom_op("csmcli::bf16_mm", mutates_args=())
-def bf16_mm(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
-    """The kernel as a torch operator, so that ``torch.compile`` keeps it as one call in its graphs
-    (a ctypes call cannot be traced): ``x [M, K] @ W.T -> [M, out_features]`` in float32."""
+def _bf16_mm(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
     found = _built(None)
     if found is None:
         raise RuntimeError("the bf16 CPU kernel is not built")
     return _product(found.lib, x, packed, out_features)
 
 
-@bf16_mm.register_fake
-def _bf16_mm_shape(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
-    return x.new_empty(x.shape[0], out_features, dtype=torch.float32)
+#: ``csmcli::bf16_mm(x, packed, out_features)``: ``x [M, K] @ W.T -> [M, out_features]`` in float32.
+ckernels.operator(
+    "bf16_mm(Tensor x, Tensor packed, int out_features) -> Tensor",
+    _bf16_mm,
+    lambda x, packed, out_features: x.new_empty(x.shape[0], out_features, dtype=torch.float32),
+)
 
 
 @dataclass(frozen=True)
@@ -88,21 +88,24 @@ class Bf16Kernel:
 
     def matmul(self, x: Tensor, packed: Tensor, out_features: int) -> Tensor:
         """``x [M, K] @ W.T -> [M, out_features]`` in float32, ``W`` as :func:`pack` wrote it.
-        Eager calls go straight to the library; compiled code calls :func:`bf16_mm`."""
+        Eager calls go straight to the library; compiled code calls ``csmcli::bf16_mm``."""
         _check(x, packed, out_features)
         if torch.compiler.is_compiling():
-            return bf16_mm(x, packed, out_features)
+            return torch.ops.csmcli.bf16_mm(x, packed, out_features)
         return _product(self.lib, x, packed, out_features)
+
+
+_ARGTYPES = {
+    "csm_bf16_cpu_has": [],
+    "csm_bf16_matmul": [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p],
+}
 
 
 @functools.cache
 def _built(build_dir: Path | None) -> Bf16Kernel | None:
-    lib = ckernels.load(SOURCE, build_dir)
+    lib = ckernels.load(SOURCE, build_dir, _ARGTYPES)
     if lib is None:
         return None
-    lib.csm_bf16_cpu_has.argtypes = []
-    lib.csm_bf16_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-    lib.csm_bf16_matmul.argtypes += [ctypes.c_void_p]
     if not lib.csm_bf16_cpu_has():
         log.warning("this CPU lacks AVX2 or FMA, which the bf16 kernel needs; using torch's kernels")
         return None

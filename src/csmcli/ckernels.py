@@ -4,6 +4,7 @@ Each source is compiled with the system's C++ compiler (the one ``torch.compile`
 shared library named by a digest of the source, the compiler and torch's version, and loaded with
 ctypes after torch, so its OpenMP pragmas bind to torch's OpenMP runtime and thread count.  Without
 a compiler :func:`load` returns None and logs one warning; callers then use torch's own kernels.
+:func:`operator` makes a kernel a ``csmcli::`` torch operator, which compiled code can call.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +58,34 @@ def _build(source: Path, build_dir: Path) -> ctypes.CDLL:
     return ctypes.CDLL(str(target))
 
 
-def load(source: Path, build_dir: Path | None = None) -> ctypes.CDLL | None:
+def load(source: Path, build_dir: Path | None = None, argtypes: dict[str, list] | None = None) -> ctypes.CDLL | None:
     """The library built from ``source`` (compiled on first use in this process, or found from an
-    earlier run); None, with one warning per source and process, when it cannot be built."""
+    earlier run), its functions given ``argtypes`` (name: ctypes argument types) once; None, with
+    one warning per source and process, when it cannot be built."""
     with _lock:
         if source not in _loaded:
             try:
-                _loaded[source] = _build(source, build_dir or default_build_dir())
+                lib = _build(source, build_dir or default_build_dir())
+                for name, types in (argtypes or {}).items():
+                    getattr(lib, name).argtypes = types
+                _loaded[source] = lib
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 _loaded[source] = str(exc).splitlines()[0][:200]
                 log.warning("CPU kernel %s unavailable (%s); using torch's kernels", source.stem, _loaded[source])
         found = _loaded[source]
     return found if isinstance(found, ctypes.CDLL) else None
+
+
+#: The ``csmcli::`` operators (one library per namespace).
+_OPS = torch.library.Library("csmcli", "DEF")
+
+
+def operator(schema: str, impl: Callable[..., Tensor], shape: Callable[..., Tensor]) -> None:
+    """Register ``csmcli::<schema>`` with the CPU implementation ``impl`` and ``shape`` (its output
+    for the compiler's fake tensors), so that ``torch.compile`` keeps a kernel as one call in its
+    graphs (a ctypes call cannot be traced).  The plain operator API: its dispatch costs about a
+    microsecond, ``torch.library.custom_op``'s several, and a frame makes hundreds of calls."""
+    name = schema.split("(", 1)[0]
+    _OPS.define(schema)
+    _OPS.impl(name, impl, "CPU")
+    torch.library.register_fake(f"csmcli::{name}", shape, lib=_OPS)

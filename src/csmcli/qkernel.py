@@ -100,16 +100,6 @@ def _product8(lib: ctypes.CDLL, path: int, x: Tensor, weight: Tensor, scales: Te
     return y
 
 
-#: The kernels as torch operators, ``csmcli::int4_mm(x, packed, out_features, group, path)`` and
-#: ``csmcli::int8_mm(x, weight, scales, group, path)``, so that ``torch.compile`` keeps each as one
-#: call in its graphs (a ctypes call cannot be traced).  Registered with the plain operator API:
-#: its dispatch costs about a microsecond, ``torch.library.custom_op``'s several, and a frame
-#: makes hundreds of calls.
-_OPS = torch.library.Library("csmcli", "DEF")
-_OPS.define("int4_mm(Tensor x, Tensor packed, int out_features, int group, int path) -> Tensor")
-_OPS.define("int8_mm(Tensor x, Tensor weight, Tensor scales, int group, int path) -> Tensor")
-
-
 def _built() -> ctypes.CDLL:
     lib = _library(None)
     if lib is None:
@@ -117,22 +107,20 @@ def _built() -> ctypes.CDLL:
     return lib
 
 
-def _int4_mm(x: Tensor, packed: Tensor, out_features: int, group: int, path: int) -> Tensor:
-    return _product(_built(), path, x, packed, out_features, group)
-
-
-def _int8_mm(x: Tensor, weight: Tensor, scales: Tensor, group: int, path: int) -> Tensor:
-    return _product8(_built(), path, x, weight, scales, group)
-
-
 def _rows_of(x: Tensor, out_features: int) -> Tensor:
     return x.new_empty(x.shape[0], out_features, dtype=torch.float32)
 
 
-_OPS.impl("int4_mm", _int4_mm, "CPU")
-_OPS.impl("int8_mm", _int8_mm, "CPU")
-torch.library.register_fake("csmcli::int4_mm", lambda x, packed, n, group, path: _rows_of(x, n), lib=_OPS)
-torch.library.register_fake("csmcli::int8_mm", lambda x, w, scales, group, path: _rows_of(x, w.shape[0]), lib=_OPS)
+ckernels.operator(
+    "int4_mm(Tensor x, Tensor packed, int out_features, int group, int path) -> Tensor",
+    lambda x, packed, n, group, path: _product(_built(), path, x, packed, n, group),
+    lambda x, packed, n, group, path: _rows_of(x, n),
+)
+ckernels.operator(
+    "int8_mm(Tensor x, Tensor weight, Tensor scales, int group, int path) -> Tensor",
+    lambda x, w, scales, group, path: _product8(_built(), path, x, w, scales, group),
+    lambda x, w, scales, group, path: _rows_of(x, w.shape[0]),
+)
 
 
 @dataclass(frozen=True)
@@ -157,16 +145,17 @@ class QKernel:
         return _product8(self.lib, PATHS[self.path], x, weight, scales, group)
 
 
+_INT = ctypes.c_int
+_PTR = ctypes.c_void_p
+_ARGTYPES = {
+    "csm_int4_cpu_has": [_INT],
+    "csm_int4_matmul": [_INT, _PTR, _INT, _INT, _INT, _PTR, _INT, _PTR],
+    "csm_int8_matmul": [_INT, _PTR, _INT, _INT, _INT, _PTR, _PTR, _INT, _PTR],
+}
+
+
 def _library(build_dir: Path | None) -> ctypes.CDLL | None:
-    lib = ckernels.load(SOURCE, build_dir)
-    if lib is not None and not getattr(lib, "csm_typed", False):
-        lib.csm_int4_cpu_has.argtypes = [ctypes.c_int]
-        lib.csm_int4_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.csm_int4_matmul.argtypes += [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-        lib.csm_int8_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.csm_int8_matmul.argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-        lib.csm_typed = True
-    return lib
+    return ckernels.load(SOURCE, build_dir, _ARGTYPES)
 
 
 def kernel(path: str | None, build_dir: Path | None = None) -> QKernel | None:
