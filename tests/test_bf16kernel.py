@@ -152,6 +152,28 @@ def test_the_avx2_engine_runs_bf16_on_the_kernel_with_the_codes_of_the_float32_p
 
 
 @needs_kernel
+def test_a_compiled_two_slot_avx2_bf16_engine_runs_the_kernel_inside_its_graphs(tiny_dir) -> None:
+    """``csm serve --compile --dtype bfloat16`` on an AVX2-only CPU: the loader lets it through (the
+    bf16 kernel leaves nothing packed), the compiler keeps the operator in its graphs (no graph
+    break) and requests run on the graphs compiled at start-up.  Codes are not compared with eager
+    ones: inductor rounds bf16 between fused operations differently."""
+    from torch._dynamo.utils import counters
+
+    from csmcli import Synthesizer
+
+    counters.clear()
+    settings = {"device": "cpu", "dtype": "bfloat16", "cpu_isa": "avx2", "max_batch_size": 2}
+    synth = Synthesizer.load(str(tiny_dir), compile=True, **settings)
+    assert synth.engine.compiled and synth.engine.cpu_kernels == "bf16-avx2"
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] > 0
+    graphs = counters["stats"]["unique_graphs"]
+    codes = _codes(synth, ["Hello from CSM.", "Good morning."])
+    assert [c.shape for c in codes] == [(6, 32), (6, 32)]
+    assert all(int(c.min()) >= 0 and int(c.max()) < 2048 for c in codes)
+    assert counters["stats"]["unique_graphs"] == graphs, "a request compiled something"
+
+
+@needs_kernel
 def test_a_one_slot_model_re_prepared_for_a_batch_stays_on_the_kernel(tiny_dir) -> None:
     from csmcli import Synthesizer
 

@@ -189,7 +189,11 @@ def test_gemv_width_is_stated_where_torch_is_limited_to_avx2(monkeypatch: pytest
     assert asked == [256, 256]
 
 
-def test_compiling_a_multi_slot_bf16_engine_on_the_avx2_path_is_refused_before_loading() -> None:
-    cpu.check_compilable(False, None, torch.bfloat16, AVX2)  # one slot: plain bf16 weights, traceable
+def test_compiling_a_multi_slot_bf16_engine_on_the_avx2_path_needs_the_bf16_kernel() -> None:
+    """One slot keeps plain bf16 weights, and so do several on the bf16 kernel: both traceable.
+    Without the kernel (here: ``packed`` kernels asked for) several slots pack a float32 copy."""
+    cpu.check_compilable(False, None, torch.bfloat16, AVX2)
     with pytest.raises(OptionsError, match="compiling on the CPU needs quantized weights"):
+        cpu.check_compilable(False, "packed", torch.bfloat16, AVX2, max_batch=2)
+    if cpu.bf16_kernel(torch.bfloat16, AVX2) is not None:
         cpu.check_compilable(False, None, torch.bfloat16, AVX2, max_batch=2)

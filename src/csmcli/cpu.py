@@ -275,8 +275,10 @@ def check_compilable(
 ) -> None:
     """Before loading: a one-line :class:`OptionsError` if a CPU model with these settings would
     have packed weights, which ``torch.compile`` cannot trace (:func:`check_model_compilable`);
-    bf16 weights a CPU cannot pack are packed as float32 in multi-slot engines."""
-    packed = not _upcasts(dtype, caps or cpu_caps()) or max_batch > 1
+    bf16 weights a CPU cannot pack stay plain in one-slot engines and on the bf16 kernel, and are
+    packed as float32 in multi-slot engines without it."""
+    caps = caps or cpu_caps()
+    packed = not _upcasts(dtype, caps) or (max_batch > 1 and bf16_kernel(dtype, caps, kernels) is None)
     if not quantized and check_cpu_kernels(kernels) != "plain" and packed:
         raise OptionsError(_CANNOT_COMPILE)
 

@@ -131,7 +131,7 @@ def load_parts(
     if threads is not None:
         torch.set_num_threads(resolve_threads(threads))
     if compile and caps:
-        cpu.check_compilable(quantize != "none", cpu_kernels, torch_dtype, caps)
+        cpu.check_compilable(quantize != "none", cpu_kernels, torch_dtype, caps, max_batch_size)
     ckpt = path = None
     if model is None:
         config = checkpoint.CSM_1B_CONFIG
