@@ -174,6 +174,20 @@ def test_a_compiled_two_slot_avx2_bf16_engine_runs_the_kernel_inside_its_graphs(
 
 
 @needs_kernel
+def test_auto_dtype_is_bf16_where_the_kernel_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the AVX2 path bf16 weights on the kernel beat float32 (half the bytes): ``auto`` picks them,
+    unless other CPU kernels are asked for or the kernel cannot run (no compiler, below AVX2)."""
+    from csmcli.loader import pick_dtype
+
+    host = torch.device("cpu")
+    assert pick_dtype("auto", host, AVX2) == torch.bfloat16
+    assert pick_dtype("auto", host, AVX2, "packed") == torch.float32
+    assert pick_dtype("auto", host, cpu.cpu_caps("default")) == torch.float32
+    monkeypatch.setattr(cpu, "bf16_kernel", lambda *args: None)
+    assert pick_dtype("auto", host, AVX2) == torch.float32
+
+
+@needs_kernel
 def test_a_one_slot_model_re_prepared_for_a_batch_stays_on_the_kernel(tiny_dir) -> None:
     from csmcli import Synthesizer
 

@@ -35,23 +35,29 @@ static const int PASS_ROWS = 4;
 // With PREFETCH_ROWS rows or more a pass is bound by its multiply-adds, and the hardware prefetcher
 // alone then streams the weights at well under memory speed: ask for them PREFETCH_BYTES ahead.
 static const int PREFETCH_ROWS = 4;
-static const int PREFETCH_BYTES = 2048;
+static const int PREFETCH_BYTES = 4096;
 
 // acc[m][16] += x[m][0:kn] . block columns 0:kn, for MB rows; w points at the chunk's first column.
 template <int MB, int U>
 __attribute__((target("avx2,fma"))) static void pass(const uint16_t* w, int kn, const float* x, int ldx,
                                                      float* acc) {
+    // The loops over rows and unrolled columns are unrolled by pragma: otherwise GCC keeps the
+    // accumulator arrays on the stack and stores every accumulator at every column.
     const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
     __m256 lo[U][MB], hi[U][MB];
+    #pragma GCC unroll 8
     for (int u = 0; u < U; ++u)
+        #pragma GCC unroll 8
         for (int m = 0; m < MB; ++m) lo[u][m] = hi[u][m] = _mm256_setzero_ps();
     int k = 0;
     for (; k + U <= kn; k += U) {
+        #pragma GCC unroll 8
         for (int u = 0; u < U; ++u) {
             if (MB >= PREFETCH_ROWS) _mm_prefetch((const char*)(w + (size_t)(k + u) * 16) + PREFETCH_BYTES, _MM_HINT_T0);
             const __m256i v = _mm256_loadu_si256((const __m256i*)(w + (size_t)(k + u) * 16));
             const __m256 a = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
             const __m256 b = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+            #pragma GCC unroll 8
             for (int m = 0; m < MB; ++m) {
                 const __m256 xb = _mm256_broadcast_ss(x + (size_t)m * ldx + k + u);
                 lo[u][m] = _mm256_fmadd_ps(a, xb, lo[u][m]);
@@ -63,13 +69,16 @@ __attribute__((target("avx2,fma"))) static void pass(const uint16_t* w, int kn, 
         const __m256i v = _mm256_loadu_si256((const __m256i*)(w + (size_t)k * 16));
         const __m256 a = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
         const __m256 b = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+        #pragma GCC unroll 8
         for (int m = 0; m < MB; ++m) {
             const __m256 xb = _mm256_broadcast_ss(x + (size_t)m * ldx + k);
             lo[0][m] = _mm256_fmadd_ps(a, xb, lo[0][m]);
             hi[0][m] = _mm256_fmadd_ps(b, xb, hi[0][m]);
         }
     }
+    #pragma GCC unroll 8
     for (int m = 0; m < MB; ++m) {
+        #pragma GCC unroll 8
         for (int u = 1; u < U; ++u) {
             lo[0][m] = _mm256_add_ps(lo[0][m], lo[u][m]);
             hi[0][m] = _mm256_add_ps(hi[0][m], hi[u][m]);

@@ -43,13 +43,19 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def pick_dtype(name: str, device: torch.device, caps: cpu.CpuCaps | None = None) -> torch.dtype:
-    """``auto`` is bfloat16 on CUDA and on CPUs with native bfloat16 (AVX512-BF16 or AMX), float16
-    on MPS, float32 on other CPUs (where bfloat16 arithmetic is emulated and slower).  ``caps``: the
-    CPU's capabilities (default: detected)."""
+def pick_dtype(
+    name: str, device: torch.device, caps: cpu.CpuCaps | None = None, kernels: str | None = None
+) -> torch.dtype:
+    """``auto`` is bfloat16 on CUDA, on CPUs with native bfloat16 (AVX512-BF16 or AMX) and on CPUs
+    where csmcli's bf16 kernel runs (AVX2 without oneDNN's bf16: it reads half the bytes of float32
+    and multiplies in float32), float16 on MPS, float32 on other CPUs.  ``caps``: the CPU's
+    capabilities (default: detected); ``kernels``: the CPU kernels asked for (see :mod:`csmcli.cpu`)."""
     if name == "auto":
         if device.type == "cpu":
-            return torch.bfloat16 if (caps or cpu.cpu_caps()).native_bf16 else torch.float32
+            caps = caps or cpu.cpu_caps()
+            if caps.native_bf16 or cpu.bf16_kernel(torch.bfloat16, caps, kernels) is not None:
+                return torch.bfloat16
+            return torch.float32
         return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
     if name not in DTYPES:
         raise OptionsError(f"dtype must be one of auto, {', '.join(DTYPES)}, got {name!r}")
@@ -123,11 +129,11 @@ def load_parts(
     check_threads(threads)
     torch_device = pick_device(device)
     caps = cpu.cpu_caps(cpu_isa) if torch_device.type == "cpu" else None
-    torch_dtype = pick_dtype(dtype, torch_device, caps)
+    cpu_kernels = cpu.check_cpu_kernels(cpu_kernels)
+    torch_dtype = pick_dtype(dtype, torch_device, caps, cpu_kernels)
     if max_batch_size < 1:
         raise OptionsError(f"max_batch_size must be at least 1, got {max_batch_size}")
     check_quantization(quantize)
-    cpu_kernels = cpu.check_cpu_kernels(cpu_kernels)
     if threads is not None:
         torch.set_num_threads(resolve_threads(threads))
     if compile and caps:
