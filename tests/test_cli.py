@@ -143,7 +143,8 @@ def test_listing_voices_without_the_model_says_presets_come_with_it(cli_env) -> 
 
 
 def test_compile_on_a_cpu_is_refused_before_the_model_is_touched(cli_env, tmp_path) -> None:
-    args = ["say", "hi", "-m", str(tmp_path / "no-such-model"), "--device", "cpu", "--compile", "-o", "x.wav"]
+    args = ["say", "hi", "-m", str(tmp_path / "no-such-model"), "--device", "cpu", "--dtype", "float32", "--compile"]
+    args += ["-o", "x.wav"]
     r = csm(args, cli_env)
     err = r.stderr.decode()
     assert r.returncode == 1 and "--quantize int8" in err and "not found" not in err, err

@@ -152,7 +152,7 @@ def test_int8_weights_speak_and_stay_close(tiny_dir, cli_env, tmp_path) -> None:
 @pytest.mark.parametrize("command", [["bench", "--frames", "2"], ["say", "hi", "-o", "{tmp}/x.wav"]])
 def test_compile_with_float_cpu_weights_is_a_one_line_error(tiny_dir, cli_env, tmp_path, command) -> None:
     args = [a.replace("{tmp}", str(tmp_path)) for a in command]
-    r = csm([*args, "-m", str(tiny_dir), "--device", "cpu", "--compile"], cli_env)
+    r = csm([*args, "-m", str(tiny_dir), "--device", "cpu", "--dtype", "float32", "--compile"], cli_env)
     err = r.stderr.decode()
     assert r.returncode == 1 and "compiling on the CPU needs quantized weights (--quantize int8 or int4)" in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

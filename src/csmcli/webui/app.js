@@ -280,9 +280,9 @@ async function saveVoice(event) {
   try {
     const response = await apiFetch("/v1/audio/voices", { method: "POST", body: form });
     const saved = await response.json();
-    state.savedVoice = saved.voice;
     await loadVoices(saved.voice.id);
     pickVoice();
+    state.savedVoice = saved.voice; // set once the list shows it and it is selected
     setStatus(`Saved voice ${saved.voice.name}${saved.warning ? ` (${saved.warning})` : ""}; it is selected above.`);
   } catch (error) {
     showError(error);
