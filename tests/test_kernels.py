@@ -6,6 +6,7 @@ every projection on the compiled gemv is checked against transformers in test_eq
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -241,7 +242,10 @@ def test_a_compiled_int4_engine_calls_the_kernel_inside_its_graphs(tiny_dir) -> 
     """With ``--quantize int4`` the W4A8 kernel is a torch operator, so ``Engine.compile()`` traces
     through it (no graph break) and the compiled layers give the eager ones' results.  Codes are
     not compared: inductor's RMSNorm differs from eager's in the last bit, and the kernel's 8-bit
-    rounding of activations can turn that into a different code of a tiny random model."""
+    rounding of activations can turn that into a different code of a tiny random model.
+
+    Both transformers also have the kernel's fused step, which frames use in place of the layers
+    (compiled or not); compiling keeps the depth step eager around it, with compiled sampling."""
     from torch._dynamo.utils import counters
 
     from csmcli import GenerationOptions, Synthesizer
@@ -261,9 +265,14 @@ def test_a_compiled_int4_engine_calls_the_kernel_inside_its_graphs(tiny_dir) -> 
         synth.engine.compile()
         assert not counters["graph_break"] and counters["stats"]["unique_graphs"] > 0
         torch.testing.assert_close(synth.engine.layer_fns.attn_out_ffn(block, x, attn), eager, atol=1e-5, rtol=1e-5)
-    graphs = counters["stats"]["unique_graphs"]
+    assert synth.engine.depth_step is None
+    graphs, calls = counters["stats"]["unique_graphs"], []
+    for net in (synth.model.backbone, synth.model.decoder):
+        net.fused_step = functools.partial(lambda fused, *a: calls.append(a[0].shape) or fused(*a), net.fused_step)
     codes = synth.generate("Hello from CSM.", 0, options=GenerationOptions(temperature=0, max_audio_ms=4 * 80)).codes
     assert codes.shape == (4, 32) and counters["stats"]["unique_graphs"] == graphs
+    assert calls.count((1, 1, synth.model.backbone_spec.dim)) >= 3  # backbone steps (and short prompt rows)
+    assert calls.count((1, 1, synth.model.depth_spec.dim)) == 4 * 30  # depth steps 2..31 of each frame
 
 
 def test_compiling_packed_cpu_weights_is_a_one_line_error(tiny_dir) -> None:

@@ -210,3 +210,73 @@ def test_prepare_cpu_gives_int4_layers_the_kernel_of_the_cpus_path(isa: str) -> 
     plain = torch.nn.Module()
     plain.layer = Int4Linear.from_weight(w[0], 32)
     assert cpu.prepare_int4(plain, caps, "plain") == "int4pack"
+
+
+def _int4_stack(path: str, dtype: torch.dtype):
+    """A small transformer (grouped-query attention, llama3 RoPE) whose projections are int4 on ``path``."""
+    from csmcli.model import Transformer, TransformerSpec
+    from csmcli.quant import PROJECTIONS, Int4Linear
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
+    spec = TransformerSpec(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=32, ffn_dim=192,
+                           norm_eps=1e-5, max_len=40, rope=rope)  # fmt: skip
+    torch.manual_seed(11)
+    net = Transformer(spec)
+    for block in net.layers:
+        for norm in (block.attn_norm, block.ffn_norm):  # weights that bfloat16 holds exactly
+            norm.weight.data = (1 + 0.1 * torch.randn(spec.dim)).bfloat16().float()
+        for attr in PROJECTIONS:
+            layer = Int4Linear.from_weight(getattr(block, attr).weight.detach() * 2, 64)
+            layer.use_kernel(kernel(path))
+            setattr(block, attr, layer)
+    net.norm.weight.data = (1 + 0.1 * torch.randn(spec.dim)).bfloat16().float()
+    return net.to(dtype)
+
+
+@pytest.mark.skipif(not PATHS, reason="no C++ compiler or no AVX2 on this CPU")
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.inference_mode()
+def test_the_fused_int4_step_matches_the_layer_by_layer_one(path: str, dtype: torch.dtype) -> None:
+    """Depth-decoder steps (two rows, then one, over a cache from position 0) and backbone steps
+    (slots at different positions after a prompt) give the outputs and cache entries of the eager
+    layers, up to float32 rounding and the bfloat16 residual stream the eager layers keep."""
+    from csmcli.quant import int4_step
+
+    net = _int4_stack(path, dtype)
+    fused = int4_step(net, kernel(path))
+    assert fused is not None
+    spec = net.spec
+
+    def close(got: torch.Tensor, want: torch.Tensor) -> None:
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-3)
+        else:  # bfloat16 roundings (the eager residual stream, both caches) meet the activations'
+            # int8 codes, so each side is about 2% from a float32 run; a misread cache is far off
+            assert float((got.float() - want.float()).norm() / want.float().norm()) < 0.05
+
+    caches = [net.new_cache(3, spec.max_len, dtype, torch.device("cpu")) for _ in range(2)]
+
+    def both(x: torch.Tensor, pos: torch.Tensor, kv_len: int, mask) -> None:
+        net.fused_step = None
+        want = net(x, pos, caches[0][:, :, : x.shape[0]], kv_len, mask)
+        net.fused_step = fused
+        got = net(x, pos, caches[1][:, :, : x.shape[0]], kv_len, mask)
+        close(got, want)
+        close(caches[1][..., :kv_len, :], caches[0][..., :kv_len, :])
+
+    # depth decoder: positions 0 and 1 causally, then one row a step attending to all before it
+    both(torch.randn(3, 2, spec.dim).to(dtype), torch.arange(2).repeat(3, 1), 2, None)
+    for p in range(2, 6):
+        both(torch.randn(3, 1, spec.dim).to(dtype), torch.full((3, 1), p), p + 1, None)
+    # backbone: slots at positions 5, 35 and 7 (a longer prompt in slot 1), each row masked to its
+    # own past; from the second step on, the heads' attention is shared among threads
+    net.fused_step, prompt = None, torch.randn(1, 30, spec.dim).to(dtype)
+    for c in caches:
+        net(prompt, torch.arange(6, 36)[None], c[:, :, 1:2], 36, torch.ones(1, 1, 30, 36, dtype=torch.bool).tril(6))
+    for step in range(3):
+        pos = torch.tensor([5, 35, 7]) + step
+        kv_len = int(pos.max()) + 1
+        mask = (torch.arange(kv_len)[None] <= pos[:, None])[:, None, None]
+        both(torch.randn(3, 1, spec.dim).to(dtype), pos[:, None], kv_len, mask)

@@ -40,8 +40,8 @@ from torch import Tensor, nn
 from . import bf16kernel, qkernel
 from .errors import OptionsError
 from .gemv import GemvKernels, compiled_gemv, gemv, warm_up
-from .model import TransformerSpec
-from .quant import Int4Linear, Int8Linear
+from .model import Transformer, TransformerSpec
+from .quant import Int4Linear, Int8Linear, int4_step
 
 CPU_KERNELS = ("auto", "packed", "plain")
 #: Vector instruction-set levels the CPU kernels distinguish, best first.
@@ -320,7 +320,8 @@ def prepare_int4(model: nn.Module, caps: CpuCaps, kernels: str) -> str:
     """Give every :class:`~csmcli.quant.Int4Linear` its CPU product; returns what it is (``""``
     without int4 layers): ``int4-avx512_vnni`` / ``int4-avx2``, the W4A8 kernel of
     :mod:`csmcli.qkernel` for the CPU's instruction set, or ``int4pack``, torch's own int4 kernel
-    (``plain`` kernels, no C++ compiler, or a CPU with neither path)."""
+    (``plain`` kernels, no C++ compiler, or a CPU with neither path).  Transformers whose
+    projections are all on the kernel also get its fused step (:func:`~csmcli.quant.int4_step`)."""
     layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
     if not layers:
         return ""
@@ -332,6 +333,9 @@ def prepare_int4(model: nn.Module, caps: CpuCaps, kernels: str) -> str:
             layer.pack_for_cpu()
         else:
             layer.use_kernel(fast)
+    for net in model.modules():  # whole steps in one call where every projection is on the kernel
+        if isinstance(net, Transformer):
+            net.fused_step = int4_step(net, fast) if fast is not None else None
     done = {("int4pack" if m.packed else f"int4-{fast.path}") for m in layers}
     return "+".join(sorted(done))
 

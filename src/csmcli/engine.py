@@ -381,8 +381,10 @@ class Engine:
         ``whole_step`` also compiles every depth-decoder step whole (four layers with their attention
         and cache writes, the head, sampling and the next step's embedding): one call per step instead
         of ~150 eager ops, and at most four compiles (one or two rows, one or several slots).  The
-        default is the whole step on the CPU, where those eager ops are a large share of a frame, and
-        the layers only on a GPU (``scripts/gpu_variants.py`` compares both there).
+        default is the whole step on the CPU, where those eager ops are a large share of a frame,
+        unless the depth decoder has a fused step (int4 on csmcli's kernel: one call already, and
+        faster than the compiled layers), and the layers only on a GPU (``scripts/gpu_variants.py``
+        compares both there).
 
         On the CPU every projection must be quantized (int8, or int4 on csmcli's kernel operator) or
         kept plain (``cpu_kernels="plain"``, bfloat16 on a CPU without oneDNN's bf16 kernels, or a
@@ -397,7 +399,7 @@ class Engine:
         options = CPU_COMPILE_OPTIONS if cpu else None
         self.layer_fns = compile_layers(options)
         self.sample_fn = torch.compile(sample, dynamic=True, options=options)
-        if cpu if whole_step is None else whole_step:
+        if (cpu and self.model.decoder.fused_step is None) if whole_step is None else whole_step:
             self.depth_step = torch.compile(self.model.depth_step, dynamic=True, options=options)
         self.compiled = True
         if cpu:  # compile now rather than in the first requests (capture_graphs does this on a GPU)

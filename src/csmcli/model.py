@@ -220,6 +220,11 @@ def compile_layers(options: dict[str, Any] | None = None) -> LayerFns:
     )
 
 
+#: rows from which a transformer's calls take its layers (prompts: products dequantize the weights)
+#: rather than its fused step
+FUSED_STEP_ROWS = 32
+
+
 class Transformer(nn.Module):
     """A stack of blocks plus final norm; attends over a caller-owned static KV cache."""
 
@@ -230,6 +235,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(spec.dim, spec.norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(spec.head_dim, spec.rope), persistent=False)
         self._rope: dict[str, Any] = {}
+        # a whole step in one call, where the CPU preparation made one (csmcli.quant.Int4Step)
+        self.fused_step: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
 
     def rope_tables(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """RoPE cosines and signed sines ``[max_len, head_dim]`` for every position, once per dtype.
@@ -266,8 +273,13 @@ class Transformer(nn.Module):
 
         ``mask`` is a boolean ``[B, 1, T, kv_len]`` (True = may attend), or None for causal attention
         over exactly the ``T`` new rows starting at position 0 (``T == kv_len``).  ``layer_fns``:
-        the per-layer functions (compiled ones from the engine).
+        the per-layer functions (compiled ones from the engine).  Either way each row attends to
+        positions up to its own, which is all :attr:`fused_step` needs to know; it serves the
+        eager steps (fewer than :data:`FUSED_STEP_ROWS` rows).
         """
+        fused = self.fused_step is not None and x.shape[0] * x.shape[1] < FUSED_STEP_ROWS
+        if fused and not torch.compiler.is_compiling():
+            return self.fused_step(x, pos, cache)
         cos, sin = self.rope_tables(x.dtype)
         rope = (cos[pos][:, :, None, :], sin[pos][:, :, None, :])
         rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(pos)

@@ -334,3 +334,207 @@ int csm_int8_matmul(int path, const float* x, int M, int K, int G, const int8_t*
 }
 
 }  // extern "C"
+
+// ---- One transformer step over int4 layers -------------------------------------------------------
+//
+// A whole decoding step of a Llama-style stack (RMSNorm, fused QKV, rotate-half RoPE, grouped-query
+// attention over a KV cache, output projection, SwiGLU) in one call: a step of the depth decoder is
+// about 1.3 ms of weights, and ~30 eager torch operations per layer cost as much again.  The
+// residual stream stays in float32; every product is csm_int4_matmul.
+
+namespace {
+
+// Multiply-adds of a step's attention from which its heads are shared among the threads.
+constexpr int64_t PARALLEL_ATTENTION = 8192;
+
+__attribute__((target("avx2,fma"))) inline float dot(const float* a, const float* b, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float lanes[8], s = 0.f;
+    _mm256_storeu_ps(lanes, acc);
+    for (int j = 0; j < 8; ++j) s += lanes[j];
+    for (; i < n; ++i) s += a[i] * b[i];
+    return s;
+}
+
+// e^x for a vector, Cephes' single-precision polynomial (about 1 ulp), inputs clamped to finite results.
+__attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// out[m] = x[m] * rsqrt(mean(x[m]^2) + eps) * w, as F.rms_norm followed by the weight.
+__attribute__((target("avx2,fma"))) void rms_norm(const float* x, float* out, int M, int D, const float* w, float eps) {
+    for (int m = 0; m < M; ++m) {
+        const float* v = x + (size_t)m * D;
+        const float r = 1.f / sqrtf(dot(v, v, D) / (float)D + eps);
+        for (int i = 0; i < D; ++i) out[(size_t)m * D + i] = v[i] * r * w[i];
+    }
+}
+
+// act[m, i] = silu(gu[m, i]) * gu[m, F + i]: the gate is the first half of the fused product.
+__attribute__((target("avx2,fma"))) void swiglu(const float* gu, float* act, int M, int F) {
+    if (F % 8) {
+        for (int m = 0; m < M; ++m)
+            for (int i = 0; i < F; ++i) {
+                const float g = gu[(size_t)m * 2 * F + i];
+                act[(size_t)m * F + i] = g / (1.f + expf(-g)) * gu[(size_t)m * 2 * F + F + i];
+            }
+        return;
+    }
+    const int64_t chunks = (int64_t)M * F / 8;
+#pragma omp parallel for schedule(static) if (chunks >= 512)
+    for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t m = c * 8 / F, i = c * 8 % F;
+        const float* g = gu + (size_t)m * 2 * F + i;
+        const __m256 gv = _mm256_loadu_ps(g), uv = _mm256_loadu_ps(g + F);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+        _mm256_storeu_ps(act + (size_t)m * F + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e)), uv));
+    }
+}
+
+__attribute__((target("avx2,fma"))) inline void axpy(float a, const float* x, float* y, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(_mm256_set1_ps(a), _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; ++i) y[i] += a * x[i];
+}
+
+inline float bf16_value(uint16_t v) {
+    const uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+inline uint16_t bf16_round(float f) {  // to nearest even, as torch converts
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 64);  // NaN stays NaN
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// A cache row of head_dim values (float32 or bfloat16) read into / written from floats.
+struct CacheView {
+    char* base;
+    int bf16;
+    const int64_t* strides;  // in elements: layer, key/value, slot, head, position
+    size_t at(int l, int kv, int b, int h, int64_t p) const {
+        return (size_t)(l * strides[0] + kv * strides[1] + b * strides[2] + h * strides[3] + p * strides[4]) *
+               (bf16 ? 2 : 4);
+    }
+    void put(size_t off, const float* v, int n) const {
+        if (bf16)
+            for (int i = 0; i < n; ++i) ((uint16_t*)(base + off))[i] = bf16_round(v[i]);
+        else
+            memcpy(base + off, v, sizeof(float) * n);
+    }
+    void get(size_t off, float* v, int n) const {
+        if (bf16)
+            for (int i = 0; i < n; ++i) v[i] = bf16_value(((const uint16_t*)(base + off))[i]);
+        else
+            memcpy(v, base + off, sizeof(float) * n);
+    }
+};
+
+}  // namespace
+
+extern "C" {
+
+// x[B*T, dim] (float32, rows of slot b at positions pos[b*T + t]) through n_layers blocks and the
+// final norm, in place.  Each row attends to its slot's cached keys at positions 0..pos, after its
+// own key and value are written there.  weights: per layer wqkv, wo, w13, w2 packed as
+// csmcli.qkernel.pack writes them, with input groups groups[0..3]; norms: per layer the attention
+// and feed-forward norm weights, then the final one (float32); cos, sin: RoPE tables [positions,
+// head_dim], sin with rotate-half's sign folded in.  Returns 0, or -1 when the path cannot run here.
+int csm_int4_step(int path, int n_layers, int dim, int n_heads, int n_kv, int head_dim, int ffn, float eps,
+                  const uint8_t* const* weights, const int* groups, const float* const* norms, const float* cos,
+                  const float* sin, float* x, int B, int T, const int64_t* pos, void* cache, int cache_bf16,
+                  const int64_t* strides) {
+    if (!csm_int4_cpu_has(path) || n_kv <= 0 || n_heads % n_kv) return -1;
+    const int M = B * T, qd = n_heads * head_dim, kvd = n_kv * head_dim, nqkv = qd + 2 * kvd, half = head_dim / 2;
+    static thread_local std::vector<float> h, qkv, att, o, gu, act;
+    h.resize((size_t)M * dim);
+    qkv.resize((size_t)M * nqkv);
+    att.resize((size_t)M * qd);
+    o.resize((size_t)M * dim);
+    gu.resize((size_t)M * 2 * ffn);
+    act.resize((size_t)M * ffn);
+    const CacheView kv{(char*)cache, cache_bf16, strides};
+    int64_t longest = 0;
+    for (int r = 0; r < M; ++r) longest = pos[r] > longest ? pos[r] : longest;
+    const float scale = 1.f / sqrtf((float)head_dim);
+    for (int l = 0; l < n_layers; ++l) {
+        const uint8_t* const* w = weights + 4 * l;
+        rms_norm(x, h.data(), M, dim, norms[2 * l], eps);
+        if (csm_int4_matmul(path, h.data(), M, dim, groups[0], w[0], nqkv, qkv.data())) return -1;
+        for (int r = 0; r < M; ++r) {  // RoPE on query and key heads, then this row's key and value into the cache
+            float* row = qkv.data() + (size_t)r * nqkv;
+            const float* c = cos + pos[r] * head_dim;
+            const float* s = sin + pos[r] * head_dim;
+            for (int j = 0; j < n_heads + n_kv; ++j) {
+                float* v = row + j * head_dim;
+                for (int i = 0; i < half; ++i) {
+                    const float a = v[i], b = v[i + half];
+                    v[i] = a * c[i] + b * s[i];
+                    v[i + half] = b * c[i + half] + a * s[i + half];
+                }
+            }
+            for (int j = 0; j < n_kv; ++j) {
+                kv.put(kv.at(l, 0, r / T, j, pos[r]), row + qd + j * head_dim, head_dim);
+                kv.put(kv.at(l, 1, r / T, j, pos[r]), row + qd + kvd + j * head_dim, head_dim);
+            }
+        }
+        const int per_kv = n_heads / n_kv;
+        const float* qs = qkv.data();  // the buffers are this thread's: other threads get the pointers
+        float* outs = att.data();
+#pragma omp parallel if ((int64_t)M * n_heads * (longest + 1) * head_dim >= PARALLEL_ATTENTION)
+        {
+            std::vector<float> scores(longest + 1), key(head_dim), acc(head_dim);
+#pragma omp for schedule(static)
+            for (int c = 0; c < M * n_heads; ++c) {
+                const int r = c / n_heads, j = c % n_heads, b = r / T;
+                const float* q = qs + (size_t)r * nqkv + j * head_dim;
+                const int64_t keys = pos[r] + 1;
+                float top = -INFINITY;
+                for (int64_t p = 0; p < keys; ++p) {
+                    kv.get(kv.at(l, 0, b, j / per_kv, p), key.data(), head_dim);
+                    scores[p] = dot(q, key.data(), head_dim) * scale;
+                    top = scores[p] > top ? scores[p] : top;
+                }
+                float total = 0.f;
+                for (int64_t p = 0; p < keys; ++p) total += scores[p] = expf(scores[p] - top);
+                for (int i = 0; i < head_dim; ++i) acc[i] = 0.f;
+                for (int64_t p = 0; p < keys; ++p) {
+                    kv.get(kv.at(l, 1, b, j / per_kv, p), key.data(), head_dim);
+                    axpy(scores[p] / total, key.data(), acc.data(), head_dim);
+                }
+                memcpy(outs + (size_t)r * qd + j * head_dim, acc.data(), sizeof(float) * head_dim);
+            }
+        }
+        if (csm_int4_matmul(path, att.data(), M, qd, groups[1], w[1], dim, o.data())) return -1;
+        for (size_t i = 0; i < (size_t)M * dim; ++i) x[i] += o[i];
+        rms_norm(x, h.data(), M, dim, norms[2 * l + 1], eps);
+        if (csm_int4_matmul(path, h.data(), M, dim, groups[2], w[2], 2 * ffn, gu.data())) return -1;
+        swiglu(gu.data(), act.data(), M, ffn);
+        if (csm_int4_matmul(path, act.data(), M, ffn, groups[3], w[3], dim, o.data())) return -1;
+        for (size_t i = 0; i < (size_t)M * dim; ++i) x[i] += o[i];
+    }
+    rms_norm(x, x, M, dim, norms[2 * n_layers], eps);
+    return 0;
+}
+
+}  // extern "C"

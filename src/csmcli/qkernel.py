@@ -8,6 +8,9 @@
 * int8 (W8A8, :meth:`QKernel.int8_matmul`): the same activation quantization over the plain int8
   layout of :class:`csmcli.quant.Int8Linear`, for the single rows where the float gemv over int8
   weights is compute-bound on one core.
+* a whole transformer step over int4 layers (:meth:`QKernel.step`, used by
+  :class:`csmcli.quant.Int4Step`): norms, RoPE, attention over the cache and SwiGLU in C++ around
+  the int4 products, one call per step instead of ~30 eager operations per layer.
 
 Both live in one small C++ file, built by :mod:`csmcli.ckernels` and called through ctypes (or, in
 compiled code, as torch operators); without a compiler :func:`kernel` returns None and callers use
@@ -137,6 +140,36 @@ class QKernel:
             return torch.ops.csmcli.int4_mm(x, packed, out_features, group, PATHS[self.path])
         return _product(self.lib, PATHS[self.path], x, packed, out_features, group)
 
+    def step(
+        self,
+        shape: StackShape,
+        weights: ctypes.Array,
+        groups: ctypes.Array,
+        norms: ctypes.Array,
+        rope: tuple[Tensor, Tensor],
+        x: Tensor,
+        pos: Tensor,
+        cache: Tensor,
+    ) -> None:
+        """One step of a whole transformer (``csm_int4_step``), in place on float32 rows ``x``
+        ``[B * T, dim]`` at positions ``pos`` (int64 ``[B, T]``), keys and values into ``cache``
+        (float32 or bfloat16 ``[layers, 2, B, kv_heads, length, head_dim]``, any strides but the last).
+        ``weights`` (per layer: wqkv, wo, w13, w2 as :func:`pack` wrote them), ``groups`` (their
+        four input groups) and ``norms`` (per layer two float32 weights, then the final one) are
+        ctypes arrays of pointers or ints; ``rope``: float32 cosines and signed sines."""
+        if cache.dtype not in (torch.float32, torch.bfloat16) or cache.stride(-1) != 1:
+            raise ValueError("the int4 step needs a float32 or bfloat16 cache with contiguous rows")
+        s = shape
+        b, t = pos.shape
+        strides = (ctypes.c_int64 * 5)(*cache.stride()[:5])
+        status = self.lib.csm_int4_step(
+            PATHS[self.path], s.n_layers, s.dim, s.n_heads, s.n_kv_heads, s.head_dim, s.ffn_dim, s.norm_eps,
+            weights, groups, norms, rope[0].data_ptr(), rope[1].data_ptr(), x.data_ptr(), b, t, pos.data_ptr(),
+            cache.data_ptr(), int(cache.dtype == torch.bfloat16), strides,
+        )  # fmt: skip
+        if status:
+            raise RuntimeError(f"int4 kernel path {self.path} cannot run on this CPU")
+
     def int8_matmul(self, x: Tensor, weight: Tensor, scales: Tensor, group: int) -> Tensor:
         """``(x [M, K] @ weight.T) * scales -> [M, N]`` in float32 for a plain int8 ``weight [N, K]`` and
         float32 ``scales [N]``, activations quantized per row and ``group`` (a multiple of 64)."""
@@ -147,10 +180,26 @@ class QKernel:
 
 _INT = ctypes.c_int
 _PTR = ctypes.c_void_p
+
+
+@dataclass(frozen=True)
+class StackShape:
+    """What ``csm_int4_step`` needs to know of a transformer besides its weights."""
+
+    n_layers: int
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    norm_eps: float
+
+
 _ARGTYPES = {
     "csm_int4_cpu_has": [_INT],
     "csm_int4_matmul": [_INT, _PTR, _INT, _INT, _INT, _PTR, _INT, _PTR],
     "csm_int8_matmul": [_INT, _PTR, _INT, _INT, _INT, _PTR, _PTR, _INT, _PTR],
+    "csm_int4_step": [_INT] * 7 + [ctypes.c_float] + [_PTR] * 5 + [_PTR, _INT, _INT, _PTR, _PTR, _INT, _PTR],
 }
 
 
