@@ -19,7 +19,7 @@ from csmcli.errors import OptionsError
 from csmcli.gemv import compiled_gemv
 from csmcli.model import EAGER_LAYERS, Transformer, TransformerSpec, short_attention
 from csmcli.quant import Int8Linear
-from csmcli.sampling import SamplingParams, penalize, sample, uniform
+from csmcli.sampling import SamplingParams, frame_keys, penalize, sample, uniform
 
 GEMV = compiled_gemv()
 needs_compiler = pytest.mark.skipif(GEMV is None, reason="torch.compile cannot build CPU kernels here")
@@ -136,7 +136,7 @@ def _full_vocabulary_sample(logits, params, codebook, num_codes, recent=None):
     top_p = params.top_p[:b, None]
     keep_sorted = rank_ok & ((mass_before < top_p) | (top_p >= 1))
     keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
-    u = uniform(params.seed[:b], params.frame[:b], codebook, params.hashes[:num_codes])
+    u = uniform(frame_keys(params.seed[:b], params.frame[:b], codebook)[:, 0], params.hashes[:num_codes])
     sampled = (scores - torch.log(-torch.log(u))).masked_fill(~keep, float("-inf")).argmax(dim=-1)
     is_greedy = (params.temperature[:b] == 0) | (params.top_k[:b] == 1)
     return torch.where(is_greedy, greedy, sampled)
@@ -153,10 +153,12 @@ def test_narrowed_sampling_draws_the_same_codes() -> None:
     for frame in range(20):
         params.frame.fill_(frame)
         logits = torch.randn(5, 2051) * 3
+        keys = frame_keys(params.seed, params.frame, torch.arange(32))  # a frame's keys at once, as engines do
         for codebook in (0, 5, 31):
             ref = _full_vocabulary_sample(logits, params, codebook, 2048, recent)
             assert torch.equal(sample(logits, params, codebook, 2048, recent), ref)
             assert torch.equal(sample(logits, params, codebook, 2048, recent, k_max=50), ref)
+            assert torch.equal(sample(logits, params, codebook, 2048, recent, k_max=50, keys=keys), ref)
             no_penalty = _full_vocabulary_sample(logits, params, codebook, 2048)
             assert torch.equal(sample(logits, params, codebook, 2048, None, k_max=50), no_penalty)
             picked += int((ref != logits[:, :2048].argmax(-1)).sum())

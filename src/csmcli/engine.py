@@ -31,7 +31,7 @@ from .graphs import EagerFrame, capture_frames, eager_frames, frame_buckets
 from .model import EAGER_LAYERS, CSMModel, DepthStep, LayerFns
 from .options import FRAME_MS, REPETITION_WINDOW, GenerationOptions
 from .prompt import Prompt
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, frame_keys, sample
 
 if TYPE_CHECKING:
     from .codec import FrameCodec, FrameDecoder
@@ -186,6 +186,7 @@ class Engine:
         for net in (model.backbone, model.decoder):  # built now, so compiled code never sees them change
             net.rope_tables(dtype)
         self.params = SamplingParams.empty(max_batch, device)
+        self.codebook_ids = torch.arange(model.num_codebooks, device=device)
         self.recent = torch.full(
             (max_batch, REPETITION_WINDOW, model.num_codebooks), -1, dtype=torch.long, device=device
         )
@@ -445,11 +446,14 @@ class Engine:
         self.graph_buckets, self.graph_codes, self.graphs = buckets, outputs, graphs
 
     def _sampler(self) -> Callable[[Tensor, int], Tensor]:
+        """The frame's sampling function, with every slot's random keys for the frame computed once."""
+        keys = frame_keys(self.params.seed, self.params.frame, self.codebook_ids)
+
         def pick(logits: Tensor, codebook: int) -> Tensor:
             b = logits.shape[0]
             # a slice, not an index: a symbolic codebook then needs no guard on its value (one graph)
             recent = self.recent[:b, :, codebook : codebook + 1][..., 0] if self.use_penalty else None
-            return self.sample_fn(logits, self.params, codebook, NUM_AUDIO_CODES, recent, self.k_max)
+            return self.sample_fn(logits, self.params, codebook, NUM_AUDIO_CODES, recent, self.k_max, keys)
 
         return pick
 

@@ -32,12 +32,19 @@ def code_hashes(n: int, device: torch.device) -> Tensor:
     return _mix32(idx * 0x9E3779B9 + 0x632BE5AB)
 
 
-def uniform(seed: Tensor, frame: Tensor, codebook: int, hashes: Tensor) -> Tensor:
-    """Uniform floats in (0, 1), one per code hash, a pure function of each row's (seed, frame, codebook).
+def frame_keys(seed: Tensor, frame: Tensor, codebooks: Tensor | int) -> Tensor:
+    """Each row's key for its current frame and each of ``codebooks`` (indices ``[C]``, or one int):
+    ``[B, C]`` (``[B, 1]``), a pure function of (seed, frame, codebook).  An engine computes a
+    frame's keys for all codebooks at once (a few dozen operations fewer per codebook)."""
+    return _mix32(seed[:, None] ^ _mix32(frame[:, None] * 64 + codebooks + 1))
+
+
+def uniform(key: Tensor, hashes: Tensor) -> Tensor:
+    """Uniform floats in (0, 1), one per code hash, a pure function of each row's ``key`` ``[B]``
+    (from :func:`frame_keys`).
 
     ``hashes`` is ``[n]`` (the same codes for every row) or ``[B, n]`` (each row's own codes).
     """
-    key = _mix32(seed ^ _mix32(frame * 64 + codebook + 1))
     bits = _mix32(key[:, None] ^ hashes)
     return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
@@ -84,8 +91,12 @@ def sample(
     num_codes: int,
     recent: Tensor | None = None,
     k_max: int | None = None,
+    keys: Tensor | None = None,
 ) -> Tensor:
     """Pick one code per row from ``logits`` ``[B, vocab]``.
+
+    ``keys``: the frame's :func:`frame_keys` for every codebook (``[B or more, codebooks]``), or
+    None to compute this codebook's here.
 
     ``recent`` (``[B, window]`` codes of this codebook from recent frames, -1 = empty) feeds the
     repetition penalty; None skips it (every row's penalty is 1).  Only the ``k_max`` best codes
@@ -104,7 +115,10 @@ def sample(
     mass_before = probs.cumsum(dim=-1) - probs
     top_p = params.top_p[:b, None]
     keep = rank_ok & ((mass_before < top_p) | (top_p >= 1))
-    u = uniform(params.seed[:b], params.frame[:b], codebook, params.hashes[order])
+    if keys is None:
+        keys, codebook = frame_keys(params.seed[:b], params.frame[:b], codebook), 0
+    # a slice, not an index: a symbolic codebook then needs no guard on its value (one graph)
+    u = uniform(keys[:b, codebook : codebook + 1][:, 0], params.hashes[order])
     gumbel = -torch.log(-torch.log(u))
     pick = (ordered + gumbel).masked_fill(~keep, float("-inf")).argmax(dim=-1, keepdim=True)
     sampled = order.gather(1, pick)[:, 0]
