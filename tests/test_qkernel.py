@@ -275,6 +275,8 @@ def test_the_fused_int4_step_matches_the_layer_by_layer_one(path: str, dtype: to
     net.fused_step, prompt = None, torch.randn(1, 30, spec.dim).to(dtype)
     for c in caches:
         net(prompt, torch.arange(6, 36)[None], c[:, :, 1:2], 36, torch.ones(1, 1, 30, 36, dtype=torch.bool).tril(6))
+    with pytest.raises(IndexError, match="outside the cache"):  # never a write past the cache
+        fused(torch.zeros(1, 1, spec.dim, dtype=dtype), torch.tensor([[spec.max_len]]), caches[1][:, :, :1])
     for step in range(3):
         pos = torch.tensor([5, 35, 7]) + step
         kv_len = int(pos.max()) + 1

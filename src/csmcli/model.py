@@ -220,8 +220,8 @@ def compile_layers(options: dict[str, Any] | None = None) -> LayerFns:
     )
 
 
-#: rows from which a transformer's calls take its layers (prompts: products dequantize the weights)
-#: rather than its fused step
+#: rows from which a transformer's calls take its layers rather than its fused step, whose attention
+#: is a plain loop per row and head (SDPA serves prompts better)
 FUSED_STEP_ROWS = 32
 
 

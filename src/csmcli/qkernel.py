@@ -161,6 +161,11 @@ class QKernel:
             raise ValueError("the int4 step needs a float32 or bfloat16 cache with contiguous rows")
         s = shape
         b, t = pos.shape
+        # the C++ code indexes rows, cache and tables unchecked: anything out of range is an error here
+        if x.shape != (b * t, s.dim) or cache.shape[2] < b:
+            raise IndexError(f"rows {tuple(x.shape)} do not fit positions {tuple(pos.shape)} and the cache")
+        if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= min(cache.shape[-2], rope[0].shape[0])):
+            raise IndexError(f"positions {pos.tolist()} are outside the cache ({cache.shape[-2]} positions)")
         strides = (ctypes.c_int64 * 5)(*cache.stride()[:5])
         status = self.lib.csm_int4_step(
             PATHS[self.path], s.n_layers, s.dim, s.n_heads, s.n_kv_heads, s.head_dim, s.ffn_dim, s.norm_eps,

@@ -287,7 +287,7 @@ class Int4Linear(nn.Module):
 
 
 class Int4Step:
-    """A whole single-row step of ``net`` in one call of :meth:`QKernel.step` (norms, attention and
+    """A whole step of ``net`` (a few rows) in one call of :meth:`QKernel.step` (norms, attention and
     the four products of every layer in C++): a depth-decoder step's ~120 eager operations cost
     about as much as its weights take to read.  :func:`int4_step` makes one where every
     projection of ``net`` runs on the kernel; :meth:`Transformer.forward` calls it for steps."""
@@ -310,7 +310,7 @@ class Int4Step:
         """``net(x, pos, cache, ...)`` for rows ``x`` ``[B, T, dim]``, each attending to its slot's
         positions up to its own (the rule of every mask csmcli builds)."""
         b, t, d = x.shape
-        rows = x.to(torch.float32, copy=True).reshape(b * t, d)
+        rows = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True).view(b * t, d)
         self.kernel.step(self.shape, self.weights, self.groups, self.norms, self.rope, rows,
                          pos.to(torch.int64).contiguous(), cache)  # fmt: skip
         return rows.view(b, t, d).to(x.dtype)
