@@ -159,6 +159,12 @@ def test_narrowed_sampling_draws_the_same_codes() -> None:
             assert torch.equal(sample(logits, params, codebook, 2048, recent), ref)
             assert torch.equal(sample(logits, params, codebook, 2048, recent, k_max=50), ref)
             assert torch.equal(sample(logits, params, codebook, 2048, recent, k_max=50, keys=keys), ref)
+            # rows 0, 2 and 3 keep all their top-k mass and only row 0 is not greedy: skipping a rule
+            # changes only the rows that use it
+            lean = sample(logits, params, codebook, 2048, recent, k_max=50, keys=keys, top_p=False)
+            assert torch.equal(lean[[0, 2, 3]], ref[[0, 2, 3]])
+            lean = sample(logits, params, codebook, 2048, recent, k_max=50, keys=keys, top_p=False, greedy=False)
+            assert torch.equal(lean[0], ref[0])
             no_penalty = _full_vocabulary_sample(logits, params, codebook, 2048)
             assert torch.equal(sample(logits, params, codebook, 2048, None, k_max=50), no_penalty)
             picked += int((ref != logits[:, :2048].argmax(-1)).sum())

@@ -200,7 +200,8 @@ class Engine:
         # eager frames narrow sampling to what the live jobs use; graphs take graph_top_k candidates
         self.graph_top_k: int | None = GRAPH_TOP_K  # None: every code (what the first release did)
         self.k_max: int | None = None
-        self.use_penalty = True
+        # which sampling rules the frame's rows use (see sample); compiled frames use them all
+        self.use_penalty = self.use_top_p = self.use_greedy = True
         self.compiled = False  # set by compile()
         self.graphs: dict[int, torch.cuda.CUDAGraph | EagerFrame] | None = None
         self.graph_buckets: list[int] = []
@@ -338,6 +339,8 @@ class Engine:
                 # penalty of 1 changes nothing; see sample): the same codes from one graph for all
                 self.k_max = max(k_max, self._least_candidates) if self.compiled else k_max
                 self.use_penalty = self.compiled or any(o.repetition_penalty != 1.0 for o in jobs)
+                self.use_top_p = self.compiled or any(o.top_p < 1.0 for o in jobs)
+                self.use_greedy = self.compiled or any(o.greedy for o in jobs)
                 with self._frame_stance():
                     codes = self._frame(width, max(positions) + 1)
             host_codes = codes.cpu()
@@ -417,7 +420,7 @@ class Engine:
         with the penalty on and scribble on slot state, which is reset afterwards (recent codes,
         frame counters); every job's prefill and :meth:`SamplingParams.set_row` overwrite the rest."""
         self.frame_positions.zero_()
-        self.k_max, self.use_penalty = k_max, True
+        self.k_max, self.use_penalty, self.use_top_p, self.use_greedy = k_max, True, True, True
         yield
         self.recent.fill_(-1)
         self.params.frame.zero_()
@@ -453,7 +456,8 @@ class Engine:
             b = logits.shape[0]
             # a slice, not an index: a symbolic codebook then needs no guard on its value (one graph)
             recent = self.recent[:b, :, codebook : codebook + 1][..., 0] if self.use_penalty else None
-            return self.sample_fn(logits, self.params, codebook, NUM_AUDIO_CODES, recent, self.k_max, keys)
+            rules = (self.use_top_p, self.use_greedy)
+            return self.sample_fn(logits, self.params, codebook, NUM_AUDIO_CODES, recent, self.k_max, keys, *rules)
 
         return pick
 
