@@ -413,6 +413,11 @@ __attribute__((target("avx2,fma"))) inline void axpy(float a, const float* x, fl
     for (; i < n; ++i) y[i] += a * x[i];
 }
 
+// The residual connection: x += o over n floats.
+inline void add_into(float* x, const float* o, size_t n) {
+    for (size_t i = 0; i < n; ++i) x[i] += o[i];
+}
+
 inline float bf16_value(uint16_t v) {
     const uint32_t u = (uint32_t)v << 16;
     float f;
@@ -526,12 +531,12 @@ int csm_int4_step(int path, int n_layers, int dim, int n_heads, int n_kv, int he
             }
         }
         if (csm_int4_matmul(path, att.data(), M, qd, groups[1], w[1], dim, o.data())) return -1;
-        for (size_t i = 0; i < (size_t)M * dim; ++i) x[i] += o[i];
+        add_into(x, o.data(), (size_t)M * dim);
         rms_norm(x, h.data(), M, dim, norms[2 * l + 1], eps);
         if (csm_int4_matmul(path, h.data(), M, dim, groups[2], w[2], 2 * ffn, gu.data())) return -1;
         swiglu(gu.data(), act.data(), M, ffn);
         if (csm_int4_matmul(path, act.data(), M, ffn, groups[3], w[3], dim, o.data())) return -1;
-        for (size_t i = 0; i < (size_t)M * dim; ++i) x[i] += o[i];
+        add_into(x, o.data(), (size_t)M * dim);
     }
     rms_norm(x, x, M, dim, norms[2 * n_layers], eps);
     return 0;

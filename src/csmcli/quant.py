@@ -286,6 +286,11 @@ class Int4Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
+def _projections(net: Transformer) -> list[list[nn.Module]]:
+    """Each block's projections, in :data:`PROJECTIONS` order."""
+    return [[getattr(block, a) for a in PROJECTIONS] for block in net.layers]
+
+
 class Int4Step:
     """A whole step of ``net`` (a few rows) in one call of :meth:`QKernel.step` (norms, attention and
     the four products of every layer in C++): a depth-decoder step's ~120 eager operations cost
@@ -296,7 +301,7 @@ class Int4Step:
         s = net.spec
         self.kernel = kernel
         self.shape = StackShape(s.n_layers, s.dim, s.n_heads, s.n_kv_heads, s.head_dim, s.ffn_dim, s.norm_eps)
-        layers = [[getattr(block, a) for a in PROJECTIONS] for block in net.layers]
+        layers = _projections(net)
         self.groups = (ctypes.c_int * 4)(*(p.group for p in layers[0]))
         # the kernel reads these through raw pointers: keep them referenced here
         self.tensors = [p.kernel_weights for ps in layers for p in ps]
@@ -319,7 +324,7 @@ class Int4Step:
 def int4_step(net: Transformer, kernel: QKernel) -> Int4Step | None:
     """An :class:`Int4Step` for ``net`` when every projection of every layer is an unstacked
     :class:`Int4Linear` on ``kernel`` with the same groups layer to layer; else None."""
-    layers = [[getattr(block, a) for a in PROJECTIONS] for block in net.layers]
+    layers = _projections(net)
     ok = layers and all(isinstance(p, Int4Linear) and p.kernel == kernel and not p.stacked for ps in layers for p in ps)
     if not ok or any([p.group for p in ps] != [p.group for p in layers[0]] for ps in layers):
         return None
