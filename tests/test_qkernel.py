@@ -212,10 +212,22 @@ def test_prepare_cpu_gives_int4_layers_the_kernel_of_the_cpus_path(isa: str) -> 
     assert cpu.prepare_int4(plain, caps, "plain") == "int4pack"
 
 
-def _int4_stack(path: str, dtype: torch.dtype):
-    """A small transformer (grouped-query attention, llama3 RoPE) whose projections are int4 on ``path``."""
+def _bf16_kernel():
+    from csmcli import bf16kernel
+
+    return bf16kernel.kernel("avx2") if qkernel.kernel("avx2") is not None else None
+
+
+#: The products a fused step can run on here: the int4 kernel's paths and the bf16 kernel.
+STEP_KERNELS = [f"int4-{p}" for p in PATHS] + (["bf16"] if PATHS and _bf16_kernel() is not None else [])
+
+
+def _fused_stack(kind: str, dtype: torch.dtype):
+    """A small transformer (grouped-query attention, llama3 RoPE) whose projections are on ``kind``
+    (``int4-<path>`` or ``bf16``), and its fused step."""
+    from csmcli.cpu import CpuLinear, bf16_step, cpu_caps
     from csmcli.model import Transformer, TransformerSpec
-    from csmcli.quant import PROJECTIONS, Int4Linear
+    from csmcli.quant import PROJECTIONS, Int4Linear, int4_step
 
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
@@ -227,33 +239,38 @@ def _int4_stack(path: str, dtype: torch.dtype):
         for norm in (block.attn_norm, block.ffn_norm):  # weights that bfloat16 holds exactly
             norm.weight.data = (1 + 0.1 * torch.randn(spec.dim)).bfloat16().float()
         for attr in PROJECTIONS:
-            layer = Int4Linear.from_weight(getattr(block, attr).weight.detach() * 2, 64)
-            layer.use_kernel(kernel(path))
+            weight = getattr(block, attr).weight.detach() * 2
+            if kind == "bf16":
+                layer = CpuLinear(weight.bfloat16(), None, cpu_caps(), kernel=_bf16_kernel())
+            else:
+                layer = Int4Linear.from_weight(weight, 64)
+                layer.use_kernel(kernel(kind.removeprefix("int4-")))
             setattr(block, attr, layer)
     net.norm.weight.data = (1 + 0.1 * torch.randn(spec.dim)).bfloat16().float()
-    return net.to(dtype)
+    net = net.to(dtype)
+    if kind == "bf16":
+        return net, bf16_step(net, _bf16_kernel())
+    return net, int4_step(net, kernel(kind.removeprefix("int4-")))
 
 
-@pytest.mark.skipif(not PATHS, reason="no C++ compiler or no AVX2 on this CPU")
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.skipif(not STEP_KERNELS, reason="no C++ compiler or no AVX2 on this CPU")
+@pytest.mark.parametrize("kind", STEP_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.inference_mode()
-def test_the_fused_int4_step_matches_the_layer_by_layer_one(path: str, dtype: torch.dtype) -> None:
+def test_the_fused_step_matches_the_layer_by_layer_one(kind: str, dtype: torch.dtype) -> None:
     """Depth-decoder steps (two rows, then one, over a cache from position 0) and backbone steps
     (slots at different positions after a prompt) give the outputs and cache entries of the eager
-    layers, up to float32 rounding and the bfloat16 residual stream the eager layers keep."""
-    from csmcli.quant import int4_step
-
-    net = _int4_stack(path, dtype)
-    fused = int4_step(net, kernel(path))
+    layers, on int4 or bf16 products, up to float32 rounding and the bfloat16 roundings the eager
+    layers make (of their residual stream, and of the bf16 kernel's outputs)."""
+    net, fused = _fused_stack(kind, dtype)
     assert fused is not None
     spec = net.spec
 
     def close(got: torch.Tensor, want: torch.Tensor) -> None:
-        if dtype == torch.float32:
+        if dtype == torch.float32 and kind != "bf16":
             torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-3)
-        else:  # bfloat16 roundings (the eager residual stream, both caches) meet the activations'
-            # int8 codes, so each side is about 2% from a float32 run; a misread cache is far off
+        else:  # bfloat16 roundings (the eager residual stream or products, both caches) meet the
+            # activations' int8 codes, so each side is about 2% from a float32 run; a misread cache is far off
             assert float((got.float() - want.float()).norm() / want.float().norm()) < 0.05
 
     caches = [net.new_cache(3, spec.max_len, dtype, torch.device("cpu")) for _ in range(2)]

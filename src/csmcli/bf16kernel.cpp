@@ -128,4 +128,12 @@ int csm_bf16_matmul(const float* x, int M, int K, const uint16_t* w, int N, floa
     return failed ? -2 : 0;
 }
 
+// csm_bf16_matmul with the signature of the products of csmcli.qkernel's fused step (csm_step),
+// which passes a path and an argument this kernel does not need.
+int csm_bf16_product(int path, const float* x, int M, int K, int arg, const void* w, int N, float* y) {
+    (void)path;
+    (void)arg;
+    return csm_bf16_matmul(x, M, K, (const uint16_t*)w, N, y);
+}
+
 }  // extern "C"

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from . import ckernels
+from .qkernel import Product
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,11 @@ class Bf16Kernel:
         if torch.compiler.is_compiling():
             return torch.ops.csmcli.bf16_mm(x, packed, out_features)
         return _product(self.lib, x, packed, out_features)
+
+    @property
+    def product(self) -> Product:
+        """This kernel's product for :class:`csmcli.qkernel.FusedStep` (no path, no argument)."""
+        return Product(ctypes.cast(self.lib.csm_bf16_product, ctypes.c_void_p).value, 0)
 
 
 _ARGTYPES = {

@@ -41,7 +41,7 @@ from . import bf16kernel, qkernel
 from .errors import OptionsError
 from .gemv import GemvKernels, compiled_gemv, gemv, warm_up
 from .model import Transformer, TransformerSpec
-from .quant import Int4Linear, Int8Linear, int4_step
+from .quant import Int4Linear, Int8Linear, int4_step, projections
 
 CPU_KERNELS = ("auto", "packed", "plain")
 #: Vector instruction-set levels the CPU kernels distinguish, best first.
@@ -340,6 +340,20 @@ def prepare_int4(model: nn.Module, caps: CpuCaps, kernels: str) -> str:
     return "+".join(sorted(done))
 
 
+def bf16_step(net: Transformer, kernel: bf16kernel.Bf16Kernel) -> qkernel.FusedStep | None:
+    """A :class:`~csmcli.qkernel.FusedStep` over ``kernel``'s products for ``net`` when every
+    projection of every layer is an unstacked :class:`CpuLinear` on it and the step's own code
+    (:mod:`csmcli.qkernel`'s library, AVX2) builds here; else None."""
+    layers = projections(net)
+    if not layers or not all(isinstance(p, CpuLinear) and p.kernel is kernel for ps in layers for p in ps):
+        return None
+    weights = [p.weight for ps in layers for p in ps]
+    step_lib = qkernel.kernel("avx2")
+    if step_lib is None or any(w.dim() != 3 for w in weights):  # [blocks, in, 16]: one matrix
+        return None
+    return qkernel.FusedStep(net, step_lib.lib, kernel.product, weights, (0, 0, 0, 0))
+
+
 def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1, caps: CpuCaps | None = None) -> str:
     """Swap the model's projections for CPU kernels in place; returns what was used: ``plain``,
     ``bf16-avx2`` (bfloat16 weights on :func:`bf16_kernel`, one row or several), or
@@ -412,6 +426,9 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
         for block in net.layers:
             for name in ("wqkv", "wo", "w13", "w2"):
                 setattr(block, name, swap(getattr(block, name)))
+    if bf16_fast is not None:  # whole steps in one call where every projection is on the bf16 kernel
+        for net in (model.backbone, model.decoder):
+            net.fused_step = bf16_step(net, bf16_fast)
     model.codebook0_head = swap(model.codebook0_head)
     model.projection = swap(model.projection)
     if model.head_layers is None and packable:

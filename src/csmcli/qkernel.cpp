@@ -37,48 +37,41 @@ int csm_int4_cpu_has(int path) {
 
 }  // extern "C"
 
-// x[M, K] -> int8 codes, and per row and group the scale sx, the sum of x and the correction corr.
-// Eight floats a step (G is a multiple of 8); both kernel paths have AVX2.  Codes round to nearest
-// even, as lrintf does in the default rounding mode.
-__attribute__((target("avx2,fma"))) static void quantize_rows(const float* x, int M, int K, int G, int8_t* xq,
-                                                              float* sx, float* xs, float* corr) {
-    const int ng = K / G;
+// One row's group of G floats (a multiple of 8) -> int8 codes, with the group's scale sx, the sum of
+// its values and the correction corr.  Both kernel paths have AVX2.  Codes round to nearest even, as
+// lrintf does in the default rounding mode.
+__attribute__((target("avx2,fma"))) static void quantize_group(const float* v, int G, int8_t* out, float* sx, float* xs,
+                                                               float* corr) {
     const __m256 sign = _mm256_set1_ps(-0.f);
-    for (int m = 0; m < M; ++m) {
-        for (int g = 0; g < ng; ++g) {
-            const float* v = x + (size_t)m * K + (size_t)g * G;
-            __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
-            for (int k = 0; k < G; k += 8) {
-                const __m256 a = _mm256_loadu_ps(v + k);
-                amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, a));
-                sum = _mm256_add_ps(sum, a);
-            }
-            float lanes[8], sums[8];
-            _mm256_storeu_ps(lanes, amax);
-            _mm256_storeu_ps(sums, sum);
-            float top = 0.f, total = 0.f;
-            for (int i = 0; i < 8; ++i) {
-                top = fmaxf(top, lanes[i]);
-                total += sums[i];
-            }
-            const float scale = top / 127.f;
-            const __m256 inv = _mm256_set1_ps(top > 0.f ? 127.f / top : 0.f);
-            int8_t* out = xq + (size_t)m * K + (size_t)g * G;
-            __m256i codes = _mm256_setzero_si256();
-            for (int k = 0; k < G; k += 8) {
-                const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + k), inv));
-                codes = _mm256_add_epi32(codes, q);
-                const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
-                _mm_storel_epi64((__m128i*)(out + k), _mm_packs_epi16(w, w));
-            }
-            int counts[8], count = 0;
-            _mm256_storeu_si256((__m256i*)counts, codes);
-            for (int i = 0; i < 8; ++i) count += counts[i];
-            sx[m * ng + g] = scale;
-            xs[m * ng + g] = total;
-            corr[m * ng + g] = 8.f * (total - scale * (float)count);
-        }
+    __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+    for (int k = 0; k < G; k += 8) {
+        const __m256 a = _mm256_loadu_ps(v + k);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, a));
+        sum = _mm256_add_ps(sum, a);
     }
+    float lanes[8], sums[8];
+    _mm256_storeu_ps(lanes, amax);
+    _mm256_storeu_ps(sums, sum);
+    float top = 0.f, total = 0.f;
+    for (int i = 0; i < 8; ++i) {
+        top = lanes[i] > top ? lanes[i] : top;  // fmaxf would be a library call here
+        total += sums[i];
+    }
+    const float scale = top / 127.f;
+    const __m256 inv = _mm256_set1_ps(top > 0.f ? 127.f / top : 0.f);
+    __m256i codes = _mm256_setzero_si256();
+    for (int k = 0; k < G; k += 8) {
+        const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + k), inv));
+        codes = _mm256_add_epi32(codes, q);
+        const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+        _mm_storel_epi64((__m128i*)(out + k), _mm_packs_epi16(w, w));
+    }
+    int counts[8], count = 0;
+    _mm256_storeu_si256((__m256i*)counts, codes);
+    for (int i = 0; i < 8; ++i) count += counts[i];
+    *sx = scale;
+    *xs = total;
+    *corr = 8.f * (total - scale * (float)count);
 }
 
 static inline size_t group_bytes(int G) { return 64 + (size_t)8 * G; }
@@ -89,6 +82,12 @@ static inline size_t group_bytes(int G) { return 64 + (size_t)8 * G; }
 // requests only compete with the prefetcher's.
 constexpr int PREFETCH_ROWS = 4;
 constexpr int PREFETCH_BYTES = 2048;
+
+// acc += a . broadcast(*x), the broadcast folded into the instruction's memory operand and the
+// accumulator tied to its register: with the intrinsic GCC copies every accumulator at each use.
+__attribute__((target("avx512f,avx512vnni"))) static inline void dpbusd_bcast(__m512i& acc, __m512i a, const int32_t* x) {
+    asm("vpdpbusd %[x]%{1to16%}, %[a], %[acc]" : [acc] "+v"(acc) : [a] "v"(a), [x] "m"(*x));
+}
 
 template <int MB>
 __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl,f16c"))) static void block_vnni(
@@ -115,11 +114,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl,f16c"))) static void
             const __m512i a = _mm512_and_si512(v, mask);
             const __m512i b = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
             for (int m = 0; m < MB; ++m) {
-                int32_t xa, xb;
-                memcpy(&xa, xg + (size_t)m * K + 8 * j, 4);
-                memcpy(&xb, xg + (size_t)m * K + 8 * j + 4, 4);
-                acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], a, _mm512_set1_epi32(xa));
-                acc[m][NA - 1] = _mm512_dpbusd_epi32(acc[m][NA - 1], b, _mm512_set1_epi32(xb));
+                const int32_t* xm = (const int32_t*)(xg + (size_t)m * K + 8 * j);
+                dpbusd_bcast(acc[m][0], a, xm);
+                dpbusd_bcast(acc[m][NA - 1], b, xm + 1);
             }
         }
         for (int m = 0; m < MB; ++m) {
@@ -270,44 +267,54 @@ static row_fn pick8(int path, int rows) {
     return (path == 2 ? vnni : avx2)[rows - 1];
 }
 
-// The activations' int8 codes and per-group sums, in a per-thread buffer reused across calls.
+// The activations' int8 codes and per-group sums, in the calling thread's buffer (reused across
+// calls); the threads of a parallel region share its pointers.
 struct Codes {
     int8_t* xq;
     float *sx, *xs, *corr;
+    int K, G, ng;
+    Codes(int M, int K_, int G_) : K(K_), G(G_), ng(K_ / G_) {
+        static thread_local std::vector<uint8_t> scratch;
+        const size_t codes = ((size_t)M * K + 63) & ~(size_t)63;
+        scratch.resize(codes + sizeof(float) * 3 * (size_t)M * ng);
+        xq = (int8_t*)scratch.data();
+        sx = (float*)(scratch.data() + codes);
+        xs = sx + (size_t)M * ng;
+        corr = xs + (size_t)M * ng;
+    }
+    // Quantizes group i of the M * ng (row-major) of x; each one is independent of the others.
+    void fill(const float* x, int i) const {
+        const int m = i / ng, g = i % ng;
+        const size_t at = (size_t)m * K + (size_t)g * G;
+        quantize_group(x + at, G, xq + at, sx + i, xs + i, corr + i);
+    }
 };
-
-static Codes quantize(const float* x, int M, int K, int G) {
-    static thread_local std::vector<uint8_t> scratch;
-    const int ng = K / G;
-    const size_t codes = ((size_t)M * K + 63) & ~(size_t)63;
-    scratch.resize(codes + sizeof(float) * 3 * (size_t)M * ng);
-    Codes c;
-    c.xq = (int8_t*)scratch.data();
-    c.sx = (float*)(scratch.data() + codes);
-    c.xs = c.sx + (size_t)M * ng;
-    c.corr = c.xs + (size_t)M * ng;
-    quantize_rows(x, M, K, G, c.xq, c.sx, c.xs, c.corr);
-    return c;
-}
 
 extern "C" {
 
 // y[M, N] = x[M, K] @ W^T for a weight packed in ceil(N / 16) blocks.  Returns 0, or -1 when the
 // path cannot run here.
-int csm_int4_matmul(int path, const float* x, int M, int K, int G, const uint8_t* w, int N, float* y) {
+int csm_int4_matmul(int path, const float* x, int M, int K, int G, const void* weights, int N, float* y) {
+    const uint8_t* w = (const uint8_t*)weights;
     if (!csm_int4_cpu_has(path) || K % G != 0 || G % 8 != 0) return -1;
     const int ng = K / G;
-    const Codes c = quantize(x, M, K, G);
+    const Codes c(M, K, G);
     const size_t stride = (size_t)ng * group_bytes(G);
     const int blocks = (N + 15) / 16;
     const int per_pass = rows_per_pass(path);
-#pragma omp parallel for schedule(static)
-    for (int b = 0; b < blocks; ++b) {
-        const int ncols = N - 16 * b < 16 ? N - 16 * b : 16;
-        for (int m0 = 0; m0 < M; m0 += per_pass) {
-            const int rows = M - m0 < per_pass ? M - m0 : per_pass;
-            pick(path, rows)(w + b * stride, K, G, c.xq + (size_t)m0 * K, c.sx + (size_t)m0 * ng,
-                             c.xs + (size_t)m0 * ng, c.corr + (size_t)m0 * ng, y + (size_t)m0 * N + 16 * b, N, ncols);
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int i = 0; i < M * ng; ++i) c.fill(x, i);
+#pragma omp for schedule(static)
+        for (int b = 0; b < blocks; ++b) {
+            const int ncols = N - 16 * b < 16 ? N - 16 * b : 16;
+            for (int m0 = 0; m0 < M; m0 += per_pass) {
+                const int rows = M - m0 < per_pass ? M - m0 : per_pass;
+                pick(path, rows)(w + b * stride, K, G, c.xq + (size_t)m0 * K, c.sx + (size_t)m0 * ng,
+                                 c.xs + (size_t)m0 * ng, c.corr + (size_t)m0 * ng, y + (size_t)m0 * N + 16 * b, N,
+                                 ncols);
+            }
         }
     }
     return 0;
@@ -319,28 +326,36 @@ int csm_int8_matmul(int path, const float* x, int M, int K, int G, const int8_t*
                     float* y) {
     if (!csm_int4_cpu_has(path) || K % G != 0 || G % 64 != 0) return -1;
     const int ng = K / G;
-    const Codes c = quantize(x, M, K, G);
-    // One contiguous run of rows per thread: interleaved chunks of 16 rows streamed far slower.
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; ++n) {
-        for (int m0 = 0; m0 < M; m0 += 4) {
-            const int rows = M - m0 < 4 ? M - m0 : 4;
-            pick8(path, rows)(w + (size_t)n * K, K, G, c.xq + (size_t)m0 * K, c.sx + (size_t)m0 * ng,
-                              y + (size_t)m0 * N + n, N);
+    const Codes c(M, K, G);
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int i = 0; i < M * ng; ++i) c.fill(x, i);
+        // One contiguous run of rows per thread: interleaved chunks of 16 rows streamed far slower.
+#pragma omp for schedule(static)
+        for (int n = 0; n < N; ++n) {
+            for (int m0 = 0; m0 < M; m0 += 4) {
+                const int rows = M - m0 < 4 ? M - m0 : 4;
+                pick8(path, rows)(w + (size_t)n * K, K, G, c.xq + (size_t)m0 * K, c.sx + (size_t)m0 * ng,
+                                  y + (size_t)m0 * N + n, N);
+            }
+            for (int m = 0; m < M; ++m) y[(size_t)m * N + n] *= scales[n];
         }
-        for (int m = 0; m < M; ++m) y[(size_t)m * N + n] *= scales[n];
     }
     return 0;
 }
 
 }  // extern "C"
 
-// ---- One transformer step over int4 layers -------------------------------------------------------
+// ---- One transformer step ------------------------------------------------------------------------
 //
 // A whole decoding step of a Llama-style stack (RMSNorm, fused QKV, rotate-half RoPE, grouped-query
 // attention over a KV cache, output projection, SwiGLU) in one call: a step of the depth decoder is
-// about 1.3 ms of weights, and ~30 eager torch operations per layer cost as much again.  The
-// residual stream stays in float32; every product is csm_int4_matmul.
+// about 1.3 ms of int4 weights, and ~30 eager torch operations per layer cost as much again.  The
+// residual stream stays in float32.  The products are the caller's kernel, any function with
+// csm_int4_matmul's signature (csm_int4_matmul itself, or csmcli's bf16 kernel's csm_bf16_product).
+
+typedef int (*product_fn)(int path, const float* x, int M, int K, int arg, const void* w, int N, float* y);
 
 namespace {
 
@@ -461,15 +476,16 @@ extern "C" {
 
 // x[B*T, dim] (float32, rows of slot b at positions pos[b*T + t]) through n_layers blocks and the
 // final norm, in place.  Each row attends to its slot's cached keys at positions 0..pos, after its
-// own key and value are written there.  weights: per layer wqkv, wo, w13, w2 packed as
-// csmcli.qkernel.pack writes them, with input groups groups[0..3]; norms: per layer the attention
-// and feed-forward norm weights, then the final one (float32); cos, sin: RoPE tables [positions,
-// head_dim], sin with rotate-half's sign folded in.  Returns 0, or -1 when the path cannot run here.
-int csm_int4_step(int path, int n_layers, int dim, int n_heads, int n_kv, int head_dim, int ffn, float eps,
-                  const uint8_t* const* weights, const int* groups, const float* const* norms, const float* cos,
-                  const float* sin, float* x, int B, int T, const int64_t* pos, void* cache, int cache_bf16,
-                  const int64_t* strides) {
-    if (!csm_int4_cpu_has(path) || n_kv <= 0 || n_heads % n_kv) return -1;
+// own key and value are written there.  weights: per layer wqkv, wo, w13, w2 in the layout of
+// product, which gets path and args[0..3] (the int4 kernel's input groups) with them; norms: per
+// layer the attention and feed-forward norm weights, then the final one (float32); cos, sin: RoPE
+// tables [positions, head_dim], sin with rotate-half's sign folded in.  Returns 0, or -1 when this
+// CPU lacks AVX2 and FMA or a product cannot run here.
+int csm_step(product_fn product, int path, int n_layers, int dim, int n_heads, int n_kv, int head_dim, int ffn,
+             float eps, const void* const* weights, const int* args, const float* const* norms, const float* cos,
+             const float* sin, float* x, int B, int T, const int64_t* pos, void* cache, int cache_bf16,
+             const int64_t* strides) {
+    if (!csm_int4_cpu_has(1) || n_kv <= 0 || n_heads % n_kv) return -1;
     const int M = B * T, qd = n_heads * head_dim, kvd = n_kv * head_dim, nqkv = qd + 2 * kvd, half = head_dim / 2;
     static thread_local std::vector<float> h, qkv, att, o, gu, act;
     h.resize((size_t)M * dim);
@@ -483,9 +499,9 @@ int csm_int4_step(int path, int n_layers, int dim, int n_heads, int n_kv, int he
     for (int r = 0; r < M; ++r) longest = pos[r] > longest ? pos[r] : longest;
     const float scale = 1.f / sqrtf((float)head_dim);
     for (int l = 0; l < n_layers; ++l) {
-        const uint8_t* const* w = weights + 4 * l;
+        const void* const* w = weights + 4 * l;
         rms_norm(x, h.data(), M, dim, norms[2 * l], eps);
-        if (csm_int4_matmul(path, h.data(), M, dim, groups[0], w[0], nqkv, qkv.data())) return -1;
+        if (product(path, h.data(), M, dim, args[0], w[0], nqkv, qkv.data())) return -1;
         for (int r = 0; r < M; ++r) {  // RoPE on query and key heads, then this row's key and value into the cache
             float* row = qkv.data() + (size_t)r * nqkv;
             const float* c = cos + pos[r] * head_dim;
@@ -530,12 +546,12 @@ int csm_int4_step(int path, int n_layers, int dim, int n_heads, int n_kv, int he
                 memcpy(outs + (size_t)r * qd + j * head_dim, acc.data(), sizeof(float) * head_dim);
             }
         }
-        if (csm_int4_matmul(path, att.data(), M, qd, groups[1], w[1], dim, o.data())) return -1;
+        if (product(path, att.data(), M, qd, args[1], w[1], dim, o.data())) return -1;
         add_into(x, o.data(), (size_t)M * dim);
         rms_norm(x, h.data(), M, dim, norms[2 * l + 1], eps);
-        if (csm_int4_matmul(path, h.data(), M, dim, groups[2], w[2], 2 * ffn, gu.data())) return -1;
+        if (product(path, h.data(), M, dim, args[2], w[2], 2 * ffn, gu.data())) return -1;
         swiglu(gu.data(), act.data(), M, ffn);
-        if (csm_int4_matmul(path, act.data(), M, ffn, groups[3], w[3], dim, o.data())) return -1;
+        if (product(path, act.data(), M, ffn, args[3], w[3], dim, o.data())) return -1;
         add_into(x, o.data(), (size_t)M * dim);
     }
     rms_norm(x, x, M, dim, norms[2 * n_layers], eps);

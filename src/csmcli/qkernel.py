@@ -8,9 +8,9 @@
 * int8 (W8A8, :meth:`QKernel.int8_matmul`): the same activation quantization over the plain int8
   layout of :class:`csmcli.quant.Int8Linear`, for the single rows where the float gemv over int8
   weights is compute-bound on one core.
-* a whole transformer step over int4 layers (:meth:`QKernel.step`, used by
-  :class:`csmcli.quant.Int4Step`): norms, RoPE, attention over the cache and SwiGLU in C++ around
-  the int4 products, one call per step instead of ~30 eager operations per layer.
+* a whole transformer step (:class:`FusedStep`): norms, RoPE, attention over the cache and SwiGLU in
+  C++ around the products of a matrix kernel (this int4 one, or :mod:`csmcli.bf16kernel`), one
+  call per step instead of ~30 eager operations per layer.
 
 Both live in one small C++ file, built by :mod:`csmcli.ckernels` and called through ctypes (or, in
 compiled code, as torch operators); without a compiler :func:`kernel` returns None and callers use
@@ -21,13 +21,18 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from . import ckernels
+
+if TYPE_CHECKING:
+    from .model import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -140,40 +145,10 @@ class QKernel:
             return torch.ops.csmcli.int4_mm(x, packed, out_features, group, PATHS[self.path])
         return _product(self.lib, PATHS[self.path], x, packed, out_features, group)
 
-    def step(
-        self,
-        shape: StackShape,
-        weights: ctypes.Array,
-        groups: ctypes.Array,
-        norms: ctypes.Array,
-        rope: tuple[Tensor, Tensor],
-        x: Tensor,
-        pos: Tensor,
-        cache: Tensor,
-    ) -> None:
-        """One step of a whole transformer (``csm_int4_step``), in place on float32 rows ``x``
-        ``[B * T, dim]`` at positions ``pos`` (int64 ``[B, T]``), keys and values into ``cache``
-        (float32 or bfloat16 ``[layers, 2, B, kv_heads, length, head_dim]``, any strides but the last).
-        ``weights`` (per layer: wqkv, wo, w13, w2 as :func:`pack` wrote them), ``groups`` (their
-        four input groups) and ``norms`` (per layer two float32 weights, then the final one) are
-        ctypes arrays of pointers or ints; ``rope``: float32 cosines and signed sines."""
-        if cache.dtype not in (torch.float32, torch.bfloat16) or cache.stride(-1) != 1:
-            raise ValueError("the int4 step needs a float32 or bfloat16 cache with contiguous rows")
-        s = shape
-        b, t = pos.shape
-        # the C++ code indexes rows, cache and tables unchecked: anything out of range is an error here
-        if x.shape != (b * t, s.dim) or cache.shape[2] < b:
-            raise IndexError(f"rows {tuple(x.shape)} do not fit positions {tuple(pos.shape)} and the cache")
-        if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= min(cache.shape[-2], rope[0].shape[0])):
-            raise IndexError(f"positions {pos.tolist()} are outside the cache ({cache.shape[-2]} positions)")
-        strides = (ctypes.c_int64 * 5)(*cache.stride()[:5])
-        status = self.lib.csm_int4_step(
-            PATHS[self.path], s.n_layers, s.dim, s.n_heads, s.n_kv_heads, s.head_dim, s.ffn_dim, s.norm_eps,
-            weights, groups, norms, rope[0].data_ptr(), rope[1].data_ptr(), x.data_ptr(), b, t, pos.data_ptr(),
-            cache.data_ptr(), int(cache.dtype == torch.bfloat16), strides,
-        )  # fmt: skip
-        if status:
-            raise RuntimeError(f"int4 kernel path {self.path} cannot run on this CPU")
+    @property
+    def product(self) -> Product:
+        """This kernel's int4 product for :class:`FusedStep` (its weights' argument: the input group)."""
+        return Product(ctypes.cast(self.lib.csm_int4_matmul, _PTR).value, PATHS[self.path])
 
     def int8_matmul(self, x: Tensor, weight: Tensor, scales: Tensor, group: int) -> Tensor:
         """``(x [M, K] @ weight.T) * scales -> [M, N]`` in float32 for a plain int8 ``weight [N, K]`` and
@@ -188,8 +163,17 @@ _PTR = ctypes.c_void_p
 
 
 @dataclass(frozen=True)
+class Product:
+    """A matrix kernel as :class:`FusedStep` calls it: the address of a C function with
+    ``csm_int4_matmul``'s signature and the path it is given."""
+
+    address: int
+    path: int
+
+
+@dataclass(frozen=True)
 class StackShape:
-    """What ``csm_int4_step`` needs to know of a transformer besides its weights."""
+    """What ``csm_step`` needs to know of a transformer besides its weights."""
 
     n_layers: int
     dim: int
@@ -204,7 +188,7 @@ _ARGTYPES = {
     "csm_int4_cpu_has": [_INT],
     "csm_int4_matmul": [_INT, _PTR, _INT, _INT, _INT, _PTR, _INT, _PTR],
     "csm_int8_matmul": [_INT, _PTR, _INT, _INT, _INT, _PTR, _PTR, _INT, _PTR],
-    "csm_int4_step": [_INT] * 7 + [ctypes.c_float] + [_PTR] * 5 + [_PTR, _INT, _INT, _PTR, _PTR, _INT, _PTR],
+    "csm_step": [_PTR] + [_INT] * 7 + [ctypes.c_float] + [_PTR] * 5 + [_PTR, _INT, _INT, _PTR, _PTR, _INT, _PTR],
 }
 
 
@@ -224,3 +208,54 @@ def kernel(path: str | None, build_dir: Path | None = None) -> QKernel | None:
         log.warning("this CPU lacks the instructions of the %s kernels for quantized weights; using torch's", path)
         return None
     return QKernel(lib, path)
+
+
+class FusedStep:
+    """A whole step of ``net`` (a few rows) in one C++ call (``csm_step``): norms, RoPE, attention
+    over the cache and SwiGLU around ``product``'s four products per layer, the residual stream in
+    float32.  A depth-decoder step's ~120 eager operations cost about as much as its int4 weights
+    take to read.  ``weights``: per layer wqkv, wo, w13, w2 in ``product``'s layout, ``args`` the
+    four values it gets with them (the same for every layer).  :meth:`Transformer.forward` calls it
+    for steps; :func:`csmcli.quant.int4_step` and :func:`csmcli.cpu.bf16_step` make one."""
+
+    def __init__(
+        self, net: Transformer, lib: ctypes.CDLL, product: Product, weights: Sequence[Tensor], args: Sequence[int]
+    ) -> None:
+        s = net.spec
+        self.lib, self.product = lib, product
+        self.shape = StackShape(s.n_layers, s.dim, s.n_heads, s.n_kv_heads, s.head_dim, s.ffn_dim, s.norm_eps)
+        if len(weights) != 4 * s.n_layers or len(args) != 4:
+            raise ValueError(f"a step of {s.n_layers} layers needs 4 weights a layer and 4 arguments")
+        self.tensors = list(weights)  # the kernel reads these through raw pointers: keep them referenced
+        self.norms_f32 = [n.weight.detach().float().contiguous() for b in net.layers for n in (b.attn_norm, b.ffn_norm)]
+        self.norms_f32.append(net.norm.weight.detach().float().contiguous())
+        self.rope = tuple(t.float().contiguous() for t in net.rope_tables(torch.float32))
+        self.weights = (_PTR * len(self.tensors))(*(t.data_ptr() for t in self.tensors))
+        self.args = (_INT * 4)(*args)
+        self.norms = (_PTR * len(self.norms_f32))(*(t.data_ptr() for t in self.norms_f32))
+
+    def __call__(self, x: Tensor, pos: Tensor, cache: Tensor) -> Tensor:
+        """``net(x, pos, cache, ...)`` for rows ``x`` ``[B, T, dim]`` at positions ``pos`` (``[B, T]``),
+        each attending to its slot's positions up to its own (the rule of every mask csmcli builds);
+        keys and values go into ``cache`` (float32 or bfloat16 ``[layers, 2, B, kv_heads, length,
+        head_dim]``, any strides but the last)."""
+        if cache.dtype not in (torch.float32, torch.bfloat16) or cache.stride(-1) != 1:
+            raise ValueError("the fused step needs a float32 or bfloat16 cache with contiguous rows")
+        s, (b, t, d) = self.shape, x.shape
+        # the C++ code indexes rows, cache and tables unchecked: anything out of range is an error here
+        if d != s.dim or pos.shape != (b, t) or cache.shape[2] < b:
+            raise IndexError(f"rows {tuple(x.shape)} do not fit positions {tuple(pos.shape)} and the cache")
+        if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= min(cache.shape[-2], self.rope[0].shape[0])):
+            raise IndexError(f"positions {pos.tolist()} are outside the cache ({cache.shape[-2]} positions)")
+        rows = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True).view(b * t, d)
+        pos = pos.to(torch.int64).contiguous()
+        strides = (ctypes.c_int64 * 5)(*cache.stride()[:5])
+        status = self.lib.csm_step(
+            self.product.address, self.product.path, s.n_layers, s.dim, s.n_heads, s.n_kv_heads, s.head_dim,
+            s.ffn_dim, s.norm_eps, self.weights, self.args, self.norms, self.rope[0].data_ptr(),
+            self.rope[1].data_ptr(), rows.data_ptr(), b, t, pos.data_ptr(), cache.data_ptr(),
+            int(cache.dtype == torch.bfloat16), strides,
+        )  # fmt: skip
+        if status:
+            raise RuntimeError("the fused step's kernels cannot run on this CPU")
+        return rows.view(b, t, d).to(x.dtype)

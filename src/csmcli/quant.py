@@ -19,7 +19,6 @@ Embeddings stay in the model's dtype.
 
 from __future__ import annotations
 
-import ctypes
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -29,7 +28,7 @@ from torch import Tensor, nn
 
 from .gemv import gemv_int8
 from .model import CSMModel, Transformer
-from .qkernel import QKernel, StackShape, pack
+from .qkernel import FusedStep, QKernel, pack
 
 # from this many rows on (prefill), CPU products dequantize the weight and use the float GEMM
 DEQUANTIZE_ROWS = 32
@@ -286,49 +285,21 @@ class Int4Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
-def _projections(net: Transformer) -> list[list[nn.Module]]:
+def projections(net: Transformer) -> list[list[nn.Module]]:
     """Each block's projections, in :data:`PROJECTIONS` order."""
     return [[getattr(block, a) for a in PROJECTIONS] for block in net.layers]
 
 
-class Int4Step:
-    """A whole step of ``net`` (a few rows) in one call of :meth:`QKernel.step` (norms, attention and
-    the four products of every layer in C++): a depth-decoder step's ~120 eager operations cost
-    about as much as its weights take to read.  :func:`int4_step` makes one where every
-    projection of ``net`` runs on the kernel; :meth:`Transformer.forward` calls it for steps."""
-
-    def __init__(self, net: Transformer, kernel: QKernel) -> None:
-        s = net.spec
-        self.kernel = kernel
-        self.shape = StackShape(s.n_layers, s.dim, s.n_heads, s.n_kv_heads, s.head_dim, s.ffn_dim, s.norm_eps)
-        layers = _projections(net)
-        self.groups = (ctypes.c_int * 4)(*(p.group for p in layers[0]))
-        # the kernel reads these through raw pointers: keep them referenced here
-        self.tensors = [p.kernel_weights for ps in layers for p in ps]
-        self.norms_f32 = [n.weight.detach().float().contiguous() for b in net.layers for n in (b.attn_norm, b.ffn_norm)]
-        self.norms_f32.append(net.norm.weight.detach().float().contiguous())
-        self.rope = tuple(t.float().contiguous() for t in net.rope_tables(torch.float32))
-        self.weights = (ctypes.c_void_p * len(self.tensors))(*(t.data_ptr() for t in self.tensors))
-        self.norms = (ctypes.c_void_p * len(self.norms_f32))(*(t.data_ptr() for t in self.norms_f32))
-
-    def __call__(self, x: Tensor, pos: Tensor, cache: Tensor) -> Tensor:
-        """``net(x, pos, cache, ...)`` for rows ``x`` ``[B, T, dim]``, each attending to its slot's
-        positions up to its own (the rule of every mask csmcli builds)."""
-        b, t, d = x.shape
-        rows = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True).view(b * t, d)
-        self.kernel.step(self.shape, self.weights, self.groups, self.norms, self.rope, rows,
-                         pos.to(torch.int64).contiguous(), cache)  # fmt: skip
-        return rows.view(b, t, d).to(x.dtype)
-
-
-def int4_step(net: Transformer, kernel: QKernel) -> Int4Step | None:
-    """An :class:`Int4Step` for ``net`` when every projection of every layer is an unstacked
-    :class:`Int4Linear` on ``kernel`` with the same groups layer to layer; else None."""
-    layers = _projections(net)
+def int4_step(net: Transformer, kernel: QKernel) -> FusedStep | None:
+    """A :class:`~csmcli.qkernel.FusedStep` over ``kernel``'s int4 products for ``net`` when every
+    projection of every layer is an unstacked :class:`Int4Linear` on ``kernel`` with the same groups
+    layer to layer; else None."""
+    layers = projections(net)
     ok = layers and all(isinstance(p, Int4Linear) and p.kernel == kernel and not p.stacked for ps in layers for p in ps)
     if not ok or any([p.group for p in ps] != [p.group for p in layers[0]] for ps in layers):
         return None
-    return Int4Step(net, kernel)
+    weights = [p.kernel_weights for ps in layers for p in ps]
+    return FusedStep(net, kernel.lib, kernel.product, weights, [p.group for p in layers[0]])
 
 
 def check_quantization(name: str) -> str:
