@@ -166,6 +166,19 @@ def test_the_avx2_engine_runs_bf16_on_the_kernel_with_the_codes_of_the_float32_p
 
 
 @needs_kernel
+def test_int4_weights_keep_the_int4_fused_step_where_bf16_is_the_dtype(tiny_dir) -> None:
+    """int4 with bf16 as the model's dtype on the AVX2 path (what ``auto`` picks there): both
+    transformers step on the int4 kernel's products, not on no fused step at all."""
+    from csmcli import Synthesizer, qkernel
+
+    settings = {"device": "cpu", "dtype": "bfloat16", "cpu_isa": "avx2", "quantize": "int4"}
+    synth = Synthesizer.load(str(tiny_dir), **settings)
+    int4 = qkernel.kernel("avx2")
+    for net in (synth.model.backbone, synth.model.decoder):
+        assert net.fused_step is not None and net.fused_step.product == int4.product
+
+
+@needs_kernel
 def test_a_compiled_two_slot_avx2_bf16_engine_runs_the_kernel_inside_its_graphs(tiny_dir) -> None:
     """``csm serve --compile --dtype bfloat16`` on an AVX2-only CPU: the loader lets it through (the
     bf16 kernel leaves nothing packed), the compiler keeps the operator in its graphs (no graph

@@ -19,8 +19,9 @@ On a CPU a frame's speed is how fast the weights stream from memory.  Per matrix
   layout the compiler reads.
 * bfloat16 weights a CPU cannot pack: csmcli's bf16 kernel (:mod:`csmcli.bf16kernel`, AVX2, needs
   a C++ compiler) keeps one re-laid-out bfloat16 copy and serves single rows and a batch's rows at
-  memory speed; without it single rows take the gemv and multi-slot engines pack the weights once
-  as float32 (twice the bytes) rather than converting them on every call of a batch.
+  memory speed, and each step of both transformers runs in one call around it (:func:`bf16_step`);
+  without it single rows take the gemv and multi-slot engines pack the weights once as float32
+  (twice the bytes) rather than converting them on every call of a batch.
 
 ``cpu_kernels`` picks ``auto`` (gemv where it helps and a compiler works, packed elsewhere),
 ``packed`` (no compiler) or ``plain``; ``cpu_isa`` limits the choice to what a CPU with a lesser
@@ -369,7 +370,8 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     bf16 kernels (``caps``) are not packed as bf16: a one-slot engine keeps them plain (single rows
     take the gemv, several rows float32), a multi-slot engine packs them as float32 (twice the
     weights' bytes, as a float32 model; converting them on each call of a batch made batch 8 slower
-    than one stream), unless :func:`bf16_kernel` serves them (every engine, in bfloat16).
+    than one stream), unless :func:`bf16_kernel` serves them (every engine, in bfloat16, with
+    :func:`bf16_step`'s whole steps).
     int8 layers move to fbgemm (:meth:`~csmcli.quant.Int8Linear.use_fbgemm`), in multi-slot
     engines, unless compiled code reads them; one-slot engines keep (or return to)
     the plain layout, whose numerics are closer to bf16 (``scripts/int8_kernels_fidelity.py``).
@@ -427,8 +429,8 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
             for name in ("wqkv", "wo", "w13", "w2"):
                 setattr(block, name, swap(getattr(block, name)))
     if bf16_fast is not None:  # whole steps in one call where every projection is on the bf16 kernel
-        for net in (model.backbone, model.decoder):
-            net.fused_step = bf16_step(net, bf16_fast)
+        for net in (model.backbone, model.decoder):  # (int4 ones keep prepare_int4's)
+            net.fused_step = net.fused_step or bf16_step(net, bf16_fast)
     model.codebook0_head = swap(model.codebook0_head)
     model.projection = swap(model.projection)
     if model.head_layers is None and packable:

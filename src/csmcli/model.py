@@ -235,7 +235,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(spec.dim, spec.norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(spec.head_dim, spec.rope), persistent=False)
         self._rope: dict[str, Any] = {}
-        # a whole step in one call, where the CPU preparation made one (csmcli.quant.Int4Step)
+        # a whole step in one call, where the CPU preparation made one (csmcli.qkernel.FusedStep)
         self.fused_step: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
 
     def rope_tables(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
