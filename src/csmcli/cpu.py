@@ -349,10 +349,10 @@ def bf16_step(net: Transformer, kernel: bf16kernel.Bf16Kernel) -> qkernel.FusedS
     if not layers or not all(isinstance(p, CpuLinear) and p.kernel is kernel for ps in layers for p in ps):
         return None
     weights = [p.weight for ps in layers for p in ps]
-    step_lib = qkernel.kernel("avx2")
-    if step_lib is None or any(w.dim() != 3 for w in weights):  # [blocks, in, 16]: one matrix
+    if any(w.dim() != 3 for w in weights):  # [blocks, in, 16]: one matrix each
         return None
-    return qkernel.FusedStep(net, step_lib.lib, kernel.product, weights, (0, 0, 0, 0))
+    step_lib = qkernel.kernel("avx2")
+    return None if step_lib is None else qkernel.FusedStep(net, step_lib.lib, kernel.product, weights, (0, 0, 0, 0))
 
 
 def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1, caps: CpuCaps | None = None) -> str:

@@ -480,7 +480,7 @@ extern "C" {
 // product, which gets path and args[0..3] (the int4 kernel's input groups) with them; norms: per
 // layer the attention and feed-forward norm weights, then the final one (float32); cos, sin: RoPE
 // tables [positions, head_dim], sin with rotate-half's sign folded in.  Returns 0, or -1 when this
-// CPU lacks AVX2 and FMA or a product cannot run here.
+// CPU lacks the AVX2 path's instructions (csm_int4_cpu_has(1)) or a product cannot run here.
 int csm_step(product_fn product, int path, int n_layers, int dim, int n_heads, int n_kv, int head_dim, int ffn,
              float eps, const void* const* weights, const int* args, const float* const* norms, const float* cos,
              const float* sin, float* x, int B, int T, const int64_t* pos, void* cache, int cache_bf16,

@@ -12,7 +12,7 @@
   C++ around the products of a matrix kernel (this int4 one, or :mod:`csmcli.bf16kernel`), one
   call per step instead of ~30 eager operations per layer.
 
-Both live in one small C++ file, built by :mod:`csmcli.ckernels` and called through ctypes (or, in
+All three live in one small C++ file, built by :mod:`csmcli.ckernels` and called through ctypes (or, in
 compiled code, as torch operators); without a compiler :func:`kernel` returns None and callers use
 torch's kernels.
 """
