@@ -20,7 +20,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from . import hugepages
 from .engine import Job
+from .model import CSMModel, held_weights
 from .options import FRAME_MS, GenerationOptions
 from .prompt import Prompt
 from .threads import physical_cores, spinners
@@ -216,21 +218,6 @@ def _prefix_ttfa(loop: FrameLoop, setup: BenchSetup) -> dict[str, float]:
     return out
 
 
-def _module_tensors(module: nn.Module) -> list[Tensor]:
-    """The weights ``module`` and its children hold: parameters, persistent buffers (int8 scales; not
-    RoPE frequencies), and matrices kept as plain attributes (packed CPU weights, some in tuples,
-    fbgemm's included)."""
-    found: list[Tensor] = []
-    for m in module.modules():
-        buffers = [t for name, t in m._buffers.items() if name not in m._non_persistent_buffers_set]
-        found += [t for t in (*m._parameters.values(), *buffers) if t is not None]
-        for value in vars(m).values():
-            items = value if isinstance(value, tuple | list) else (value,)
-            found += [t for t in items if isinstance(t, Tensor) and t.dim() >= 2]
-            found += [_fbgemm_weight(t) for t in items if isinstance(t, torch.ScriptObject)]
-    return found
-
-
 def _fbgemm_weight(packed: torch.ScriptObject) -> Tensor:
     """The int8 matrix inside fbgemm's packed linear weights (what their reads cost)."""
     return torch.ops.quantized.linear_unpack(packed)[0].int_repr()
@@ -248,15 +235,15 @@ def _tensor_bytes(tensors: list[Tensor]) -> int:
     return total
 
 
-def frame_weight_bytes(model: nn.Module) -> int:
-    """Bytes of weights one frame reads, as stored (float, packed, int8...): the backbone and the
-    codebook-0 head once, the depth decoder once per codebook after the first, the projection once per
-    codebook (the backbone state, then each new code), and each codebook's depth head once."""
-    steps = model.num_codebooks - 1
-    heads = model.head_layers if model.head_layers is not None else model.audio_head
-    parts = [(model.backbone, 1), (model.codebook0_head, 1), (model.projection, steps + 1), (model.decoder, steps)]
-    total = sum(count * _tensor_bytes(_module_tensors(m)) for m, count in parts)
-    return total + _tensor_bytes(_module_tensors(heads) if isinstance(heads, nn.Module) else [heads])
+def frame_weight_bytes(model: CSMModel) -> int:
+    """Bytes of weights one frame reads (:meth:`~csmcli.model.CSMModel.frame_parts`), as stored
+    (float, packed, int8...)."""
+    return sum(count * _tensor_bytes(_weights(part)) for part, count in model.frame_parts())
+
+
+def _weights(part: nn.Module | Tensor) -> list[Tensor]:
+    """The matrices behind :func:`~csmcli.model.held_weights` (fbgemm's unpacked)."""
+    return [t if isinstance(t, Tensor) else _fbgemm_weight(t) for t in held_weights(part)]
 
 
 def memory_read_gb_s(size_bytes: int = 2**30, repeats: int = 4) -> float:
@@ -342,6 +329,8 @@ def _measure_all(
     if cpu:
         weights = frame_weight_bytes(engine.model)
         result["frame_weight_mb"] = weights / 1e6
+        streamed = [t for part, _ in engine.model.frame_parts() for t in _weights(part)]
+        result["frame_weight_mb_in_huge_pages"] = hugepages.bytes_in_arenas(streamed) / 1e6
         result["memory_read_gb_s"] = memory_read_gb_s()
         result["floor_ms_per_frame"] = 1e3 * weights / (result["memory_read_gb_s"] * 1e9)
     result.update(measure_engine(engine, setup))

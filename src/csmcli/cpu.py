@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import bf16kernel, qkernel
+from . import bf16kernel, hugepages, qkernel
 from .errors import OptionsError
 from .gemv import GemvKernels, compiled_gemv, gemv, warm_up
-from .model import Transformer, TransformerSpec
+from .model import Transformer, TransformerSpec, held_weights
 from .quant import Int4Linear, Int8Linear, int4_step, projections
 
 CPU_KERNELS = ("auto", "packed", "plain")
@@ -321,8 +321,7 @@ def prepare_int4(model: nn.Module, caps: CpuCaps, kernels: str) -> str:
     """Give every :class:`~csmcli.quant.Int4Linear` its CPU product; returns what it is (``""``
     without int4 layers): ``int4-avx512_vnni`` / ``int4-avx2``, the W4A8 kernel of
     :mod:`csmcli.qkernel` for the CPU's instruction set, or ``int4pack``, torch's own int4 kernel
-    (``plain`` kernels, no C++ compiler, or a CPU with neither path).  Transformers whose
-    projections are all on the kernel also get its fused step (:func:`~csmcli.quant.int4_step`)."""
+    (``plain`` kernels, no C++ compiler, or a CPU with neither path)."""
     layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
     if not layers:
         return ""
@@ -334,9 +333,6 @@ def prepare_int4(model: nn.Module, caps: CpuCaps, kernels: str) -> str:
             layer.pack_for_cpu()
         else:
             layer.use_kernel(fast)
-    for net in model.modules():  # whole steps in one call where every projection is on the kernel
-        if isinstance(net, Transformer):
-            net.fused_step = int4_step(net, fast) if fast is not None else None
     done = {("int4pack" if m.packed else f"int4-{fast.path}") for m in layers}
     return "+".join(sorted(done))
 
@@ -355,7 +351,32 @@ def bf16_step(net: Transformer, kernel: bf16kernel.Bf16Kernel) -> qkernel.FusedS
     return None if step_lib is None else qkernel.FusedStep(net, step_lib.lib, kernel.product, weights, (0, 0, 0, 0))
 
 
+def fuse_steps(model: nn.Module) -> None:
+    """Each transformer's whole step in one call where its projections allow: on the int4 kernel
+    (:func:`~csmcli.quant.int4_step`) or the bf16 kernel (:func:`bf16_step`); else none."""
+    for net in (model.backbone, model.decoder):
+        kernel = getattr(projections(net)[0][0], "kernel", None) if net.layers else None
+        if isinstance(kernel, qkernel.QKernel):
+            net.fused_step = int4_step(net, kernel)
+        elif isinstance(kernel, bf16kernel.Bf16Kernel):
+            net.fused_step = bf16_step(net, kernel)
+        else:
+            net.fused_step = None
+
+
 def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1, caps: CpuCaps | None = None) -> str:
+    """Prepare ``model`` for CPU frames in place, in three stages: each projection on its kernel
+    (:func:`use_kernels`, whose result this returns), the weights a frame streams into 2 MiB pages
+    (:func:`csmcli.hugepages.adopt`), then the fused steps (:func:`fuse_steps`), which hold the
+    weights' addresses."""
+    caps = caps or cpu_caps()
+    used = use_kernels(model, check_cpu_kernels(kernels), max_batch, caps)
+    hugepages.adopt(t for part, _ in model.frame_parts() for t in held_weights(part))
+    fuse_steps(model)
+    return used
+
+
+def use_kernels(model: nn.Module, kernels: str, max_batch: int, caps: CpuCaps) -> str:
     """Swap the model's projections for CPU kernels in place; returns what was used: ``plain``,
     ``bf16-avx2`` (bfloat16 weights on :func:`bf16_kernel`, one row or several), or
     the several-rows path (``packed``; ``linear``: plain float weights; ``float32``: bf16 weights
@@ -371,13 +392,11 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     take the gemv, several rows float32), a multi-slot engine packs them as float32 (twice the
     weights' bytes, as a float32 model; converting them on each call of a batch made batch 8 slower
     than one stream), unless :func:`bf16_kernel` serves them (every engine, in bfloat16, with
-    :func:`bf16_step`'s whole steps).
+    :func:`fuse_steps`' whole steps).
     int8 layers move to fbgemm (:meth:`~csmcli.quant.Int8Linear.use_fbgemm`), in multi-slot
     engines, unless compiled code reads them; one-slot engines keep (or return to)
     the plain layout, whose numerics are closer to bf16 (``scripts/int8_kernels_fidelity.py``).
     """
-    caps = caps or cpu_caps()
-    kernels = check_cpu_kernels(kernels)
     int4 = prepare_int4(model, caps, kernels)
     if kernels == "plain":
         return f"{int4}+plain" if int4 else "plain"
@@ -428,9 +447,6 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
         for block in net.layers:
             for name in ("wqkv", "wo", "w13", "w2"):
                 setattr(block, name, swap(getattr(block, name)))
-    if bf16_fast is not None:  # whole steps in one call where every projection is on the bf16 kernel
-        for net in (model.backbone, model.decoder):  # (int4 ones keep prepare_int4's)
-            net.fused_step = net.fused_step or bf16_step(net, bf16_fast)
     model.codebook0_head = swap(model.codebook0_head)
     model.projection = swap(model.projection)
     if model.head_layers is None and packable:

@@ -289,6 +289,22 @@ class Transformer(nn.Module):
         return self.norm(x)
 
 
+def held_weights(part: nn.Module | Tensor) -> list[Tensor | torch.ScriptObject]:
+    """The weights a module and its children hold: parameters, persistent buffers (int8 scales; not
+    RoPE frequencies), and matrices kept as plain attributes (packed CPU weights, some in tuples,
+    fbgemm's opaque ones included); a tensor is its own."""
+    if isinstance(part, Tensor):
+        return [part]
+    found: list[Tensor | torch.ScriptObject] = []
+    for m in part.modules():
+        buffers = [t for name, t in m._buffers.items() if name not in m._non_persistent_buffers_set]
+        found += [t for t in (*m._parameters.values(), *buffers) if t is not None]
+        for value in vars(m).values():
+            items = value if isinstance(value, tuple | list) else (value,)
+            found += [t for t in items if isinstance(t, Tensor) and t.dim() >= 2 or isinstance(t, torch.ScriptObject)]
+    return found
+
+
 class CSMModel(nn.Module):
     """Backbone, depth decoder, embeddings and heads of CSM, in transformers' weight layout."""
 
@@ -324,6 +340,16 @@ class CSMModel(nn.Module):
     def max_len(self) -> int:
         """Positions the backbone can hold (prompt rows plus generated frames)."""
         return self.backbone_spec.max_len
+
+    def frame_parts(self) -> list[tuple[nn.Module | Tensor, int]]:
+        """The weights one frame reads, with how many times: the backbone and the codebook-0 head
+        once, the depth decoder once per codebook after the first, the projection once per codebook
+        (the backbone state, then each new code), and each codebook's depth head once (the heads
+        all together count once)."""
+        steps = self.num_codebooks - 1
+        heads = self.head_layers if self.head_layers is not None else self.audio_head
+        parts = [(self.backbone, 1), (self.codebook0_head, 1), (self.projection, steps + 1), (self.decoder, steps)]
+        return [*parts, (heads, 1)]
 
     def embed_rows(self, tokens: Tensor, mask: Tensor) -> Tensor:
         """Masked sum of the live columns of prompt rows ``[T, 33]`` -> ``[T, dim]``."""

@@ -1,0 +1,96 @@
+"""Weights in 2 MiB pages.
+
+A CPU frame streams every projection's weights from memory.  In 4 KiB pages each 4 KiB of that
+stream is a TLB miss, and in a virtual machine a miss is a two-level page walk: csmcli's int4 kernel
+then read about 60% as fast as from 2 MiB pages.  Linux backs anonymous memory advised
+``MADV_HUGEPAGE`` with 2 MiB pages where transparent huge pages are ``always`` or ``madvise`` (the
+usual defaults); elsewhere :func:`adopt` leaves everything as it is.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import weakref
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["MIN_BYTES", "PAGE", "adopt", "bytes_in_arenas", "supported"]
+
+PAGE = 2 << 20
+#: tensors smaller than this stay where they are (a page's worth: smaller ones gain nothing)
+MIN_BYTES = PAGE
+_ALIGN = 64  # of each tensor in an arena, as torch's own allocator
+_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+# (start, end, mapping) of each arena :func:`adopt` made; the mapping lives while a tensor uses it
+_arenas: list[tuple[int, int, weakref.ref[mmap.mmap]]] = []
+
+
+def supported() -> bool:
+    """True where the kernel gives 2 MiB pages to memory advised to use them."""
+    try:
+        text = _MODE.read_text()
+    except OSError:  # not Linux, or no transparent huge pages
+        return False
+    return "[never]" not in text and hasattr(mmap, "MADV_HUGEPAGE")
+
+
+def _arena_of(address: int) -> bool:
+    _arenas[:] = [a for a in _arenas if a[2]() is not None]
+    return any(start <= address < end for start, end, _ in _arenas)
+
+
+def _movable(t: Tensor, min_bytes: int) -> bool:
+    """A plain CPU tensor that alone owns its whole storage (not a view of a larger one, not opaque)."""
+    if not isinstance(t, Tensor) or t.device.type != "cpu" or t.layout != torch.strided or t.is_mkldnn:
+        return False
+    if t.is_quantized or not t.is_contiguous() or t.storage_offset():
+        return False
+    size = t.numel() * t.element_size()
+    return size >= max(min_bytes, 1) and t.untyped_storage().nbytes() == size and not _arena_of(t.data_ptr())
+
+
+def adopt(tensors: Iterable[Tensor], min_bytes: int | None = None) -> int:
+    """Move ``tensors`` into one new mapping advised to use 2 MiB pages, in place (``t.data``): the
+    same tensor objects, new memory.  Returns the bytes moved.
+
+    Only plain CPU tensors of at least ``min_bytes`` (default :data:`MIN_BYTES`) that own their
+    whole storage move; tensors already in such a mapping, views and opaque packed weights stay.
+    Tensors sharing one storage move together.  Code that holds a moved tensor's address (a
+    :class:`~csmcli.qkernel.FusedStep`) must be built after this."""
+    if not supported():
+        return 0
+    limit = MIN_BYTES if min_bytes is None else min_bytes
+    groups: dict[int, list[Tensor]] = {}  # aliases by address
+    for t in tensors:
+        if _movable(t, limit):
+            groups.setdefault(t.data_ptr(), []).append(t)
+    if not groups:
+        return 0
+    sizes = [ts[0].numel() * ts[0].element_size() for ts in groups.values()]
+    offsets, total = [], 0
+    for size in sizes:
+        offsets.append(total)
+        total += -(-size // _ALIGN) * _ALIGN
+    arena = mmap.mmap(-1, total + PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # + PAGE: alignment
+    arena.madvise(mmap.MADV_HUGEPAGE)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(arena))
+    pad = -start % PAGE
+    for ts, offset in zip(groups.values(), offsets, strict=True):
+        first = ts[0]
+        moved = torch.frombuffer(arena, dtype=first.dtype, count=first.numel(), offset=pad + offset)
+        moved = moved.view(first.shape).copy_(first)
+        for alias in ts:  # each alias keeps its own dtype and shape over the same bytes
+            alias.data = moved.view(alias.dtype).view(alias.shape) if alias is not first else moved
+    _arenas.append((start, start + len(arena), weakref.ref(arena)))
+    return sum(sizes)
+
+
+def bytes_in_arenas(tensors: Iterable[Tensor]) -> int:
+    """Bytes of the distinct ``tensors`` that live in a mapping :func:`adopt` made."""
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor) and not t.is_mkldnn}
+    return sum(size for address, size in seen.items() if _arena_of(address))
