@@ -10,7 +10,7 @@ CPU's path, :mod:`csmcli.qkernel`) at ``--group``; then the products of ``--rows
 multi-slot engine's batch): float32 packed (what bf16 weights got on a CPU without bf16 packing
 before the bf16 kernel), bf16 packed, the bf16 kernel, ``_weight_int8pack_mm``, fbgemm, the W8A8
 kernel and both int4 kernels.  Each shape is timed over enough copies of the matrix to overflow the caches, as a
-frame does.  The last line sums each column over one frame's products (the backbone once, the depth
+frame does, in 2 MiB pages where the engine's weights are (:mod:`csmcli.hugepages`).  The last line sums each column over one frame's products (the backbone once, the depth
 decoder 31 times); a last table gives the bf16 kernel's reading speed (GB/s of bf16 weights) per shape.
 
 Usage: python scripts/cpu_kernels.py [--threads N] [--isa avx512|avx2|default] [--rows M] [--group G]
@@ -29,7 +29,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from csmcli import bf16kernel, cpu, qkernel, quant
+from csmcli import bf16kernel, cpu, hugepages, qkernel, quant
 from csmcli.bench import physical_cores
 from csmcli.bf16kernel import Bf16Kernel
 from csmcli.gemv import GemvKernels
@@ -80,6 +80,7 @@ def int4_layers(n: int, k: int, group: int, count: int, caps: cpu.CpuCaps, kerne
     holder = torch.nn.Module()
     holder.layers = torch.nn.ModuleList(layers)
     cpu.prepare_int4(holder, caps, kernels)
+    hugepages.adopt(t for m in layers for t in (m.kernel_weights, *m.packed) if t is not None)
     return layers
 
 
@@ -100,6 +101,7 @@ def measure(
         x = torch.randn(1, k, dtype=dtype)
         xs = torch.randn(rows, k, dtype=dtype)
         w = [torch.randn(n, k, dtype=dtype) for _ in range(copies if dtype == torch.bfloat16 else copies // 2 + 1)]
+        hugepages.adopt(w)
         out.append(micros(lambda: [F.linear(x, m) for m in w], len(w)))  # noqa: B023
         if dtype == torch.float32 or caps.bf16_packed:
             packed = [torch.ops.mkldnn._reorder_linear_weight(m, 1) for m in w]
@@ -113,6 +115,7 @@ def measure(
         if dtype == torch.bfloat16:
             out.append(micros(lambda: [gemv.gemv(x.float(), m) for m in w], len(w)) if gemv else nan)  # noqa: B023
             packed = [bf16kernel.pack(m) for m in w] if bf16 else []
+            hugepages.adopt(packed)
             w.clear()  # the kernel's copies replace the plain ones, as in an engine
             for v, results in ((x, out), (xs, batched)):
                 run = lambda: [bf16.matmul(v, p, n).to(v.dtype) for p in packed]  # noqa: B023, E731
@@ -121,6 +124,7 @@ def measure(
     x = torch.randn(1, k, dtype=torch.bfloat16)
     xs = torch.randn(rows, k, dtype=torch.bfloat16)
     q = [torch.randint(-127, 128, (n, k), dtype=torch.int8) for _ in range(2 * copies)]
+    hugepages.adopt(q)
     s = torch.rand(n, dtype=torch.bfloat16) / 127
     out.append(micros(lambda: [torch._weight_int8pack_mm(x, m, s) for m in q], len(q)))
     out.append(micros(lambda: [gemv.gemv_int8(x.float(), m, s) for m in q], len(q)) if gemv else nan)

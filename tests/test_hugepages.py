@@ -31,19 +31,19 @@ def test_adopt_moves_large_whole_tensors_in_place_into_memory_advised_for_huge_p
     torch.manual_seed(0)
     param = torch.nn.Parameter(torch.randn(1024, 768), requires_grad=False)  # 3 MiB
     codes = torch.randint(0, 255, (2048, 1100), dtype=torch.uint8)  # 2.1 MiB, not a multiple of 64
-    small = torch.randn(100)
+    small = torch.randn(3)
     base = torch.randn(2048, 1024)
     view = base[1:]  # part of a larger storage: moving it alone would copy the rest twice
     before = [t.clone() for t in (param, codes, small, view)]
     addresses = [t.data_ptr() for t in (param, codes, small, view)]
     moved = hugepages.adopt([param, codes, small, view])
-    assert moved == param.numel() * 4 + codes.numel()
+    assert moved == param.numel() * 4 + codes.numel() + small.numel() * 4
     for t, want in zip((param, codes, small, view), before, strict=True):
         assert torch.equal(t, want)
-    assert param.data_ptr() != addresses[0] and codes.data_ptr() != addresses[1]
-    assert small.data_ptr() == addresses[2] and view.data_ptr() == addresses[3]
+    assert param.data_ptr() != addresses[0] and codes.data_ptr() != addresses[1] != small.data_ptr()
+    assert view.data_ptr() == addresses[3]
     assert isinstance(param, torch.nn.Parameter) and param.data_ptr() % hugepages.PAGE == 0
-    assert codes.data_ptr() % 64 == 0
+    assert codes.data_ptr() % 64 == 0 and small.data_ptr() % 64 == 0
     assert "hg" in _vm_flags(param.data_ptr()) and "hg" in _vm_flags(codes.data_ptr())
     assert hugepages.bytes_in_arenas([param, codes, small, param]) == moved
     assert hugepages.adopt([param, codes]) == 0  # already there
@@ -86,14 +86,13 @@ def _kernel_settings() -> list:
 @needs_thp
 @pytest.mark.parametrize("settings", _kernel_settings())
 def test_fused_steps_run_on_the_moved_weights(tiny_dir, monkeypatch, settings: dict) -> None:
-    """Every weight a frame streams moves (the tiny model's too, with no size limit), and the fused
+    """Every weight a frame streams moves, and the fused
     steps, built after the move, give the greedy codes of the same model left in place: a step built
     on the old addresses would read freed memory."""
     from csmcli import GenerationOptions, Synthesizer
     from csmcli.model import held_weights
 
     options = GenerationOptions(temperature=0, max_audio_ms=6 * 80)
-    monkeypatch.setattr(hugepages, "MIN_BYTES", 1)
     synth = Synthesizer.load(str(tiny_dir), device="cpu", **settings)
     model = synth.model
     streamed = [t for part, _ in model.frame_parts() for t in held_weights(part)]

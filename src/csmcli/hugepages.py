@@ -18,11 +18,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_BYTES", "PAGE", "adopt", "bytes_in_arenas", "supported"]
+__all__ = ["PAGE", "adopt", "bytes_in_arenas", "supported"]
 
 PAGE = 2 << 20
-#: tensors smaller than this stay where they are (a page's worth: smaller ones gain nothing)
-MIN_BYTES = PAGE
 _ALIGN = 64  # of each tensor in an arena, as torch's own allocator
 _MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -44,30 +42,29 @@ def _arena_of(address: int) -> bool:
     return any(start <= address < end for start, end, _ in _arenas)
 
 
-def _movable(t: Tensor, min_bytes: int) -> bool:
+def _movable(t: Tensor) -> bool:
     """A plain CPU tensor that alone owns its whole storage (not a view of a larger one, not opaque)."""
     if not isinstance(t, Tensor) or t.device.type != "cpu" or t.layout != torch.strided or t.is_mkldnn:
         return False
     if t.is_quantized or not t.is_contiguous() or t.storage_offset():
         return False
     size = t.numel() * t.element_size()
-    return size >= max(min_bytes, 1) and t.untyped_storage().nbytes() == size and not _arena_of(t.data_ptr())
+    return size > 0 and t.untyped_storage().nbytes() == size and not _arena_of(t.data_ptr())
 
 
-def adopt(tensors: Iterable[Tensor], min_bytes: int | None = None) -> int:
+def adopt(tensors: Iterable[Tensor]) -> int:
     """Move ``tensors`` into one new mapping advised to use 2 MiB pages, in place (``t.data``): the
     same tensor objects, new memory.  Returns the bytes moved.
 
-    Only plain CPU tensors of at least ``min_bytes`` (default :data:`MIN_BYTES`) that own their
-    whole storage move; tensors already in such a mapping, views and opaque packed weights stay.
+    Only plain CPU tensors that own their whole storage move (small ones too: they share the
+    mapping's pages); tensors already in such a mapping, views and opaque packed weights stay.
     Tensors sharing one storage move together.  Code that holds a moved tensor's address (a
     :class:`~csmcli.qkernel.FusedStep`) must be built after this."""
     if not supported():
         return 0
-    limit = MIN_BYTES if min_bytes is None else min_bytes
     groups: dict[int, list[Tensor]] = {}  # aliases by address
     for t in tensors:
-        if _movable(t, limit):
+        if _movable(t):
             groups.setdefault(t.data_ptr(), []).append(t)
     if not groups:
         return 0
