@@ -9,9 +9,10 @@ int4 kernel (``_weight_int4pack_mm_for_cpu``, bf16 rows) and csmcli's W4A8 int4 
 CPU's path, :mod:`csmcli.qkernel`) at ``--group``; then the products of ``--rows`` rows (a
 multi-slot engine's batch): float32 packed (what bf16 weights got on a CPU without bf16 packing
 before the bf16 kernel), bf16 packed, the bf16 kernel, ``_weight_int8pack_mm``, fbgemm, the W8A8
-kernel and both int4 kernels.  Each shape is timed over enough copies of the matrix to overflow the caches, as a
-frame does, in 2 MiB pages where the engine's weights are (:mod:`csmcli.hugepages`).  The last line sums each column over one frame's products (the backbone once, the depth
-decoder 31 times); a last table gives the bf16 kernel's reading speed (GB/s of bf16 weights) per shape.
+kernel and both int4 kernels.  Each shape is timed over enough copies of the matrix to overflow
+the caches, as a frame does, in 2 MiB pages where the engine's weights are (:mod:`csmcli.hugepages`).
+The last line sums each column over one frame's products (the backbone once, the depth decoder 31
+times); a last table gives the bf16 kernel's reading speed (GB/s of bf16 weights) per shape.
 
 Usage: python scripts/cpu_kernels.py [--threads N] [--isa avx512|avx2|default] [--rows M] [--group G]
 (``--isa avx2`` runs the paths an AVX2-only CPU takes; ``ATEN_CPU_CAPABILITY=avx2`` in the
