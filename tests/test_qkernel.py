@@ -161,6 +161,42 @@ def test_int8_layers_run_their_rows_on_the_kernel_close_to_the_weight_only_produ
     assert narrow.kernel is None  # no group divides 96 columns
 
 
+@pytest.mark.skipif(not PATHS, reason="no C++ compiler or no AVX2 on this CPU")
+def test_a_one_slot_int8_engine_steps_its_transformers_on_the_w8a8_kernel(tiny_dir) -> None:
+    """int8 rows on the W8A8 kernel (one slot): the backbone gets its fused step, whose pairs point at
+    the layers' weights and scales, and frames step through it.  The tiny depth decoder's 32-column
+    projections fit no activation group, so it keeps its layers."""
+    import functools
+
+    from csmcli import GenerationOptions, Synthesizer
+
+    synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="float32", quantize="int8")
+    assert "int8-" in synth.engine.cpu_kernels
+    backbone, decoder = synth.model.backbone, synth.model.decoder
+    assert decoder.fused_step is None and decoder.layers[0].wqkv.kernel is None
+    fused, calls = backbone.fused_step, []
+    assert fused is not None and fused.product.address == backbone.layers[0].w13.kernel.int8_product.address
+    layers = [getattr(b, a) for b in backbone.layers for a in ("wqkv", "wo", "w13", "w2")]
+    pointers = [(m.weight.data_ptr(), m.kernel_scales.data_ptr()) for m in layers]
+    assert [tuple(p.tolist()) for p in fused.tensors] == pointers
+    backbone.fused_step = functools.partial(lambda f, *a: calls.append(a[0].shape) or f(*a), fused)
+    codes = synth.generate("Hello from CSM.", 0, options=GenerationOptions(temperature=0, max_audio_ms=4 * 80)).codes
+    assert codes.shape == (4, 32) and int(codes.max()) < 2048
+    assert calls.count((1, 1, synth.model.backbone_spec.dim)) >= 3  # a step for each frame after the first
+
+
+def test_int8_weight_pairs_refuse_what_the_kernel_cannot_read() -> None:
+    from csmcli.qkernel import int8_weight
+
+    weight, scales = torch.zeros(4, 64, dtype=torch.int8), torch.ones(4)
+    assert int8_weight(weight, scales).tolist() == [weight.data_ptr(), scales.data_ptr()]
+    for bad in ((weight.float(), torch.ones(4)), (weight, torch.ones(4, dtype=torch.float64)), (weight, torch.ones(3))):
+        with pytest.raises(ValueError, match="float32 scales"):
+            int8_weight(*bad)
+    with pytest.raises(ValueError, match="contiguous"):
+        int8_weight(torch.zeros(64, 4, dtype=torch.int8).T, torch.ones(4))
+
+
 def test_no_compiler_means_no_kernel_and_one_warning(tmp_path) -> None:
     code = (
         "import logging, sys; from pathlib import Path; logging.basicConfig();"
@@ -218,16 +254,17 @@ def _bf16_kernel():
     return bf16kernel.kernel("avx2") if qkernel.kernel("avx2") is not None else None
 
 
-#: The products a fused step can run on here: the int4 kernel's paths and the bf16 kernel.
-STEP_KERNELS = [f"int4-{p}" for p in PATHS] + (["bf16"] if PATHS and _bf16_kernel() is not None else [])
+#: The products a fused step can run on here: the int4 and W8A8 kernels' paths and the bf16 kernel.
+STEP_KERNELS = [f"{q}-{p}" for q in ("int4", "int8") for p in PATHS]
+STEP_KERNELS += ["bf16"] if PATHS and _bf16_kernel() is not None else []
 
 
 def _fused_stack(kind: str, dtype: torch.dtype):
     """A small transformer (grouped-query attention, llama3 RoPE) whose projections are on ``kind``
-    (``int4-<path>`` or ``bf16``), and its fused step."""
+    (``int4-<path>``, ``int8-<path>`` or ``bf16``), and its fused step."""
     from csmcli.cpu import CpuLinear, bf16_step, cpu_caps
     from csmcli.model import Transformer, TransformerSpec
-    from csmcli.quant import PROJECTIONS, Int4Linear, int4_step
+    from csmcli.quant import PROJECTIONS, Int4Linear, Int8Linear, int4_step, int8_step
 
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
@@ -242,6 +279,9 @@ def _fused_stack(kind: str, dtype: torch.dtype):
             weight = getattr(block, attr).weight.detach() * 2
             if kind == "bf16":
                 layer = CpuLinear(weight.bfloat16(), None, cpu_caps(), kernel=_bf16_kernel())
+            elif kind.startswith("int8"):
+                layer = Int8Linear(weight, torch.float32)
+                layer.use_kernel(kernel(kind.removeprefix("int8-")))
             else:
                 layer = Int4Linear.from_weight(weight, 64)
                 layer.use_kernel(kernel(kind.removeprefix("int4-")))
@@ -250,6 +290,8 @@ def _fused_stack(kind: str, dtype: torch.dtype):
     net = net.to(dtype)
     if kind == "bf16":
         return net, bf16_step(net, _bf16_kernel())
+    if kind.startswith("int8"):
+        return net, int8_step(net, kernel(kind.removeprefix("int8-")))
     return net, int4_step(net, kernel(kind.removeprefix("int4-")))
 
 
@@ -260,18 +302,21 @@ def _fused_stack(kind: str, dtype: torch.dtype):
 def test_the_fused_step_matches_the_layer_by_layer_one(kind: str, dtype: torch.dtype) -> None:
     """Depth-decoder steps (two rows, then one, over a cache from position 0) and backbone steps
     (slots at different positions after a prompt) give the outputs and cache entries of the eager
-    layers, on int4 or bf16 products, up to float32 rounding and the bfloat16 roundings the eager
-    layers make (of their residual stream, and of the bf16 kernel's outputs)."""
+    layers, on int4, int8 or bf16 products, up to float32 rounding and the bfloat16 roundings the
+    eager layers make (of their residual stream, and of the bf16 kernel's outputs)."""
     net, fused = _fused_stack(kind, dtype)
     assert fused is not None
     spec = net.spec
 
     def close(got: torch.Tensor, want: torch.Tensor) -> None:
+        error = float((got.float() - want.float()).norm() / want.float().norm())
         if dtype == torch.float32 and kind != "bf16":
-            torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-3)
+            # float32 rounding, unless an activation lies on the edge of two int8 codes and rounds
+            # one way in each (a few inputs in a hundred): that moves everything after it by ~1%
+            assert error < 0.02
         else:  # bfloat16 roundings (the eager residual stream or products, both caches) meet the
             # activations' int8 codes, so each side is about 2% from a float32 run; a misread cache is far off
-            assert float((got.float() - want.float()).norm() / want.float().norm()) < 0.05
+            assert error < 0.05
 
     caches = [net.new_cache(3, spec.max_len, dtype, torch.device("cpu")) for _ in range(2)]
 

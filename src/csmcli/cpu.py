@@ -42,7 +42,7 @@ from . import bf16kernel, hugepages, qkernel
 from .errors import OptionsError
 from .gemv import GemvKernels, compiled_gemv, gemv, warm_up
 from .model import Transformer, TransformerSpec, held_weights
-from .quant import Int4Linear, Int8Linear, int4_step, projections
+from .quant import Int4Linear, Int8Linear, int4_step, int8_step, projections
 
 CPU_KERNELS = ("auto", "packed", "plain")
 #: Vector instruction-set levels the CPU kernels distinguish, best first.
@@ -352,12 +352,14 @@ def bf16_step(net: Transformer, kernel: bf16kernel.Bf16Kernel) -> qkernel.FusedS
 
 
 def fuse_steps(model: nn.Module) -> None:
-    """Each transformer's whole step in one call where its projections allow: on the int4 kernel
-    (:func:`~csmcli.quant.int4_step`) or the bf16 kernel (:func:`bf16_step`); else none."""
+    """Each transformer's whole step in one call where its projections allow: on the int4 or the
+    W8A8 kernel (:func:`~csmcli.quant.int4_step`, :func:`~csmcli.quant.int8_step`) or the bf16
+    kernel (:func:`bf16_step`); else none."""
     for net in (model.backbone, model.decoder):
-        kernel = getattr(projections(net)[0][0], "kernel", None) if net.layers else None
+        first = projections(net)[0][0] if net.layers else None
+        kernel = getattr(first, "kernel", None)
         if isinstance(kernel, qkernel.QKernel):
-            net.fused_step = int4_step(net, kernel)
+            net.fused_step = (int8_step if isinstance(first, Int8Linear) else int4_step)(net, kernel)
         elif isinstance(kernel, bf16kernel.Bf16Kernel):
             net.fused_step = bf16_step(net, kernel)
         else:

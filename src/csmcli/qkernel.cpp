@@ -345,6 +345,19 @@ int csm_int8_matmul(int path, const float* x, int M, int K, int G, const int8_t*
     return 0;
 }
 
+// An int8 weight as csm_step's products get it: the plain matrix [N, K] and its float32 scales [N].
+struct Int8Weight {
+    const int8_t* weight;
+    const float* scales;
+};
+
+// csm_int8_matmul in csm_int4_matmul's signature, for csm_step: ``weights`` points to an Int8Weight
+// and ``G`` is the activation group.
+int csm_int8_product(int path, const float* x, int M, int K, int G, const void* weights, int N, float* y) {
+    const Int8Weight* w = (const Int8Weight*)weights;
+    return csm_int8_matmul(path, x, M, K, G, w->weight, w->scales, N, y);
+}
+
 }  // extern "C"
 
 // ---- One transformer step ------------------------------------------------------------------------

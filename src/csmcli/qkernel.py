@@ -150,6 +150,12 @@ class QKernel:
         """This kernel's int4 product for :class:`FusedStep` (its weights' argument: the input group)."""
         return Product(ctypes.cast(self.lib.csm_int4_matmul, _PTR).value, PATHS[self.path])
 
+    @property
+    def int8_product(self) -> Product:
+        """This kernel's W8A8 product for :class:`FusedStep`: its weights are :func:`int8_weight`
+        pairs, its argument the activation group."""
+        return Product(ctypes.cast(self.lib.csm_int8_product, _PTR).value, PATHS[self.path])
+
     def int8_matmul(self, x: Tensor, weight: Tensor, scales: Tensor, group: int) -> Tensor:
         """``(x [M, K] @ weight.T) * scales -> [M, N]`` in float32 for a plain int8 ``weight [N, K]`` and
         float32 ``scales [N]``, activations quantized per row and ``group`` (a multiple of 64)."""
@@ -160,6 +166,16 @@ class QKernel:
 
 _INT = ctypes.c_int
 _PTR = ctypes.c_void_p
+
+
+def int8_weight(weight: Tensor, scales: Tensor) -> Tensor:
+    """The C ``Int8Weight`` csm_int8_product reads: the addresses of a contiguous int8 ``weight``
+    ``[N, K]`` and its float32 ``scales`` ``[N]``, which must outlive it."""
+    if weight.dtype != torch.int8 or scales.dtype != torch.float32 or scales.shape != weight.shape[:1]:
+        raise ValueError("an int8 weight [N, K] needs float32 scales [N]")
+    if not (weight.is_contiguous() and scales.is_contiguous()):
+        raise ValueError("int8 weights and scales must be contiguous")
+    return torch.tensor([weight.data_ptr(), scales.data_ptr()], dtype=torch.int64)
 
 
 @dataclass(frozen=True)
@@ -215,18 +231,26 @@ class FusedStep:
     over the cache and SwiGLU around ``product``'s four products per layer, the residual stream in
     float32.  A depth-decoder step's ~120 eager operations cost about as much as its int4 weights
     take to read.  ``weights``: per layer wqkv, wo, w13, w2 in ``product``'s layout, ``args`` the
-    four values it gets with them (the same for every layer).  :meth:`Transformer.forward` calls it
-    for steps; :func:`csmcli.quant.int4_step` and :func:`csmcli.cpu.bf16_step` make one."""
+    four values it gets with them (the same for every layer), ``holds`` what the weights point into.
+    :meth:`Transformer.forward` calls it for steps; :func:`csmcli.quant.int4_step`,
+    :func:`csmcli.quant.int8_step` and :func:`csmcli.cpu.bf16_step` make one."""
 
     def __init__(
-        self, net: Transformer, lib: ctypes.CDLL, product: Product, weights: Sequence[Tensor], args: Sequence[int]
+        self,
+        net: Transformer,
+        lib: ctypes.CDLL,
+        product: Product,
+        weights: Sequence[Tensor],
+        args: Sequence[int],
+        holds: Sequence[Tensor] = (),
     ) -> None:
         s = net.spec
         self.lib, self.product = lib, product
         self.shape = StackShape(s.n_layers, s.dim, s.n_heads, s.n_kv_heads, s.head_dim, s.ffn_dim, s.norm_eps)
         if len(weights) != 4 * s.n_layers or len(args) != 4:
             raise ValueError(f"a step of {s.n_layers} layers needs 4 weights a layer and 4 arguments")
-        self.tensors = list(weights)  # the kernel reads these through raw pointers: keep them referenced
+        self.tensors = list(weights)  # the kernel reads these through raw pointers: keep them referenced,
+        self.holds = list(holds)  # and what they point into (int8_weight pairs)
         self.norms_f32 = [n.weight.detach().float().contiguous() for b in net.layers for n in (b.attn_norm, b.ffn_norm)]
         self.norms_f32.append(net.norm.weight.detach().float().contiguous())
         self.rope = tuple(t.float().contiguous() for t in net.rope_tables(torch.float32))

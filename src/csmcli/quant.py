@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .gemv import gemv_int8
 from .model import CSMModel, Transformer
-from .qkernel import FusedStep, QKernel, pack
+from .qkernel import FusedStep, QKernel, int8_weight, pack
 
 # from this many rows on (prefill), CPU products dequantize the weight and use the float GEMM
 DEQUANTIZE_ROWS = 32
@@ -300,6 +300,22 @@ def int4_step(net: Transformer, kernel: QKernel) -> FusedStep | None:
         return None
     weights = [p.kernel_weights for ps in layers for p in ps]
     return FusedStep(net, kernel.lib, kernel.product, weights, [p.group for p in layers[0]])
+
+
+def int8_step(net: Transformer, kernel: QKernel) -> FusedStep | None:
+    """A :class:`~csmcli.qkernel.FusedStep` over ``kernel``'s W8A8 products for ``net`` when every
+    projection of every layer is an unstacked :class:`Int8Linear` on ``kernel`` (plain weights) with
+    the same activation groups layer to layer; else None."""
+    layers = projections(net)
+    flat = [p for ps in layers for p in ps]
+    ok = flat and all(isinstance(p, Int8Linear) and p.kernel == kernel and p.weight is not None for p in flat)
+    if not ok or any(p.weight.dim() != 2 for p in flat):
+        return None
+    if any([p.kernel_group for p in ps] != [p.kernel_group for p in layers[0]] for ps in layers):
+        return None
+    plain = [t for p in flat for t in (p.weight, p.kernel_scales)]
+    pairs = [int8_weight(p.weight, p.kernel_scales) for p in flat]
+    return FusedStep(net, kernel.lib, kernel.int8_product, pairs, [p.kernel_group for p in layers[0]], plain)
 
 
 def check_quantization(name: str) -> str:
