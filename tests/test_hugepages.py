@@ -72,6 +72,18 @@ def test_adopt_moves_nothing_where_huge_pages_are_off(tmp_path, monkeypatch) -> 
     assert not hugepages.supported()
 
 
+@needs_thp
+def test_adopt_moves_nothing_when_the_mapping_cannot_be_made(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(hugepages.mmap, "mmap", refuse)
+    weight = torch.randn(1024, 1024)
+    address, before = weight.data_ptr(), weight.clone()
+    assert hugepages.adopt([weight]) == 0
+    assert weight.data_ptr() == address and torch.equal(weight, before)
+
+
 def _kernel_settings() -> list:
     from csmcli import bf16kernel, qkernel
 

@@ -58,7 +58,8 @@ def adopt(tensors: Iterable[Tensor]) -> int:
 
     Only plain CPU tensors that own their whole storage move (small ones too: they share the
     mapping's pages); tensors already in such a mapping, views and opaque packed weights stay.
-    Tensors sharing one storage move together.  Code that holds a moved tensor's address (a
+    Tensors sharing one storage move together.  Where the mapping cannot be made or advised,
+    nothing moves.  Code that holds a moved tensor's address (a
     :class:`~csmcli.qkernel.FusedStep`) must be built after this."""
     if not supported():
         return 0
@@ -73,8 +74,11 @@ def adopt(tensors: Iterable[Tensor]) -> int:
     for size in sizes:
         offsets.append(total)
         total += -(-size // _ALIGN) * _ALIGN
-    arena = mmap.mmap(-1, total + PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # + PAGE: alignment
-    arena.madvise(mmap.MADV_HUGEPAGE)
+    try:  # + PAGE: room to align the start
+        arena = mmap.mmap(-1, total + PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        arena.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # no address space or no advice taken: the weights stay where they are
+        return 0
     start = ctypes.addressof(ctypes.c_char.from_buffer(arena))
     pad = -start % PAGE
     for ts, offset in zip(groups.values(), offsets, strict=True):
