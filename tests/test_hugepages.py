@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -12,18 +13,24 @@ from csmcli import hugepages
 needs_thp = pytest.mark.skipif(not hugepages.supported(), reason="no transparent huge pages here")
 
 
-def _vm_flags(address: int) -> list[str]:
-    """The VmFlags of the mapping of this process that holds ``address``."""
-    lines = Path("/proc/self/smaps").read_text().splitlines()
-    inside = False
-    for line in lines:
-        head = line.split()[0]
+def _mapping(address: int) -> dict[str, str]:
+    """The smaps fields of the mapping of this process that holds ``address``."""
+    found: dict[str, str] | None = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head, _, rest = line.partition(" ")
         if "-" in head and not head.endswith(":"):
+            if found is not None:
+                break
             start, end = (int(v, 16) for v in head.split("-"))
-            inside = start <= address < end
-        elif inside and head == "VmFlags:":
-            return line.split()[1:]
-    raise AssertionError(f"no mapping holds {address:#x}")
+            found = {} if start <= address < end else None
+        elif found is not None:
+            found[head.rstrip(":")] = rest.strip()
+    assert found is not None, f"no mapping holds {address:#x}"
+    return found
+
+
+def _vm_flags(address: int) -> list[str]:
+    return _mapping(address)["VmFlags"].split()
 
 
 @needs_thp
@@ -58,6 +65,18 @@ def test_adopt_moves_tensors_that_share_storage_together() -> None:
     assert flat.data_ptr() == square.data_ptr() == as_int.data_ptr()
     square[0, 0] = 7.0
     assert flat[0] == 7.0 and square.shape == (768, 1024) and as_int.dtype == torch.int32
+
+
+@needs_thp
+def test_a_moved_tensor_that_dies_gives_its_pages_back() -> None:
+    """A model that drops weights for another layout (fbgemm, oneDNN) must not keep both copies."""
+    big, kept = torch.ones(4 << 20), torch.ones(1024)  # 16 MiB and 4 KiB
+    hugepages.adopt([big, kept])
+    before = int(_mapping(kept.data_ptr())["Rss"].split()[0])
+    del big
+    gc.collect()
+    after = int(_mapping(kept.data_ptr())["Rss"].split()[0])
+    assert before - after >= 15 * 1024 and torch.equal(kept, torch.ones(1024))
 
 
 def test_adopt_moves_nothing_where_huge_pages_are_off(tmp_path, monkeypatch) -> None:

@@ -81,14 +81,31 @@ def adopt(tensors: Iterable[Tensor]) -> int:
         return 0
     start = ctypes.addressof(ctypes.c_char.from_buffer(arena))
     pad = -start % PAGE
-    for ts, offset in zip(groups.values(), offsets, strict=True):
+    for ts, offset, size in zip(groups.values(), offsets, sizes, strict=True):
         first = ts[0]
-        moved = torch.frombuffer(arena, dtype=first.dtype, count=first.numel(), offset=pad + offset)
-        moved = moved.view(first.shape).copy_(first)
+        window = (ctypes.c_char * size).from_buffer(arena, pad + offset)  # the tensor's own bytes
+        weakref.finalize(window, _release, arena, pad + offset, size).atexit = False
+        moved = torch.frombuffer(window, dtype=first.dtype).view(first.shape).copy_(first)
         for alias in ts:  # each alias keeps its own dtype and shape over the same bytes
             alias.data = moved.view(alias.dtype).view(alias.shape) if alias is not first else moved
     _arenas.append((start, start + len(arena), weakref.ref(arena)))
+    _trim_heap()  # the old copies went back to malloc, which keeps freed heap memory
     return sum(sizes)
+
+
+def _release(arena: mmap.mmap, offset: int, size: int) -> None:
+    """Give the whole pages of a tensor that died back to the system (the arena lives on while
+    others use it): a model that drops weights for another layout does not keep both."""
+    lo, hi = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE, (offset + size) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo:
+        arena.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def _trim_heap() -> None:
+    """Return freed heap memory to the system where the C library can (glibc's ``malloc_trim``)."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def bytes_in_arenas(tensors: Iterable[Tensor]) -> int:
