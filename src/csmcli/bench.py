@@ -331,7 +331,7 @@ def _measure_all(
     if cpu:
         weights = frame_weight_bytes(engine.model)
         result["frame_weight_mb"] = weights / 1e6
-        streamed = [t for part, _ in engine.model.frame_parts() for t in _weights(part)]
+        streamed = [t for part, _ in engine.model.frame_parts() for t in held_weights(part)]
         result["frame_weight_mb_in_huge_pages"] = hugepages.bytes_in_arenas(streamed) / 1e6
         result["memory_read_gb_s"] = memory_read_gb_s()
         result["floor_ms_per_frame"] = 1e3 * weights / (result["memory_read_gb_s"] * 1e9)

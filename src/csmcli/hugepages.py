@@ -42,7 +42,7 @@ def _arena_of(address: int) -> bool:
     return any(start <= address < end for start, end, _ in _arenas)
 
 
-def _movable(t: Tensor) -> bool:
+def _movable(t: object) -> bool:
     """A plain CPU tensor that alone owns its whole storage (not a view of a larger one, not opaque)."""
     if not isinstance(t, Tensor) or t.device.type != "cpu" or t.layout != torch.strided or t.is_mkldnn:
         return False
@@ -52,12 +52,13 @@ def _movable(t: Tensor) -> bool:
     return size > 0 and t.untyped_storage().nbytes() == size and not _arena_of(t.data_ptr())
 
 
-def adopt(tensors: Iterable[Tensor]) -> int:
+def adopt(tensors: Iterable[object]) -> int:
     """Move ``tensors`` into one new mapping advised to use 2 MiB pages, in place (``t.data``): the
     same tensor objects, new memory.  Returns the bytes moved.
 
     Only plain CPU tensors that own their whole storage move (small ones too: they share the
-    mapping's pages); tensors already in such a mapping, views and opaque packed weights stay.
+    mapping's pages); tensors already in such a mapping, views, opaque packed weights and anything
+    else stay.
     Tensors sharing one storage move together.  Where the mapping cannot be made or advised,
     nothing moves.  Code that holds a moved tensor's address (a
     :class:`~csmcli.qkernel.FusedStep`) must be built after this."""
@@ -108,7 +109,8 @@ def _trim_heap() -> None:
         trim(0)
 
 
-def bytes_in_arenas(tensors: Iterable[Tensor]) -> int:
-    """Bytes of the distinct ``tensors`` that live in a mapping :func:`adopt` made."""
+def bytes_in_arenas(tensors: Iterable[object]) -> int:
+    """Bytes of the distinct ``tensors`` that live in a mapping :func:`adopt` made (other objects,
+    such as opaque packed weights, count for nothing)."""
     seen = {t.data_ptr(): t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor) and not t.is_mkldnn}
     return sum(size for address, size in seen.items() if _arena_of(address))
