@@ -57,6 +57,15 @@ def test_adopt_moves_large_whole_tensors_in_place_into_memory_advised_for_huge_p
 
 
 @needs_thp
+def test_adopt_keeps_a_weight_what_it_was_inside_inference_mode() -> None:
+    """Moved inside inference mode (an engine built there), a model's parameter stays a normal tensor."""
+    param = torch.nn.Parameter(torch.randn(1024, 1024), requires_grad=False)
+    with torch.inference_mode():
+        assert hugepages.adopt([param]) == param.numel() * 4
+    assert not param.is_inference() and param.data_ptr() % hugepages.PAGE == 0
+
+
+@needs_thp
 def test_adopt_moves_tensors_that_share_storage_together() -> None:
     flat = torch.arange(768 * 1024, dtype=torch.float32)
     square = flat.view(768, 1024)

@@ -86,7 +86,8 @@ def adopt(tensors: Iterable[object]) -> int:
         first = ts[0]
         window = (ctypes.c_char * size).from_buffer(arena, pad + offset)  # the tensor's own bytes
         weakref.finalize(window, _release, arena, pad + offset, size).atexit = False
-        moved = torch.frombuffer(window, dtype=first.dtype).view(first.shape).copy_(first)
+        with torch.inference_mode(first.is_inference()):  # the weights stay what they were
+            moved = torch.frombuffer(window, dtype=first.dtype).view(first.shape).copy_(first)
         for alias in ts:  # each alias keeps its own dtype and shape over the same bytes
             alias.data = moved.view(alias.dtype).view(alias.shape) if alias is not first else moved
     _arenas.append((start, start + len(arena), weakref.ref(arena)))
