@@ -296,10 +296,18 @@ def int4_step(net: Transformer, kernel: QKernel) -> FusedStep | None:
     layer to layer; else None."""
     layers = projections(net)
     ok = layers and all(isinstance(p, Int4Linear) and p.kernel == kernel and not p.stacked for ps in layers for p in ps)
-    if not ok or any([p.group for p in ps] != [p.group for p in layers[0]] for ps in layers):
+    groups = _step_args(layers, "group") if ok else None
+    if groups is None:
         return None
     weights = [p.kernel_weights for ps in layers for p in ps]
-    return FusedStep(net, kernel.lib, kernel.product, weights, [p.group for p in layers[0]])
+    return FusedStep(net, kernel.lib, kernel.product, weights, groups)
+
+
+def _step_args(layers: list[list[nn.Module]], attr: str) -> list[int] | None:
+    """Each projection's ``attr`` (its product's argument in a fused step), when every layer has the
+    same ones; else None."""
+    args = [getattr(p, attr) for p in layers[0]]
+    return args if all([getattr(p, attr) for p in ps] == args for ps in layers) else None
 
 
 def int8_step(net: Transformer, kernel: QKernel) -> FusedStep | None:
@@ -309,13 +317,12 @@ def int8_step(net: Transformer, kernel: QKernel) -> FusedStep | None:
     layers = projections(net)
     flat = [p for ps in layers for p in ps]
     ok = flat and all(isinstance(p, Int8Linear) and p.kernel == kernel and p.weight is not None for p in flat)
-    if not ok or any(p.weight.dim() != 2 for p in flat):
-        return None
-    if any([p.kernel_group for p in ps] != [p.kernel_group for p in layers[0]] for ps in layers):
+    groups = _step_args(layers, "kernel_group") if ok and all(p.weight.dim() == 2 for p in flat) else None
+    if groups is None:
         return None
     plain = [t for p in flat for t in (p.weight, p.kernel_scales)]
     pairs = [int8_weight(p.weight, p.kernel_scales) for p in flat]
-    return FusedStep(net, kernel.lib, kernel.int8_product, pairs, [p.kernel_group for p in layers[0]], plain)
+    return FusedStep(net, kernel.lib, kernel.int8_product, pairs, groups, plain)
 
 
 def check_quantization(name: str) -> str:
