@@ -134,12 +134,15 @@ def measure(
     for v, results in ((x, out), (xs, batched)):
         run = lambda: [torch.ops.quantized.linear_dynamic(v.float(), p, False).to(v.dtype) for p in fb]  # noqa: B023, E731
         results.append(micros(run, len(fb)) if fb else nan)
-    s32, act_group = s.float(), quant.kernel_group(k)
-    for v, results in ((x, out), (xs, batched)):
-        run = lambda: [w8a8.int8_matmul(v, m, s32, act_group).to(v.dtype) for m in q]  # noqa: B023, E731
-        results.append(micros(run, len(q)) if w8a8 and act_group else nan)
-    q.clear()  # free before the int4 copies
     fb.clear()
+    s32, act_group = s.float(), quant.kernel_group(k)
+    blocks = [qkernel.pack_int8(m, act_group) for m in q] if w8a8 and act_group else []
+    hugepages.adopt(blocks)
+    q.clear()  # the kernel's copies replace the plain ones, as in an engine; freed before the int4 copies
+    for v, results in ((x, out), (xs, batched)):
+        run = lambda: [w8a8.int8_matmul(v, b, s32, act_group).to(v.dtype) for b in blocks]  # noqa: B023, E731
+        results.append(micros(run, len(blocks)) if blocks else nan)
+    blocks.clear()
     for kernels in ("plain", "auto"):  # torch's int4 kernel, then csmcli's for this CPU's path
         layers = int4_layers(n, k, group, 4 * copies, caps, kernels)
         for v, results in ((x, out), (xs, batched)):

@@ -1,13 +1,14 @@
-"""What fbgemm's int8 products change against the plain int8 kernels, on full-size random CSM-1B weights.
+"""What fbgemm's int8 products change against csmcli's W8A8 kernel, on full-size random CSM-1B weights.
 
-Multi-slot CPU engines run int8 projections on fbgemm, which also quantizes each call's
-activations to 8 bits (one scale for the whole call); one-slot and compiled engines keep the plain
-kernels, which multiply the activations as they are.  Three models see the same inputs (teacher
-forcing with the bf16 model's greedy codes, so errors do not compound): bf16, int8 on the plain
-kernels, int8 on fbgemm.  For every frame and codebook the script prints how often each int8 model
-picks bf16's code and fbgemm picks the plain kernels' code, with the relative logit errors.  Then
-one layer's rows alone and inside a batch of eight: fbgemm's activation scale is shared by a
-batch's rows, so a row's result depends a little on the other streams; the script prints by how much.
+Multi-slot CPU engines on AVX2 run int8 projections on fbgemm, which quantizes each call's
+activations to 7 bits there (one scale for the whole call); every other CPU engine runs them on the
+W8A8 kernel (8 bits per row and group of 128 inputs) where it builds.  Three models see the same
+inputs (teacher forcing with the bf16 model's greedy codes, so errors do not compound): bf16, int8
+as a one-slot engine prepares it, int8 on fbgemm.  For every frame and codebook the script prints
+how often each int8 model picks bf16's code and fbgemm picks the other's, with the relative logit
+errors.  Then one layer's rows alone and inside a batch of eight: fbgemm's activation scale is
+shared by a batch's rows, so a row's result depends a little on the other streams; the script
+prints by how much.
 
 Usage: python scripts/int8_kernels_fidelity.py [FRAMES]
 """
@@ -31,13 +32,14 @@ PROMPT_ROWS = 64
 
 
 def build() -> dict[str, torch.nn.Module]:
-    """The bf16 model and its two int8 variants: bf16 and plain int8 as a one-slot engine prepares
-    them, fbgemm as a multi-slot engine does (the layers do not depend on the slots)."""
+    """The bf16 model and its two int8 variants: bf16 and int8 as a one-slot engine prepares them,
+    fbgemm as a multi-slot engine on AVX2 does (the layers do not depend on the slots)."""
     ref = build_model(CSM_1B_CONFIG, random_state(CSM_1B_CONFIG), CPU, torch.bfloat16)
     plain, fbgemm = quantize_int8(copy.deepcopy(ref)), quantize_int8(copy.deepcopy(ref))
     nets = {"bf16": ref, "int8 plain": plain, "int8 fbgemm": fbgemm}
     for name, net in nets.items():
-        print(f"{name}: CPU kernels {cpu.prepare_cpu(net, max_batch=2 if net is fbgemm else 1)}")
+        slots, caps = (2, cpu.cpu_caps("avx2")) if net is fbgemm else (1, None)
+        print(f"{name}: CPU kernels {cpu.prepare_cpu(net, max_batch=slots, caps=caps)}")
     return nets
 
 

@@ -1,4 +1,4 @@
-"""int8 weights on fbgemm (every eager CPU product, one row or a batch) and the layout switches around it.
+"""int8 weights on fbgemm or the W8A8 kernel in multi-slot engines, and the layout switches around them.
 
 fbgemm quantizes each call's activations to 8 bits, so its products are checked against the
 float product of the dequantized weights with a tolerance for that (about 1% of the output's
@@ -67,14 +67,22 @@ def test_the_weights_are_stored_once_in_either_layout() -> None:
     assert layer.packed == () and torch.equal(layer.weight, weight)  # the same int8 values back
 
 
+def _int8_kernel_path() -> str | None:
+    caps = cpu.detect_cpu_caps()
+    fast = qkernel.kernel(qkernel.path_for(caps.isa, caps.vnni))
+    return fast.path if fast else None
+
+
 @needs_fbgemm
-def test_multi_slot_engine_runs_int8_on_fbgemm(tiny_dir) -> None:
-    """A real engine with two slots: every int8 layer on fbgemm, no int8 weight left in a buffer,
-    and two streams generated together; a one-slot engine on the same model returns every layer
-    to the plain layout."""
+def test_multi_slot_engine_on_avx2_runs_int8_on_fbgemm(tiny_dir) -> None:
+    """A real engine with two slots on the AVX2 path: every int8 layer on fbgemm (faster there than
+    the W8A8 kernel for several rows), no int8 weight left in a buffer, and two streams generated
+    together; a one-slot engine on the same model moves every layer off fbgemm."""
     from csmcli import GenerationOptions, Synthesizer
 
-    synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="bfloat16", quantize="int8", max_batch_size=2)
+    synth = Synthesizer.load(
+        str(tiny_dir), device="cpu", dtype="bfloat16", quantize="int8", max_batch_size=2, cpu_isa="avx2"
+    )
     assert synth.engine.cpu_kernels == "fbgemm"
     layers = [m for m in synth.model.modules() if isinstance(m, Int8Linear)]
     assert layers and all(m.packed and m.weight is None for m in layers)
@@ -84,8 +92,31 @@ def test_multi_slot_engine_runs_int8_on_fbgemm(tiny_dir) -> None:
     audios = synth.generate_many(jobs)
     assert [a.stats.frames for a in audios] == [6, 6]
     assert all(len(a.samples) == 6 * 1920 for a in audios)
-    assert cpu.prepare_cpu(synth.model, max_batch=1) != "fbgemm"
-    assert not any(m.packed for m in layers) and all(m.weight.dtype == torch.int8 for m in layers)
+    assert "fbgemm" not in cpu.prepare_cpu(synth.model, max_batch=1, caps=cpu.cpu_caps("avx2"))
+    assert not any(m.packed for m in layers)
+
+
+@needs_fbgemm
+@pytest.mark.skipif(_int8_kernel_path() != "avx512_vnni", reason="needs AVX-512 VNNI and a C++ compiler")
+def test_multi_slot_engine_with_vnni_runs_int8_on_the_kernel_and_fused_steps(tiny_dir) -> None:
+    """With VNNI the layers the W8A8 kernel takes (a group divides their columns) run there, one
+    row or several, and the backbone steps in one call; the tiny depth decoder's 32-column layers,
+    which no group divides, stay on fbgemm."""
+    from csmcli import GenerationOptions, Synthesizer
+
+    synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="float32", quantize="int8", max_batch_size=2)
+    assert synth.engine.cpu_kernels == "int8-avx512_vnni+fbgemm"
+    backbone, decoder = synth.model.backbone.layers[0].w13, synth.model.decoder.layers[0].w13
+    assert backbone.kernel is not None and backbone.weight is None and not backbone.packed
+    assert decoder.kernel is None and decoder.packed
+    calls = []
+    fused = synth.model.backbone.fused_step
+    assert fused is not None
+    synth.model.backbone.fused_step = lambda *a: calls.append(a[0].shape) or fused(*a)
+    options = GenerationOptions(temperature=0, max_audio_ms=4 * 80)
+    jobs = [synth.job(text, speaker, [], options) for text, speaker in (("Hello there.", 0), ("Good morning.", 1))]
+    assert [a.stats.frames for a in synth.generate_many(jobs)] == [4, 4]
+    assert (2, 1, synth.model.backbone_spec.dim) in calls  # both streams' rows in one step
 
 
 @needs_fbgemm
@@ -109,15 +140,10 @@ def test_compiling_returns_int8_to_the_plain_layout_for_good(tiny_dir, monkeypat
     )
 
 
-def _int8_kernel_path() -> str | None:
-    caps = cpu.detect_cpu_caps()
-    fast = qkernel.kernel(qkernel.path_for(caps.isa, caps.vnni))
-    return fast.path if fast else None
-
-
 def test_without_fbgemm_int8_keeps_the_plain_kernels(tiny_dir, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A torch whose quantized ops are gone (they are marked deprecated): the probe says so and
-    int8 engines keep the plain layout and kernels."""
+    """A torch whose quantized ops are gone (they are marked deprecated): the probe says so, and a
+    multi-slot int8 engine runs its layers on the W8A8 kernel where it takes them (on AVX2 too),
+    the rest in the plain layout."""
     from csmcli import Synthesizer
 
     def gone(*args):
@@ -127,10 +153,15 @@ def test_without_fbgemm_int8_keeps_the_plain_kernels(tiny_dir, monkeypatch: pyte
     cpu.int8_fbgemm.cache_clear()
     try:
         assert not cpu.int8_fbgemm()
-        synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="float32", quantize="int8", max_batch_size=2)
-        assert synth.engine.cpu_kernels.removeprefix(f"int8-{_int8_kernel_path()}+") == "packed"
-        assert all(
-            not m.packed and m.weight.dtype == torch.int8 for m in synth.model.modules() if isinstance(m, Int8Linear)
+        synth = Synthesizer.load(
+            str(tiny_dir), device="cpu", dtype="float32", quantize="int8", max_batch_size=2, cpu_isa="avx2"
         )
+        path = _int8_kernel_path() and "avx2"
+        assert synth.engine.cpu_kernels.removeprefix(f"int8-{path}+") == "packed"
+        layers = [m for m in synth.model.modules() if isinstance(m, Int8Linear)]
+        assert not any(m.packed for m in layers)
+        assert all((m.weight is None) == (m.kernel is not None) for m in layers)  # one layout each
+        if path:
+            assert synth.model.backbone.layers[0].w13.kernel.path == "avx2"
     finally:
         cpu.int8_fbgemm.cache_clear()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from csmcli import qkernel
-from csmcli.qkernel import BLOCK_ROWS, HEADER_BYTES, kernel, pack, packed_bytes
+from csmcli.qkernel import BLOCK_ROWS, HEADER_BYTES, kernel, pack, pack_int8, packed_bytes, unpack_int8
 
 
 def _quantize(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -132,13 +132,37 @@ def test_each_int8_path_matches_the_reference(path: str, group: int) -> None:
     weight[0] = -127  # the extremes: |w| and x at 127 must not saturate the AVX2 pair sums
     scales = torch.rand(n) * 0.01
     kern = kernel(path)
-    for rows in (1, 2, 4, 5, 9):
+    blocks = pack_int8(weight, group)
+    for rows in (1, 2, 4, 5, 9, 40):  # one, several and more than a pass of rows over each block
         x = torch.randn(rows, k)
         x[0, :group] = 0
         x[-1, -group:] = -1.0
-        y = kern.int8_matmul(x, weight, scales, group)
+        y = kern.int8_matmul(x, blocks, scales, group)
         assert y.shape == (rows, n)
         torch.testing.assert_close(y.double(), _reference8(x, weight, scales, group), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(len(PATHS) < 2, reason="needs both kernel paths (AVX-512 VNNI)")
+def test_both_int8_paths_give_the_same_floats() -> None:
+    """The same integer sums and the same float operations after them: a stream's codes do not depend
+    on whether its CPU has VNNI."""
+    torch.manual_seed(3)
+    weight, scales = torch.randint(-127, 128, (300, 512), dtype=torch.int8), torch.rand(300)
+    blocks, x = pack_int8(weight, 128), torch.randn(6, 512)
+    vnni, avx2 = (kernel(p).int8_matmul(x, blocks, scales, 128) for p in ("avx512_vnni", "avx2"))
+    assert torch.equal(vnni, avx2)
+
+
+def test_int8_blocks_unpack_to_the_weight_they_were_packed_from() -> None:
+    torch.manual_seed(4)
+    weight = torch.randint(-127, 128, (37, 256), dtype=torch.int8)
+    blocks = pack_int8(weight, 64)
+    assert blocks.shape == (3, 4 * (64 + 16 * 64))  # 16-row blocks; per group a header and the codes
+    header = blocks.reshape(3, 4, -1)[0, 1, :64].view(torch.int32)
+    assert header.tolist() == (-128 * weight[:16, 64:128].sum(-1, dtype=torch.int32)).tolist()
+    assert torch.equal(unpack_int8(blocks, 37, 64), weight)
+    with pytest.raises(ValueError, match="do not divide"):
+        pack_int8(weight, 96)
 
 
 @pytest.mark.skipif(not PATHS, reason="no C++ compiler or no AVX2 on this CPU")
@@ -147,15 +171,18 @@ def test_int8_layers_run_their_rows_on_the_kernel_close_to_the_weight_only_produ
 
     torch.manual_seed(1)
     layer = Int8Linear(torch.randn(3, 96, 256) * 0.02, torch.float32)  # a stack, as the depth heads
-    x = torch.randn(4, 256)
+    x, weight = torch.randn(4, 256), layer.weight.clone()
     plain = [layer(x, i) for i in range(3)]
     layer.use_kernel(kernel(PATHS[0]))
     assert layer.kernel is not None and layer.kernel_group == 128
-    for i in range(3):
-        got = layer(x, i)
-        assert got.dtype == torch.float32 and (got - plain[i]).norm() / plain[i].norm() < 0.01
-    prompt = torch.randn(DEQUANTIZE_ROWS, 256)  # prompts keep the float GEMM over the plain weights
-    torch.testing.assert_close(layer(prompt, 1), prompt @ (layer.weight[1].float() * layer.scales[1, :, None]).T)
+    assert layer.weight is None and layer.kernel_weights.shape[0] == 3  # one layout at a time
+    prompt = torch.randn(DEQUANTIZE_ROWS + 8, 256)  # prompts too run on the kernel
+    plain.append(prompt @ (weight[1].float() * layer.scales[1, :, None]).T)
+    for i, rows, want in (0, x, plain[0]), (1, x, plain[1]), (2, x, plain[2]), (1, prompt, plain[3]):
+        got = layer(rows, i)
+        assert got.dtype == torch.float32 and (got - want).norm() / want.norm() < 0.01
+    layer.use_plain()
+    assert layer.kernel is None and layer.kernel_weights is None and torch.equal(layer.weight, weight)
     narrow = Int8Linear(torch.randn(8, 96), torch.float32)
     narrow.use_kernel(kernel(PATHS[0]))
     assert narrow.kernel is None  # no group divides 96 columns
@@ -177,7 +204,7 @@ def test_a_one_slot_int8_engine_steps_its_transformers_on_the_w8a8_kernel(tiny_d
     fused, calls = backbone.fused_step, []
     assert fused is not None and fused.product.address == backbone.layers[0].w13.kernel.int8_product.address
     layers = [getattr(b, a) for b in backbone.layers for a in ("wqkv", "wo", "w13", "w2")]
-    pointers = [(m.weight.data_ptr(), m.kernel_scales.data_ptr()) for m in layers]
+    pointers = [(m.kernel_weights.data_ptr(), m.kernel_scales.data_ptr()) for m in layers]
     assert [tuple(p.tolist()) for p in fused.tensors] == pointers
     backbone.fused_step = functools.partial(lambda f, *a: calls.append(a[0].shape) or f(*a), fused)
     codes = synth.generate("Hello from CSM.", 0, options=GenerationOptions(temperature=0, max_audio_ms=4 * 80)).codes
@@ -188,13 +215,16 @@ def test_a_one_slot_int8_engine_steps_its_transformers_on_the_w8a8_kernel(tiny_d
 def test_int8_weight_pairs_refuse_what_the_kernel_cannot_read() -> None:
     from csmcli.qkernel import int8_weight
 
-    weight, scales = torch.zeros(4, 64, dtype=torch.int8), torch.ones(4)
-    assert int8_weight(weight, scales).tolist() == [weight.data_ptr(), scales.data_ptr()]
-    for bad in ((weight.float(), torch.ones(4)), (weight, torch.ones(4, dtype=torch.float64)), (weight, torch.ones(3))):
+    blocks, scales = pack_int8(torch.zeros(20, 64, dtype=torch.int8), 64), torch.ones(20)
+    assert int8_weight(blocks, scales).tolist() == [blocks.data_ptr(), scales.data_ptr()]
+    plain = torch.zeros(20, 64, dtype=torch.int8)
+    for bad in ((plain, scales), (blocks, scales.double()), (blocks, torch.ones(2, 10))):
         with pytest.raises(ValueError, match="float32 scales"):
             int8_weight(*bad)
+    with pytest.raises(ValueError, match="do not hold 40"):
+        int8_weight(blocks, torch.ones(40))
     with pytest.raises(ValueError, match="contiguous"):
-        int8_weight(torch.zeros(64, 4, dtype=torch.int8).T, torch.ones(4))
+        int8_weight(torch.zeros(64, 2, dtype=torch.uint8).T, torch.ones(20))
 
 
 def test_no_compiler_means_no_kernel_and_one_warning(tmp_path) -> None:

@@ -10,13 +10,14 @@ On a CPU a frame's speed is how fast the weights stream from memory.  Per matrix
   weight once; used for the wide matrices (``in_features <= 2048``), where it beats packed, and for
   every bfloat16 matrix on CPUs that cannot pack bfloat16.
 * **plain**: torch's defaults.
-* int8 weights (:class:`~csmcli.quant.Int8Linear`): one-slot engines keep the plain layout
-  (rows on the W8A8 kernel of :mod:`csmcli.qkernel` where it builds; otherwise single rows on the int8
-  gemv, ``torch._weight_int8pack_mm`` elsewhere); multi-slot engines move
-  every projection to fbgemm's packed layout and dynamically quantized linear, which streams int8
-  weights at memory speed for several rows where ``torch._weight_int8pack_mm`` is compute-bound,
-  at a cost in fidelity (its activations are quantized to 8 bits); compiled engines keep the plain
-  layout the compiler reads.
+* int8 weights (:class:`~csmcli.quant.Int8Linear`): every product on the W8A8 kernel of
+  :mod:`csmcli.qkernel` where it builds, in its own blocked layout, one row or a batch's at memory
+  speed, with each transformer step in one call (:func:`fuse_steps`).  Without it, one-slot engines
+  keep the plain layout (single rows on the int8 gemv, ``torch._weight_int8pack_mm`` elsewhere) and
+  multi-slot engines move every projection to fbgemm's packed layout and dynamically quantized
+  linear, which streams int8 weights at memory speed for several rows where
+  ``torch._weight_int8pack_mm`` is compute-bound (its activations are quantized with one scale per
+  call); compiled engines never use fbgemm, whose weights the compiler cannot read.
 * bfloat16 weights a CPU cannot pack: csmcli's bf16 kernel (:mod:`csmcli.bf16kernel`, AVX2, needs
   a C++ compiler) keeps one re-laid-out bfloat16 copy and serves single rows and a batch's rows at
   memory speed, and each step of both transformers runs in one call around it (:func:`bf16_step`);
@@ -42,7 +43,7 @@ from . import bf16kernel, hugepages, qkernel
 from .errors import OptionsError
 from .gemv import GemvKernels, compiled_gemv, gemv, warm_up
 from .model import Transformer, TransformerSpec, held_weights
-from .quant import Int4Linear, Int8Linear, int4_step, int8_step, projections
+from .quant import Int4Linear, Int8Linear, int4_step, int8_step, kernel_group, projections
 
 CPU_KERNELS = ("auto", "packed", "plain")
 #: Vector instruction-set levels the CPU kernels distinguish, best first.
@@ -172,12 +173,12 @@ def needs_gemv(
     dtype: torch.dtype = torch.float32,
 ) -> bool:
     """Whether :func:`prepare_cpu` will want the compiled gemv for transformers shaped like
-    ``specs``: ``auto`` kernels, a one-slot engine or int8 weights (whose plain layout serves both
-    kernels) unless a multi-slot engine runs them on fbgemm, and some projection wide enough.
+    ``specs``: ``auto`` kernels, a one-slot engine or int8 weights unless a multi-slot engine runs
+    them on fbgemm or the W8A8 kernel, and some projection wide enough.
     Compiling such an engine builds it then (:func:`check_model_compilable`)."""
     caps = caps or cpu_caps()
     upcast = _upcasts(dtype, caps) and not int8
-    if int8 and max_batch > 1 and int8_fbgemm():
+    if int8 and max_batch > 1 and (int8_fbgemm() or w8a8_kernel(check_cpu_kernels(kernels), caps)):
         return False
     if upcast and bf16_kernel(dtype, caps, kernels) is not None:  # it serves single rows too
         return False
@@ -286,24 +287,28 @@ def check_compilable(
 
 def check_model_compilable(model: nn.Module, caps: CpuCaps | None = None) -> None:
     """The same rule on a prepared model: no :class:`CpuLinear` may hold packed weights.  int8
-    layers on fbgemm go back to the plain layout the compiler traces, with the compiled gemv for
-    the single rows of the wide matrices, and stay there for later engines on this model."""
+    layers on fbgemm move to the W8A8 kernel (or the plain layout, with the compiled gemv for the
+    single rows of the wide matrices), which the compiler reads, and stay off fbgemm for later
+    engines on this model."""
     if any(isinstance(m, CpuLinear) and m.packed_weights for m in model.modules()):
         raise OptionsError(_CANNOT_COMPILE)
     for m in model.modules():
         if isinstance(m, Int8Linear) and not m.traced:
             if m.packed:
-                m.use_plain()
-                found = caps or cpu_caps()
-                fast = qkernel.kernel(qkernel.path_for(found.isa, found.vnni))
                 built = gemv_kernels(m.scales.dtype, caps) if wants_gemv(m.out_features, m.in_features) else None
-                _plain_int8(m, fast, built)
+                _int8_kernels(m, w8a8_kernel("auto", caps or cpu_caps()), built)
             m.traced = True
 
 
-def _plain_int8(layer: Int8Linear, fast: qkernel.QKernel | None, built: GemvKernels | None) -> None:
-    """An int8 layer in the plain layout: its rows on the W8A8 kernel where it runs, else single rows of
-    the wide matrices on the compiled int8 gemv (``built``)."""
+def w8a8_kernel(kernels: str, caps: CpuCaps) -> qkernel.QKernel | None:
+    """The W8A8 kernel for int8 weights on ``caps``' instruction set where ``kernels`` is ``auto``
+    (as for the compiled gemv it replaces) and it builds; else None."""
+    return qkernel.kernel(qkernel.path_for(caps.isa, caps.vnni)) if kernels == "auto" else None
+
+
+def _int8_kernels(layer: Int8Linear, fast: qkernel.QKernel | None, built: GemvKernels | None) -> None:
+    """An int8 layer off fbgemm: every product on the W8A8 kernel where it runs, else the plain layout
+    with single rows of the wide matrices on the compiled int8 gemv (``built``)."""
     layer.use_kernel(fast)
     wanted = layer.kernel is None and built is not None and wants_gemv(layer.out_features, layer.in_features)
     layer.gemv_fn = built.gemv_int8 if wanted else None
@@ -383,10 +388,12 @@ def use_kernels(model: nn.Module, kernels: str, max_batch: int, caps: CpuCaps) -
     ``bf16-avx2`` (bfloat16 weights on :func:`bf16_kernel`, one row or several), or
     the several-rows path (``packed``; ``linear``: plain float weights; ``float32``: bf16 weights
     multiplied in float32; ``packed-float32``: bf16 weights packed as float32), preceded by
-    ``gemv+`` when single rows take the compiled gemv; or ``fbgemm`` (int8 weights, every product).
+    ``gemv+`` when single rows take the compiled gemv.  Quantized weights' kernels lead it:
+    ``int4-<path>`` and ``int8-<path>`` (:mod:`csmcli.qkernel`'s, alone when they serve every
+    layer), ``fbgemm`` (int8 layers, every product).
 
     Float layers become :class:`CpuLinear`; :class:`~csmcli.quant.Int8Linear` layers keep their
-    int8 weights and gain the gemv path for single rows; :class:`~csmcli.quant.Int4Linear` layers
+    int8 weights; :class:`~csmcli.quant.Int4Linear` layers
     get :func:`prepare_int4`'s product, whose name leads the result.  With ``max_batch > 1`` float
     layers are packed even where gemv would be faster for one row (several rows at once need the packed layout,
     and keeping both would double the weights' memory).  bfloat16 weights on a CPU without oneDNN's
@@ -395,15 +402,16 @@ def use_kernels(model: nn.Module, kernels: str, max_batch: int, caps: CpuCaps) -
     weights' bytes, as a float32 model; converting them on each call of a batch made batch 8 slower
     than one stream), unless :func:`bf16_kernel` serves them (every engine, in bfloat16, with
     :func:`fuse_steps`' whole steps).
-    int8 layers move to fbgemm (:meth:`~csmcli.quant.Int8Linear.use_fbgemm`), in multi-slot
-    engines, unless compiled code reads them; one-slot engines keep (or return to)
-    the plain layout, whose numerics are closer to bf16 (``scripts/int8_kernels_fidelity.py``).
+    int8 layers move to the W8A8 kernel (:meth:`~csmcli.quant.Int8Linear.use_kernel`) where it
+    builds, except in multi-slot engines on AVX2 (fbgemm there); to fbgemm
+    (:meth:`~csmcli.quant.Int8Linear.use_fbgemm`) in multi-slot engines without the kernel unless
+    compiled code reads them; else one-slot engines keep (or return to) the plain layout with the
+    gemv for single rows.
     """
     int4 = prepare_int4(model, caps, kernels)
     if kernels == "plain":
         return f"{int4}+plain" if int4 else "plain"
-    # int8 rows on the W8A8 kernel where ``auto`` allows compiled kernels (as for the gemv it replaces)
-    fast = qkernel.kernel(qkernel.path_for(caps.isa, caps.vnni)) if kernels == "auto" else None
+    fast = w8a8_kernel(kernels, caps)
     dtype = model.audio_embeddings.weight.dtype
     packable = torch.backends.mkldnn.is_available() and dtype in (torch.float32, torch.bfloat16)
     upcast = _upcasts(dtype, caps)
@@ -411,7 +419,10 @@ def use_kernels(model: nn.Module, kernels: str, max_batch: int, caps: CpuCaps) -
     multi_upcast = upcast and max_batch > 1 and bf16_fast is None
     # compile (seconds, once per process) only where some matrix would use the gemv
     int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+    # several rows of int8: the W8A8 kernel with VNNI; on AVX2, whose products need a sign operation
+    # per multiply-add, fbgemm (its 7-bit activations need none) is faster, where this torch has it
     fbgemm = int8 and max_batch > 1 and int8_fbgemm()
+    kernel8 = None if fbgemm and fast is not None and fast.path != "avx512_vnni" else fast
     specs = (model.backbone.spec, model.decoder.spec)
     built = gemv_kernels(dtype, caps) if needs_gemv(kernels, specs, max_batch, int8, caps, dtype) else None
     use_gemv = built is not None
@@ -427,13 +438,12 @@ def use_kernels(model: nn.Module, kernels: str, max_batch: int, caps: CpuCaps) -
             layer.upcast = upcast
             if layer.traced:
                 return layer
-            if fbgemm:
+            if fbgemm and (kernel8 is None or not kernel_group(layer.in_features)):
                 layer.gemv_fn = None
                 layer.use_kernel(None)
                 layer.use_fbgemm(reduce_range=not caps.vnni)
             else:
-                layer.use_plain()
-                _plain_int8(layer, fast, built if use_gemv else None)
+                _int8_kernels(layer, kernel8, built if use_gemv else None)
             return layer
         if isinstance(layer, CpuLinear):  # prepared before: repack if several rows now need it
             if max_batch > 1 and not layer.packed_weights and layer.kernel is None:
@@ -462,10 +472,13 @@ def use_kernels(model: nn.Module, kernels: str, max_batch: int, caps: CpuCaps) -
     if not packable and not int8:
         return "plain"
     prefix = f"{int4}+" if int4 else ""
-    if any(isinstance(m, Int8Linear) and m.packed for m in model.modules()):
-        return prefix + "fbgemm"
-    if any(isinstance(m, Int8Linear) and m.kernel for m in model.modules()):
+    int8_layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    if any(m.kernel for m in int8_layers):
         prefix += f"int8-{fast.path}+"
+    if any(m.packed for m in int8_layers):
+        return prefix + "fbgemm"
+    if int8_layers and all(m.kernel for m in int8_layers):
+        return prefix.removesuffix("+")
     if not int8 and any(isinstance(m, CpuLinear) and m.kernel is not None for m in model.modules()):
         return prefix + bf16_fast.name
     used = any(getattr(m, "gemv", False) for m in model.modules())

@@ -91,7 +91,7 @@ __attribute__((target("avx512f,avx512vnni"))) static inline void dpbusd_bcast(__
 
 template <int MB>
 __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl,f16c"))) static void block_vnni(
-    const uint8_t* wb, int K, int G, const int8_t* xq, const float* sx, const float* xs, const float* corr, float* y, int ldy, int ncols) {
+    const uint8_t* wb, int K, int G, const int8_t* xq, int ldx, const float* sx, const float* xs, const float* corr, float* y, int ldy, int ncols) {
     const int ng = K / G;
     const __m512i mask = _mm512_set1_epi8(0x0F);
     __m512 accf[MB];
@@ -114,7 +114,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl,f16c"))) static void
             const __m512i a = _mm512_and_si512(v, mask);
             const __m512i b = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
             for (int m = 0; m < MB; ++m) {
-                const int32_t* xm = (const int32_t*)(xg + (size_t)m * K + 8 * j);
+                const int32_t* xm = (const int32_t*)(xg + (size_t)m * ldx + 8 * j);
                 dpbusd_bcast(acc[m][0], a, xm);
                 dpbusd_bcast(acc[m][NA - 1], b, xm + 1);
             }
@@ -132,7 +132,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl,f16c"))) static void
 
 template <int MB>
 __attribute__((target("avx2,fma,f16c"))) static void block_avx2(
-    const uint8_t* wb, int K, int G, const int8_t* xq, const float* sx, const float* xs, const float* corr, float* y, int ldy, int ncols) {
+    const uint8_t* wb, int K, int G, const int8_t* xq, int ldx, const float* sx, const float* xs, const float* corr, float* y, int ldy, int ncols) {
     const int ng = K / G;
     const __m256i mask = _mm256_set1_epi8(0x0F);
     const __m256i ones = _mm256_set1_epi16(1);
@@ -157,8 +157,8 @@ __attribute__((target("avx2,fma,f16c"))) static void block_avx2(
                 const __m256i b = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
                 for (int m = 0; m < MB; ++m) {
                     int32_t xa, xb;
-                    memcpy(&xa, xg + (size_t)m * K + 8 * j, 4);
-                    memcpy(&xb, xg + (size_t)m * K + 8 * j + 4, 4);
+                    memcpy(&xa, xg + (size_t)m * ldx + 8 * j, 4);
+                    memcpy(&xb, xg + (size_t)m * ldx + 8 * j + 4, 4);
                     const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(a, _mm256_set1_epi32(xa)),
                                                            _mm256_maddubs_epi16(b, _mm256_set1_epi32(xb)));
                     acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(pairs, ones));
@@ -187,7 +187,7 @@ __attribute__((target("avx2,fma,f16c"))) static void block_avx2(
     }
 }
 
-typedef void (*block_fn)(const uint8_t*, int, int, const int8_t*, const float*, const float*, const float*, float*,
+typedef void (*block_fn)(const uint8_t*, int, int, const int8_t*, int, const float*, const float*, const float*, float*,
                          int, int);
 
 // Activation rows per pass over a weight block: as many as the accumulators that fit in registers
@@ -201,81 +201,112 @@ static block_fn pick(int path, int rows) {
     return (path == 2 ? vnni : avx2)[rows - 1];
 }
 
-// W8A8 over the plain int8 layout (csmcli.quant.Int8Linear's weight [N, K], one scale per row):
-// each output row is a dot product along K, 64 (AVX-512) or 32 (AVX2) weights a vector.  Signed
-// by signed bytes without saturation: |w| times x with w's sign moved onto x (weights and
-// activations are within +-127, so the AVX2 pair sums stay within 16 bits).
+// W8A8 over csmcli.qkernel.pack_int8's layout of an int8 weight W[N, K] (one float32 scale per
+// output row, applied at the end): blocks of 16 output rows; per block and group of G inputs, 64
+// header bytes (16 int32: -128 times the sum of each row's weights in the group), then G/4 chunks
+// of 64 bytes where byte c*4+i holds W[row c][k0+i] (k0 = 4 * chunk).  Like the int4 layout, a
+// chunk is one vector of 16 rows, so each activation row costs one multiply-add per 64 weights.
+static inline size_t group_bytes8(int G) { return 64 + (size_t)16 * G; }
+
+// VNNI multiplies unsigned by signed bytes: the activations' codes go in as x + 128 (their bits
+// with the top one flipped, see flip_codes), and the header's -128 * sum(w) starts each group's
+// accumulator to take the offset back out.
 template <int MB>
-__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) static void row_vnni8(
-    const int8_t* w, int K, int G, const int8_t* xq, const float* sx, float* out, int ldo) {
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) static void block_vnni8(
+    const uint8_t* wb, int K, int G, const int8_t* xq, int ldx, const float* sx, const float* scales, float* y,
+    int ldy, int ncols) {
     const int ng = K / G;
-    const __m512i zero = _mm512_setzero_si512();
     __m512 accf[MB];
     for (int m = 0; m < MB; ++m) accf[m] = _mm512_setzero_ps();
     for (int g = 0; g < ng; ++g) {
+        const uint8_t* p = wb + (size_t)g * group_bytes8(G);
+        const __m512i offset = _mm512_loadu_si512((const void*)p);
+        p += 64;
         __m512i acc[MB];
-        for (int m = 0; m < MB; ++m) acc[m] = zero;
-        for (int k = g * G; k < (g + 1) * G; k += 64) {
-            const __m512i v = _mm512_loadu_si512((const void*)(w + k));
-            const __m512i a = _mm512_abs_epi8(v);
-            const __mmask64 neg = _mm512_movepi8_mask(v);
+        for (int m = 0; m < MB; ++m) acc[m] = offset;
+        const int8_t* xg = xq + (size_t)g * G;
+        for (int j = 0; j < G / 4; ++j) {
+            if (MB >= PREFETCH_ROWS) _mm_prefetch((const char*)(p + 64 * j + PREFETCH_BYTES), _MM_HINT_T0);
+            const __m512i v = _mm512_loadu_si512((const void*)(p + 64 * j));
             for (int m = 0; m < MB; ++m) {
-                const __m512i x = _mm512_loadu_si512((const void*)(xq + (size_t)m * K + k));
-                acc[m] = _mm512_dpbusd_epi32(acc[m], a, _mm512_mask_sub_epi8(x, neg, zero, x));
+                int32_t xm;
+                memcpy(&xm, xg + (size_t)m * ldx + 4 * j, 4);
+                acc[m] = _mm512_dpbusd_epi32(acc[m], _mm512_set1_epi32(xm), v);
             }
         }
         for (int m = 0; m < MB; ++m)
             accf[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m]), _mm512_set1_ps(sx[m * ng + g]), accf[m]);
     }
-    for (int m = 0; m < MB; ++m) out[(size_t)m * ldo] = _mm512_reduce_add_ps(accf[m]);
+    const __mmask16 keep = (__mmask16)((1u << ncols) - 1);
+    const __m512 s = _mm512_maskz_loadu_ps(keep, scales);
+    for (int m = 0; m < MB; ++m) _mm512_mask_storeu_ps(y + (size_t)m * ldy, keep, _mm512_mul_ps(accf[m], s));
 }
 
+// AVX2 has no unsigned-by-signed multiply-add into 32 bits: |w| times x with w's sign moved onto x
+// (both within +-127, so the 16-bit pair sums cannot saturate); the header is not needed.
 template <int MB>
-__attribute__((target("avx2,fma"))) static void row_avx2_8(
-    const int8_t* w, int K, int G, const int8_t* xq, const float* sx, float* out, int ldo) {
+__attribute__((target("avx2,fma"))) static void block_avx2_8(const uint8_t* wb, int K, int G, const int8_t* xq,
+                                                               int ldx, const float* sx, const float* scales, float* y, int ldy,
+                                                               int ncols) {
     const int ng = K / G;
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 accf[MB];
-    for (int m = 0; m < MB; ++m) accf[m] = _mm256_setzero_ps();
+    __m256 accf[MB][2];
+    for (int m = 0; m < MB; ++m) accf[m][0] = accf[m][1] = _mm256_setzero_ps();
     for (int g = 0; g < ng; ++g) {
-        __m256i acc[MB];
-        for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_si256();
-        for (int k = g * G; k < (g + 1) * G; k += 32) {
-            const __m256i v = _mm256_loadu_si256((const __m256i*)(w + k));
-            const __m256i a = _mm256_abs_epi8(v);
+        const uint8_t* p = wb + (size_t)g * group_bytes8(G) + 64;
+        __m256i acc[MB][2];
+        for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+        const int8_t* xg = xq + (size_t)g * G;
+        for (int j = 0; j < G / 4; ++j) {
+            if (MB >= PREFETCH_ROWS) _mm_prefetch((const char*)(p + 64 * j + PREFETCH_BYTES), _MM_HINT_T0);
+            __m256i v[2], a[2];
+            for (int h = 0; h < 2; ++h) {
+                v[h] = _mm256_loadu_si256((const __m256i*)(p + 64 * j + 32 * h));
+                a[h] = _mm256_abs_epi8(v[h]);
+            }
             for (int m = 0; m < MB; ++m) {
-                const __m256i x = _mm256_loadu_si256((const __m256i*)(xq + (size_t)m * K + k));
-                const __m256i pairs = _mm256_maddubs_epi16(a, _mm256_sign_epi8(x, v));
-                acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(pairs, ones));
+                int32_t xm;
+                memcpy(&xm, xg + (size_t)m * ldx + 4 * j, 4);
+                const __m256i xb = _mm256_set1_epi32(xm);  // the same 4 inputs for both halves' rows
+                for (int h = 0; h < 2; ++h) {
+                    const __m256i pairs = _mm256_maddubs_epi16(a[h], _mm256_sign_epi8(xb, v[h]));
+                    acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(pairs, ones));
+                }
             }
         }
-        for (int m = 0; m < MB; ++m)
-            accf[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), _mm256_set1_ps(sx[m * ng + g]), accf[m]);
+        for (int m = 0; m < MB; ++m) {
+            const __m256 xscale = _mm256_set1_ps(sx[m * ng + g]);
+            for (int h = 0; h < 2; ++h)
+                accf[m][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m][h]), xscale, accf[m][h]);
+        }
     }
+    float row[16];
     for (int m = 0; m < MB; ++m) {
-        const __m128 h = _mm_add_ps(_mm256_castps256_ps128(accf[m]), _mm256_extractf128_ps(accf[m], 1));
-        const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        out[(size_t)m * ldo] = _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+        for (int h = 0; h < 2; ++h) _mm256_storeu_ps(row + 8 * h, accf[m][h]);
+        for (int c = 0; c < ncols; ++c) y[(size_t)m * ldy + c] = row[c] * scales[c];
     }
 }
 
-typedef void (*row_fn)(const int8_t*, int, int, const int8_t*, const float*, float*, int);
+typedef void (*block8_fn)(const uint8_t*, int, int, const int8_t*, int, const float*, const float*, float*, int, int);
 
-static row_fn pick8(int path, int rows) {
-    static const row_fn vnni[4] = {row_vnni8<1>, row_vnni8<2>, row_vnni8<3>, row_vnni8<4>};
-    static const row_fn avx2[4] = {row_avx2_8<1>, row_avx2_8<2>, row_avx2_8<3>, row_avx2_8<4>};
+static block8_fn pick8(int path, int rows) {
+    static const block8_fn vnni[8] = {block_vnni8<1>, block_vnni8<2>, block_vnni8<3>, block_vnni8<4>,
+                                      block_vnni8<5>, block_vnni8<6>, block_vnni8<7>, block_vnni8<8>};
+    static const block8_fn avx2[4] = {block_avx2_8<1>, block_avx2_8<2>, block_avx2_8<3>, block_avx2_8<4>};
     return (path == 2 ? vnni : avx2)[rows - 1];
 }
 
 // The activations' int8 codes and per-group sums, in the calling thread's buffer (reused across
-// calls); the threads of a parallel region share its pointers.
+// calls); the threads of a parallel region share its pointers.  A row of codes takes ld = K + 64
+// bytes: with K a multiple of 4 KiB, rows K apart would share their L1 sets, and the 8 rows a
+// kernel reads together would evict one another.
 struct Codes {
     int8_t* xq;
     float *sx, *xs, *corr;
-    int K, G, ng;
-    Codes(int M, int K_, int G_) : K(K_), G(G_), ng(K_ / G_) {
+    int K, G, ng, ld;
+    Codes(int M, int K_, int G_) : K(K_), G(G_), ng(K_ / G_), ld(K_ + 64) {
         static thread_local std::vector<uint8_t> scratch;
-        const size_t codes = ((size_t)M * K + 63) & ~(size_t)63;
+        const size_t codes = (size_t)M * ld;
         scratch.resize(codes + sizeof(float) * 3 * (size_t)M * ng);
         xq = (int8_t*)scratch.data();
         sx = (float*)(scratch.data() + codes);
@@ -285,10 +316,19 @@ struct Codes {
     // Quantizes group i of the M * ng (row-major) of x; each one is independent of the others.
     void fill(const float* x, int i) const {
         const int m = i / ng, g = i % ng;
-        const size_t at = (size_t)m * K + (size_t)g * G;
-        quantize_group(x + at, G, xq + at, sx + i, xs + i, corr + i);
+        quantize_group(x + (size_t)m * K + (size_t)g * G, G, xq + (size_t)m * ld + (size_t)g * G, sx + i, xs + i,
+                       corr + i);
     }
 };
+
+// int8 codes -> the same values plus 128 as unsigned bytes, in place (the top bit flipped).
+__attribute__((target("avx2"))) static void flip_codes(int8_t* q, int n) {
+    const __m256i top = _mm256_set1_epi8((char)0x80);
+    int k = 0;
+    for (; k + 32 <= n; k += 32)
+        _mm256_storeu_si256((__m256i*)(q + k), _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(q + k)), top));
+    for (; k < n; ++k) q[k] = (int8_t)(q[k] ^ 0x80);
+}
 
 extern "C" {
 
@@ -311,7 +351,7 @@ int csm_int4_matmul(int path, const float* x, int M, int K, int G, const void* w
             const int ncols = N - 16 * b < 16 ? N - 16 * b : 16;
             for (int m0 = 0; m0 < M; m0 += per_pass) {
                 const int rows = M - m0 < per_pass ? M - m0 : per_pass;
-                pick(path, rows)(w + b * stride, K, G, c.xq + (size_t)m0 * K, c.sx + (size_t)m0 * ng,
+                pick(path, rows)(w + b * stride, K, G, c.xq + (size_t)m0 * c.ld, c.ld, c.sx + (size_t)m0 * ng,
                                  c.xs + (size_t)m0 * ng, c.corr + (size_t)m0 * ng, y + (size_t)m0 * N + 16 * b, N,
                                  ncols);
             }
@@ -320,34 +360,40 @@ int csm_int4_matmul(int path, const float* x, int M, int K, int G, const void* w
     return 0;
 }
 
-// y[M, N] = (x[M, K] @ W^T) * scales for a plain int8 weight W[N, K], with activations quantized to
-// int8 per row and group of G (a multiple of 64).  Returns 0, or -1 when the path cannot run here.
-int csm_int8_matmul(int path, const float* x, int M, int K, int G, const int8_t* w, const float* scales, int N,
+// y[M, N] = (x[M, K] @ W^T) * scales for an int8 weight in pack_int8's layout (ceil(N / 16)
+// blocks) and its float32 scales [N], with activations quantized to int8 per row and group of G.
+// Returns 0, or -1 when the path cannot run here.
+int csm_int8_matmul(int path, const float* x, int M, int K, int G, const uint8_t* w, const float* scales, int N,
                     float* y) {
-    if (!csm_int4_cpu_has(path) || K % G != 0 || G % 64 != 0) return -1;
+    if (!csm_int4_cpu_has(path) || K % G != 0 || G % 8 != 0) return -1;
     const int ng = K / G;
     const Codes c(M, K, G);
+    const size_t stride = (size_t)ng * group_bytes8(G);
+    const int blocks = (N + 15) / 16;
+    const int per_pass = rows_per_pass(path);
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
-        for (int i = 0; i < M * ng; ++i) c.fill(x, i);
-        // One contiguous run of rows per thread: interleaved chunks of 16 rows streamed far slower.
+        for (int i = 0; i < M * ng; ++i) {
+            c.fill(x, i);
+            if (path == 2) flip_codes(c.xq + (size_t)(i / ng) * c.ld + (size_t)(i % ng) * G, G);
+        }
 #pragma omp for schedule(static)
-        for (int n = 0; n < N; ++n) {
-            for (int m0 = 0; m0 < M; m0 += 4) {
-                const int rows = M - m0 < 4 ? M - m0 : 4;
-                pick8(path, rows)(w + (size_t)n * K, K, G, c.xq + (size_t)m0 * K, c.sx + (size_t)m0 * ng,
-                                  y + (size_t)m0 * N + n, N);
+        for (int b = 0; b < blocks; ++b) {
+            const int ncols = N - 16 * b < 16 ? N - 16 * b : 16;
+            for (int m0 = 0; m0 < M; m0 += per_pass) {
+                const int rows = M - m0 < per_pass ? M - m0 : per_pass;
+                pick8(path, rows)(w + b * stride, K, G, c.xq + (size_t)m0 * c.ld, c.ld, c.sx + (size_t)m0 * ng,
+                                  scales + 16 * b, y + (size_t)m0 * N + 16 * b, N, ncols);
             }
-            for (int m = 0; m < M; ++m) y[(size_t)m * N + n] *= scales[n];
         }
     }
     return 0;
 }
 
-// An int8 weight as csm_step's products get it: the plain matrix [N, K] and its float32 scales [N].
+// An int8 weight as csm_step's products get it: pack_int8's blocks and the float32 scales [N].
 struct Int8Weight {
-    const int8_t* weight;
+    const uint8_t* weight;
     const float* scales;
 };
 

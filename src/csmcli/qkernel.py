@@ -5,9 +5,10 @@
   This kernel quantizes the few activation rows to int8 per group and multiplies with the CPU's
   integer dot-product instructions (AVX-512 VNNI, or AVX2), so it reads the 4-bit weights at
   memory speed for one row and serves several rows for little more.
-* int8 (W8A8, :meth:`QKernel.int8_matmul`): the same activation quantization over the plain int8
-  layout of :class:`csmcli.quant.Int8Linear`, for the single rows where the float gemv over int8
-  weights is compute-bound on one core.
+* int8 (W8A8, :meth:`QKernel.int8_matmul`): the same activation quantization over int8 weights in
+  the same 16-row blocks (:func:`pack_int8`), so that one row reads them at memory speed (the
+  float gemv over int8 weights is compute-bound on one core) and 8 rows cost one multiply-add
+  instruction per 64 weights and row (as fast as fbgemm's packed int8, and inside a fused step).
 * a whole transformer step (:class:`FusedStep`): norms, RoPE, attention over the cache and SwiGLU in
   C++ around the products of a matrix kernel (this int4 one, or :mod:`csmcli.bf16kernel`), one
   call per step instead of ~30 eager operations per layer.
@@ -87,6 +88,35 @@ def pack(qweight: Tensor, scales: Tensor, mins: Tensor, group: int) -> Tensor:
     return torch.cat((header(scales), header(mins), data), dim=-1).reshape(blocks, -1).contiguous()
 
 
+def pack_int8(weight: Tensor, group: int) -> Tensor:
+    """The kernel's int8 layout (see ``qkernel.cpp``) of an int8 ``weight`` ``[N, K]``: rows padded
+    to a multiple of 16 with zeros; per block and ``group`` of inputs, 16 int32 (-128 times each
+    row's sum in the group), then the codes 16 rows by 4 inputs a 64-byte chunk.  Returns uint8
+    ``[blocks, bytes per block]``."""
+    n, k = weight.shape
+    if weight.dtype != torch.int8 or group % 8 or k % group:
+        raise ValueError(f"int8 groups of {group} (a multiple of 8) do not divide {k} input columns")
+    pad = -n % BLOCK_ROWS
+    if pad:
+        weight = torch.cat((weight, weight.new_zeros(pad, k)))
+    blocks, groups = (n + pad) // BLOCK_ROWS, k // group
+    rows = weight.reshape(blocks, BLOCK_ROWS, groups, group)
+    offsets = (-128 * rows.sum(dim=-1, dtype=torch.int32)).to(torch.int32).transpose(1, 2).contiguous()
+    codes = rows.reshape(blocks, BLOCK_ROWS, groups, group // 4, 4).permute(0, 2, 3, 1, 4)
+    data = codes.reshape(blocks, groups, 4 * BLOCK_ROWS * (group // 4)).view(torch.uint8)
+    header = offsets.view(torch.uint8).reshape(blocks, groups, HEADER_BYTES)
+    return torch.cat((header, data), dim=-1).reshape(blocks, -1).contiguous()
+
+
+def unpack_int8(packed: Tensor, out_features: int, group: int) -> Tensor:
+    """The int8 ``[out_features, K]`` weight :func:`pack_int8` packed with ``group``."""
+    blocks = packed.shape[0]
+    body = packed.reshape(blocks, -1, HEADER_BYTES + BLOCK_ROWS * group)[..., HEADER_BYTES:]
+    groups = body.shape[1]
+    codes = body.reshape(blocks, groups, group // 4, BLOCK_ROWS, 4).permute(0, 3, 1, 2, 4)
+    return codes.reshape(blocks * BLOCK_ROWS, groups * group)[:out_features].view(torch.int8).contiguous()
+
+
 def _product(lib: ctypes.CDLL, path: int, x: Tensor, packed: Tensor, out_features: int, group: int) -> Tensor:
     x = x.float().contiguous()
     rows, k = x.shape
@@ -96,12 +126,12 @@ def _product(lib: ctypes.CDLL, path: int, x: Tensor, packed: Tensor, out_feature
     return y
 
 
-def _product8(lib: ctypes.CDLL, path: int, x: Tensor, weight: Tensor, scales: Tensor, group: int) -> Tensor:
+def _product8(lib: ctypes.CDLL, path: int, x: Tensor, packed: Tensor, scales: Tensor, group: int) -> Tensor:
     x = x.float().contiguous()
     rows, k = x.shape
-    y = torch.empty(rows, weight.shape[0])
+    y = torch.empty(rows, scales.shape[0])
     status = lib.csm_int8_matmul(
-        path, x.data_ptr(), rows, k, group, weight.data_ptr(), scales.data_ptr(), weight.shape[0], y.data_ptr()
+        path, x.data_ptr(), rows, k, group, packed.data_ptr(), scales.data_ptr(), scales.shape[0], y.data_ptr()
     )
     if status:
         raise RuntimeError(f"int8 kernel path {path} cannot run on this CPU")
@@ -125,9 +155,9 @@ ckernels.operator(
     lambda x, packed, n, group, path: _rows_of(x, n),
 )
 ckernels.operator(
-    "int8_mm(Tensor x, Tensor weight, Tensor scales, int group, int path) -> Tensor",
-    lambda x, w, scales, group, path: _product8(_built(), path, x, w, scales, group),
-    lambda x, w, scales, group, path: _rows_of(x, w.shape[0]),
+    "int8_mm(Tensor x, Tensor packed, Tensor scales, int group, int path) -> Tensor",
+    lambda x, packed, scales, group, path: _product8(_built(), path, x, packed, scales, group),
+    lambda x, packed, scales, group, path: _rows_of(x, scales.shape[0]),
 )
 
 
@@ -156,26 +186,30 @@ class QKernel:
         pairs, its argument the activation group."""
         return Product(ctypes.cast(self.lib.csm_int8_product, _PTR).value, PATHS[self.path])
 
-    def int8_matmul(self, x: Tensor, weight: Tensor, scales: Tensor, group: int) -> Tensor:
-        """``(x [M, K] @ weight.T) * scales -> [M, N]`` in float32 for a plain int8 ``weight [N, K]`` and
-        float32 ``scales [N]``, activations quantized per row and ``group`` (a multiple of 64)."""
+    def int8_matmul(self, x: Tensor, packed: Tensor, scales: Tensor, group: int) -> Tensor:
+        """``(x [M, K] @ W.T) * scales -> [M, N]`` in float32 for an int8 ``W [N, K]`` as
+        :func:`pack_int8` wrote it with ``group``, and float32 ``scales [N]``; activations are
+        quantized per row and ``group``."""
         if torch.compiler.is_compiling():
-            return torch.ops.csmcli.int8_mm(x, weight, scales, group, PATHS[self.path])
-        return _product8(self.lib, PATHS[self.path], x, weight, scales, group)
+            return torch.ops.csmcli.int8_mm(x, packed, scales, group, PATHS[self.path])
+        return _product8(self.lib, PATHS[self.path], x, packed, scales, group)
 
 
 _INT = ctypes.c_int
 _PTR = ctypes.c_void_p
 
 
-def int8_weight(weight: Tensor, scales: Tensor) -> Tensor:
-    """The C ``Int8Weight`` csm_int8_product reads: the addresses of a contiguous int8 ``weight``
-    ``[N, K]`` and its float32 ``scales`` ``[N]``, which must outlive it."""
-    if weight.dtype != torch.int8 or scales.dtype != torch.float32 or scales.shape != weight.shape[:1]:
-        raise ValueError("an int8 weight [N, K] needs float32 scales [N]")
-    if not (weight.is_contiguous() and scales.is_contiguous()):
+def int8_weight(packed: Tensor, scales: Tensor) -> Tensor:
+    """The C ``Int8Weight`` csm_int8_product reads: the addresses of :func:`pack_int8`'s contiguous
+    blocks for ``N`` output rows and their float32 ``scales`` ``[N]``, which must outlive it."""
+    n = scales.shape[0] if scales.dim() == 1 else -1
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or scales.dtype != torch.float32 or n < 0:
+        raise ValueError("an int8 weight needs pack_int8's blocks [blocks, bytes] and float32 scales [N]")
+    if packed.shape[0] != -(-n // BLOCK_ROWS):
+        raise ValueError(f"{packed.shape[0]} blocks of 16 rows do not hold {n} output rows")
+    if not (packed.is_contiguous() and scales.is_contiguous()):
         raise ValueError("int8 weights and scales must be contiguous")
-    return torch.tensor([weight.data_ptr(), scales.data_ptr()], dtype=torch.int64)
+    return torch.tensor([packed.data_ptr(), scales.data_ptr()], dtype=torch.int64)
 
 
 @dataclass(frozen=True)

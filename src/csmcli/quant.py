@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .gemv import gemv_int8
 from .model import CSMModel, Transformer
-from .qkernel import FusedStep, QKernel, int8_weight, pack
+from .qkernel import FusedStep, QKernel, int8_weight, pack, pack_int8, unpack_int8
 
 # from this many rows on (prefill), CPU products dequantize the weight and use the float GEMM
 DEQUANTIZE_ROWS = 32
@@ -53,13 +53,15 @@ class Int8Linear(nn.Module):
     module called with the layer's ``index``, so compiled code indexes a tensor (one graph serves
     every codebook) rather than picking a module (one graph per codebook).
 
-    The weights live in one of two layouts, never both (memory): the plain ``weight`` buffer, or
-    after :meth:`use_fbgemm` fbgemm's packed matrices (``weight`` is then None).  Numerics: the
-    plain kernels multiply the activations as they are (bf16 or float32) and accumulate in float32;
-    fbgemm quantizes the activations of each call to 8 bits (7 with ``reduce_range``) with one
-    scale and zero point per call, i.e. shared by all rows of a batch (a stream's result depends
-    slightly on the others), and accumulates in int32.  That roughly triples int8's logit error
-    against bf16; ``scripts/int8_kernels_fidelity.py`` measures it.
+    The weights live in one of three layouts, never two at once (memory): the plain ``weight``
+    buffer; after :meth:`use_kernel` csmcli's W8A8 kernel's blocks (``kernel_weights``); or after
+    :meth:`use_fbgemm` fbgemm's packed matrices (``weight`` is None in the last two).  Numerics:
+    the plain kernels multiply the activations as they are (bf16 or float32) and accumulate in
+    float32; the W8A8 kernel quantizes each row's activations to 8 bits per group of
+    :func:`kernel_group` columns (a row's result does not depend on the others); fbgemm quantizes
+    them to 8 bits (7 with ``reduce_range``) with one scale and zero point per call, i.e. shared by
+    all rows of a batch (a stream's result depends slightly on the others).  Both accumulate in
+    int32; ``scripts/int8_kernels_fidelity.py`` measures what that costs against bf16.
     """
 
     def __init__(self, weight: Tensor, dtype: torch.dtype) -> None:
@@ -75,8 +77,9 @@ class Int8Linear(nn.Module):
         self.upcast = False
         self.packed: tuple = ()  # fbgemm's packed weights, one per stacked layer (use_fbgemm)
         self.reduce_range = False
-        self.traced = False  # compiled code reads the plain weights: they stay plain
-        self.kernel: QKernel | None = None  # use_kernel: csmcli's W8A8 kernel on the plain weights
+        self.traced = False  # compiled code reads these weights: they stay out of fbgemm's opaque layout
+        self.kernel: QKernel | None = None  # use_kernel: csmcli's W8A8 kernel on its own blocks
+        self.kernel_weights: Tensor | None = None
         self.kernel_group = 0
         self.kernel_scales: Tensor | None = None
 
@@ -93,14 +96,22 @@ class Int8Linear(nn.Module):
         return self.gemv_fn is not None
 
     def use_kernel(self, kernel: QKernel | None) -> None:
-        """Run products of fewer than :data:`DEQUANTIZE_ROWS` rows on ``kernel``'s W8A8 product over the
-        plain weights (activations quantized to int8 per row and group of :func:`kernel_group`
-        columns: about 0.6% relative error per product, at memory speed where the int8 gemv is
-        compute-bound); None, or a width no group divides, turns it off."""
-        group = kernel_group(self.in_features)
-        self.kernel = kernel if group else None
-        self.kernel_group = group or 0
-        self.kernel_scales = self.scales.float().contiguous() if self.kernel else None
+        """Run every product on ``kernel``'s W8A8 product (activations quantized to int8 per row and
+        group of :func:`kernel_group` columns: about 0.6% relative error per product, at memory speed
+        for one row and for a batch's), on its blocks (:func:`~csmcli.qkernel.pack_int8`), which
+        replace the plain weights; None, or a width no group divides, returns to the plain layout."""
+        group = kernel_group(self.in_features) if kernel is not None else None
+        if self.kernel is not None and kernel == self.kernel and group == self.kernel_group:
+            return
+        self.use_plain()
+        if not group:
+            return
+        w = self.weight
+        packed = [pack_int8(m, group) for m in w] if w.dim() == 3 else [pack_int8(w, group)]
+        self.kernel_weights = torch.stack(packed) if w.dim() == 3 else packed[0]
+        self.kernel, self.kernel_group = kernel, group
+        self.kernel_scales = self.scales.float().contiguous()
+        self.weight = None
 
     def use_fbgemm(self, reduce_range: bool) -> None:
         """Move the weights into fbgemm's packed layout (the plain buffer is dropped).
@@ -110,6 +121,7 @@ class Int8Linear(nn.Module):
         self.reduce_range = reduce_range
         if self.packed:
             return
+        self.use_plain()
         stack = self.weight if self.weight.dim() == 3 else self.weight[None]
         scales = self.scales.reshape(stack.shape[0], -1).double()
         zeros = torch.zeros(stack.shape[1], dtype=torch.long)
@@ -122,12 +134,19 @@ class Int8Linear(nn.Module):
         self.weight = None
 
     def use_plain(self) -> None:
-        """Back to the plain int8 buffer (what the compiler traces): the exact weights :meth:`use_fbgemm` took."""
-        if not self.packed:
-            return
-        stack = [torch.ops.quantized.linear_unpack(p)[0].int_repr() for p in self.packed]
-        self.weight = torch.stack(stack) if self.scales.dim() == 2 else stack[0]
-        self.packed = ()
+        """Back to the plain int8 buffer (what the compiled gemv reads): the exact weights the other
+        layouts took."""
+        if self.packed:
+            stack = [torch.ops.quantized.linear_unpack(p)[0].int_repr() for p in self.packed]
+            self.weight = torch.stack(stack) if self.scales.dim() == 2 else stack[0]
+            self.packed = ()
+        if self.kernel_weights is not None:
+            blocks, n, g = self.kernel_weights, self.out_features, self.kernel_group
+            stack = blocks if blocks.dim() == 3 else blocks[None]
+            plain = [unpack_int8(b, n, g) for b in stack]
+            self.weight = torch.stack(plain) if blocks.dim() == 3 else plain[0]
+            self.kernel_weights = None
+        self.kernel, self.kernel_group, self.kernel_scales = None, 0, None
 
     def forward(self, x: Tensor, index: int | None = None) -> Tensor:
         shape = x.shape
@@ -137,11 +156,13 @@ class Int8Linear(nn.Module):
             packed = self.packed[0 if index is None else index]
             y = torch.ops.quantized.linear_dynamic(flat.float(), packed, self.reduce_range).to(scales.dtype)
             return y.reshape(*shape[:-1], self.out_features)
+        if self.kernel is not None:
+            blocks, scales = (self.kernel_weights, self.kernel_scales) if index is None else (
+                self.kernel_weights[index], self.kernel_scales[index])  # fmt: skip
+            y = self.kernel.int8_matmul(flat, blocks, scales, self.kernel_group).to(self.scales.dtype)
+            return y.reshape(*shape[:-1], self.out_features)
         weight, scales = (self.weight, self.scales) if index is None else (self.weight[index], self.scales[index])
-        if self.kernel is not None and flat.shape[0] < DEQUANTIZE_ROWS:
-            kernel_scales = self.kernel_scales if index is None else self.kernel_scales[index]
-            y = self.kernel.int8_matmul(flat, weight, kernel_scales, self.kernel_group).to(scales.dtype)
-        elif self.gemv_fn is not None and flat.shape[0] == 1:
+        if self.gemv_fn is not None and flat.shape[0] == 1:
             gemv = gemv_int8 if torch.compiler.is_compiling() else self.gemv_fn
             y = gemv(flat.float(), weight, scales)
         elif flat.device.type == "cpu" and flat.shape[0] < DEQUANTIZE_ROWS:
@@ -312,17 +333,17 @@ def _step_args(layers: list[list[nn.Module]], attr: str) -> list[int] | None:
 
 def int8_step(net: Transformer, kernel: QKernel) -> FusedStep | None:
     """A :class:`~csmcli.qkernel.FusedStep` over ``kernel``'s W8A8 products for ``net`` when every
-    projection of every layer is an unstacked :class:`Int8Linear` on ``kernel`` (plain weights) with
-    the same activation groups layer to layer; else None."""
+    projection of every layer is an unstacked :class:`Int8Linear` on ``kernel`` with the same
+    activation groups layer to layer; else None."""
     layers = projections(net)
     flat = [p for ps in layers for p in ps]
-    ok = flat and all(isinstance(p, Int8Linear) and p.kernel == kernel and p.weight is not None for p in flat)
-    groups = _step_args(layers, "kernel_group") if ok and all(p.weight.dim() == 2 for p in flat) else None
+    ok = flat and all(isinstance(p, Int8Linear) and p.kernel == kernel and p.kernel_weights.dim() == 2 for p in flat)
+    groups = _step_args(layers, "kernel_group") if ok else None
     if groups is None:
         return None
-    plain = [t for p in flat for t in (p.weight, p.kernel_scales)]
-    pairs = [int8_weight(p.weight, p.kernel_scales) for p in flat]
-    return FusedStep(net, kernel.lib, kernel.int8_product, pairs, groups, plain)
+    held = [t for p in flat for t in (p.kernel_weights, p.kernel_scales)]
+    pairs = [int8_weight(p.kernel_weights, p.kernel_scales) for p in flat]
+    return FusedStep(net, kernel.lib, kernel.int8_product, pairs, groups, held)
 
 
 def check_quantization(name: str) -> str:
@@ -384,7 +405,7 @@ def quantized_tensors(model: CSMModel) -> dict[str, Tensor]:
     out = {}
     for key, parent, attr, _ in _slots(model):
         layer = getattr(parent, attr)
-        if isinstance(layer, Int8Linear):
+        if isinstance(layer, Int8Linear) and layer.weight is not None:
             out.update({f"{key}.weight": layer.weight, f"{key}.scales": layer.scales})
         elif isinstance(layer, Int4Linear) and layer.canonical() is not None:
             out.update(zip((f"{key}.qweight", f"{key}.scales", f"{key}.mins"), layer.canonical(), strict=True))
