@@ -420,7 +420,7 @@ def use_kernels(model: nn.Module, kernels: str, max_batch: int, caps: CpuCaps) -
     # compile (seconds, once per process) only where some matrix would use the gemv
     int8 = any(isinstance(m, Int8Linear) for m in model.modules())
     # several rows of int8: the W8A8 kernel with VNNI; on AVX2, whose products need a sign operation
-    # per multiply-add, fbgemm (its 7-bit activations need none) is faster, where this torch has it
+    # per multiply-add, fbgemm (its 7-bit activations need none) was as fast or faster, where this torch has it
     fbgemm = int8 and max_batch > 1 and int8_fbgemm()
     kernel8 = None if fbgemm and fast is not None and fast.path != "avx512_vnni" else fast
     specs = (model.backbone.spec, model.decoder.spec)

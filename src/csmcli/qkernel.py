@@ -8,7 +8,8 @@
 * int8 (W8A8, :meth:`QKernel.int8_matmul`): the same activation quantization over int8 weights in
   the same 16-row blocks (:func:`pack_int8`), so that one row reads them at memory speed (the
   float gemv over int8 weights is compute-bound on one core) and 8 rows cost one multiply-add
-  instruction per 64 weights and row (as fast as fbgemm's packed int8, and inside a fused step).
+  instruction per 64 weights and row with VNNI (as fast as fbgemm's packed int8, and inside a
+  fused step).
 * a whole transformer step (:class:`FusedStep`): norms, RoPE, attention over the cache and SwiGLU in
   C++ around the products of a matrix kernel (this int4 one, or :mod:`csmcli.bf16kernel`), one
   call per step instead of ~30 eager operations per layer.

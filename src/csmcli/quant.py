@@ -98,7 +98,7 @@ class Int8Linear(nn.Module):
     def use_kernel(self, kernel: QKernel | None) -> None:
         """Run every product on ``kernel``'s W8A8 product (activations quantized to int8 per row and
         group of :func:`kernel_group` columns: about 0.6% relative error per product, at memory speed
-        for one row and for a batch's), on its blocks (:func:`~csmcli.qkernel.pack_int8`), which
+        for one row, and with VNNI for a batch's), on its blocks (:func:`~csmcli.qkernel.pack_int8`), which
         replace the plain weights; None, or a width no group divides, returns to the plain layout."""
         group = kernel_group(self.in_features) if kernel is not None else None
         if self.kernel is not None and kernel == self.kernel and group == self.kernel_group:
