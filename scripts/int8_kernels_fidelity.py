@@ -1,14 +1,15 @@
 """What fbgemm's int8 products change against csmcli's W8A8 kernel, on full-size random CSM-1B weights.
 
-Multi-slot CPU engines on AVX2 run int8 projections on fbgemm, which quantizes each call's
-activations to 7 bits there (one scale for the whole call); every other CPU engine runs them on the
-W8A8 kernel (8 bits per row and group of 128 inputs) where it builds.  Three models see the same
-inputs (teacher forcing with the bf16 model's greedy codes, so errors do not compound): bf16, int8
-as a one-slot engine prepares it, int8 on fbgemm.  For every frame and codebook the script prints
-how often each int8 model picks bf16's code and fbgemm picks the other's, with the relative logit
-errors.  Then one layer's rows alone and inside a batch of eight: fbgemm's activation scale is
-shared by a batch's rows, so a row's result depends a little on the other streams; the script
-prints by how much.
+Multi-slot CPU engines without csmcli's W8A8 kernel (no C++ compiler, or ``CSM_CPU_KERNELS=packed``)
+run int8 projections on fbgemm, which quantizes each call's activations to 8 bits with VNNI and 7
+without (one scale for the whole call); where the kernel builds every engine runs them there (8
+bits per row and group of 128 inputs).  The fbgemm model here is prepared as on AVX2 (7 bits).
+Three models see the same inputs (teacher forcing with the bf16 model's greedy codes, so errors do
+not compound): bf16, int8 as a one-slot engine prepares it, int8 on fbgemm.  For every frame and
+codebook the script prints how often each int8 model picks bf16's code and fbgemm picks the
+other's, with the relative logit errors.  Then one layer's rows alone and inside a batch of eight:
+fbgemm's activation scale is shared by a batch's rows, so a row's result depends a little on the
+other streams; the script prints by how much.
 
 Usage: python scripts/int8_kernels_fidelity.py [FRAMES]
 """
@@ -25,7 +26,7 @@ from csmcli import cpu
 from csmcli.bench import physical_cores
 from csmcli.checkpoint import CSM_1B_CONFIG
 from csmcli.loader import build_model, random_state
-from csmcli.quant import quantize_int8
+from csmcli.quant import quantize
 
 CPU = torch.device("cpu")
 PROMPT_ROWS = 64
@@ -33,13 +34,13 @@ PROMPT_ROWS = 64
 
 def build() -> dict[str, torch.nn.Module]:
     """The bf16 model and its two int8 variants: bf16 and int8 as a one-slot engine prepares them,
-    fbgemm as a multi-slot engine on AVX2 does (the layers do not depend on the slots)."""
+    fbgemm as a multi-slot engine on AVX2 without the kernel does (the layers do not depend on the slots)."""
     ref = build_model(CSM_1B_CONFIG, random_state(CSM_1B_CONFIG), CPU, torch.bfloat16)
-    plain, fbgemm = quantize_int8(copy.deepcopy(ref)), quantize_int8(copy.deepcopy(ref))
+    plain, fbgemm = (quantize(copy.deepcopy(ref), "int8") for _ in range(2))
     nets = {"bf16": ref, "int8 plain": plain, "int8 fbgemm": fbgemm}
     for name, net in nets.items():
-        slots, caps = (2, cpu.cpu_caps("avx2")) if net is fbgemm else (1, None)
-        print(f"{name}: CPU kernels {cpu.prepare_cpu(net, max_batch=slots, caps=caps)}")
+        how = {"kernels": "packed", "max_batch": 2, "caps": cpu.cpu_caps("avx2")} if net is fbgemm else {}
+        print(f"{name}: CPU kernels {cpu.prepare_cpu(net, **how)}")
     return nets
 
 

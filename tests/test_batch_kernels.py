@@ -74,14 +74,14 @@ def _int8_kernel_path() -> str | None:
 
 
 @needs_fbgemm
-def test_multi_slot_engine_on_avx2_runs_int8_on_fbgemm(tiny_dir) -> None:
-    """A real engine with two slots on the AVX2 path: every int8 layer on fbgemm (faster there than
-    the W8A8 kernel for several rows), no int8 weight left in a buffer, and two streams generated
-    together; a one-slot engine on the same model moves every layer off fbgemm."""
+def test_multi_slot_engine_without_the_w8a8_kernel_runs_int8_on_fbgemm(tiny_dir) -> None:
+    """A real engine with two slots and no compiled kernels: every int8 layer on fbgemm, no int8
+    weight left in a buffer, and two streams generated together; a one-slot engine on the same
+    model moves every layer off fbgemm."""
     from csmcli import GenerationOptions, Synthesizer
 
     synth = Synthesizer.load(
-        str(tiny_dir), device="cpu", dtype="bfloat16", quantize="int8", max_batch_size=2, cpu_isa="avx2"
+        str(tiny_dir), device="cpu", dtype="bfloat16", quantize="int8", max_batch_size=2, cpu_kernels="packed"
     )
     assert synth.engine.cpu_kernels == "fbgemm"
     layers = [m for m in synth.model.modules() if isinstance(m, Int8Linear)]
@@ -92,20 +92,24 @@ def test_multi_slot_engine_on_avx2_runs_int8_on_fbgemm(tiny_dir) -> None:
     audios = synth.generate_many(jobs)
     assert [a.stats.frames for a in audios] == [6, 6]
     assert all(len(a.samples) == 6 * 1920 for a in audios)
-    assert "fbgemm" not in cpu.prepare_cpu(synth.model, max_batch=1, caps=cpu.cpu_caps("avx2"))
+    assert "fbgemm" not in cpu.prepare_cpu(synth.model, "packed", max_batch=1)
     assert not any(m.packed for m in layers)
 
 
 @needs_fbgemm
-@pytest.mark.skipif(_int8_kernel_path() != "avx512_vnni", reason="needs AVX-512 VNNI and a C++ compiler")
-def test_multi_slot_engine_with_vnni_runs_int8_on_the_kernel_and_fused_steps(tiny_dir) -> None:
-    """With VNNI the layers the W8A8 kernel takes (a group divides their columns) run there, one
-    row or several, and the backbone steps in one call; the tiny depth decoder's 32-column layers,
-    which no group divides, stay on fbgemm."""
+@pytest.mark.parametrize(("isa", "path"), [(None, "avx512_vnni"), ("avx2", "avx2")])
+def test_multi_slot_engine_runs_int8_on_the_kernel_and_fused_steps(tiny_dir, isa: str | None, path: str) -> None:
+    if _int8_kernel_path() not in (path, "avx512_vnni"):
+        pytest.skip(f"needs the {path} kernel path and a C++ compiler")
+    """The layers the W8A8 kernel takes (a group divides their columns) run there, one row or
+    several, on either path, and the backbone steps in one call; the tiny depth decoder's 32-column
+    layers, which no group divides, stay on fbgemm."""
     from csmcli import GenerationOptions, Synthesizer
 
-    synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="float32", quantize="int8", max_batch_size=2)
-    assert synth.engine.cpu_kernels == "int8-avx512_vnni+fbgemm"
+    synth = Synthesizer.load(
+        str(tiny_dir), device="cpu", dtype="float32", quantize="int8", max_batch_size=2, cpu_isa=isa
+    )
+    assert synth.engine.cpu_kernels == f"int8-{path}+fbgemm"
     backbone, decoder = synth.model.backbone.layers[0].w13, synth.model.decoder.layers[0].w13
     assert backbone.kernel is not None and backbone.weight is None and not backbone.packed
     assert decoder.kernel is None and decoder.packed

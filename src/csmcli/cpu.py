@@ -403,7 +403,7 @@ def use_kernels(model: nn.Module, kernels: str, max_batch: int, caps: CpuCaps) -
     than one stream), unless :func:`bf16_kernel` serves them (every engine, in bfloat16, with
     :func:`fuse_steps`' whole steps).
     int8 layers move to the W8A8 kernel (:meth:`~csmcli.quant.Int8Linear.use_kernel`) where it
-    builds, except in multi-slot engines on AVX2 (fbgemm there); to fbgemm
+    builds and takes them; to fbgemm
     (:meth:`~csmcli.quant.Int8Linear.use_fbgemm`) in multi-slot engines without the kernel unless
     compiled code reads them; else one-slot engines keep (or return to) the plain layout with the
     gemv for single rows.
@@ -419,10 +419,9 @@ def use_kernels(model: nn.Module, kernels: str, max_batch: int, caps: CpuCaps) -
     multi_upcast = upcast and max_batch > 1 and bf16_fast is None
     # compile (seconds, once per process) only where some matrix would use the gemv
     int8 = any(isinstance(m, Int8Linear) for m in model.modules())
-    # several rows of int8: the W8A8 kernel with VNNI; on AVX2, whose products need a sign operation
-    # per multiply-add, fbgemm (its 7-bit activations need none) was as fast or faster, where this torch has it
+    # several rows of int8 on fbgemm only where the W8A8 kernel cannot take them: on AVX2 fbgemm is
+    # about as fast, but its 7-bit activations with one scale per call lose most of bf16's codes
     fbgemm = int8 and max_batch > 1 and int8_fbgemm()
-    kernel8 = None if fbgemm and fast is not None and fast.path != "avx512_vnni" else fast
     specs = (model.backbone.spec, model.decoder.spec)
     built = gemv_kernels(dtype, caps) if needs_gemv(kernels, specs, max_batch, int8, caps, dtype) else None
     use_gemv = built is not None
@@ -438,12 +437,12 @@ def use_kernels(model: nn.Module, kernels: str, max_batch: int, caps: CpuCaps) -
             layer.upcast = upcast
             if layer.traced:
                 return layer
-            if fbgemm and (kernel8 is None or not kernel_group(layer.in_features)):
+            if fbgemm and (fast is None or not kernel_group(layer.in_features)):
                 layer.gemv_fn = None
                 layer.use_kernel(None)
                 layer.use_fbgemm(reduce_range=not caps.vnni)
             else:
-                _int8_kernels(layer, kernel8, built if use_gemv else None)
+                _int8_kernels(layer, fast, built if use_gemv else None)
             return layer
         if isinstance(layer, CpuLinear):  # prepared before: repack if several rows now need it
             if max_batch > 1 and not layer.packed_weights and layer.kernel is None:
