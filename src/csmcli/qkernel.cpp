@@ -296,6 +296,15 @@ static block8_fn pick8(int path, int rows) {
     return (path == 2 ? vnni : avx2)[rows - 1];
 }
 
+// int8 codes -> the same values plus 128 as unsigned bytes, in place (the top bit flipped).
+__attribute__((target("avx2"))) static void flip_codes(int8_t* q, int n) {
+    const __m256i top = _mm256_set1_epi8((char)0x80);
+    int k = 0;
+    for (; k + 32 <= n; k += 32)
+        _mm256_storeu_si256((__m256i*)(q + k), _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(q + k)), top));
+    for (; k < n; ++k) q[k] = (int8_t)(q[k] ^ 0x80);
+}
+
 // The activations' int8 codes and per-group sums, in the calling thread's buffer (reused across
 // calls); the threads of a parallel region share its pointers.  A row of codes takes ld = K + 64
 // bytes: with K a multiple of 4 KiB, rows K apart would share their L1 sets, and the 8 rows a
@@ -313,21 +322,34 @@ struct Codes {
         xs = sx + (size_t)M * ng;
         corr = xs + (size_t)M * ng;
     }
-    // Quantizes group i of the M * ng (row-major) of x; each one is independent of the others.
-    void fill(const float* x, int i) const {
+    // Quantizes group i of the M * ng (row-major) of x, as unsigned codes (+128) with ``offset``;
+    // each one is independent of the others.
+    void fill(const float* x, int i, bool offset) const {
         const int m = i / ng, g = i % ng;
-        quantize_group(x + (size_t)m * K + (size_t)g * G, G, xq + (size_t)m * ld + (size_t)g * G, sx + i, xs + i,
-                       corr + i);
+        int8_t* out = xq + (size_t)m * ld + (size_t)g * G;
+        quantize_group(x + (size_t)m * K + (size_t)g * G, G, out, sx + i, xs + i, corr + i);
+        if (offset) flip_codes(out, G);
     }
 };
 
-// int8 codes -> the same values plus 128 as unsigned bytes, in place (the top bit flipped).
-__attribute__((target("avx2"))) static void flip_codes(int8_t* q, int n) {
-    const __m256i top = _mm256_set1_epi8((char)0x80);
-    int k = 0;
-    for (; k + 32 <= n; k += 32)
-        _mm256_storeu_si256((__m256i*)(q + k), _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(q + k)), top));
-    for (; k < n; ++k) q[k] = (int8_t)(q[k] ^ 0x80);
+// A product over a weight in ceil(N / 16) blocks of 16 output rows: quantizes x's rows once, then
+// calls block(codes, b, m0, rows, ncols) for each block b and pass of rows m0..m0+rows-1, the
+// blocks shared among the threads.
+template <class Block>
+static void over_blocks(int path, const float* x, int M, int K, int G, int N, bool offset, Block block) {
+    const Codes c(M, K, G);
+    const int blocks = (N + 15) / 16;
+    const int per_pass = rows_per_pass(path);
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int i = 0; i < M * c.ng; ++i) c.fill(x, i, offset);
+#pragma omp for schedule(static)
+        for (int b = 0; b < blocks; ++b) {
+            const int ncols = N - 16 * b < 16 ? N - 16 * b : 16;
+            for (int m0 = 0; m0 < M; m0 += per_pass) block(c, b, m0, M - m0 < per_pass ? M - m0 : per_pass, ncols);
+        }
+    }
 }
 
 extern "C" {
@@ -338,56 +360,26 @@ int csm_int4_matmul(int path, const float* x, int M, int K, int G, const void* w
     const uint8_t* w = (const uint8_t*)weights;
     if (!csm_int4_cpu_has(path) || K % G != 0 || G % 8 != 0) return -1;
     const int ng = K / G;
-    const Codes c(M, K, G);
     const size_t stride = (size_t)ng * group_bytes(G);
-    const int blocks = (N + 15) / 16;
-    const int per_pass = rows_per_pass(path);
-#pragma omp parallel
-    {
-#pragma omp for schedule(static)
-        for (int i = 0; i < M * ng; ++i) c.fill(x, i);
-#pragma omp for schedule(static)
-        for (int b = 0; b < blocks; ++b) {
-            const int ncols = N - 16 * b < 16 ? N - 16 * b : 16;
-            for (int m0 = 0; m0 < M; m0 += per_pass) {
-                const int rows = M - m0 < per_pass ? M - m0 : per_pass;
-                pick(path, rows)(w + b * stride, K, G, c.xq + (size_t)m0 * c.ld, c.ld, c.sx + (size_t)m0 * ng,
-                                 c.xs + (size_t)m0 * ng, c.corr + (size_t)m0 * ng, y + (size_t)m0 * N + 16 * b, N,
-                                 ncols);
-            }
-        }
-    }
+    over_blocks(path, x, M, K, G, N, false, [&](const Codes& c, int b, int m0, int rows, int ncols) {
+        pick(path, rows)(w + b * stride, K, G, c.xq + (size_t)m0 * c.ld, c.ld, c.sx + (size_t)m0 * ng,
+                         c.xs + (size_t)m0 * ng, c.corr + (size_t)m0 * ng, y + (size_t)m0 * N + 16 * b, N, ncols);
+    });
     return 0;
 }
 
 // y[M, N] = (x[M, K] @ W^T) * scales for an int8 weight in pack_int8's layout (ceil(N / 16)
-// blocks) and its float32 scales [N], with activations quantized to int8 per row and group of G.
-// Returns 0, or -1 when the path cannot run here.
+// blocks) and its float32 scales [N], with activations quantized to int8 per row and group of G
+// (unsigned codes on the VNNI path).  Returns 0, or -1 when the path cannot run here.
 int csm_int8_matmul(int path, const float* x, int M, int K, int G, const uint8_t* w, const float* scales, int N,
                     float* y) {
     if (!csm_int4_cpu_has(path) || K % G != 0 || G % 8 != 0) return -1;
     const int ng = K / G;
-    const Codes c(M, K, G);
     const size_t stride = (size_t)ng * group_bytes8(G);
-    const int blocks = (N + 15) / 16;
-    const int per_pass = rows_per_pass(path);
-#pragma omp parallel
-    {
-#pragma omp for schedule(static)
-        for (int i = 0; i < M * ng; ++i) {
-            c.fill(x, i);
-            if (path == 2) flip_codes(c.xq + (size_t)(i / ng) * c.ld + (size_t)(i % ng) * G, G);
-        }
-#pragma omp for schedule(static)
-        for (int b = 0; b < blocks; ++b) {
-            const int ncols = N - 16 * b < 16 ? N - 16 * b : 16;
-            for (int m0 = 0; m0 < M; m0 += per_pass) {
-                const int rows = M - m0 < per_pass ? M - m0 : per_pass;
-                pick8(path, rows)(w + b * stride, K, G, c.xq + (size_t)m0 * c.ld, c.ld, c.sx + (size_t)m0 * ng,
-                                  scales + 16 * b, y + (size_t)m0 * N + 16 * b, N, ncols);
-            }
-        }
-    }
+    over_blocks(path, x, M, K, G, N, path == 2, [&](const Codes& c, int b, int m0, int rows, int ncols) {
+        pick8(path, rows)(w + b * stride, K, G, c.xq + (size_t)m0 * c.ld, c.ld, c.sx + (size_t)m0 * ng,
+                          scales + 16 * b, y + (size_t)m0 * N + 16 * b, N, ncols);
+    });
     return 0;
 }
 
