@@ -9,14 +9,13 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from csmcli.cli import app, main
-from csmcli.cluster import PROBE, WORKER_NAME
+from csmcli.cluster import WORKER_NAME, ClusterJob, WorkerState
 
 SCRIPTS = {
     "dialog.txt": "Alice: Hello there, Bob.\nBob: Hi Alice! How are you?\nalice: Fine, thanks. And you?\n"
@@ -98,35 +97,30 @@ def test_cluster_run_equals_local_run(cluster: str, reference: Path, work: Path,
     assert outputs(work / "ray1")["0002_bob.wav"] != local["dialog/0002_bob.wav"]
 
 
-def kill_worker_0_when_busy(folder: Path) -> threading.Thread:
-    """A thread that kills worker 0 once it has started (its probe files came and went: it then gets
-    scripts at once) and some turn is in a manifest."""
+def kill_worker_0_when_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kill worker 0 once it holds scripts with turns left and some turn is done: the driver's own answer
+    handling does it, so the kill cannot come too early (no scripts yet) or too late (all of them done)."""
     import ray
 
-    def kill() -> None:
-        seen, deadline = False, time.monotonic() + 120
-        while time.monotonic() < deadline:
-            probes = list(folder.glob(f"*/{PROBE}*-0"))
-            seen = seen or bool(probes)
-            if seen and not probes and any(m.read_text().strip() for m in folder.glob("*/manifest.jsonl")):
-                for actor in ray.util.list_named_actors():
-                    if actor.startswith(f"{WORKER_NAME}-0-"):
-                        ray.kill(ray.get_actor(actor))
-                        return
-            time.sleep(0.02)
+    handle = ClusterJob.handle
 
-    thread = threading.Thread(target=kill, daemon=True)
-    thread.start()
-    return thread
+    def handle_then_kill(job: ClusterJob, state: WorkerState, reply: object) -> int:
+        finished = handle(job, state, reply)
+        done = any(w.dialogue.records for w in job.work.values())
+        if state.index == 0 and state.ready and state.lanes and done and not job.lost:
+            ray.kill(state.actor)
+        return finished
+
+    monkeypatch.setattr(ClusterJob, "handle", handle_then_kill)
 
 
 def test_killed_worker_loses_nothing_and_a_rerun_resumes(
     cluster: str, reference: Path, work: Path, capfd: pytest.CaptureFixture
 ) -> None:
     scripts = sorted(SCRIPTS)
-    killer = kill_worker_0_when_busy(work / "ray")
-    batch(*scripts, "-d", "ray", *FAST, "--ray", cluster, "--ray-cpus", "1")
-    killer.join()
+    with pytest.MonkeyPatch.context() as mp:
+        kill_worker_0_when_busy(mp)
+        batch(*scripts, "-d", "ray", *FAST, "--ray", cluster, "--ray-cpus", "1")
     err = capfd.readouterr().err
     assert re.search(r"worker 0 on \S+ died; its [12] unfinished scripts start over", err), err
     assert "workers lost and replaced: 1" in err
