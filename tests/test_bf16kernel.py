@@ -1,9 +1,10 @@
 """The hand-written bf16 CPU kernel: its packed layout, its products against float64 for one to a
-batch's rows and shapes that are no multiple of its blocks, the AVX2 engine paths that use it, the
-compiled operator, and the fallback when it cannot be built."""
+batch's rows and shapes that are no multiple of its blocks, the engine paths that use it (AVX2, and
+AVX-512 without AMX), the compiled operator, and the fallback when it cannot be built."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import subprocess
@@ -212,6 +213,25 @@ def test_auto_dtype_is_bf16_where_the_kernel_runs(monkeypatch: pytest.MonkeyPatc
     assert pick_dtype("auto", host, cpu.cpu_caps("default")) == torch.float32
     monkeypatch.setattr(cpu, "bf16_kernel", lambda *args: None)
     assert pick_dtype("auto", host, AVX2) == torch.float32
+
+
+@needs_kernel
+def test_bf16_weights_take_the_kernel_on_avx512_cpus_without_amx(tiny_dir) -> None:
+    """Where oneDNN multiplies bf16 (AVX-512) the kernel was faster for one stream, a batch and
+    prompts alike on a CPU with AVX512-BF16 but no AMX; with AMX, oneDNN's tiles keep the weights."""
+    from csmcli import Synthesizer
+    from csmcli.loader import pick_dtype
+
+    avx512 = cpu.CpuCaps("avx512", bf16_packed=True, native_bf16=True, vnni=True)
+    assert cpu.bf16_kernel(torch.bfloat16, avx512) is KERNEL
+    assert cpu.bf16_kernel(torch.bfloat16, dataclasses.replace(avx512, amx=True)) is None
+    assert cpu.bf16_kernel(torch.float32, avx512) is None
+    assert pick_dtype("auto", torch.device("cpu"), dataclasses.replace(avx512, native_bf16=False)) == torch.bfloat16
+    synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="bfloat16", cpu_kernels="plain")
+    assert cpu.prepare_cpu(synth.model, "auto", 2, caps=avx512) == "bf16-avx2"
+    layers = [m for m in synth.model.modules() if isinstance(m, cpu.CpuLinear)]
+    assert layers and all(m.kernel is KERNEL and not m.packed_weights for m in layers)
+    assert synth.model.backbone.fused_step is not None and synth.model.decoder.fused_step is not None
 
 
 @needs_kernel

@@ -1,9 +1,10 @@
-"""The hand-written CPU kernel for bfloat16 weights on CPUs without oneDNN's bf16 kernels (``bf16kernel.cpp``).
+"""The hand-written CPU kernel for bfloat16 weights (``bf16kernel.cpp``).
 
 On an AVX2 CPU (no AVX-512 BW/VL, no AVX-NE-CONVERT) oneDNN cannot multiply bfloat16 weights, and
 the alternatives either convert them on every call or keep a float32 copy (twice the bytes).  This
 kernel reads the bfloat16 weights once per call, widens them in registers and multiplies in float32
-with AVX2 + FMA, for one row or a batch's few rows, so a product runs at memory speed.  It is a small
+with AVX2 + FMA, for one row or a batch's few rows, so a product runs at memory speed; on AVX-512
+CPUs without AMX it is also faster than oneDNN's bf16 products (:func:`csmcli.cpu.bf16_kernel`).  It is a small
 C++ file compiled with the system's C++ compiler (:mod:`csmcli.ckernels`) and called through ctypes,
 or as the ``csmcli::bf16_mm`` operator inside compiled code; without a compiler :func:`kernel`
 returns None and callers use torch's kernels.

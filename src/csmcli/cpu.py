@@ -18,11 +18,13 @@ On a CPU a frame's speed is how fast the weights stream from memory.  Per matrix
   linear, which streams int8 weights at memory speed for several rows where
   ``torch._weight_int8pack_mm`` is compute-bound (its activations are quantized with one scale per
   call); compiled engines never use fbgemm, whose weights the compiler cannot read.
-* bfloat16 weights a CPU cannot pack: csmcli's bf16 kernel (:mod:`csmcli.bf16kernel`, AVX2, needs
-  a C++ compiler) keeps one re-laid-out bfloat16 copy and serves single rows and a batch's rows at
-  memory speed, and each step of both transformers runs in one call around it (:func:`bf16_step`);
-  without it single rows take the gemv and multi-slot engines pack the weights once as float32
-  (twice the bytes) rather than converting them on every call of a batch.
+* bfloat16 weights: csmcli's bf16 kernel (:mod:`csmcli.bf16kernel`, AVX2, needs a C++ compiler)
+  keeps one re-laid-out bfloat16 copy and serves single rows and a batch's rows at memory speed,
+  and each step of both transformers runs in one call around it (:func:`bf16_step`).  It runs on
+  every CPU without AMX, those whose oneDNN has bf16 kernels too, where it is faster than them for
+  one stream, a batch and prompts alike; with AMX oneDNN's tiles take prompts many times faster.
+  Without it single rows take the gemv, and where oneDNN cannot pack bfloat16 multi-slot engines
+  pack the weights once as float32 (twice the bytes) rather than converting them on every call.
 
 ``cpu_kernels`` picks ``auto`` (gemv where it helps and a compiler works, packed elsewhere),
 ``packed`` (no compiler) or ``plain``; ``cpu_isa`` limits the choice to what a CPU with a lesser
@@ -56,7 +58,7 @@ class CpuCaps:
 
     ``bf16_packed``: oneDNN's bfloat16 packed weights and matmuls work (they need AVX-512 BW/VL/DQ
     or AVX-NE-CONVERT); without them bfloat16 weights are read as bfloat16 and multiplied in float32.
-    ``native_bf16``: bfloat16 arithmetic in hardware (AVX512-BF16 or AMX).
+    ``native_bf16``: bfloat16 arithmetic in hardware (AVX512-BF16 or AMX); ``amx``: AMX tiles.
     ``vnni``: AVX512-VNNI int8 multiply-adds: fbgemm's int8 products take 8-bit activations
     (without it they saturate, so activations are quantized to 7 bits), and the int4 kernel
     (:mod:`csmcli.qkernel`) takes its fastest path.
@@ -66,6 +68,7 @@ class CpuCaps:
     bf16_packed: bool
     native_bf16: bool
     vnni: bool = False
+    amx: bool = False
 
     @property
     def simdlen(self) -> int:
@@ -88,9 +91,10 @@ def detect_cpu_caps() -> CpuCaps:
             packed = bool(y.float().eq(8).all())
         except RuntimeError:
             packed = False
-    native = isa == "avx512" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    amx = isa == "avx512" and torch.cpu._is_amx_tile_supported()
+    native = isa == "avx512" and (torch.cpu._is_avx512_bf16_supported() or amx)
     vnni = isa == "avx512" and torch.cpu._is_vnni_supported()
-    return CpuCaps(isa, bf16_packed=packed, native_bf16=native, vnni=vnni)
+    return CpuCaps(isa, bf16_packed=packed, native_bf16=native, vnni=vnni, amx=amx)
 
 
 def cpu_caps(isa: str | None = None) -> CpuCaps:
@@ -157,9 +161,9 @@ def _upcasts(dtype: torch.dtype, caps: CpuCaps) -> bool:
 
 
 def bf16_kernel(dtype: torch.dtype, caps: CpuCaps, kernels: str | None = None) -> bf16kernel.Bf16Kernel | None:
-    """csmcli's bf16 kernel where ``dtype`` weights are bfloat16 that oneDNN cannot multiply here,
-    ``kernels`` is ``auto`` and the kernel builds and runs on ``caps``' instruction set; else None."""
-    if not _upcasts(dtype, caps) or check_cpu_kernels(kernels) != "auto":
+    """csmcli's bf16 kernel where ``dtype`` weights are bfloat16, the CPU has no AMX, ``kernels`` is
+    ``auto`` and the kernel builds and runs on ``caps``' instruction set; else None."""
+    if dtype != torch.bfloat16 or caps.amx or check_cpu_kernels(kernels) != "auto":
         return None
     return bf16kernel.kernel(caps.isa)
 
@@ -180,7 +184,7 @@ def needs_gemv(
     upcast = _upcasts(dtype, caps) and not int8
     if int8 and max_batch > 1 and (int8_fbgemm() or w8a8_kernel(check_cpu_kernels(kernels), caps)):
         return False
-    if upcast and bf16_kernel(dtype, caps, kernels) is not None:  # it serves single rows too
+    if not int8 and bf16_kernel(dtype, caps, kernels) is not None:  # it serves single rows too
         return False
     if check_cpu_kernels(kernels) != "auto" or not (max_batch == 1 or int8):
         return False
@@ -277,10 +281,10 @@ def check_compilable(
 ) -> None:
     """Before loading: a one-line :class:`OptionsError` if a CPU model with these settings would
     have packed weights, which ``torch.compile`` cannot trace (:func:`check_model_compilable`);
-    bf16 weights a CPU cannot pack stay plain in one-slot engines and on the bf16 kernel, and are
-    packed as float32 in multi-slot engines without it."""
+    bf16 weights on the bf16 kernel are not packed, and without it those a CPU cannot pack stay
+    plain in one-slot engines and are packed as float32 in multi-slot engines."""
     caps = caps or cpu_caps()
-    packed = not _upcasts(dtype, caps) or (max_batch > 1 and bf16_kernel(dtype, caps, kernels) is None)
+    packed = bf16_kernel(dtype, caps, kernels) is None and (not _upcasts(dtype, caps) or max_batch > 1)
     if not quantized and check_cpu_kernels(kernels) != "plain" and packed:
         raise OptionsError(_CANNOT_COMPILE)
 
@@ -396,12 +400,12 @@ def use_kernels(model: nn.Module, kernels: str, max_batch: int, caps: CpuCaps) -
     int8 weights; :class:`~csmcli.quant.Int4Linear` layers
     get :func:`prepare_int4`'s product, whose name leads the result.  With ``max_batch > 1`` float
     layers are packed even where gemv would be faster for one row (several rows at once need the packed layout,
-    and keeping both would double the weights' memory).  bfloat16 weights on a CPU without oneDNN's
-    bf16 kernels (``caps``) are not packed as bf16: a one-slot engine keeps them plain (single rows
-    take the gemv, several rows float32), a multi-slot engine packs them as float32 (twice the
-    weights' bytes, as a float32 model; converting them on each call of a batch made batch 8 slower
-    than one stream), unless :func:`bf16_kernel` serves them (every engine, in bfloat16, with
-    :func:`fuse_steps`' whole steps).
+    and keeping both would double the weights' memory).  bfloat16 weights go to :func:`bf16_kernel`
+    where it runs (every engine, in bfloat16, with :func:`fuse_steps`' whole steps).  Otherwise, on a
+    CPU without oneDNN's bf16 kernels (``caps``) they are not packed as bf16: a one-slot engine keeps
+    them plain (single rows take the gemv, several rows float32), a multi-slot engine packs them as
+    float32 (twice the weights' bytes, as a float32 model; converting them on each call of a batch
+    made batch 8 slower than one stream).
     int8 layers move to the W8A8 kernel (:meth:`~csmcli.quant.Int8Linear.use_kernel`) where it
     builds and takes them; to fbgemm
     (:meth:`~csmcli.quant.Int8Linear.use_fbgemm`) in multi-slot engines without the kernel unless

@@ -47,8 +47,8 @@ def pick_dtype(
     name: str, device: torch.device, caps: cpu.CpuCaps | None = None, kernels: str | None = None
 ) -> torch.dtype:
     """``auto`` is bfloat16 on CUDA, on CPUs with native bfloat16 (AVX512-BF16 or AMX) and on CPUs
-    where csmcli's bf16 kernel runs (AVX2 without oneDNN's bf16: it reads half the bytes of float32
-    and multiplies in float32), float16 on MPS, float32 on other CPUs.  ``caps``: the CPU's
+    where csmcli's bf16 kernel runs (AVX2 and up: it reads half the bytes of float32 and multiplies
+    in float32), float16 on MPS, float32 on other CPUs.  ``caps``: the CPU's
     capabilities (default: detected); ``kernels``: the CPU kernels asked for (see :mod:`csmcli.cpu`)."""
     if name == "auto":
         if device.type == "cpu":
