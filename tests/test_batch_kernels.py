@@ -69,7 +69,7 @@ def test_the_weights_are_stored_once_in_either_layout() -> None:
 
 def _int8_kernel_path() -> str | None:
     caps = cpu.detect_cpu_caps()
-    fast = qkernel.kernel(qkernel.path_for(caps.isa, caps.vnni))
+    fast = qkernel.kernel(qkernel.path_for(caps.isa, caps.vnni, caps.avx_vnni))
     return fast.path if fast else None
 
 
@@ -97,14 +97,16 @@ def test_multi_slot_engine_without_the_w8a8_kernel_runs_int8_on_fbgemm(tiny_dir)
 
 
 @needs_fbgemm
-@pytest.mark.parametrize(("isa", "path"), [(None, "avx512_vnni"), ("avx2", "avx2")])
+@pytest.mark.parametrize(("isa", "path"), [(None, "avx512_vnni"), ("avx_vnni", "avx_vnni"), ("avx2", "avx2")])
 def test_multi_slot_engine_runs_int8_on_the_kernel_and_fused_steps(tiny_dir, isa: str | None, path: str) -> None:
-    if _int8_kernel_path() not in (path, "avx512_vnni"):
-        pytest.skip(f"needs the {path} kernel path and a C++ compiler")
     """The layers the W8A8 kernel takes (a group divides their columns) run there, one row or
-    several, on either path, and the backbone steps in one call; the tiny depth decoder's 32-column
+    several, on each path, and the backbone steps in one call; the tiny depth decoder's 32-column
     layers, which no group divides, stay on fbgemm."""
     from csmcli import GenerationOptions, Synthesizer
+
+    found = _int8_kernel_path()
+    if found is None or (isa is None and found != path) or (isa == "avx_vnni" and not cpu.detect_cpu_caps().avx_vnni):
+        pytest.skip(f"needs the {path} kernel path and a C++ compiler")
 
     synth = Synthesizer.load(
         str(tiny_dir), device="cpu", dtype="float32", quantize="int8", max_batch_size=2, cpu_isa=isa

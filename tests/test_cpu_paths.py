@@ -54,7 +54,7 @@ def test_cpu_caps_are_detected_and_can_only_be_lowered() -> None:
     assert caps.isa == {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "default")
     assert cpu.CpuCaps("avx2", bf16_packed=False, native_bf16=False) == AVX2
     assert AVX2.simdlen == 256 and cpu.cpu_caps("default").simdlen == 0
-    with pytest.raises(OptionsError, match="CPU ISA must be one of avx512, avx2, default"):
+    with pytest.raises(OptionsError, match="CPU ISA must be one of avx512, avx_vnni, avx2, default"):
         cpu.cpu_caps("sse4")
     if caps.isa != "avx512":
         with pytest.raises(OptionsError, match="this CPU offers"):
@@ -122,7 +122,7 @@ def test_bad_cpu_isa_is_a_one_line_error(tiny_dir, cli_env, tmp_path) -> None:
     args = ["say", "Hi.", "-m", str(tiny_dir), "--device", "cpu", "-o", str(tmp_path / "x.wav"), "-q"]
     r = subprocess.run(["csm", *args], capture_output=True, env={**cli_env, "CSM_CPU_ISA": "sse4"}, timeout=300)
     assert r.returncode != 0 and "Traceback" not in r.stderr.decode()
-    assert "CPU ISA must be one of avx512, avx2, default, got 'sse4'" in r.stderr.decode()
+    assert "CPU ISA must be one of avx512, avx_vnni, avx2, default, got 'sse4'" in r.stderr.decode()
 
 
 def test_bench_reports_the_cpu_path(tiny_dir) -> None:

@@ -142,15 +142,15 @@ def test_each_int8_path_matches_the_reference(path: str, group: int) -> None:
         torch.testing.assert_close(y.double(), _reference8(x, weight, scales, group), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.skipif(len(PATHS) < 2, reason="needs both kernel paths (AVX-512 VNNI)")
-def test_both_int8_paths_give_the_same_floats() -> None:
+@pytest.mark.skipif(len(PATHS) < 2, reason="needs two kernel paths (AVX-512 VNNI or AVX-VNNI)")
+def test_every_int8_path_gives_the_same_floats() -> None:
     """The same integer sums and the same float operations after them: a stream's codes do not depend
-    on whether its CPU has VNNI."""
+    on whether its CPU has VNNI (the AVX2 path's halves of 8 rows give AVX-512's sums)."""
     torch.manual_seed(3)
     weight, scales = torch.randint(-127, 128, (300, 512), dtype=torch.int8), torch.rand(300)
     blocks, x = pack_int8(weight, 128), torch.randn(6, 512)
-    vnni, avx2 = (kernel(p).int8_matmul(x, blocks, scales, 128) for p in ("avx512_vnni", "avx2"))
-    assert torch.equal(vnni, avx2)
+    first, *others = (kernel(p).int8_matmul(x, blocks, scales, 128) for p in PATHS)
+    assert all(torch.equal(first, other) for other in others)
 
 
 def test_int8_blocks_unpack_to_the_weight_they_were_packed_from() -> None:
@@ -244,6 +244,8 @@ def test_no_path_means_no_kernel() -> None:
     assert qkernel.path_for("avx2", vnni=True) == "avx2"
     assert qkernel.path_for("avx512", vnni=False) == "avx2"
     assert qkernel.path_for("avx512", vnni=True) == "avx512_vnni"
+    assert qkernel.path_for("avx2", vnni=False, avx_vnni=True) == "avx_vnni"
+    assert qkernel.path_for("avx512", vnni=True, avx_vnni=True) == "avx512_vnni"
 
 
 def test_pack_refuses_a_group_that_does_not_divide_the_row() -> None:
@@ -252,16 +254,17 @@ def test_pack_refuses_a_group_that_does_not_divide_the_row() -> None:
 
 
 @pytest.mark.skipif(not PATHS, reason="no C++ compiler or no AVX2 on this CPU")
-@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("isa", ["avx512", "avx_vnni", "avx2"])
 def test_prepare_cpu_gives_int4_layers_the_kernel_of_the_cpus_path(isa: str) -> None:
     from csmcli import cpu
     from csmcli.quant import Int4Linear
 
     caps = cpu.detect_cpu_caps()
-    if isa == "avx512" and caps.isa != "avx512":
-        pytest.skip("this CPU has no AVX-512")
+    if isa == "avx512" and caps.isa != "avx512" or isa == "avx_vnni" and "avx_vnni" not in PATHS:
+        pytest.skip(f"this CPU has no {isa}")
     caps = cpu.cpu_caps(isa)
-    want = qkernel.path_for(caps.isa, caps.vnni)
+    want = qkernel.path_for(caps.isa, caps.vnni, caps.avx_vnni)
+    assert want == {"avx512": want, "avx_vnni": "avx_vnni", "avx2": "avx2"}[isa]
     torch.manual_seed(3)
     w = torch.randn(2, 40, 128) * 0.02
     reference = Int4Linear.from_weight(w, 32)

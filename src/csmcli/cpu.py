@@ -48,8 +48,9 @@ from .model import Transformer, TransformerSpec, held_weights
 from .quant import Int4Linear, Int8Linear, int4_step, int8_step, kernel_group, projections
 
 CPU_KERNELS = ("auto", "packed", "plain")
-#: Vector instruction-set levels the CPU kernels distinguish, best first.
-CPU_ISAS = ("avx512", "avx2", "default")
+#: Vector instruction-set levels the CPU kernels distinguish, best first; ``avx_vnni`` is AVX2 with
+#: AVX-VNNI's 256-bit integer dot products (laptops since Alder Lake, without AVX-512).
+CPU_ISAS = ("avx512", "avx_vnni", "avx2", "default")
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,8 @@ class CpuCaps:
     ``native_bf16``: bfloat16 arithmetic in hardware (AVX512-BF16 or AMX); ``amx``: AMX tiles.
     ``vnni``: AVX512-VNNI int8 multiply-adds: fbgemm's int8 products take 8-bit activations
     (without it they saturate, so activations are quantized to 7 bits), and the int4 kernel
-    (:mod:`csmcli.qkernel`) takes its fastest path.
+    (:mod:`csmcli.qkernel`) takes its fastest path.  ``avx_vnni``: AVX-VNNI, the same instructions
+    on 256-bit vectors, which that kernel uses below AVX-512 VNNI.
     """
 
     isa: str
@@ -69,6 +71,7 @@ class CpuCaps:
     native_bf16: bool
     vnni: bool = False
     amx: bool = False
+    avx_vnni: bool = False
 
     @property
     def simdlen(self) -> int:
@@ -94,18 +97,34 @@ def detect_cpu_caps() -> CpuCaps:
     amx = isa == "avx512" and torch.cpu._is_amx_tile_supported()
     native = isa == "avx512" and (torch.cpu._is_avx512_bf16_supported() or amx)
     vnni = isa == "avx512" and torch.cpu._is_vnni_supported()
-    return CpuCaps(isa, bf16_packed=packed, native_bf16=native, vnni=vnni, amx=amx)
+    avx_vnni = isa in ("avx512", "avx2") and "avx_vnni" in _cpu_flags()
+    return CpuCaps(isa, bf16_packed=packed, native_bf16=native, vnni=vnni, amx=amx, avx_vnni=avx_vnni)
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere: features torch does not probe
+    are then taken as absent)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
 
 
 def cpu_caps(isa: str | None = None) -> CpuCaps:
     """This CPU's capabilities, or those of a CPU with just the ``isa`` instruction set (``avx2``: an
-    AVX2 + FMA CPU without AVX-NE-CONVERT, whose oneDNN cannot pack bfloat16), to run the paths such a
-    CPU takes.  Asking for more than the CPU has is a one-line :class:`OptionsError`."""
+    AVX2 + FMA CPU without AVX-NE-CONVERT, whose oneDNN cannot pack bfloat16; ``avx_vnni``: the same
+    with AVX-VNNI), to run the paths such a CPU takes.  Asking for more than the CPU has is a
+    one-line :class:`OptionsError`."""
     detected = detect_cpu_caps()
     if isa is None or isa == detected.isa == "avx512":
         return detected
     if isa not in CPU_ISAS:
         raise OptionsError(f"CPU ISA must be one of {', '.join(CPU_ISAS)}, got {isa!r}")
+    if isa == "avx_vnni":
+        if not detected.avx_vnni:
+            raise OptionsError("CPU ISA avx_vnni requested but this CPU lacks AVX-VNNI")
+        return CpuCaps("avx2", bf16_packed=False, native_bf16=False, avx_vnni=True)
     if CPU_ISAS.index(isa) < CPU_ISAS.index(detected.isa):
         raise OptionsError(f"CPU ISA {isa} requested but this CPU offers {detected.isa} at best")
     return CpuCaps(isa, bf16_packed=False, native_bf16=False)  # the bare instruction set: no extensions
@@ -267,8 +286,8 @@ class CpuLinear(nn.Module):
 
 
 _CANNOT_COMPILE = (
-    "compiling on the CPU needs quantized weights (--quantize int8 or int4) or CSM_CPU_KERNELS=plain: "
-    "float weights are packed for oneDNN, which the compiler cannot read"
+    "compiling on the CPU needs quantized weights (--quantize int8 or int4), bf16 on a CPU without AMX, or "
+    "CSM_CPU_KERNELS=plain: these float weights are packed for oneDNN, which the compiler cannot read"
 )
 
 
@@ -307,7 +326,7 @@ def check_model_compilable(model: nn.Module, caps: CpuCaps | None = None) -> Non
 def w8a8_kernel(kernels: str, caps: CpuCaps) -> qkernel.QKernel | None:
     """The W8A8 kernel for int8 weights on ``caps``' instruction set where ``kernels`` is ``auto``
     (as for the compiled gemv it replaces) and it builds; else None."""
-    return qkernel.kernel(qkernel.path_for(caps.isa, caps.vnni)) if kernels == "auto" else None
+    return qkernel.kernel(qkernel.path_for(caps.isa, caps.vnni, caps.avx_vnni)) if kernels == "auto" else None
 
 
 def _int8_kernels(layer: Int8Linear, fast: qkernel.QKernel | None, built: GemvKernels | None) -> None:
@@ -328,13 +347,13 @@ def check_cpu_kernels(name: str | None = None) -> str:
 
 def prepare_int4(model: nn.Module, caps: CpuCaps, kernels: str) -> str:
     """Give every :class:`~csmcli.quant.Int4Linear` its CPU product; returns what it is (``""``
-    without int4 layers): ``int4-avx512_vnni`` / ``int4-avx2``, the W4A8 kernel of
+    without int4 layers): ``int4-avx512_vnni`` / ``int4-avx_vnni`` / ``int4-avx2``, the W4A8 kernel of
     :mod:`csmcli.qkernel` for the CPU's instruction set, or ``int4pack``, torch's own int4 kernel
     (``plain`` kernels, no C++ compiler, or a CPU with neither path)."""
     layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
     if not layers:
         return ""
-    fast = qkernel.kernel(qkernel.path_for(caps.isa, caps.vnni)) if kernels != "plain" else None
+    fast = qkernel.kernel(qkernel.path_for(caps.isa, caps.vnni, caps.avx_vnni)) if kernels != "plain" else None
     for layer in layers:
         if layer.kernel is not None or layer.packed:  # prepared before
             continue

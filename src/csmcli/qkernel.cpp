@@ -13,9 +13,10 @@
 // 64 header bytes (16 fp16 scales, 16 fp16 minimums), then G/8 chunks of 64 bytes where byte
 // c*4+i holds q[row c][k0+i] in its low nibble and q[row c][k0+4+i] in its high one (k0 = 8 * chunk).
 //
-// Two paths, chosen by the caller from what the CPU reports: AVX-512 VNNI (vpdpbusd, 16 rows a
-// vector) and AVX2 (vpmaddubsw + vpmaddwd, two halves of 8 rows).  Codes are at most 15, so the
-// AVX2 path's 16-bit pair sums (at most 2 * 2 * 15 * 127) cannot saturate.
+// Three paths, chosen by the caller from what the CPU reports: AVX-512 VNNI (vpdpbusd, 16 rows a
+// vector), AVX2 (vpmaddubsw + vpmaddwd, two halves of 8 rows) and AVX-VNNI (AVX2's halves with
+// vpdpbusd on 256-bit vectors, as laptops since Alder Lake have without AVX-512).  Codes are at most
+// 15, so the AVX2 path's 16-bit pair sums (at most 2 * 2 * 15 * 127) cannot saturate.
 
 #include <immintrin.h>
 #include <math.h>
@@ -24,14 +25,29 @@
 
 #include <vector>
 
+// Compilers that know AVX-VNNI (GCC 11, Clang 12); with older ones that path reports it cannot run.
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define CSM_AVXVNNI 1
+#define CSM_AVX2_TARGET "avx2,fma,f16c,avxvnni"
+#else
+#define CSM_AVXVNNI 0
+#define CSM_AVX2_TARGET "avx2,fma,f16c"
+#endif
+
+enum { PATH_AVX2 = 1, PATH_AVX512_VNNI = 2, PATH_AVX_VNNI = 3 };
+
 extern "C" {
 
 int csm_int4_cpu_has(int path) {
     __builtin_cpu_init();
-    if (path == 1) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    if (path == 2)
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (path == PATH_AVX2) return avx2;
+    if (path == PATH_AVX512_VNNI)
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vnni");
+#if CSM_AVXVNNI
+    if (path == PATH_AVX_VNNI) return avx2 && __builtin_cpu_supports("avxvnni");
+#endif
     return 0;
 }
 
@@ -130,8 +146,11 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl,f16c"))) static void
     for (int m = 0; m < MB; ++m) _mm512_mask_storeu_ps(y + (size_t)m * ldy, keep, accf[m]);
 }
 
-template <int MB>
-__attribute__((target("avx2,fma,f16c"))) static void block_avx2(
+// The AVX2 and AVX-VNNI paths share their code: VNNI chooses the multiply-add.  Both are compiled
+// for AVX-VNNI's target where the compiler knows it (it adds no other instruction), and only
+// VNNI's instances use it.
+template <int MB, bool VNNI>
+__attribute__((target(CSM_AVX2_TARGET))) static void block_avx2(
     const uint8_t* wb, int K, int G, const int8_t* xq, int ldx, const float* sx, const float* xs, const float* corr, float* y, int ldy, int ncols) {
     const int ng = K / G;
     const __m256i mask = _mm256_set1_epi8(0x0F);
@@ -159,6 +178,13 @@ __attribute__((target("avx2,fma,f16c"))) static void block_avx2(
                     int32_t xa, xb;
                     memcpy(&xa, xg + (size_t)m * ldx + 8 * j, 4);
                     memcpy(&xb, xg + (size_t)m * ldx + 8 * j + 4, 4);
+#if CSM_AVXVNNI
+                    if constexpr (VNNI) {
+                        acc[m][h] = _mm256_dpbusd_avx_epi32(acc[m][h], a, _mm256_set1_epi32(xa));
+                        acc[m][h] = _mm256_dpbusd_avx_epi32(acc[m][h], b, _mm256_set1_epi32(xb));
+                        continue;
+                    }
+#endif
                     const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(a, _mm256_set1_epi32(xa)),
                                                            _mm256_maddubs_epi16(b, _mm256_set1_epi32(xb)));
                     acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(pairs, ones));
@@ -192,13 +218,16 @@ typedef void (*block_fn)(const uint8_t*, int, int, const int8_t*, int, const flo
 
 // Activation rows per pass over a weight block: as many as the accumulators that fit in registers
 // (32 vectors on AVX-512, 16 on AVX2); the block is re-read from cache for each further pass.
-static int rows_per_pass(int path) { return path == 2 ? 8 : 4; }
+static int rows_per_pass(int path) { return path == PATH_AVX512_VNNI ? 8 : 4; }
 
 static block_fn pick(int path, int rows) {
     static const block_fn vnni[8] = {block_vnni<1>, block_vnni<2>, block_vnni<3>, block_vnni<4>,
                                      block_vnni<5>, block_vnni<6>, block_vnni<7>, block_vnni<8>};
-    static const block_fn avx2[4] = {block_avx2<1>, block_avx2<2>, block_avx2<3>, block_avx2<4>};
-    return (path == 2 ? vnni : avx2)[rows - 1];
+    static const block_fn avx2[4] = {block_avx2<1, false>, block_avx2<2, false>, block_avx2<3, false>,
+                                     block_avx2<4, false>};
+    static const block_fn avx_vnni[4] = {block_avx2<1, true>, block_avx2<2, true>, block_avx2<3, true>,
+                                         block_avx2<4, true>};
+    return (path == PATH_AVX512_VNNI ? vnni : path == PATH_AVX_VNNI ? avx_vnni : avx2)[rows - 1];
 }
 
 // W8A8 over csmcli.qkernel.pack_int8's layout of an int8 weight W[N, K] (one float32 scale per
@@ -243,19 +272,24 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) static void bloc
 }
 
 // AVX2 has no unsigned-by-signed multiply-add into 32 bits: |w| times x with w's sign moved onto x
-// (both within +-127, so the 16-bit pair sums cannot saturate); the header is not needed.
-template <int MB>
-__attribute__((target("avx2,fma"))) static void block_avx2_8(const uint8_t* wb, int K, int G, const int8_t* xq,
-                                                               int ldx, const float* sx, const float* scales, float* y, int ldy,
-                                                               int ncols) {
+// (both within +-127, so the 16-bit pair sums cannot saturate); the header is not needed.  AVX-VNNI
+// (VNNI) has it: unsigned codes and the header, as on AVX-512 VNNI, in two halves of 8 rows.
+template <int MB, bool VNNI>
+__attribute__((target(CSM_AVX2_TARGET))) static void block_avx2_8(const uint8_t* wb, int K, int G, const int8_t* xq,
+                                                                   int ldx, const float* sx, const float* scales, float* y,
+                                                                   int ldy, int ncols) {
     const int ng = K / G;
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 accf[MB][2];
     for (int m = 0; m < MB; ++m) accf[m][0] = accf[m][1] = _mm256_setzero_ps();
     for (int g = 0; g < ng; ++g) {
-        const uint8_t* p = wb + (size_t)g * group_bytes8(G) + 64;
+        const uint8_t* p = wb + (size_t)g * group_bytes8(G);
         __m256i acc[MB][2];
-        for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+        for (int h = 0; h < 2; ++h) {
+            const __m256i start = VNNI ? _mm256_loadu_si256((const __m256i*)(p + 32 * h)) : _mm256_setzero_si256();
+            for (int m = 0; m < MB; ++m) acc[m][h] = start;
+        }
+        p += 64;
         const int8_t* xg = xq + (size_t)g * G;
         for (int j = 0; j < G / 4; ++j) {
             if (MB >= PREFETCH_ROWS) _mm_prefetch((const char*)(p + 64 * j + PREFETCH_BYTES), _MM_HINT_T0);
@@ -268,6 +302,12 @@ __attribute__((target("avx2,fma"))) static void block_avx2_8(const uint8_t* wb, 
                 int32_t xm;
                 memcpy(&xm, xg + (size_t)m * ldx + 4 * j, 4);
                 const __m256i xb = _mm256_set1_epi32(xm);  // the same 4 inputs for both halves' rows
+#if CSM_AVXVNNI
+                if constexpr (VNNI) {
+                    for (int h = 0; h < 2; ++h) acc[m][h] = _mm256_dpbusd_avx_epi32(acc[m][h], xb, v[h]);
+                    continue;
+                }
+#endif
                 for (int h = 0; h < 2; ++h) {
                     const __m256i pairs = _mm256_maddubs_epi16(a[h], _mm256_sign_epi8(xb, v[h]));
                     acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(pairs, ones));
@@ -292,8 +332,11 @@ typedef void (*block8_fn)(const uint8_t*, int, int, const int8_t*, int, const fl
 static block8_fn pick8(int path, int rows) {
     static const block8_fn vnni[8] = {block_vnni8<1>, block_vnni8<2>, block_vnni8<3>, block_vnni8<4>,
                                       block_vnni8<5>, block_vnni8<6>, block_vnni8<7>, block_vnni8<8>};
-    static const block8_fn avx2[4] = {block_avx2_8<1>, block_avx2_8<2>, block_avx2_8<3>, block_avx2_8<4>};
-    return (path == 2 ? vnni : avx2)[rows - 1];
+    static const block8_fn avx2[4] = {block_avx2_8<1, false>, block_avx2_8<2, false>, block_avx2_8<3, false>,
+                                      block_avx2_8<4, false>};
+    static const block8_fn avx_vnni[4] = {block_avx2_8<1, true>, block_avx2_8<2, true>, block_avx2_8<3, true>,
+                                          block_avx2_8<4, true>};
+    return (path == PATH_AVX512_VNNI ? vnni : path == PATH_AVX_VNNI ? avx_vnni : avx2)[rows - 1];
 }
 
 // int8 codes -> the same values plus 128 as unsigned bytes, in place (the top bit flipped).
@@ -370,13 +413,14 @@ int csm_int4_matmul(int path, const float* x, int M, int K, int G, const void* w
 
 // y[M, N] = (x[M, K] @ W^T) * scales for an int8 weight in pack_int8's layout (ceil(N / 16)
 // blocks) and its float32 scales [N], with activations quantized to int8 per row and group of G
-// (unsigned codes on the VNNI path).  Returns 0, or -1 when the path cannot run here.
+// (unsigned codes on the VNNI paths).  Returns 0, or -1 when the path cannot run here.
 int csm_int8_matmul(int path, const float* x, int M, int K, int G, const uint8_t* w, const float* scales, int N,
                     float* y) {
     if (!csm_int4_cpu_has(path) || K % G != 0 || G % 8 != 0) return -1;
     const int ng = K / G;
     const size_t stride = (size_t)ng * group_bytes8(G);
-    over_blocks(path, x, M, K, G, N, path == 2, [&](const Codes& c, int b, int m0, int rows, int ncols) {
+    const bool unsigned_codes = path == PATH_AVX512_VNNI || path == PATH_AVX_VNNI;
+    over_blocks(path, x, M, K, G, N, unsigned_codes, [&](const Codes& c, int b, int m0, int rows, int ncols) {
         pick8(path, rows)(w + b * stride, K, G, c.xq + (size_t)m0 * c.ld, c.ld, c.sx + (size_t)m0 * ng,
                           scales + 16 * b, y + (size_t)m0 * N + 16 * b, N, ncols);
     });

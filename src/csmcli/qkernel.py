@@ -3,7 +3,7 @@
 * int4 (W4A8): torch's own CPU int4 product dequantizes every weight to floating point and is
   compute-bound at about two thirds of memory speed for one row, and slower still for several.
   This kernel quantizes the few activation rows to int8 per group and multiplies with the CPU's
-  integer dot-product instructions (AVX-512 VNNI, or AVX2), so it reads the 4-bit weights at
+  integer dot-product instructions (AVX-512 VNNI, AVX-VNNI or AVX2), so it reads the 4-bit weights at
   memory speed for one row and serves several rows for little more.
 * int8 (W8A8, :meth:`QKernel.int8_matmul`): the same activation quantization over int8 weights in
   the same 16-row blocks (:func:`pack_int8`), so that one row reads them at memory speed (the
@@ -40,19 +40,19 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("qkernel.cpp")
 #: Kernel paths by name, as the C code numbers them.
-PATHS = {"avx2": 1, "avx512_vnni": 2}
+PATHS = {"avx2": 1, "avx512_vnni": 2, "avx_vnni": 3}
 #: Output rows per packed block, and bytes of scales and minimums per block and group.
 BLOCK_ROWS = 16
 HEADER_BYTES = 64
 
 
-def path_for(isa: str, vnni: bool) -> str | None:
-    """The kernel path for a CPU offering ``isa`` (csmcli.cpu's names) and, on AVX-512, VNNI; None
-    where neither path runs (the caller then uses torch's int4 kernel)."""
+def path_for(isa: str, vnni: bool, avx_vnni: bool = False) -> str | None:
+    """The kernel path for a CPU offering ``isa`` (csmcli.cpu's names), on AVX-512 VNNI, and
+    AVX-VNNI; None where no path runs (the caller then uses torch's int4 kernel)."""
     if isa == "avx512" and vnni:
         return "avx512_vnni"
     if isa in ("avx512", "avx2"):
-        return "avx2"
+        return "avx_vnni" if avx_vnni else "avx2"
     return None
 
 
@@ -164,7 +164,7 @@ ckernels.operator(
 
 @dataclass(frozen=True)
 class QKernel:
-    """The built kernel, bound to one path (``avx512_vnni`` or ``avx2``)."""
+    """The built kernel, bound to one path (``avx512_vnni``, ``avx_vnni`` or ``avx2``)."""
 
     lib: ctypes.CDLL
     path: str

@@ -49,8 +49,8 @@ CompileOpt = Annotated[
     typer.Option(
         "--compile",
         envvar="CSM_COMPILE",
-        help="Compile the frame with torch.compile at start-up (a CPU needs --quantize int8 or int4): faster "
-        "frames after 10 s to a minute of compiling.",
+        help="Compile the frame with torch.compile at start-up (a CPU needs --quantize int8 or int4, or bf16 "
+        "without AMX): faster frames after 10 s to a minute of compiling.",
     ),
 ]
 ThreadsOpt = Annotated[

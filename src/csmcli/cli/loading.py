@@ -3,7 +3,7 @@
 The environment variables that tune loading are read here, and only here in the package, then
 passed to :func:`csmcli.loader.load_parts` as parameters:
 
-* ``CSM_CPU_ISA``: run the CPU paths of a lesser CPU (``avx512``, ``avx2``, ``default``).
+* ``CSM_CPU_ISA``: run the CPU paths of a lesser CPU (``avx512``, ``avx_vnni``, ``avx2``, ``default``).
 * ``CSM_CPU_KERNELS``: CPU matrix kernels (``auto``, ``packed``, ``plain``).
 * ``CSM_CUDA_GRAPHS=0``: run frames eagerly on CUDA.
 * ``CSM_MIMI``: where the codec comes from when a checkpoint has none (hub id or directory).
