@@ -2,7 +2,7 @@
 
 What ``csmcli.cpu`` chooses between: float32 ``F.linear`` and oneDNN-packed weights, bfloat16
 ``F.linear`` / packed (only where the CPU has oneDNN's bf16 kernels) / the compiled gemv / csmcli's
-bf16 kernel (:mod:`csmcli.bf16kernel`, for CPUs without oneDNN's bf16 kernels),
+bf16 kernel (:mod:`csmcli.bf16kernel`, what CPUs without AMX use),
 ``torch._weight_int8pack_mm``, the compiled int8 gemv, fbgemm's dynamic int8 linear, csmcli's W8A8
 int8 kernel (:mod:`csmcli.qkernel`), torch's CPU
 int4 kernel (``_weight_int4pack_mm_for_cpu``, bf16 rows) and csmcli's W4A8 int4 kernel (the
@@ -14,7 +14,7 @@ the caches, as a frame does, in 2 MiB pages where the engine's weights are (:mod
 The last line sums each column over one frame's products (the backbone once, the depth decoder 31
 times); a last table gives the bf16 kernel's reading speed (GB/s of bf16 weights) per shape.
 
-Usage: python scripts/cpu_kernels.py [--threads N] [--isa avx512|avx2|default] [--rows M] [--group G]
+Usage: python scripts/cpu_kernels.py [--threads N] [--isa avx512|avx_vnni|avx2|default] [--rows M] [--group G]
 (``--isa avx2`` runs the paths an AVX2-only CPU takes; ``ATEN_CPU_CAPABILITY=avx2`` in the
 environment also makes torch's own kernels use AVX2.)
 """
