@@ -161,7 +161,7 @@ def main() -> None:
     caps = cpu.cpu_caps(args.isa)
     gemv = cpu.gemv_kernels(torch.bfloat16, caps)
     bf16 = bf16kernel.kernel(caps.isa)
-    w8a8 = qkernel.kernel(qkernel.path_for(caps.isa, caps.vnni, caps.avx_vnni))
+    w8a8 = qkernel.kernel_for(caps.isa, caps.vnni, caps.avx_vnni)
     built = f"compiled gemv: {gemv is not None}, bf16 kernel: {bf16 is not None}, int8/int4 kernels: {w8a8 is not None}"
     print(f"threads {args.threads}, torch {torch.__version__}, {caps}, {built}")
     columns = COLUMNS + tuple(f"{c} x{args.rows}" for c in ROWS_COLUMNS)

@@ -69,7 +69,7 @@ def test_the_weights_are_stored_once_in_either_layout() -> None:
 
 def _int8_kernel_path() -> str | None:
     caps = cpu.detect_cpu_caps()
-    fast = qkernel.kernel(qkernel.path_for(caps.isa, caps.vnni, caps.avx_vnni))
+    fast = qkernel.kernel_for(caps.isa, caps.vnni, caps.avx_vnni)
     return fast.path if fast else None
 
 

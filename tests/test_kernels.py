@@ -260,7 +260,7 @@ def test_a_compiled_int4_engine_calls_the_kernel_inside_its_graphs(tiny_dir) -> 
     from csmcli.model import _attn_out_ffn
 
     caps = cpu.detect_cpu_caps()
-    if qkernel.kernel(qkernel.path_for(caps.isa, caps.vnni, caps.avx_vnni)) is None:
+    if qkernel.kernel_for(caps.isa, caps.vnni, caps.avx_vnni) is None:
         pytest.skip("no int4 CPU kernel here (no C++ compiler or no AVX2)")
     synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="float32", max_batch_size=2, quantize="int4")
     block = synth.model.decoder.layers[0]

@@ -248,6 +248,13 @@ def test_no_path_means_no_kernel() -> None:
     assert qkernel.path_for("avx512", vnni=True, avx_vnni=True) == "avx512_vnni"
 
 
+@pytest.mark.skipif(not PATHS, reason="no C++ compiler or no AVX2 on this CPU")
+def test_a_library_built_without_avx_vnni_leaves_such_cpus_on_the_avx2_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    lib = kernel(PATHS[0]).lib
+    monkeypatch.setattr(lib, "csm_int4_cpu_has", lambda path: int(path == qkernel.PATHS["avx2"]))
+    assert qkernel.kernel_for("avx2", vnni=False, avx_vnni=True).path == "avx2"
+
+
 def test_pack_refuses_a_group_that_does_not_divide_the_row() -> None:
     with pytest.raises(ValueError, match="group 48"):
         pack(torch.zeros(16, 32, dtype=torch.uint8), torch.ones(16, 2), torch.zeros(16, 2), 48)

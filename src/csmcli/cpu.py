@@ -326,7 +326,7 @@ def check_model_compilable(model: nn.Module, caps: CpuCaps | None = None) -> Non
 def w8a8_kernel(kernels: str, caps: CpuCaps) -> qkernel.QKernel | None:
     """The W8A8 kernel for int8 weights on ``caps``' instruction set where ``kernels`` is ``auto``
     (as for the compiled gemv it replaces) and it builds; else None."""
-    return qkernel.kernel(qkernel.path_for(caps.isa, caps.vnni, caps.avx_vnni)) if kernels == "auto" else None
+    return qkernel.kernel_for(caps.isa, caps.vnni, caps.avx_vnni) if kernels == "auto" else None
 
 
 def _int8_kernels(layer: Int8Linear, fast: qkernel.QKernel | None, built: GemvKernels | None) -> None:
@@ -353,7 +353,7 @@ def prepare_int4(model: nn.Module, caps: CpuCaps, kernels: str) -> str:
     layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
     if not layers:
         return ""
-    fast = qkernel.kernel(qkernel.path_for(caps.isa, caps.vnni, caps.avx_vnni)) if kernels != "plain" else None
+    fast = qkernel.kernel_for(caps.isa, caps.vnni, caps.avx_vnni) if kernels != "plain" else None
     for layer in layers:
         if layer.kernel is not None or layer.packed:  # prepared before
             continue

@@ -261,6 +261,16 @@ def kernel(path: str | None, build_dir: Path | None = None) -> QKernel | None:
     return QKernel(lib, path)
 
 
+def kernel_for(isa: str, vnni: bool, avx_vnni: bool = False) -> QKernel | None:
+    """The kernel on :func:`path_for`'s path for such a CPU, or on the AVX2 path where the compiler
+    that built the library does not know AVX-VNNI (the CPU runs both)."""
+    path = path_for(isa, vnni, avx_vnni)
+    lib = _library(None) if path == "avx_vnni" else None
+    if lib is not None and not lib.csm_int4_cpu_has(PATHS[path]):
+        path = "avx2"
+    return kernel(path)
+
+
 class FusedStep:
     """A whole step of ``net`` (a few rows) in one C++ call (``csm_step``): norms, RoPE, attention
     over the cache and SwiGLU around ``product``'s four products per layer, the residual stream in
