@@ -220,6 +220,12 @@ typedef void (*block_fn)(const uint8_t*, int, int, const int8_t*, int, const flo
 // (32 vectors on AVX-512, 16 on AVX2); the block is re-read from cache for each further pass.
 static int rows_per_pass(int path) { return path == PATH_AVX512_VNNI ? 8 : 4; }
 
+// A path's block function for a pass of ``rows`` rows, from the tables of each path's functions.
+template <class Fn>
+static Fn for_path(int path, int rows, const Fn* vnni, const Fn* avx2, const Fn* avx_vnni) {
+    return (path == PATH_AVX512_VNNI ? vnni : path == PATH_AVX_VNNI ? avx_vnni : avx2)[rows - 1];
+}
+
 static block_fn pick(int path, int rows) {
     static const block_fn vnni[8] = {block_vnni<1>, block_vnni<2>, block_vnni<3>, block_vnni<4>,
                                      block_vnni<5>, block_vnni<6>, block_vnni<7>, block_vnni<8>};
@@ -227,7 +233,7 @@ static block_fn pick(int path, int rows) {
                                      block_avx2<4, false>};
     static const block_fn avx_vnni[4] = {block_avx2<1, true>, block_avx2<2, true>, block_avx2<3, true>,
                                          block_avx2<4, true>};
-    return (path == PATH_AVX512_VNNI ? vnni : path == PATH_AVX_VNNI ? avx_vnni : avx2)[rows - 1];
+    return for_path(path, rows, vnni, avx2, avx_vnni);
 }
 
 // W8A8 over csmcli.qkernel.pack_int8's layout of an int8 weight W[N, K] (one float32 scale per
@@ -336,7 +342,7 @@ static block8_fn pick8(int path, int rows) {
                                       block_avx2_8<4, false>};
     static const block8_fn avx_vnni[4] = {block_avx2_8<1, true>, block_avx2_8<2, true>, block_avx2_8<3, true>,
                                           block_avx2_8<4, true>};
-    return (path == PATH_AVX512_VNNI ? vnni : path == PATH_AVX_VNNI ? avx_vnni : avx2)[rows - 1];
+    return for_path(path, rows, vnni, avx2, avx_vnni);
 }
 
 // int8 codes -> the same values plus 128 as unsigned bytes, in place (the top bit flipped).
