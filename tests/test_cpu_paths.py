@@ -59,6 +59,11 @@ def test_cpu_caps_are_detected_and_can_only_be_lowered() -> None:
     if caps.isa != "avx512":
         with pytest.raises(OptionsError, match="this CPU offers"):
             cpu.cpu_caps("avx512")
+    if caps.avx_vnni:
+        assert cpu.cpu_caps("avx_vnni") == cpu.CpuCaps("avx2", bf16_packed=False, native_bf16=False, avx_vnni=True)
+    else:
+        with pytest.raises(OptionsError, match="CPU ISA avx_vnni requested but this CPU lacks AVX-VNNI"):
+            cpu.cpu_caps("avx_vnni")
 
 
 def test_the_probe_finds_no_bf16_packing(no_onednn_bf16) -> None:
