@@ -5,7 +5,6 @@ AVX-512 without AMX), the compiled operator, and the fallback when it cannot be 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import subprocess
 import sys
@@ -137,7 +136,8 @@ def test_the_avx2_engine_runs_bf16_on_the_kernel_with_the_codes_of_the_float32_p
     nothing packed by oneDNN), and with the layers run one by one the greedy codes of the path it
     replaces (bf16 weights multiplied in float32: ``cpu_kernels="packed"``), which differs from it
     only in the order of the sums.  Frames run both transformers' fused steps by default (a float32
-    residual stream, so other codes on this random model): every step of a frame goes through them."""
+    residual stream, so other codes on this random model): every backbone step goes through one, and
+    each frame's 31 depth-decoder steps through the fused depth decoder, slots together."""
     from csmcli import Synthesizer
 
     texts = ["Hello from CSM.", "Good morning."][:slots]
@@ -148,17 +148,19 @@ def test_the_avx2_engine_runs_bf16_on_the_kernel_with_the_codes_of_the_float32_p
     assert layers and all(m.kernel is KERNEL and not m.packed_weights and not m.gemv for m in layers)
     assert all(m.weight.dtype == torch.bfloat16 and m.weight.shape[-1] == BLOCK_ROWS for m in layers)
     cpu.check_model_compilable(synth.model)  # the operator is traceable: nothing packed by oneDNN
-    nets = (synth.model.backbone, synth.model.decoder)
-    fused, calls = [net.fused_step for net in nets], []
-    assert all(f is not None for f in fused)
-    for net, f in zip(nets, fused, strict=True):
-        net.fused_step = functools.partial(lambda f, *a: calls.append(a[0].shape) or f(*a), f)
+    model = synth.model
+    nets = (model.backbone, model.decoder)
+    assert all(net.fused_step is not None for net in nets) and model.fused_depth is not None
+    calls, frames, backbone, depth = [], [], model.backbone.fused_step, model.fused_depth
+    model.backbone.fused_step = lambda *a: calls.append(a[0].shape) or backbone(*a)
+    model.fused_depth = lambda *a: frames.append(a[0].shape) or depth(*a)
     codes = _codes(synth, texts)
     assert [c.shape for c in codes] == [(6, 32)] * slots and all(int(c.max()) < 2048 for c in codes)
-    depth = synth.model.depth_spec.dim
-    assert sum(shape[-1] == depth for shape in calls) == 6 * 31  # each frame's depth steps, slots together
+    assert calls.count((slots, 1, model.backbone_spec.dim)) == 6  # each frame's backbone step, slots together
+    assert frames == [(slots, 2, model.depth_spec.dim)] * 6
     for net in nets:
         net.fused_step = None
+    model.fused_depth = None
     before = Synthesizer.load(str(tiny_dir), cpu_kernels="packed", **settings)
     assert before.engine.cpu_kernels == ("float32" if slots == 1 else "packed-float32")
     for got, want in zip(_codes(synth, texts), _codes(before, texts), strict=True):

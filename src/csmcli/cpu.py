@@ -267,6 +267,14 @@ class CpuLinear(nn.Module):
         """True when single rows go through the compiled gemv."""
         return self.gemv_fn is not None
 
+    def fused_matrix(self, index: int | None = None) -> qkernel.Matrix | None:
+        """The matrix (of a stack: layer ``index``) as fused calls multiply it: on the bf16 kernel
+        only, else None."""
+        if self.kernel is None:
+            return None
+        weight = self.weight if index is None else self.weight[index]
+        return qkernel.Matrix(self.kernel.product, 0, self.out_features, weight)
+
     def forward(self, x: Tensor, index: int | None = None) -> Tensor:
         weight = self.weight if index is None else (self.packed or self.weight)[index]
         shape = x.shape
@@ -382,7 +390,8 @@ def bf16_step(net: Transformer, kernel: bf16kernel.Bf16Kernel) -> qkernel.FusedS
 def fuse_steps(model: nn.Module) -> None:
     """Each transformer's whole step in one call where its projections allow: on the int4 or the
     W8A8 kernel (:func:`~csmcli.quant.int4_step`, :func:`~csmcli.quant.int8_step`) or the bf16
-    kernel (:func:`bf16_step`); else none."""
+    kernel (:func:`bf16_step`); else none.  Then a frame's depth-decoder steps in one call where
+    they allow (:func:`fuse_depth`)."""
     for net in (model.backbone, model.decoder):
         first = projections(net)[0][0] if net.layers else None
         kernel = getattr(first, "kernel", None)
@@ -392,6 +401,23 @@ def fuse_steps(model: nn.Module) -> None:
             net.fused_step = bf16_step(net, kernel)
         else:
             net.fused_step = None
+    model.fused_depth = fuse_depth(model)
+
+
+def fuse_depth(model: nn.Module) -> qkernel.FusedDepth | None:
+    """A :class:`~csmcli.qkernel.FusedDepth` for ``model`` when its depth decoder has a fused step and
+    its heads and projection are on csmcli's kernels (``fused_matrix``); else None."""
+    step, heads = model.decoder.fused_step, model.head_layers
+    if step is None or heads is None or not hasattr(heads, "fused_matrix"):
+        return None
+    matrices = [heads.fused_matrix(i) for i in range(model.num_codebooks - 1)]
+    projection = getattr(model.projection, "fused_matrix", lambda: None)()
+    if projection is None or any(m is None for m in matrices):
+        return None
+    embeddings = model.audio_embeddings.weight.detach()
+    if embeddings.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return qkernel.FusedDepth(step, matrices, projection, embeddings, model.vocab)
 
 
 def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1, caps: CpuCaps | None = None) -> str:

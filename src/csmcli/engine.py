@@ -31,7 +31,7 @@ from .graphs import EagerFrame, capture_frames, eager_frames, frame_buckets
 from .model import EAGER_LAYERS, CSMModel, DepthStep, LayerFns
 from .options import FRAME_MS, REPETITION_WINDOW, GenerationOptions
 from .prompt import Prompt
-from .sampling import SamplingParams, frame_keys, sample
+from .sampling import FrameSampler, SamplingParams, frame_keys, sample
 
 if TYPE_CHECKING:
     from .codec import FrameCodec, FrameDecoder
@@ -448,18 +448,12 @@ class Engine:
             graphs, outputs = capture(lambda b: self._frame(b, self.max_len), buckets)
         self.graph_buckets, self.graph_codes, self.graphs = buckets, outputs, graphs
 
-    def _sampler(self) -> Callable[[Tensor, int], Tensor]:
-        """The frame's sampling function, with every slot's random keys for the frame computed once."""
+    def _sampler(self) -> FrameSampler:
+        """The frame's sampling, with every slot's random keys for the frame computed once."""
         keys = frame_keys(self.params.seed, self.params.frame, self.codebook_ids)
-
-        def pick(logits: Tensor, codebook: int) -> Tensor:
-            b = logits.shape[0]
-            # a slice, not an index: a symbolic codebook then needs no guard on its value (one graph)
-            recent = self.recent[:b, :, codebook : codebook + 1][..., 0] if self.use_penalty else None
-            rules = (self.use_top_p, self.use_greedy)
-            return self.sample_fn(logits, self.params, codebook, NUM_AUDIO_CODES, recent, self.k_max, keys, *rules)
-
-        return pick
+        recent = self.recent if self.use_penalty else None
+        rules = (self.use_top_p, self.use_greedy)
+        return FrameSampler(self.sample_fn, self.params, keys, recent, self.k_max, *rules, NUM_AUDIO_CODES)
 
     def _deliver(self, slot: int, codes: Tensor) -> None:
         job = self.slots[slot]

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .sampling import FrameSampler
+
 
 @dataclass(frozen=True)
 class TransformerSpec:
@@ -327,6 +329,8 @@ class CSMModel(nn.Module):
         # the heads as one module called with (x, index) once quantized or prepared for the CPU
         # (quant.Int8Linear, cpu.CpuLinear); until then audio_head is used
         self.head_layers: nn.Module | None = None
+        # a frame's depth-decoder steps in one call, where the CPU preparation made one (csmcli.qkernel.FusedDepth)
+        self.fused_depth: Callable[[Tensor, Tensor, Tensor, FrameSampler], Tensor] | None = None
         self.register_buffer("audio_offsets", torch.arange(self.num_codebooks) * self.vocab, persistent=False)
 
     def init_buffers(self, device: torch.device) -> None:
@@ -406,13 +410,17 @@ class CSMModel(nn.Module):
         ``sample(logits [B, vocab], codebook)`` picks one code per row.  The depth decoder's cache
         ``cache`` is simply overwritten from position 0 every frame.  ``step`` replaces
         :meth:`depth_step` (the engine passes a compiled one); otherwise the depth step's layers run
-        ``layer_fns``.
+        ``layer_fns``, or all 31 steps run in :attr:`fused_depth` where there is one and ``sample``
+        is a :class:`~csmcli.sampling.FrameSampler` (whose state it reads).
         """
         b = h.shape[0]
-        step = step or functools.partial(self.depth_step, layer_fns=layer_fns)
         code = sample(self.codebook0_head(h), 0)
-        codes = [code]
         x = self.projection(torch.stack([h, self.audio_embeddings(code)], dim=1))
+        fused = self.fused_depth is not None and step is None and isinstance(sample, FrameSampler)
+        if fused and 2 * b < FUSED_STEP_ROWS and not torch.compiler.is_compiling():
+            return self.fused_depth(x, cache, code, sample)
+        step = step or functools.partial(self.depth_step, layer_fns=layer_fns)
+        codes = [code]
         pos = torch.arange(2, device=h.device).repeat(b, 1)  # contiguous like the later steps' positions
         for i in range(1, self.num_codebooks):
             code, x = step(x, pos, cache, i, sample)

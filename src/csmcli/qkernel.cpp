@@ -23,6 +23,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <algorithm>
+#include <utility>
 #include <vector>
 
 // Compilers that know AVX-VNNI (GCC 11, Clang 12); with older ones that path reports it cannot run.
@@ -656,6 +658,202 @@ int csm_step(product_fn product, int path, int n_layers, int dim, int n_heads, i
         add_into(x, o.data(), (size_t)M * dim);
     }
     rms_norm(x, x, M, dim, norms[2 * n_layers], eps);
+    return 0;
+}
+
+}  // extern "C"
+
+// ---- A frame's depth-decoder steps ---------------------------------------------------------------
+//
+// Steps 1..31 of csmcli.model.CSMModel.decode_frame in one call: each step's stack (csm_step), the
+// codebook's head, sampling, and the next step's input (the code's embedding through the
+// projection).  Between them a bfloat16 model's values are rounded to bfloat16 where the eager
+// step's tensors are (stack output, logits, projection output), so the codes are the eager step's.
+
+namespace {
+
+// One matrix: a product of csm_step's kind, the path and argument it takes, its weight.
+struct Matrix {
+    product_fn product;
+    int path, arg, out_features;
+    const void* weight;
+};
+
+// A transformer as csm_step takes it.
+struct Stack {
+    product_fn product;
+    int path, n_layers, dim, n_heads, n_kv, head_dim, ffn;
+    float eps;
+    const void* const* weights;
+    const int* args;
+    const float* const* norms;
+    const float *cos, *sin;
+};
+
+}  // namespace
+
+extern "C" {
+
+// csmcli.sampling.sample's inputs for rows 0..B-1 (csmcli.qkernel.Sampling fills it): the rows'
+// settings, the frame's keys [rows, codebooks], the per-code hashes, recent codes [rows, window,
+// codebooks] (null: no penalty), the candidates k and which rules any row uses.
+struct Sampling {
+    const float* temperature;
+    const int64_t* top_k;
+    const float* top_p;
+    const float* penalty;
+    const int64_t* keys;
+    int64_t keys_stride;
+    const int64_t* hashes;
+    const int64_t* recent;
+    int64_t recent_strides[3];
+    int window, k, num_codes, top_p_rule, greedy_rule;
+};
+
+struct Depth {
+    Stack stack;
+    const Matrix* heads;  // codebooks - 1
+    Matrix projection;
+    const void* embeddings;  // [codebooks * vocab, embedding_dim], float32 or bfloat16
+    int embeddings_bf16, embedding_dim, vocab, codebooks, round_bf16;
+};
+
+}  // extern "C"
+
+namespace {
+
+inline uint64_t mix32(uint64_t x) {  // csmcli.sampling._mix32
+    const uint64_t m = 0xFFFFFFFFull;
+    x &= m;
+    x ^= x >> 16;
+    x = (x * 0x7FEB352Dull) & m;
+    x ^= x >> 15;
+    x = (x * 0x846CA68Bull) & m;
+    return x ^ (x >> 16);
+}
+
+inline void round_bf16(float* v, size_t n) {
+    for (size_t i = 0; i < n; ++i) v[i] = bf16_value(bf16_round(v[i]));
+}
+
+typedef std::pair<float, int64_t> Candidate;
+
+// The k best scores first, as torch.topk orders them on the CPU (the same algorithms with the
+// same comparison), so that ties fall as they do there.
+void top_k(std::vector<Candidate>& q, int k) {
+    const auto better = [](const Candidate& a, const Candidate& b) {
+        return (std::isnan(a.first) && !std::isnan(b.first)) || a.first > b.first;
+    };
+    if ((int64_t)k * 64 <= (int64_t)q.size()) {
+        std::partial_sort(q.begin(), q.begin() + k, q.end(), better);
+    } else {
+        std::nth_element(q.begin(), q.begin() + (k - 1), q.end(), better);
+        std::sort(q.begin(), q.begin() + (k - 1), better);
+    }
+}
+
+// One row's code from its logits, by csmcli.sampling.sample's rules.
+int64_t sample_row(const Sampling& s, int b, int codebook, const float* logits) {
+    const int n = s.num_codes;
+    const float temperature = s.temperature[b] < 1e-5f ? 1e-5f : s.temperature[b];
+    static thread_local std::vector<Candidate> q;
+    static thread_local std::vector<char> seen;
+    seen.assign(n, 0);
+    if (s.recent)
+        for (int w = 0; w < s.window; ++w) {
+            const int64_t c = s.recent[b * s.recent_strides[0] + w * s.recent_strides[1] + codebook * s.recent_strides[2]];
+            if (c >= 0 && c < n) seen[c] = 1;
+        }
+    const float p = s.penalty[b];
+    q.resize(n);
+    for (int c = 0; c < n; ++c) {
+        float l = logits[c];
+        if (seen[c]) l = l > 0.f ? l / p : l * p;
+        q[c] = Candidate(l / temperature, c);
+    }
+    const int k = s.k < 1 ? 1 : s.k > n ? n : s.k;
+    top_k(q, k);
+    static thread_local std::vector<char> keep;
+    keep.resize(k);
+    for (int j = 0; j < k; ++j) keep[j] = j < s.top_k[b];
+    if (s.top_p_rule) {  // the mass of the better candidates, from a softmax over the kept ones
+        static thread_local std::vector<float> probs;
+        probs.resize(k);
+        float top = -INFINITY, total = 0.f;
+        for (int j = 0; j < k; ++j)
+            if (keep[j] && q[j].first > top) top = q[j].first;
+        for (int j = 0; j < k; ++j) total += probs[j] = keep[j] ? expf(q[j].first - top) : 0.f;
+        double mass = 0.0;  // torch's cumsum adds in double on the CPU
+        for (int j = 0; j < k; ++j) {
+            probs[j] /= total;
+            mass += probs[j];
+            const float before = (float)mass - probs[j];
+            keep[j] = keep[j] && (before < s.top_p[b] || s.top_p[b] >= 1.f);
+        }
+    }
+    const uint64_t key = (uint64_t)s.keys[b * s.keys_stride + codebook];
+    int pick = 0;
+    float best = -INFINITY;
+    for (int j = 0; j < k; ++j) {
+        if (!keep[j]) continue;
+        const uint64_t bits = mix32(key ^ (uint64_t)s.hashes[q[j].second]);
+        const float u = ((float)(bits >> 8) + 0.5f) * (1.f / (1 << 24));
+        const float v = q[j].first + -logf(-logf(u));
+        if (v > best) best = v, pick = j;
+    }
+    if (s.greedy_rule && (s.temperature[b] == 0.f || s.top_k[b] == 1)) return q[0].second;
+    return q[pick].second;
+}
+
+}  // namespace
+
+extern "C" {
+
+// codes[b] for rows b < B of logits [B, ld] (their first num_codes) and codebook: sample_row.
+void csm_sample(const Sampling* s, const float* logits, int64_t ld, int B, int codebook, int64_t* codes) {
+    for (int b = 0; b < B; ++b) codes[b] = sample_row(*s, b, codebook, logits + b * ld);
+}
+
+// Codes of codebooks 1..codebooks-1 into codes[b * codes_stride + i] for rows b < B, from x [B, 2,
+// dim] (float32: step 1's two rows, the backbone state and codebook 0's embedding through the
+// projection); the depth decoder's cache as csm_step takes it.  Returns 0, or -1 as csm_step does.
+int csm_depth(const Depth* d, const Sampling* s, const float* x, int B, void* cache, int cache_bf16,
+              const int64_t* strides, int64_t* codes, int64_t codes_stride) {
+    const Stack& st = d->stack;
+    const int dim = st.dim, vocab_out = d->heads[0].out_features, e = d->embedding_dim;
+    static thread_local std::vector<float> rows, last, logits, embedded;
+    static thread_local std::vector<int64_t> pos;
+    rows.assign(x, x + (size_t)B * 2 * dim);
+    last.resize((size_t)B * dim);
+    logits.resize((size_t)B * vocab_out);
+    embedded.resize((size_t)B * e);
+    pos.resize((size_t)B * 2);
+    for (int i = 1; i < d->codebooks; ++i) {
+        const int T = i == 1 ? 2 : 1;
+        for (int b = 0; b < B; ++b)
+            for (int t = 0; t < T; ++t) pos[b * T + t] = i == 1 ? t : i;
+        if (csm_step(st.product, st.path, st.n_layers, dim, st.n_heads, st.n_kv, st.head_dim, st.ffn, st.eps, st.weights,
+                     st.args, st.norms, st.cos, st.sin, rows.data(), B, T, pos.data(), cache, cache_bf16, strides))
+            return -1;
+        for (int b = 0; b < B; ++b) memcpy(&last[(size_t)b * dim], &rows[((size_t)b * T + T - 1) * dim], sizeof(float) * dim);
+        if (d->round_bf16) round_bf16(last.data(), last.size());
+        const Matrix& head = d->heads[i - 1];
+        if (head.product(head.path, last.data(), B, dim, head.arg, head.weight, vocab_out, logits.data())) return -1;
+        if (d->round_bf16) round_bf16(logits.data(), logits.size());
+        for (int b = 0; b < B; ++b) {
+            const int64_t code = sample_row(*s, b, i, &logits[(size_t)b * vocab_out]);
+            codes[b * codes_stride + i] = code;
+            const size_t row = (size_t)(code + (int64_t)i * d->vocab) * e;
+            float* out = &embedded[(size_t)b * e];
+            if (d->embeddings_bf16)
+                for (int c = 0; c < e; ++c) out[c] = bf16_value(((const uint16_t*)d->embeddings)[row + c]);
+            else
+                memcpy(out, (const float*)d->embeddings + row, sizeof(float) * e);
+        }
+        const Matrix& proj = d->projection;
+        if (proj.product(proj.path, embedded.data(), B, e, proj.arg, proj.weight, dim, rows.data())) return -1;
+        if (d->round_bf16) round_bf16(rows.data(), (size_t)B * dim);
+    }
     return 0;
 }
 

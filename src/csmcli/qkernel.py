@@ -13,8 +13,11 @@
 * a whole transformer step (:class:`FusedStep`): norms, RoPE, attention over the cache and SwiGLU in
   C++ around the products of a matrix kernel (this int4 one, or :mod:`csmcli.bf16kernel`), one
   call per step instead of ~30 eager operations per layer.
+* a frame's 31 depth-decoder steps (:class:`FusedDepth`): each fused step with its head, sampling
+  and the next step's embedding and projection, one call per frame instead of ~30 eager operations
+  per step around the fused ones.
 
-All three live in one small C++ file, built by :mod:`csmcli.ckernels` and called through ctypes (or, in
+All of it lives in one small C++ file, built by :mod:`csmcli.ckernels` and called through ctypes (or, in
 compiled code, as torch operators); without a compiler :func:`kernel` returns None and callers use
 torch's kernels.
 """
@@ -35,6 +38,7 @@ from . import ckernels
 
 if TYPE_CHECKING:
     from .model import Transformer
+    from .sampling import FrameSampler
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +227,17 @@ class Product:
 
 
 @dataclass(frozen=True)
+class Matrix:
+    """One matrix as a fused call multiplies it: ``product`` with its argument, the output rows, and
+    ``weight``, the tensor whose address the product reads (layers give theirs: ``fused_matrix``)."""
+
+    product: Product
+    arg: int
+    out_features: int
+    weight: Tensor
+
+
+@dataclass(frozen=True)
 class StackShape:
     """What ``csm_step`` needs to know of a transformer besides its weights."""
 
@@ -240,6 +255,8 @@ _ARGTYPES = {
     "csm_int4_matmul": [_INT, _PTR, _INT, _INT, _INT, _PTR, _INT, _PTR],
     "csm_int8_matmul": [_INT, _PTR, _INT, _INT, _INT, _PTR, _PTR, _INT, _PTR],
     "csm_step": [_PTR] + [_INT] * 7 + [ctypes.c_float] + [_PTR] * 5 + [_PTR, _INT, _INT, _PTR, _PTR, _INT, _PTR],
+    "csm_sample": [_PTR, _PTR, ctypes.c_int64, _INT, _INT, _PTR],
+    "csm_depth": [_PTR, _PTR, _PTR, _INT, _PTR, _INT, _PTR, _PTR, ctypes.c_int64],
 }
 
 
@@ -328,3 +345,120 @@ class FusedStep:
         if status:
             raise RuntimeError("the fused step's kernels cannot run on this CPU")
         return rows.view(b, t, d).to(x.dtype)
+
+
+class _Matrix(ctypes.Structure):
+    _fields_ = [("product", _PTR), ("path", _INT), ("arg", _INT), ("out_features", _INT), ("weight", _PTR)]
+
+    @classmethod
+    def of(cls, m: Matrix) -> _Matrix:
+        return cls(m.product.address, m.product.path, m.arg, m.out_features, m.weight.data_ptr())
+
+
+class _Stack(ctypes.Structure):
+    _fields_ = [(name, _PTR if i == 0 else _INT) for i, name in enumerate(
+        ("product", "path", "n_layers", "dim", "n_heads", "n_kv", "head_dim", "ffn"))]  # fmt: skip
+    _fields_ += [("eps", ctypes.c_float)] + [(name, _PTR) for name in ("weights", "args", "norms", "cos", "sin")]
+
+
+class _Sampling(ctypes.Structure):
+    _fields_ = [(name, _PTR) for name in ("temperature", "top_k", "top_p", "penalty", "keys")]
+    _fields_ += [("keys_stride", ctypes.c_int64), ("hashes", _PTR), ("recent", _PTR)]
+    _fields_ += [("recent_strides", ctypes.c_int64 * 3)]
+    _fields_ += [(name, _INT) for name in ("window", "k", "num_codes", "top_p_rule", "greedy_rule")]
+
+
+class _Depth(ctypes.Structure):
+    _fields_ = [("stack", _Stack), ("heads", _PTR), ("projection", _Matrix), ("embeddings", _PTR)]
+    _fields_ += [(name, _INT) for name in ("embeddings_bf16", "embedding_dim", "vocab", "codebooks", "round_bf16")]
+
+
+def sampling_struct(sampler: FrameSampler, rows: int) -> _Sampling:
+    """``sampler``'s state as the C code reads it (``csm_sample``, ``csm_depth``) for its first ``rows``
+    rows; the tensors must outlive the call."""
+    p, keys, recent = sampler.params, sampler.keys, sampler.recent
+    settings = (p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.hashes)
+    dtypes = (torch.float32, torch.int64, torch.float32, torch.float32, torch.int64)
+    if any(t.dtype != d or not t.is_contiguous() or t.is_cuda for t, d in zip(settings, dtypes, strict=True)):
+        raise ValueError("sampling settings must be contiguous CPU tensors of their usual dtypes")
+    if keys.dtype != torch.int64 or keys.stride(1) != 1 or keys.shape[0] < rows or p.temperature.shape[0] < rows:
+        raise ValueError(f"the frame's keys and settings do not cover {rows} rows")
+    if recent is not None and (recent.dtype != torch.int64 or recent.shape[0] < rows):
+        raise ValueError(f"recent codes must be int64 for at least {rows} rows")
+    if sampler.num_codes > p.hashes.shape[0]:
+        raise ValueError("fewer code hashes than codes")
+    out = _Sampling(*(t.data_ptr() for t in settings[:4]), keys.data_ptr(), keys.stride(0), p.hashes.data_ptr())
+    if recent is not None:
+        out.recent = recent.data_ptr()
+        out.recent_strides = (ctypes.c_int64 * 3)(*recent.stride())
+        out.window = recent.shape[1]
+    out.k = sampler.num_codes if sampler.k_max is None else sampler.k_max
+    out.num_codes, out.top_p_rule, out.greedy_rule = sampler.num_codes, int(sampler.top_p), int(sampler.greedy)
+    return out
+
+
+def sample(lib: ctypes.CDLL, logits: Tensor, sampler: FrameSampler, codebook: int) -> Tensor:
+    """:func:`csmcli.sampling.sample`'s codes for ``logits`` ``[B, vocab]`` (float32) in C (``csm_sample``),
+    as :class:`FusedDepth` samples."""
+    b = logits.shape[0]
+    if logits.dtype != torch.float32 or logits.stride(1) != 1 or logits.shape[1] < sampler.num_codes:
+        raise ValueError("logits must be float32 rows with every code")
+    codes = torch.empty(b, dtype=torch.int64)
+    lib.csm_sample(ctypes.byref(sampling_struct(sampler, b)), logits.data_ptr(), logits.stride(0), b, codebook,
+                   codes.data_ptr())  # fmt: skip
+    return codes
+
+
+class FusedDepth:
+    """A frame's depth-decoder steps 1..31 in one C++ call (``csm_depth``): each step is ``step``'s
+    (:class:`FusedStep`), then the codebook's head (``heads[i - 1]``), sampling by the frame's
+    :class:`~csmcli.sampling.FrameSampler` (its rules, in C), the code's row of ``embeddings`` and
+    ``projection``, as :meth:`csmcli.model.CSMModel.depth_step` does.  A bfloat16 model
+    (``embeddings``' dtype) has its values rounded where that step's tensors are bfloat16, so the
+    codes are the eager step's (but for ties within a rounding of the sampling's logarithms and
+    exponentials).  :func:`csmcli.cpu.fuse_depth` makes one."""
+
+    def __init__(self, step: FusedStep, heads: Sequence[Matrix], projection: Matrix, embeddings: Tensor, vocab: int):
+        s = step.shape
+        codebooks = len(heads) + 1
+        if embeddings.dtype not in (torch.float32, torch.bfloat16) or not embeddings.is_contiguous():
+            raise ValueError("the embeddings must be a contiguous float32 or bfloat16 table")
+        if embeddings.shape[0] != codebooks * vocab or projection.out_features != s.dim:
+            raise ValueError(f"{codebooks} codebooks' embeddings and projection do not fit the depth decoder")
+        if len({m.out_features for m in heads}) != 1 or heads[0].out_features < vocab - 3:
+            raise ValueError("the heads must all give every code's logit")
+        if step.rope[0].shape[0] < codebooks:
+            raise ValueError("the depth decoder's RoPE tables are shorter than a frame's steps")
+        self.lib, self.step, self.codebooks = step.lib, step, codebooks
+        self.matrices = [*heads, projection]  # what the structure's addresses point into
+        self.embeddings = embeddings
+        self.heads = (_Matrix * len(heads))(*(_Matrix.of(m) for m in heads))
+        stack = _Stack(step.product.address, step.product.path, s.n_layers, s.dim, s.n_heads, s.n_kv_heads,
+                       s.head_dim, s.ffn_dim, s.norm_eps, ctypes.cast(step.weights, _PTR),
+                       ctypes.cast(step.args, _PTR), ctypes.cast(step.norms, _PTR), step.rope[0].data_ptr(),
+                       step.rope[1].data_ptr())  # fmt: skip
+        bf16 = int(embeddings.dtype == torch.bfloat16)
+        self.depth = _Depth(stack, ctypes.cast(self.heads, _PTR), _Matrix.of(projection), embeddings.data_ptr(),
+                            bf16, embeddings.shape[1], vocab, codebooks, bf16)  # fmt: skip
+
+    def __call__(self, x: Tensor, cache: Tensor, first: Tensor, sampler: FrameSampler) -> Tensor:
+        """Every codebook's codes ``[B, codebooks]`` from step 1's rows ``x`` ``[B, 2, dim]`` (the backbone
+        state and the first code's embedding, projected), with ``first`` (``[B]``) as codebook 0's;
+        the cache as :meth:`FusedStep.__call__` takes it."""
+        b = x.shape[0]
+        if cache.dtype not in (torch.float32, torch.bfloat16) or cache.stride(-1) != 1:
+            raise ValueError("the fused depth decoder needs a float32 or bfloat16 cache with contiguous rows")
+        if x.shape[1:] != (2, self.step.shape.dim) or cache.shape[2] < b or cache.shape[-2] < self.codebooks:
+            raise IndexError(f"rows {tuple(x.shape)} do not fit the depth decoder's cache")
+        rows = x.to(torch.float32, memory_format=torch.contiguous_format)
+        codes = torch.empty(b, self.codebooks, dtype=torch.int64)
+        codes[:, 0] = first
+        sampling = sampling_struct(sampler, b)
+        strides = (ctypes.c_int64 * 5)(*cache.stride()[:5])
+        status = self.lib.csm_depth(
+            ctypes.byref(self.depth), ctypes.byref(sampling), rows.data_ptr(), b, cache.data_ptr(),
+            int(cache.dtype == torch.bfloat16), strides, codes.data_ptr(), codes.stride(0),
+        )  # fmt: skip
+        if status:
+            raise RuntimeError("the fused depth decoder's kernels cannot run on this CPU")
+        return codes

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .gemv import gemv_int8
 from .model import CSMModel, Transformer
-from .qkernel import FusedStep, QKernel, int8_weight, pack, pack_int8, unpack_int8
+from .qkernel import FusedStep, Matrix, QKernel, int8_weight, pack, pack_int8, unpack_int8
 
 # from this many rows on (prefill), CPU products dequantize the weight and use the float GEMM
 DEQUANTIZE_ROWS = 32
@@ -147,6 +147,15 @@ class Int8Linear(nn.Module):
             self.weight = torch.stack(plain) if blocks.dim() == 3 else plain[0]
             self.kernel_weights = None
         self.kernel, self.kernel_group, self.kernel_scales = None, 0, None
+
+    def fused_matrix(self, index: int | None = None) -> Matrix | None:
+        """The matrix (of a stack: layer ``index``) as fused calls multiply it: on the W8A8 kernel
+        only, else None."""
+        if self.kernel is None:
+            return None
+        blocks, scales = (self.kernel_weights, self.kernel_scales) if index is None else (
+            self.kernel_weights[index], self.kernel_scales[index])  # fmt: skip
+        return Matrix(self.kernel.int8_product, self.kernel_group, self.out_features, int8_weight(blocks, scales))
 
     def forward(self, x: Tensor, index: int | None = None) -> Tensor:
         shape = x.shape
@@ -287,6 +296,13 @@ class Int4Linear(nn.Module):
             self.kernel_weights = pack(*canon, self.group)
         self.kernel = kernel
         self.qweight = self.scales = self.mins = None
+
+    def fused_matrix(self, index: int | None = None) -> Matrix | None:
+        """The matrix (of a stack: layer ``index``) as fused calls multiply it: on the kernel only, else None."""
+        if self.kernel is None:
+            return None
+        packed = self.kernel_weights if index is None else self.kernel_weights[index]
+        return Matrix(self.kernel.product, self.group, self.out_features, packed)
 
     def forward(self, x: Tensor, index: int | None = None) -> Tensor:
         shape = x.shape

@@ -8,6 +8,7 @@ whole step can be captured in a CUDA graph.  Reserved codes (>= ``num_codes``) a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -131,6 +132,32 @@ def sample(
         return sampled
     is_greedy = (params.temperature[:b] == 0) | (params.top_k[:b] == 1)
     return torch.where(is_greedy, order[:, 0], sampled)
+
+
+@dataclass
+class FrameSampler:
+    """One frame's sampling for rows ``0..B-1``, called as ``(logits, codebook) -> codes``: the rows'
+    settings, the frame's :func:`frame_keys` for every codebook, their recent codes ``[rows, window,
+    codebooks]`` (None: no row has a penalty), ``k_max`` and which rules apply (see :func:`sample`).
+    ``fn`` is :func:`sample` or a compiled form of it; a fused depth decoder
+    (:class:`csmcli.qkernel.FusedDepth`) reads the same state and applies the same rules itself."""
+
+    fn: Callable[..., Tensor]
+    params: SamplingParams
+    keys: Tensor
+    recent: Tensor | None
+    k_max: int | None
+    top_p: bool
+    greedy: bool
+    num_codes: int
+
+    def __call__(self, logits: Tensor, codebook: int) -> Tensor:
+        b = logits.shape[0]
+        # a slice, not an index: a symbolic codebook then needs no guard on its value (one graph)
+        recent = None if self.recent is None else self.recent[:b, :, codebook : codebook + 1][..., 0]
+        return self.fn(
+            logits, self.params, codebook, self.num_codes, recent, self.k_max, self.keys, self.top_p, self.greedy
+        )
 
 
 def penalize(logits: Tensor, recent: Tensor, penalty: Tensor) -> Tensor:

@@ -1,0 +1,145 @@
+"""A frame's depth-decoder steps in one C++ call (csmcli.qkernel.FusedDepth) and its sampler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_checkpoint import _config_json, tiny_config
+
+from csmcli import cpu, qkernel
+from csmcli.model import CSMModel
+from csmcli.quant import quantize
+from csmcli.sampling import FrameSampler, SamplingParams, frame_keys, sample
+
+LIB = qkernel._library(None) if qkernel.kernel("avx2") is not None else None
+needs_kernels = pytest.mark.skipif(LIB is None, reason="no C++ compiler or no AVX2 on this CPU")
+
+CODES = 2048
+
+
+def _params(rows: int, top_k: int) -> SamplingParams:
+    """Rows with every mix of settings: greedy (temperature 0 or top-k 1), top-k up to ``top_k``,
+    top-p and the repetition penalty."""
+    p = SamplingParams.empty(rows, torch.device("cpu"))
+    for r in range(rows):
+        temperature = (0.0, 0.5, 0.9, 1.3)[r % 4]
+        k = min(top_k, (1, 5, 50, 64, CODES)[r % 5])
+        p.set_row(r, temperature, k, (1.0, 0.9, 0.5)[r % 3], (1.0, 1.2)[r % 2], 1000 + r)
+    p.frame[:] = torch.arange(rows) * 7 % 100
+    return p
+
+
+@needs_kernels
+@pytest.mark.parametrize("k_max", [16, 50, 64, None])
+@pytest.mark.parametrize("logit_dtype", [torch.bfloat16, torch.float32])
+def test_the_c_sampler_picks_the_codes_sample_picks(k_max: int | None, logit_dtype: torch.dtype) -> None:
+    """Every rule (penalty, top-k by both of torch's selection algorithms, top-p, greedy rows) on
+    logits with many ties (bfloat16 values) gives torch's codes, row for row."""
+    torch.manual_seed(3)
+    rows, codebooks = 40, 32
+    params = _params(rows, k_max or CODES)
+    keys = frame_keys(params.seed, params.frame, torch.arange(codebooks))
+    recent = torch.randint(-1, CODES, (rows, 16, codebooks))
+    for codebook in (1, 17, 31):
+        logits = (torch.randn(rows, 2051) * 3).to(logit_dtype).float()
+        for penalty in (True, False):
+            for rules in ((True, True), (False, True), (True, False)):
+                sampler = FrameSampler(sample, params, keys, recent if penalty else None, k_max, *rules, CODES)
+                want = sampler(logits, codebook)
+                torch.testing.assert_close(qkernel.sample(LIB, logits, sampler, codebook), want, rtol=0, atol=0)
+
+
+@needs_kernels
+def test_the_c_sampler_refuses_what_it_cannot_read() -> None:
+    params = _params(4, 50)
+    keys = frame_keys(params.seed, params.frame, torch.arange(32))
+    sampler = FrameSampler(sample, params, keys, None, 50, True, True, CODES)
+    with pytest.raises(ValueError, match="float32"):
+        qkernel.sample(LIB, torch.zeros(4, 2051, dtype=torch.bfloat16), sampler, 1)
+    with pytest.raises(ValueError, match="cover 5 rows"):
+        qkernel.sample(LIB, torch.zeros(5, 2051), sampler, 1)
+    params.top_k = params.top_k.int()
+    with pytest.raises(ValueError, match="usual dtypes"):
+        qkernel.sample(LIB, torch.zeros(4, 2051), sampler, 1)
+
+
+def _model(kind: str, prepare: bool = True) -> CSMModel:
+    """A small CSM with a 64-wide depth decoder (the kernels' groups divide it), weights drawn so
+    that logits spread over a few units, quantized (``int4``, ``int8``) or bfloat16 (``bf16``) and
+    (``prepare``) prepared for three CPU slots."""
+    config = _config_json(tiny_config())
+    config["depth_decoder_config"].update(hidden_size=64, head_dim=16, intermediate_size=128)
+    torch.manual_seed(5)
+    model = CSMModel(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif "embeddings" in name:
+                p.normal_()
+            else:  # [out, in], and the heads' [codebooks - 1, in, out]
+                fan_in = p.shape[1] if name == "audio_head" else p.shape[-1]
+                p.normal_(std=(3 if "head" in name else 1) / fan_in**0.5)
+    model.init_buffers(torch.device("cpu"))
+    model.eval()
+    if kind == "bf16":
+        model = model.to(torch.bfloat16)
+    else:
+        quantize(model, kind)
+    if prepare:
+        cpu.prepare_cpu(model, "auto", 3, cpu.cpu_caps("avx2") if kind == "bf16" else cpu.cpu_caps())
+    return model
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["int4", "int8", "bf16"])
+@torch.inference_mode()
+def test_a_fused_depth_frame_gives_the_eager_steps_codes(kind: str) -> None:
+    """The 31 steps in one call pick the codes the eager steps (each on the same fused step, head,
+    projection and torch's sampling) pick, for rows with different settings, and leave the depth
+    decoder's cache as they do; without a FrameSampler, or with a step given, the eager steps run."""
+    model = _model(kind)
+    assert model.fused_depth is not None and model.decoder.fused_step is not None
+    dtype = model.audio_embeddings.weight.dtype
+    rows = 3
+    h = torch.randn(rows, model.backbone_spec.dim).to(dtype)
+    for top_k in (1, 50, CODES):
+        params = _params(rows, top_k)
+        keys = frame_keys(params.seed, params.frame, torch.arange(model.num_codebooks))
+        recent = torch.randint(-1, CODES, (rows, 16, model.num_codebooks))
+        sampler = FrameSampler(sample, params, keys, recent, top_k, True, True, CODES)
+        caches = [model.decoder.new_cache(rows, model.num_codebooks + 1, dtype, torch.device("cpu")) for _ in "ab"]
+        got = model.decode_frame(h, sampler, caches[0])
+        fused, model.fused_depth = model.fused_depth, None
+        try:
+            want = model.decode_frame(h, sampler, caches[1])
+        finally:
+            model.fused_depth = fused
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert len(set(got[:, 1:].flatten().tolist())) > 10  # lively codes, not one repeated
+        torch.testing.assert_close(caches[0], caches[1], rtol=0, atol=0)
+    calls = []
+    model.fused_depth = lambda *a: calls.append(a) or fused(*a)
+    model.decode_frame(h, lambda logits, codebook: logits.argmax(-1), caches[0])
+    assert not calls
+
+
+@needs_kernels
+@torch.inference_mode()
+def test_engine_frames_run_their_depth_steps_in_one_call() -> None:
+    """An engine's frames hand the fused depth decoder their rows and the frame's sampler; rows it
+    cannot read are an error before any C++ runs."""
+    from csmcli.engine import Engine
+
+    model = _model("int4", prepare=False)
+    engine = Engine(model, None, torch.device("cpu"), torch.float32, max_batch=2)
+    fused, calls = model.fused_depth, []
+    model.fused_depth = lambda *a: calls.append((a[0].shape, type(a[3]))) or fused(*a)
+    for slot in range(2):
+        engine.params.set_row(slot, 0.9, 50, 1.0, 1.1, slot)
+    engine.hidden.normal_()
+    codes = engine._frame(2, 1)
+    assert calls == [((2, 2, 64), FrameSampler)] and codes.shape == (2, 32)
+    cache = model.decoder.new_cache(2, 33, torch.float32, torch.device("cpu"))
+    with pytest.raises(IndexError, match="do not fit"):
+        fused(torch.zeros(3, 2, 64), cache, torch.zeros(3, dtype=torch.long), engine._sampler())
