@@ -13,12 +13,11 @@ Usage: python scripts/hugepages_ab.py [--quantize none|int8|int4] [--dtype auto|
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from csmcli import bench, cpu, hugepages
+from csmcli.cli.loading import cpu_settings
 from csmcli.loader import load_parts, make_engine
 from csmcli.model import held_weights
 
@@ -33,7 +32,7 @@ def main() -> None:
     if not hugepages.supported():
         raise SystemExit("transparent huge pages are off here: nothing to compare")
     supported, hugepages.supported = hugepages.supported, lambda: False  # load in 4 KiB pages
-    parts = load_parts(None, quantize=args.quantize, dtype=args.dtype, max_batch_size=args.batch)
+    parts = load_parts(None, quantize=args.quantize, dtype=args.dtype, max_batch_size=args.batch, **cpu_settings())
     engine = make_engine(parts.model, parts.codec, parts.device, parts.dtype, args.batch,
                          cpu_kernels=parts.cpu_kernels, cpu_caps=parts.cpu_caps)  # fmt: skip
     hugepages.supported = supported
@@ -50,23 +49,9 @@ def main() -> None:
             t.data = data
         cpu.fuse_steps(model)
 
-    jobs = [engine.submit(bench.Job(bench._prompt(64, 100 + j), bench._options(1000), chunk_frames=1000))
-            for j in range(args.batch)]  # fmt: skip
-    times: dict[str, list[float]] = {"4 KiB": [], "2 MiB": []}
-    with torch.inference_mode():
-        for _ in range(2):
-            engine.step()
-        for _ in range(args.rounds):
-            for name, copy in (("4 KiB", small), ("2 MiB", big)):
-                use(copy)
-                engine.step()
-                for _ in range(3):
-                    start = time.perf_counter()
-                    engine.step()
-                    times[name].append(time.perf_counter() - start)
-    for job in jobs:
-        job.cancel()
-    summary = ", ".join(f"{name} pages {1e3 * statistics.median(t):.1f}" for name, t in times.items())
+    times = bench.alternating_steps(engine, args.batch, {"4 KiB": lambda: use(small), "2 MiB": lambda: use(big)},
+                                    args.rounds)  # fmt: skip
+    summary = ", ".join(f"{name} pages {ms:.1f}" for name, ms in times.items())
     print(f"batch {args.batch}, {args.quantize}, {engine.cpu_kernels}: {summary} ms a step")
 
 

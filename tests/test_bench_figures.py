@@ -81,3 +81,15 @@ def test_frame_weight_bytes_count_the_int4_kernels_packed_copy(tiny_dir) -> None
         pytest.skip(f"the int4 kernel does not run here ({engine.cpu_kernels})")
     packed = frame_weight_bytes(engine.model)  # the same codes with fp16 scales and minimums
     assert 0.7 * canonical < packed < canonical
+
+
+def test_alternating_steps_give_each_variant_its_turns(synth) -> None:
+    """Each variant is set up once a round and timed over three steps of the batch's streams; the
+    streams are cancelled at the end, so the engine is idle again."""
+    from csmcli.bench import alternating_steps
+
+    used: list[str] = []
+    times = alternating_steps(synth.engine, 2, {"a": lambda: used.append("a"), "b": lambda: used.append("b")}, 2)
+    assert used == ["a", "b", "a", "b"]
+    assert set(times) == {"a", "b"} and all(ms > 0 for ms in times.values())
+    assert not synth.engine.busy

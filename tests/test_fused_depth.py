@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from tiny_checkpoint import _config_json, tiny_config
@@ -11,8 +13,7 @@ from csmcli.model import CSMModel
 from csmcli.quant import quantize
 from csmcli.sampling import FrameSampler, SamplingParams, frame_keys, sample
 
-LIB = qkernel._library(None) if qkernel.kernel("avx2") is not None else None
-needs_kernels = pytest.mark.skipif(LIB is None, reason="no C++ compiler or no AVX2 on this CPU")
+needs_kernels = pytest.mark.skipif(qkernel.kernel("avx2") is None, reason="no C++ compiler or no AVX2 on this CPU")
 
 CODES = 2048
 
@@ -29,10 +30,15 @@ def _params(rows: int, top_k: int) -> SamplingParams:
     return p
 
 
+@pytest.fixture(scope="module")
+def depth() -> qkernel.FusedDepth:
+    return _model("int4").fused_depth
+
+
 @needs_kernels
 @pytest.mark.parametrize("k_max", [16, 50, 64, None])
 @pytest.mark.parametrize("logit_dtype", [torch.bfloat16, torch.float32])
-def test_the_c_sampler_picks_the_codes_sample_picks(k_max: int | None, logit_dtype: torch.dtype) -> None:
+def test_the_c_sampler_picks_the_codes_sample_picks(depth, k_max: int | None, logit_dtype: torch.dtype) -> None:
     """Every rule (penalty, top-k by both of torch's selection algorithms, top-p, greedy rows) on
     logits with many ties (bfloat16 values) gives torch's codes, row for row."""
     torch.manual_seed(3)
@@ -41,26 +47,26 @@ def test_the_c_sampler_picks_the_codes_sample_picks(k_max: int | None, logit_dty
     keys = frame_keys(params.seed, params.frame, torch.arange(codebooks))
     recent = torch.randint(-1, CODES, (rows, 16, codebooks))
     for codebook in (1, 17, 31):
-        logits = (torch.randn(rows, 2051) * 3).to(logit_dtype).float()
+        logits = (torch.randn(rows, 2051) * 3).to(logit_dtype)
         for penalty in (True, False):
             for rules in ((True, True), (False, True), (True, False)):
                 sampler = FrameSampler(sample, params, keys, recent if penalty else None, k_max, *rules, CODES)
                 want = sampler(logits, codebook)
-                torch.testing.assert_close(qkernel.sample(LIB, logits, sampler, codebook), want, rtol=0, atol=0)
+                torch.testing.assert_close(depth.sample(logits, sampler, codebook), want, rtol=0, atol=0)
 
 
 @needs_kernels
-def test_the_c_sampler_refuses_what_it_cannot_read() -> None:
+def test_the_c_sampler_refuses_what_it_cannot_read(depth) -> None:
     params = _params(4, 50)
     keys = frame_keys(params.seed, params.frame, torch.arange(32))
     sampler = FrameSampler(sample, params, keys, None, 50, True, True, CODES)
-    with pytest.raises(ValueError, match="float32"):
-        qkernel.sample(LIB, torch.zeros(4, 2051, dtype=torch.bfloat16), sampler, 1)
+    with pytest.raises(ValueError, match="every code"):
+        depth.sample(torch.zeros(4, CODES - 1), sampler, 1)
     with pytest.raises(ValueError, match="cover 5 rows"):
-        qkernel.sample(LIB, torch.zeros(5, 2051), sampler, 1)
+        depth.sample(torch.zeros(5, 2051), sampler, 1)
     params.top_k = params.top_k.int()
     with pytest.raises(ValueError, match="usual dtypes"):
-        qkernel.sample(LIB, torch.zeros(4, 2051), sampler, 1)
+        depth.sample(torch.zeros(4, 2051), sampler, 1)
 
 
 def _model(kind: str, prepare: bool = True) -> CSMModel:
@@ -118,10 +124,9 @@ def test_a_fused_depth_frame_gives_the_eager_steps_codes(kind: str) -> None:
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         assert len(set(got[:, 1:].flatten().tolist())) > 10  # lively codes, not one repeated
         torch.testing.assert_close(caches[0], caches[1], rtol=0, atol=0)
-    calls = []
-    model.fused_depth = lambda *a: calls.append(a) or fused(*a)
+    model.fused_depth = mock.Mock(wraps=fused)
     model.decode_frame(h, lambda logits, codebook: logits.argmax(-1), caches[0])
-    assert not calls
+    assert not model.fused_depth.mock_calls
 
 
 @needs_kernels
@@ -133,13 +138,16 @@ def test_engine_frames_run_their_depth_steps_in_one_call() -> None:
 
     model = _model("int4", prepare=False)
     engine = Engine(model, None, torch.device("cpu"), torch.float32, max_batch=2)
-    fused, calls = model.fused_depth, []
-    model.fused_depth = lambda *a: calls.append((a[0].shape, type(a[3]))) or fused(*a)
+    fused = model.fused_depth
+    model.fused_depth = mock.Mock(wraps=fused)
     for slot in range(2):
         engine.params.set_row(slot, 0.9, 50, 1.0, 1.1, slot)
     engine.hidden.normal_()
     codes = engine._frame(2, 1)
-    assert calls == [((2, 2, 64), FrameSampler)] and codes.shape == (2, 32)
+    assert codes.shape == (2, 32) and model.fused_depth.call_count == 1
+    x, _, first, sampler = model.fused_depth.call_args.args
+    assert x.shape == (2, 2, 64) and isinstance(sampler, FrameSampler)
+    assert model.fused_depth.sample.call_count == 1 and torch.equal(codes[:, 0], first)
     cache = model.decoder.new_cache(2, 33, torch.float32, torch.device("cpu"))
     with pytest.raises(IndexError, match="do not fit"):
         fused(torch.zeros(3, 2, 64), cache, torch.zeros(3, dtype=torch.long), engine._sampler())

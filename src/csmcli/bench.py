@@ -14,6 +14,7 @@ import platform
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -216,6 +217,31 @@ def _prefix_ttfa(loop: FrameLoop, setup: BenchSetup) -> dict[str, float]:
         out[f"time_to_first_audio_{label}_prefix_ms"] = 1e3 * statistics.median(times)
     out["prefix_rows"] = len(voice)
     return out
+
+
+@torch.inference_mode()
+def alternating_steps(
+    loop: FrameLoop, batch: int, variants: dict[str, Callable[[], None]], rounds: int = 6
+) -> dict[str, float]:
+    """Median ms a step of ``batch`` streams under each variant (a function that sets it up), the
+    variants taking turns every few steps in one process, so that a noisy machine's drift falls on
+    all of them alike (for A/B scripts)."""
+    jobs = [loop.submit(Job(_prompt(64, 100 + j), _options(1000), chunk_frames=1000)) for j in range(batch)]
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(2):
+        loop.step()
+    for _ in range(rounds):
+        for name, use in variants.items():
+            use()
+            loop.step()
+            for _ in range(3):
+                start = time.perf_counter()
+                loop.step()
+                times[name].append(time.perf_counter() - start)
+    for job in jobs:
+        job.cancel()
+    loop.step()
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def _fbgemm_weight(packed: torch.ScriptObject) -> Tensor:

@@ -388,7 +388,9 @@ class Engine:
         default is the whole step on the CPU, where those eager ops are a large share of a frame,
         unless the depth decoder has a fused step (int4 on csmcli's kernel: one call already, and
         faster than the compiled layers), and the layers only on a GPU (``scripts/gpu_variants.py``
-        compares both there).
+        compares both there).  Where the model has a fused depth decoder as well
+        (:class:`~csmcli.qkernel.FusedDepth`), CPU frames run no compiled code at all: the compiled
+        layers serve only prompts too long for the fused steps.
 
         On the CPU every projection must be quantized (int8, or int4 on csmcli's kernel operator) or
         kept plain (``cpu_kernels="plain"``, bfloat16 on a CPU without oneDNN's bf16 kernels, or a

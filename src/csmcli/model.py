@@ -12,13 +12,16 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .sampling import FrameSampler
+
+if TYPE_CHECKING:
+    from .qkernel import FusedDepth
 
 
 @dataclass(frozen=True)
@@ -330,7 +333,7 @@ class CSMModel(nn.Module):
         # (quant.Int8Linear, cpu.CpuLinear); until then audio_head is used
         self.head_layers: nn.Module | None = None
         # a frame's depth-decoder steps in one call, where the CPU preparation made one (csmcli.qkernel.FusedDepth)
-        self.fused_depth: Callable[[Tensor, Tensor, Tensor, FrameSampler], Tensor] | None = None
+        self.fused_depth: FusedDepth | None = None
         self.register_buffer("audio_offsets", torch.arange(self.num_codebooks) * self.vocab, persistent=False)
 
     def init_buffers(self, device: torch.device) -> None:
@@ -411,13 +414,16 @@ class CSMModel(nn.Module):
         ``cache`` is simply overwritten from position 0 every frame.  ``step`` replaces
         :meth:`depth_step` (the engine passes a compiled one); otherwise the depth step's layers run
         ``layer_fns``, or all 31 steps run in :attr:`fused_depth` where there is one and ``sample``
-        is a :class:`~csmcli.sampling.FrameSampler` (whose state it reads).
+        is a :class:`~csmcli.sampling.FrameSampler` (whose state it reads; codebook 0 is then
+        sampled by its C code too).
         """
         b = h.shape[0]
-        code = sample(self.codebook0_head(h), 0)
-        x = self.projection(torch.stack([h, self.audio_embeddings(code)], dim=1))
         fused = self.fused_depth is not None and step is None and isinstance(sample, FrameSampler)
-        if fused and 2 * b < FUSED_STEP_ROWS and not torch.compiler.is_compiling():
+        fused = fused and 2 * b < FUSED_STEP_ROWS and not torch.compiler.is_compiling()
+        logits = self.codebook0_head(h)
+        code = self.fused_depth.sample(logits, sample, 0) if fused else sample(logits, 0)
+        x = self.projection(torch.stack([h, self.audio_embeddings(code)], dim=1))
+        if fused:
             return self.fused_depth(x, cache, code, sample)
         step = step or functools.partial(self.depth_step, layer_fns=layer_fns)
         codes = [code]

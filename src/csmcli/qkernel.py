@@ -397,18 +397,6 @@ def sampling_struct(sampler: FrameSampler, rows: int) -> _Sampling:
     return out
 
 
-def sample(lib: ctypes.CDLL, logits: Tensor, sampler: FrameSampler, codebook: int) -> Tensor:
-    """:func:`csmcli.sampling.sample`'s codes for ``logits`` ``[B, vocab]`` (float32) in C (``csm_sample``),
-    as :class:`FusedDepth` samples."""
-    b = logits.shape[0]
-    if logits.dtype != torch.float32 or logits.stride(1) != 1 or logits.shape[1] < sampler.num_codes:
-        raise ValueError("logits must be float32 rows with every code")
-    codes = torch.empty(b, dtype=torch.int64)
-    lib.csm_sample(ctypes.byref(sampling_struct(sampler, b)), logits.data_ptr(), logits.stride(0), b, codebook,
-                   codes.data_ptr())  # fmt: skip
-    return codes
-
-
 class FusedDepth:
     """A frame's depth-decoder steps 1..31 in one C++ call (``csm_depth``): each step is ``step``'s
     (:class:`FusedStep`), then the codebook's head (``heads[i - 1]``), sampling by the frame's
@@ -440,6 +428,18 @@ class FusedDepth:
         bf16 = int(embeddings.dtype == torch.bfloat16)
         self.depth = _Depth(stack, ctypes.cast(self.heads, _PTR), _Matrix.of(projection), embeddings.data_ptr(),
                             bf16, embeddings.shape[1], vocab, codebooks, bf16)  # fmt: skip
+
+    def sample(self, logits: Tensor, sampler: FrameSampler, codebook: int) -> Tensor:
+        """:func:`csmcli.sampling.sample`'s codes for ``logits`` ``[B, vocab]`` (float32 or bfloat16,
+        rows contiguous) in C (``csm_sample``), as the steps sample."""
+        b = logits.shape[0]
+        logits = logits.float()
+        if logits.stride(1) != 1 or logits.shape[1] < sampler.num_codes:
+            raise ValueError("logits must be rows with every code, each contiguous")
+        codes = torch.empty(b, dtype=torch.int64)
+        self.lib.csm_sample(ctypes.byref(sampling_struct(sampler, b)), logits.data_ptr(), logits.stride(0), b,
+                            codebook, codes.data_ptr())  # fmt: skip
+        return codes
 
     def __call__(self, x: Tensor, cache: Tensor, first: Tensor, sampler: FrameSampler) -> Tensor:
         """Every codebook's codes ``[B, codebooks]`` from step 1's rows ``x`` ``[B, 2, dim]`` (the backbone
