@@ -151,3 +151,7 @@ def test_engine_frames_run_their_depth_steps_in_one_call() -> None:
     cache = model.decoder.new_cache(2, 33, torch.float32, torch.device("cpu"))
     with pytest.raises(IndexError, match="do not fit"):
         fused(torch.zeros(3, 2, 64), cache, torch.zeros(3, dtype=torch.long), engine._sampler())
+    sampler = engine._sampler()
+    sampler.num_codes = 2052
+    with pytest.raises(IndexError, match="2051 logits, not 2052"):
+        fused(torch.zeros(2, 2, 64), cache, torch.zeros(2, dtype=torch.long), sampler)

@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <cmath>
 #include <utility>
 #include <vector>
 

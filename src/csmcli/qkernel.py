@@ -450,6 +450,8 @@ class FusedDepth:
             raise ValueError("the fused depth decoder needs a float32 or bfloat16 cache with contiguous rows")
         if x.shape[1:] != (2, self.step.shape.dim) or cache.shape[2] < b or cache.shape[-2] < self.codebooks:
             raise IndexError(f"rows {tuple(x.shape)} do not fit the depth decoder's cache")
+        if sampler.num_codes > self.heads[0].out_features:
+            raise IndexError(f"the heads give {self.heads[0].out_features} logits, not {sampler.num_codes}")
         rows = x.to(torch.float32, memory_format=torch.contiguous_format)
         codes = torch.empty(b, self.codebooks, dtype=torch.int64)
         codes[:, 0] = first
