@@ -162,6 +162,9 @@ def main() -> None:
     gemv = cpu.gemv_kernels(torch.bfloat16, caps)
     bf16 = bf16kernel.kernel(caps.isa)
     w8a8 = qkernel.kernel_for(caps.isa, caps.vnni, caps.avx_vnni)
+    for kernel in (bf16, w8a8):  # from how many rows they prefetch, as the engine tells them
+        if kernel is not None:
+            kernel.lib.csm_prefetch_from(caps.prefetch_rows)
     built = f"compiled gemv: {gemv is not None}, bf16 kernel: {bf16 is not None}, int8/int4 kernels: {w8a8 is not None}"
     print(f"threads {args.threads}, torch {torch.__version__}, {caps}, {built}")
     columns = COLUMNS + tuple(f"{c} x{args.rows}" for c in ROWS_COLUMNS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from unittest import mock
 
 import pytest
@@ -155,3 +156,37 @@ def test_engine_frames_run_their_depth_steps_in_one_call() -> None:
     sampler.num_codes = 2052
     with pytest.raises(IndexError, match="2051 logits, not 2052"):
         fused(torch.zeros(2, 2, 64), cache, torch.zeros(2, dtype=torch.long), sampler)
+
+
+def test_kernels_prefetch_every_row_on_intel_and_from_four_rows_elsewhere() -> None:
+    assert cpu.prefetch_rows("GenuineIntel") == 1
+    assert cpu.prefetch_rows("AuthenticAMD") == cpu.prefetch_rows("") == 4
+    caps = cpu.detect_cpu_caps()
+    assert caps.prefetch_rows == cpu.prefetch_rows(cpu._cpu_info("vendor_id"))
+    assert cpu.cpu_caps("default").prefetch_rows == caps.prefetch_rows  # a lesser ISA, the same memory
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["int4", "int8", "bf16"])
+@torch.inference_mode()
+def test_prefetching_changes_no_float_and_prepare_cpu_sets_it(kind: str) -> None:
+    """A frame gives the same codes whether the kernels prefetch from one row or from four (each
+    setting runs its own loop), and prepare_cpu tells every kernel library the model uses the
+    caps' setting."""
+    model = _model(kind, prepare=False)
+    caps = cpu.cpu_caps("avx2") if kind == "bf16" else cpu.cpu_caps()
+    cpu.prepare_cpu(model, "auto", 3, dataclasses.replace(caps, prefetch_rows=3))
+    libs = {m.kernel.lib for m in model.modules() if getattr(m, "kernel", None) is not None}
+    assert libs and all(lib.csm_prefetch_from(3) == 3 for lib in libs)
+    dtype = model.audio_embeddings.weight.dtype
+    h = torch.randn(3, model.backbone_spec.dim).to(dtype)
+    params = _params(3, 50)
+    keys = frame_keys(params.seed, params.frame, torch.arange(model.num_codebooks))
+    sampler = FrameSampler(sample, params, keys, None, 50, True, True, CODES)
+    codes = []
+    for rows in (1, 4):
+        for lib in libs:
+            lib.csm_prefetch_from(rows)
+        cache = model.decoder.new_cache(3, model.num_codebooks + 1, dtype, torch.device("cpu"))
+        codes.append(model.decode_frame(h, sampler, cache))
+    torch.testing.assert_close(codes[0], codes[1], rtol=0, atol=0)

@@ -32,10 +32,19 @@ int csm_bf16_cpu_has(void) {
 static const int CHUNK = 256;
 // Activation rows per pass over a chunk (two accumulators a row, unrolled by U, in 16 registers).
 static const int PASS_ROWS = 4;
-// With PREFETCH_ROWS rows or more a pass is bound by its multiply-adds, and the hardware prefetcher
-// alone then streams the weights at well under memory speed: ask for them PREFETCH_BYTES ahead.
-static const int PREFETCH_ROWS = 4;
+// With four rows or more a pass is bound by its multiply-adds, and the hardware prefetcher alone
+// then streams the weights at well under memory speed: ask for them PREFETCH_BYTES ahead.  Fewer
+// rows are bound by memory, where it depends on the CPU (see qkernel.cpp): the caller sets the row
+// count from which passes prefetch (csm_prefetch_from).
+static int prefetch_rows = 4;
 static const int PREFETCH_BYTES = 4096;
+
+// Sets the row count from which passes prefetch; returns the one it replaces.
+extern "C" int csm_prefetch_from(int rows) {
+    const int was = prefetch_rows;
+    prefetch_rows = rows < 1 ? 1 : rows;
+    return was;
+}
 
 // acc[m][16] += x[m][0:kn] . block columns 0:kn, for MB rows; w points at the chunk's first column.
 template <int MB, int U>
@@ -53,7 +62,7 @@ __attribute__((target("avx2,fma"))) static void pass(const uint16_t* w, int kn, 
     for (; k + U <= kn; k += U) {
         #pragma GCC unroll 8
         for (int u = 0; u < U; ++u) {
-            if (MB >= PREFETCH_ROWS) _mm_prefetch((const char*)(w + (size_t)(k + u) * 16) + PREFETCH_BYTES, _MM_HINT_T0);
+            if (MB >= prefetch_rows) _mm_prefetch((const char*)(w + (size_t)(k + u) * 16) + PREFETCH_BYTES, _MM_HINT_T0);
             const __m256i v = _mm256_loadu_si256((const __m256i*)(w + (size_t)(k + u) * 16));
             const __m256 a = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
             const __m256 b = _mm256_castsi256_ps(_mm256_and_si256(v, high));

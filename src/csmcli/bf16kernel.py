@@ -104,6 +104,7 @@ class Bf16Kernel:
 
 _ARGTYPES = {
     "csm_bf16_cpu_has": [],
+    "csm_prefetch_from": [ctypes.c_int],
     "csm_bf16_matmul": [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p],
 }
 

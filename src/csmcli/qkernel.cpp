@@ -97,10 +97,19 @@ static inline size_t group_bytes(int G) { return 64 + (size_t)8 * G; }
 
 // From four activation rows on, a block's integer products are compute-bound, and the hardware
 // prefetcher alone then leaves the weights' stream from memory at about half speed: ask for the
-// bytes a few hundred cycles ahead.  With fewer rows the loop is bound by memory, where the extra
-// requests only compete with the prefetcher's.
-constexpr int PREFETCH_ROWS = 4;
+// bytes a few hundred cycles ahead.  With fewer rows the loop is bound by memory: there the extra
+// requests competed with the prefetcher's on an AMD EPYC, and on an Intel Xeon they read a lone
+// row's weights a quarter faster, so the caller sets the row count from which passes prefetch
+// (csm_prefetch_from) by the CPU.
+static int prefetch_rows = 4;
 constexpr int PREFETCH_BYTES = 2048;
+
+// Sets the row count from which passes prefetch; returns the one it replaces.
+extern "C" int csm_prefetch_from(int rows) {
+    const int was = prefetch_rows;
+    prefetch_rows = rows < 1 ? 1 : rows;
+    return was;
+}
 
 // acc += a . broadcast(*x), the broadcast folded into the instruction's memory operand and the
 // accumulator tied to its register: with the intrinsic GCC copies every accumulator at each use.
@@ -128,7 +137,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl,f16c"))) static void
             for (int h = 0; h < NA; ++h) acc[m][h] = _mm512_setzero_si512();
         const int8_t* xg = xq + (size_t)g * G;
         for (int j = 0; j < G / 8; ++j) {
-            if (MB >= PREFETCH_ROWS) _mm_prefetch((const char*)(p + 64 * j + PREFETCH_BYTES), _MM_HINT_T0);
+            if (MB >= prefetch_rows) _mm_prefetch((const char*)(p + 64 * j + PREFETCH_BYTES), _MM_HINT_T0);
             const __m512i v = _mm512_loadu_si512((const void*)(p + 64 * j));
             const __m512i a = _mm512_and_si512(v, mask);
             const __m512i b = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
@@ -172,7 +181,7 @@ __attribute__((target(CSM_AVX2_TARGET))) static void block_avx2(
         for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
         const int8_t* xg = xq + (size_t)g * G;
         for (int j = 0; j < G / 8; ++j) {
-            if (MB >= PREFETCH_ROWS) _mm_prefetch((const char*)(p + 64 * j + PREFETCH_BYTES), _MM_HINT_T0);
+            if (MB >= prefetch_rows) _mm_prefetch((const char*)(p + 64 * j + PREFETCH_BYTES), _MM_HINT_T0);
             for (int h = 0; h < 2; ++h) {
                 const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 64 * j + 32 * h));
                 const __m256i a = _mm256_and_si256(v, mask);
@@ -264,7 +273,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl"))) static void bloc
         for (int m = 0; m < MB; ++m) acc[m] = offset;
         const int8_t* xg = xq + (size_t)g * G;
         for (int j = 0; j < G / 4; ++j) {
-            if (MB >= PREFETCH_ROWS) _mm_prefetch((const char*)(p + 64 * j + PREFETCH_BYTES), _MM_HINT_T0);
+            if (MB >= prefetch_rows) _mm_prefetch((const char*)(p + 64 * j + PREFETCH_BYTES), _MM_HINT_T0);
             const __m512i v = _mm512_loadu_si512((const void*)(p + 64 * j));
             for (int m = 0; m < MB; ++m) {
                 int32_t xm;
@@ -301,7 +310,7 @@ __attribute__((target(CSM_AVX2_TARGET))) static void block_avx2_8(const uint8_t*
         p += 64;
         const int8_t* xg = xq + (size_t)g * G;
         for (int j = 0; j < G / 4; ++j) {
-            if (MB >= PREFETCH_ROWS) _mm_prefetch((const char*)(p + 64 * j + PREFETCH_BYTES), _MM_HINT_T0);
+            if (MB >= prefetch_rows) _mm_prefetch((const char*)(p + 64 * j + PREFETCH_BYTES), _MM_HINT_T0);
             __m256i v[2], a[2];
             for (int h = 0; h < 2; ++h) {
                 v[h] = _mm256_loadu_si256((const __m256i*)(p + 64 * j + 32 * h));
