@@ -9,8 +9,10 @@ one process keeps a noisy machine's drift out of the comparison):
   weights' addresses, are rebuilt at each switch.
 * ``fused-depth``: a frame's 31 depth-decoder steps in one call (:class:`csmcli.qkernel.FusedDepth`)
   against one fused step each, with torch's heads, sampling and projections between them.
+* ``prefetch``: csmcli's kernels prefetching their weights from one activation row against from
+  four (:attr:`csmcli.cpu.CpuCaps.prefetch_rows`).
 
-Usage: python scripts/engine_ab.py --compare hugepages|fused-depth [--quantize none|int8|int4]
+Usage: python scripts/engine_ab.py --compare hugepages|fused-depth|prefetch [--quantize none|int8|int4]
        [--dtype auto|bfloat16|float32] [--batch N] [--rounds R]
 (prefix ``CSM_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` for the AVX2 path)
 """
@@ -59,9 +61,25 @@ def fused_depth_variants(engine: Engine) -> dict[str, Callable[[], None]]:
     return {"one call": lambda: use(fused), "31 calls": lambda: use(None)}
 
 
+def prefetch_variants(engine: Engine) -> dict[str, Callable[[], None]]:
+    """The kernels the engine's layers use prefetching from one row and from four."""
+    libs = {m.kernel.lib for m in engine.model.modules() if getattr(m, "kernel", None) is not None}
+    if not libs:
+        raise SystemExit(f"{engine.cpu_kernels}: none of csmcli's kernels here, nothing to compare")
+
+    def use(rows: int) -> None:
+        for lib in libs:
+            lib.csm_prefetch_from(rows)
+
+    return {"prefetch from 1 row": lambda: use(1), "from 4 rows": lambda: use(4)}
+
+
+VARIANTS = {"hugepages": hugepage_variants, "fused-depth": fused_depth_variants, "prefetch": prefetch_variants}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--compare", choices=("hugepages", "fused-depth"), required=True)
+    parser.add_argument("--compare", choices=tuple(VARIANTS), required=True)
     parser.add_argument("--quantize", default="int4")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--batch", type=int, default=1)
@@ -77,7 +95,7 @@ def main() -> None:
     engine = make_engine(parts.model, parts.codec, parts.device, parts.dtype, args.batch,
                          cpu_kernels=parts.cpu_kernels, cpu_caps=parts.cpu_caps)  # fmt: skip
     hugepages.supported = supported
-    variants = (hugepage_variants if pages else fused_depth_variants)(engine)
+    variants = VARIANTS[args.compare](engine)
     times = bench.alternating_steps(engine, args.batch, variants, args.rounds)
     summary = ", ".join(f"{name} {ms:.1f}" for name, ms in times.items())
     print(f"batch {args.batch}, {args.quantize}, {engine.cpu_kernels}: {summary} ms a step")
