@@ -65,6 +65,8 @@ def test_the_c_sampler_refuses_what_it_cannot_read(depth) -> None:
         depth.sample(torch.zeros(4, CODES - 1), sampler, 1)
     with pytest.raises(ValueError, match="cover 5 rows"):
         depth.sample(torch.zeros(5, 2051), sampler, 1)
+    with pytest.raises(ValueError, match="cover 33 codebooks"):
+        depth.sample(torch.zeros(4, 2051), sampler, 32)
     params.top_k = params.top_k.int()
     with pytest.raises(ValueError, match="usual dtypes"):
         depth.sample(torch.zeros(4, 2051), sampler, 1)

@@ -446,8 +446,9 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     used = use_kernels(model, check_cpu_kernels(kernels), max_batch, caps)
     hugepages.adopt(t for part, _ in model.frame_parts() for t in held_weights(part))
     fuse_steps(model)
-    for lib in {k.lib for m in model.modules() if (k := getattr(m, "kernel", None)) is not None}:
-        lib.csm_prefetch_from(caps.prefetch_rows)  # csmcli's kernels (QKernel, Bf16Kernel)
+    ours = (qkernel.QKernel, bf16kernel.Bf16Kernel)
+    for lib in {k.lib for m in model.modules() if isinstance(k := getattr(m, "kernel", None), ours)}:
+        lib.csm_prefetch_from(caps.prefetch_rows)
     return used
 
 

@@ -374,9 +374,9 @@ class _Depth(ctypes.Structure):
     _fields_ += [(name, _INT) for name in ("embeddings_bf16", "embedding_dim", "vocab", "codebooks", "round_bf16")]
 
 
-def sampling_struct(sampler: FrameSampler, rows: int) -> _Sampling:
+def sampling_struct(sampler: FrameSampler, rows: int, codebooks: int) -> _Sampling:
     """``sampler``'s state as the C code reads it (``csm_sample``, ``csm_depth``) for its first ``rows``
-    rows; the tensors must outlive the call."""
+    rows and ``codebooks`` codebooks; the tensors must outlive the call."""
     p, keys, recent = sampler.params, sampler.keys, sampler.recent
     settings = (p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.hashes)
     dtypes = (torch.float32, torch.int64, torch.float32, torch.float32, torch.int64)
@@ -386,6 +386,8 @@ def sampling_struct(sampler: FrameSampler, rows: int) -> _Sampling:
         raise ValueError(f"the frame's keys and settings do not cover {rows} rows")
     if recent is not None and (recent.dtype != torch.int64 or recent.shape[0] < rows):
         raise ValueError(f"recent codes must be int64 for at least {rows} rows")
+    if keys.shape[1] < codebooks or (recent is not None and recent.shape[2] < codebooks):
+        raise ValueError(f"the frame's keys and recent codes do not cover {codebooks} codebooks")
     if sampler.num_codes > p.hashes.shape[0]:
         raise ValueError("fewer code hashes than codes")
     out = _Sampling(*(t.data_ptr() for t in settings[:4]), keys.data_ptr(), keys.stride(0), p.hashes.data_ptr())
@@ -414,8 +416,8 @@ class FusedDepth:
             raise ValueError("the embeddings must be a contiguous float32 or bfloat16 table")
         if embeddings.shape[0] != codebooks * vocab or projection.out_features != s.dim:
             raise ValueError(f"{codebooks} codebooks' embeddings and projection do not fit the depth decoder")
-        if len({m.out_features for m in heads}) != 1 or heads[0].out_features < vocab - 3:
-            raise ValueError("the heads must all give every code's logit")
+        if len({m.out_features for m in heads}) != 1:
+            raise ValueError("the heads must all give the same logits")
         if step.rope[0].shape[0] < codebooks:
             raise ValueError("the depth decoder's RoPE tables are shorter than a frame's steps")
         self.lib, self.step, self.codebooks = step.lib, step, codebooks
@@ -438,8 +440,8 @@ class FusedDepth:
         if logits.stride(1) != 1 or logits.shape[1] < sampler.num_codes:
             raise ValueError("logits must be rows with every code, each contiguous")
         codes = torch.empty(b, dtype=torch.int64)
-        self.lib.csm_sample(ctypes.byref(sampling_struct(sampler, b)), logits.data_ptr(), logits.stride(0), b,
-                            codebook, codes.data_ptr())  # fmt: skip
+        sampling = sampling_struct(sampler, b, codebook + 1)
+        self.lib.csm_sample(ctypes.byref(sampling), logits.data_ptr(), logits.stride(0), b, codebook, codes.data_ptr())
         return codes
 
     def __call__(self, x: Tensor, cache: Tensor, first: Tensor, sampler: FrameSampler) -> Tensor:
@@ -456,7 +458,7 @@ class FusedDepth:
         rows = x.to(torch.float32, memory_format=torch.contiguous_format)
         codes = torch.empty(b, self.codebooks, dtype=torch.int64)
         codes[:, 0] = first
-        sampling = sampling_struct(sampler, b)
+        sampling = sampling_struct(sampler, b, self.codebooks)
         strides = (ctypes.c_int64 * 5)(*cache.stride()[:5])
         status = self.lib.csm_depth(
             ctypes.byref(self.depth), ctypes.byref(sampling), rows.data_ptr(), b, cache.data_ptr(),
