@@ -137,6 +137,7 @@ def test_bench_reports_the_cpu_path(tiny_dir) -> None:
     setup = BenchSetup(prompt_rows=16, frames=2, batch_sizes=(1,), warmup=1, voice_rows=24)
     r = run_bench(str(tiny_dir), setup, 1, device="cpu", dtype="bfloat16", cpu_kernels="packed", cpu_isa="avx2")
     assert r["cpu_isa"] == "avx2" and r["cpu_bf16_packed"] is False and r["dtype"] == "bfloat16"
+    assert r["cpu_prefetch_rows"] == cpu.detect_cpu_caps().prefetch_rows
     assert r["cpu_kernels"] == "float32" and r["ms_per_frame"] > 0
 
 

@@ -348,6 +348,7 @@ def _measure_all(
         "cpu_kernels": engine.cpu_kernels,
         "cpu_isa": caps.isa if caps else None,
         "cpu_bf16_packed": caps.bf16_packed if caps else None,
+        "cpu_prefetch_rows": caps.prefetch_rows if caps else None,
         "compiled": parts.compile,
         "compile_and_capture_s": setup_s,
         "torch": torch.__version__,
