@@ -97,7 +97,7 @@ def _print(r: dict) -> None:
                     "CPU path",
                     f"{r['cpu_isa']}, bf16 packed: {r['cpu_bf16_packed']}, kernels {r['cpu_kernels']} "
                     f"(batched: {r.get('cpu_kernels_batched', r['cpu_kernels'])}), "
-                    f"weights prefetched from {r['cpu_prefetch_rows']} rows",
+                    f"weights prefetched in passes of {r['cpu_prefetch_rows']}+ rows",
                 )
             ]
             if r["cpu_kernels"]
