@@ -63,7 +63,7 @@ def fused_depth_variants(engine: Engine) -> dict[str, Callable[[], None]]:
 
 def prefetch_variants(engine: Engine) -> dict[str, Callable[[], None]]:
     """The kernels the engine's layers use prefetching from one row and from four."""
-    libs = {m.kernel.lib for m in engine.model.modules() if getattr(m, "kernel", None) is not None}
+    libs = cpu.kernel_libraries(engine.model)
     if not libs:
         raise SystemExit(f"{engine.cpu_kernels}: none of csmcli's kernels here, nothing to compare")
 

@@ -178,7 +178,7 @@ def test_prefetching_changes_no_float_and_prepare_cpu_sets_it(kind: str) -> None
     model = _model(kind, prepare=False)
     caps = cpu.cpu_caps("avx2") if kind == "bf16" else cpu.cpu_caps()
     cpu.prepare_cpu(model, "auto", 3, dataclasses.replace(caps, prefetch_rows=3))
-    libs = {m.kernel.lib for m in model.modules() if getattr(m, "kernel", None) is not None}
+    libs = cpu.kernel_libraries(model)
     assert libs and all(lib.csm_prefetch_from(3) == 3 for lib in libs)
     dtype = model.audio_embeddings.weight.dtype
     h = torch.randn(3, model.backbone_spec.dim).to(dtype)

@@ -33,6 +33,7 @@ instruction set gets.  ``scripts/cpu_kernels.py`` times every choice on this mac
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -446,10 +447,16 @@ def prepare_cpu(model: nn.Module, kernels: str | None = None, max_batch: int = 1
     used = use_kernels(model, check_cpu_kernels(kernels), max_batch, caps)
     hugepages.adopt(t for part, _ in model.frame_parts() for t in held_weights(part))
     fuse_steps(model)
-    ours = (qkernel.QKernel, bf16kernel.Bf16Kernel)
-    for lib in {k.lib for m in model.modules() if isinstance(k := getattr(m, "kernel", None), ours)}:
+    for lib in kernel_libraries(model):
         lib.csm_prefetch_from(caps.prefetch_rows)
     return used
+
+
+def kernel_libraries(model: nn.Module) -> set[ctypes.CDLL]:
+    """The libraries of csmcli's kernels (:class:`~csmcli.qkernel.QKernel`,
+    :class:`~csmcli.bf16kernel.Bf16Kernel`) that ``model``'s layers run on."""
+    ours = (qkernel.QKernel, bf16kernel.Bf16Kernel)
+    return {k.lib for m in model.modules() if isinstance(k := getattr(m, "kernel", None), ours)}
 
 
 def use_kernels(model: nn.Module, kernels: str, max_batch: int, caps: CpuCaps) -> str:

@@ -321,6 +321,15 @@ class FusedStep:
         self.args = (_INT * 4)(*args)
         self.norms = (_PTR * len(self.norms_f32))(*(t.data_ptr() for t in self.norms_f32))
 
+    def stack(self) -> _Stack:
+        """The stack as C code that runs its steps reads it (``csm_depth``: csm_step's arguments
+        but the rows and the cache); it points into this object."""
+        s = self.shape
+        return _Stack(self.product.address, self.product.path, s.n_layers, s.dim, s.n_heads, s.n_kv_heads,
+                      s.head_dim, s.ffn_dim, s.norm_eps, ctypes.cast(self.weights, _PTR),
+                      ctypes.cast(self.args, _PTR), ctypes.cast(self.norms, _PTR), self.rope[0].data_ptr(),
+                      self.rope[1].data_ptr())  # fmt: skip
+
     def __call__(self, x: Tensor, pos: Tensor, cache: Tensor) -> Tensor:
         """``net(x, pos, cache, ...)`` for rows ``x`` ``[B, T, dim]`` at positions ``pos`` (``[B, T]``),
         each attending to its slot's positions up to its own (the rule of every mask csmcli builds);
@@ -424,12 +433,8 @@ class FusedDepth:
         self.matrices = [*heads, projection]  # what the structure's addresses point into
         self.embeddings = embeddings
         self.heads = (_Matrix * len(heads))(*(_Matrix.of(m) for m in heads))
-        stack = _Stack(step.product.address, step.product.path, s.n_layers, s.dim, s.n_heads, s.n_kv_heads,
-                       s.head_dim, s.ffn_dim, s.norm_eps, ctypes.cast(step.weights, _PTR),
-                       ctypes.cast(step.args, _PTR), ctypes.cast(step.norms, _PTR), step.rope[0].data_ptr(),
-                       step.rope[1].data_ptr())  # fmt: skip
         bf16 = int(embeddings.dtype == torch.bfloat16)
-        self.depth = _Depth(stack, ctypes.cast(self.heads, _PTR), _Matrix.of(projection), embeddings.data_ptr(),
+        self.depth = _Depth(step.stack(), ctypes.cast(self.heads, _PTR), _Matrix.of(projection), embeddings.data_ptr(),
                             bf16, embeddings.shape[1], vocab, codebooks, bf16)  # fmt: skip
 
     def sample(self, logits: Tensor, sampler: FrameSampler, codebook: int) -> Tensor:
