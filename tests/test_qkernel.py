@@ -79,6 +79,21 @@ def test_pack_lays_out_blocks_of_sixteen_rows_with_fp16_headers() -> None:
     assert not last_block[: HEADER_BYTES // 2].view(torch.float16)[4:].any()
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_a_rows_product_does_not_depend_on_the_rows_beside_it(path: str) -> None:
+    """Several rows take other block functions than one (on AVX-512 VNNI, pairs of blocks): each
+    row still gets exactly the floats it gets alone, also in the last, partial block."""
+    torch.manual_seed(3)
+    n, k, group = 2051, 512, 64
+    blob = pack(*_quantize(torch.randn(n, k) * 0.02, group), group)
+    kern = kernel(path)
+    for rows in (2, 3, 8, 9, 13):
+        x = torch.randn(rows, k)
+        together = kern.matmul(x, blob, n, group)
+        for r in range(rows):
+            assert torch.equal(together[r], kern.matmul(x[r : r + 1], blob, n, group)[0]), (rows, r)
+
+
 @pytest.mark.skipif(not PATHS, reason="no C++ compiler or no AVX2 on this CPU")
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("group", [32, 64, 128])

@@ -158,6 +158,61 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl,f16c"))) static void
     for (int m = 0; m < MB; ++m) _mm512_mask_storeu_ps(y + (size_t)m * ldy, keep, accf[m]);
 }
 
+// acc += a . x with every operand in a register, the accumulator tied as in dpbusd_bcast.
+__attribute__((target("avx512f,avx512vnni"))) static inline void dpbusd(__m512i& acc, __m512i a, __m512i x) {
+    asm("vpdpbusd %[x], %[a], %[acc]" : [acc] "+v"(acc) : [a] "v"(a), [x] "v"(x));
+}
+
+// Two adjacent full blocks (32 output rows) for MB activation rows, each broadcast of the rows'
+// codes feeding both blocks.  With one block, a pass of several rows loads one broadcast per
+// multiply-add, and those loads rather than the multiply-adds bound it.  The float sums (2 * MB
+// vectors, which would not fit in the registers beside the integer ones) stay in an L1 array,
+// touched once per group.  The arithmetic is block_vnni's, in the same order: the same floats.
+template <int MB>
+__attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl,f16c"))) static void pair_vnni(
+    const uint8_t* wb, size_t stride, int K, int G, const int8_t* xq, int ldx, const float* sx, const float* xs,
+    const float* corr, float* y, int ldy) {
+    const int ng = K / G;
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    alignas(64) float accf[MB][2][16];
+    for (int m = 0; m < MB; ++m)
+        for (int u = 0; u < 2; ++u) _mm512_store_ps(accf[m][u], _mm512_setzero_ps());
+    for (int g = 0; g < ng; ++g) {
+        const uint8_t* p[2] = {wb + (size_t)g * group_bytes(G), wb + stride + (size_t)g * group_bytes(G)};
+        __m512i acc[MB][2];
+        for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+        const int8_t* xg = xq + (size_t)g * G;
+        for (int j = 0; j < G / 8; ++j) {
+            __m512i a[2], b[2];
+            for (int u = 0; u < 2; ++u) {
+                const uint8_t* chunk = p[u] + 64 + 64 * j;
+                if (MB >= prefetch_rows) _mm_prefetch((const char*)(chunk + PREFETCH_BYTES), _MM_HINT_T0);
+                const __m512i v = _mm512_loadu_si512((const void*)chunk);
+                a[u] = _mm512_and_si512(v, mask);
+                b[u] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+            }
+            for (int m = 0; m < MB; ++m) {
+                const int32_t* xm = (const int32_t*)(xg + (size_t)m * ldx + 8 * j);
+                const __m512i xa = _mm512_set1_epi32(xm[0]), xb = _mm512_set1_epi32(xm[1]);
+                for (int u = 0; u < 2; ++u) dpbusd(acc[m][u], a[u], xa);
+                for (int u = 0; u < 2; ++u) dpbusd(acc[m][u], b[u], xb);
+            }
+        }
+        for (int u = 0; u < 2; ++u) {
+            const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p[u]));
+            const __m512 mins = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p[u] + 32)));
+            for (int m = 0; m < MB; ++m) {
+                const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][u]), _mm512_set1_ps(sx[m * ng + g]),
+                                                 _mm512_set1_ps(corr[m * ng + g]));
+                const __m512 f = _mm512_fmadd_ps(scale, t, _mm512_load_ps(accf[m][u]));
+                _mm512_store_ps(accf[m][u], _mm512_fmadd_ps(mins, _mm512_set1_ps(xs[m * ng + g]), f));
+            }
+        }
+    }
+    for (int m = 0; m < MB; ++m)
+        for (int u = 0; u < 2; ++u) _mm512_storeu_ps(y + (size_t)m * ldy + 16 * u, _mm512_load_ps(accf[m][u]));
+}
+
 // The AVX2 and AVX-VNNI paths share their code: VNNI chooses the multiply-add.  Both are compiled
 // for AVX-VNNI's target where the compiler knows it (it adds no other instruction), and only
 // VNNI's instances use it.
@@ -237,6 +292,20 @@ template <class Fn>
 static Fn for_path(int path, int rows, const Fn* vnni, const Fn* avx2, const Fn* avx_vnni) {
     return (path == PATH_AVX512_VNNI ? vnni : path == PATH_AVX_VNNI ? avx_vnni : avx2)[rows - 1];
 }
+
+typedef void (*pair_fn)(const uint8_t*, size_t, int, int, const int8_t*, int, const float*, const float*, const float*,
+                        float*, int);
+
+// The AVX-512 VNNI path's function for a pass of ``rows`` rows over two blocks.
+static pair_fn pick_pair(int rows) {
+    static const pair_fn fns[8] = {pair_vnni<1>, pair_vnni<2>, pair_vnni<3>, pair_vnni<4>,
+                                   pair_vnni<5>, pair_vnni<6>, pair_vnni<7>, pair_vnni<8>};
+    return fns[rows - 1];
+}
+
+// Blocks a pass takes together: pairs on the AVX-512 VNNI path from two rows on (one row is bound
+// by memory, where block_vnni's two accumulators a row serve it), one block otherwise.
+static int blocks_per_pass(int path, int M) { return path == PATH_AVX512_VNNI && M >= 2 ? 2 : 1; }
 
 static block_fn pick(int path, int rows) {
     static const block_fn vnni[8] = {block_vnni<1>, block_vnni<2>, block_vnni<3>, block_vnni<4>,
@@ -394,21 +463,25 @@ struct Codes {
 };
 
 // A product over a weight in ceil(N / 16) blocks of 16 output rows: quantizes x's rows once, then
-// calls block(codes, b, m0, rows, ncols) for each block b and pass of rows m0..m0+rows-1, the
-// blocks shared among the threads.
+// calls block(codes, b, span, m0, rows, ncols) for each unit of ``span`` adjacent blocks from
+// block b (pairs of full blocks where span is 2, the rest one by one) and pass of rows
+// m0..m0+rows-1, the units shared among the threads.
 template <class Block>
-static void over_blocks(int path, const float* x, int M, int K, int G, int N, bool offset, Block block) {
+static void over_blocks(int path, const float* x, int M, int K, int G, int N, bool offset, int span, Block block) {
     const Codes c(M, K, G);
     const int blocks = (N + 15) / 16;
+    const int pairs = span == 2 ? N / 32 : 0;
+    const int units = blocks - pairs;
     const int per_pass = rows_per_pass(path);
 #pragma omp parallel
     {
 #pragma omp for schedule(static)
         for (int i = 0; i < M * c.ng; ++i) c.fill(x, i, offset);
 #pragma omp for schedule(static)
-        for (int b = 0; b < blocks; ++b) {
+        for (int u = 0; u < units; ++u) {
+            const int b = u < pairs ? 2 * u : u + pairs, n = u < pairs ? 2 : 1;
             const int ncols = N - 16 * b < 16 ? N - 16 * b : 16;
-            for (int m0 = 0; m0 < M; m0 += per_pass) block(c, b, m0, M - m0 < per_pass ? M - m0 : per_pass, ncols);
+            for (int m0 = 0; m0 < M; m0 += per_pass) block(c, b, n, m0, M - m0 < per_pass ? M - m0 : per_pass, ncols);
         }
     }
 }
@@ -422,9 +495,14 @@ int csm_int4_matmul(int path, const float* x, int M, int K, int G, const void* w
     if (!csm_int4_cpu_has(path) || K % G != 0 || G % 8 != 0) return -1;
     const int ng = K / G;
     const size_t stride = (size_t)ng * group_bytes(G);
-    over_blocks(path, x, M, K, G, N, false, [&](const Codes& c, int b, int m0, int rows, int ncols) {
-        pick(path, rows)(w + b * stride, K, G, c.xq + (size_t)m0 * c.ld, c.ld, c.sx + (size_t)m0 * ng,
-                         c.xs + (size_t)m0 * ng, c.corr + (size_t)m0 * ng, y + (size_t)m0 * N + 16 * b, N, ncols);
+    over_blocks(path, x, M, K, G, N, false, blocks_per_pass(path, M), [&](const Codes& c, int b, int span, int m0, int rows, int ncols) {
+        const int8_t* xq = c.xq + (size_t)m0 * c.ld;
+        const size_t at = (size_t)m0 * ng;
+        float* out = y + (size_t)m0 * N + 16 * b;
+        if (span == 2)
+            pick_pair(rows)(w + b * stride, stride, K, G, xq, c.ld, c.sx + at, c.xs + at, c.corr + at, out, N);
+        else
+            pick(path, rows)(w + b * stride, K, G, xq, c.ld, c.sx + at, c.xs + at, c.corr + at, out, N, ncols);
     });
     return 0;
 }
@@ -438,7 +516,7 @@ int csm_int8_matmul(int path, const float* x, int M, int K, int G, const uint8_t
     const int ng = K / G;
     const size_t stride = (size_t)ng * group_bytes8(G);
     const bool unsigned_codes = path == PATH_AVX512_VNNI || path == PATH_AVX_VNNI;
-    over_blocks(path, x, M, K, G, N, unsigned_codes, [&](const Codes& c, int b, int m0, int rows, int ncols) {
+    over_blocks(path, x, M, K, G, N, unsigned_codes, 1, [&](const Codes& c, int b, int, int m0, int rows, int ncols) {
         pick8(path, rows)(w + b * stride, K, G, c.xq + (size_t)m0 * c.ld, c.ld, c.sx + (size_t)m0 * ng,
                           scales + 16 * b, y + (size_t)m0 * N + 16 * b, N, ncols);
     });
