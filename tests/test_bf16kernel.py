@@ -19,6 +19,8 @@ from csmcli.bf16kernel import BLOCK_ROWS, kernel, pack
 
 AVX2 = cpu.cpu_caps("avx2")
 KERNEL = kernel("avx2")
+#: the paths this CPU runs: AVX2, and AVX-512 where it has AVX-512F
+KERNELS = list({k.path: k for k in (KERNEL, kernel("avx512")) if k is not None}.values())
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason="no C++ compiler or no AVX2 on this CPU")
 
 
@@ -49,14 +51,18 @@ def test_pack_refuses_other_dtypes() -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("n, k", [(16, 16), (37, 19), (2051, 300), (5, 1), (48, 1031)])
-def test_the_kernel_matches_float64(n: int, k: int) -> None:
-    """Any input width (no multiple of 8 or 16 needed) and output rows padded to blocks of 16."""
+@pytest.mark.parametrize("path", [k.path for k in KERNELS])
+def test_each_path_matches_float64(n: int, k: int, path: str) -> None:
+    """Any input width (no multiple of 8 or 16 needed), output rows padded to blocks of 16, and one
+    to more than a pass of rows."""
     torch.manual_seed(n * k)
     w = torch.randn(n, k).to(torch.bfloat16)
     blob = pack(w)
-    for rows in (*range(1, 10), 13):
+    kern = kernel(path)
+    assert kern.path == path and kern.name == f"bf16-{path}"
+    for rows in (*range(1, 10), 13, 17):
         x = torch.randn(rows, k)
-        y = KERNEL.matmul(x, blob, n)
+        y = kern.matmul(x, blob, n)
         assert y.shape == (rows, n) and y.dtype == torch.float32
         torch.testing.assert_close(y.double(), x.double() @ w.double().T, atol=1e-4, rtol=1e-5)
 
@@ -108,16 +114,19 @@ def test_cpu_linear_on_the_kernel_keeps_one_bf16_copy_and_serves_any_rows() -> N
 
 
 @needs_kernel
-def test_compiled_code_calls_the_kernel_as_an_operator() -> None:
+@pytest.mark.parametrize("path", [k.path for k in KERNELS])
+def test_compiled_code_calls_the_kernel_as_an_operator(path: str) -> None:
     torch.manual_seed(4)
     w = torch.randn(40, 72, dtype=torch.bfloat16)
-    layer = cpu.CpuLinear(w, caps=AVX2, kernel=KERNEL)
+    kern = kernel(path)
+    layer = cpu.CpuLinear(w, caps=AVX2, kernel=kern)
     x = torch.randn(2, 72, dtype=torch.bfloat16)
     compiled = torch.compile(layer, fullgraph=True, dynamic=False)
     with torch.inference_mode():
         torch.testing.assert_close(compiled(x), layer(x), atol=0, rtol=0)
+    number = {"avx2": 1, "avx512": 2}[path]
     torch.testing.assert_close(
-        torch.ops.csmcli.bf16_mm(x.float(), layer.weight, 40), KERNEL.matmul(x, layer.weight, 40)
+        torch.ops.csmcli.bf16_mm(x.float(), layer.weight, 40, number), kern.matmul(x, layer.weight, 40)
     )
 
 
@@ -226,14 +235,16 @@ def test_bf16_weights_take_the_kernel_on_avx512_cpus_without_amx(tiny_dir) -> No
     from csmcli.loader import pick_dtype
 
     avx512 = cpu.CpuCaps("avx512", bf16_packed=True, native_bf16=True, vnni=True)
-    assert cpu.bf16_kernel(torch.bfloat16, avx512) is KERNEL
+    fast = kernel("avx512")  # its AVX-512 path, or AVX2 where this CPU lacks AVX-512F
+    assert fast.path == ("avx512" if len(KERNELS) == 2 else "avx2")
+    assert cpu.bf16_kernel(torch.bfloat16, avx512) is fast
     assert cpu.bf16_kernel(torch.bfloat16, dataclasses.replace(avx512, amx=True)) is None
     assert cpu.bf16_kernel(torch.float32, avx512) is None
     assert pick_dtype("auto", torch.device("cpu"), dataclasses.replace(avx512, native_bf16=False)) == torch.bfloat16
     synth = Synthesizer.load(str(tiny_dir), device="cpu", dtype="bfloat16", cpu_kernels="plain")
-    assert cpu.prepare_cpu(synth.model, "auto", 2, caps=avx512) == "bf16-avx2"
+    assert cpu.prepare_cpu(synth.model, "auto", 2, caps=avx512) == fast.name
     layers = [m for m in synth.model.modules() if isinstance(m, cpu.CpuLinear)]
-    assert layers and all(m.kernel is KERNEL and not m.packed_weights for m in layers)
+    assert layers and all(m.kernel is fast and not m.packed_weights for m in layers)
     assert synth.model.backbone.fused_step is not None and synth.model.decoder.fused_step is not None
 
 

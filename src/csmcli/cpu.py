@@ -18,7 +18,7 @@ On a CPU a frame's speed is how fast the weights stream from memory.  Per matrix
   linear, which streams int8 weights at memory speed for several rows where
   ``torch._weight_int8pack_mm`` is compute-bound (its activations are quantized with one scale per
   call); compiled engines never use fbgemm, whose weights the compiler cannot read.
-* bfloat16 weights: csmcli's bf16 kernel (:mod:`csmcli.bf16kernel`, AVX2, needs a C++ compiler)
+* bfloat16 weights: csmcli's bf16 kernel (:mod:`csmcli.bf16kernel`, AVX2 or AVX-512, needs a C++ compiler)
   keeps one re-laid-out bfloat16 copy and serves single rows and a batch's rows at memory speed,
   and each step of both transformers runs in one call around it (:func:`bf16_step`).  It runs on
   every CPU without AMX, those whose oneDNN has bf16 kernels too, where it is faster than them for
@@ -461,7 +461,7 @@ def kernel_libraries(model: nn.Module) -> set[ctypes.CDLL]:
 
 def use_kernels(model: nn.Module, kernels: str, max_batch: int, caps: CpuCaps) -> str:
     """Swap the model's projections for CPU kernels in place; returns what was used: ``plain``,
-    ``bf16-avx2`` (bfloat16 weights on :func:`bf16_kernel`, one row or several), or
+    ``bf16-avx2`` or ``bf16-avx512`` (bfloat16 weights on :func:`bf16_kernel`'s path, one row or several), or
     the several-rows path (``packed``; ``linear``: plain float weights; ``float32``: bf16 weights
     multiplied in float32; ``packed-float32``: bf16 weights packed as float32), preceded by
     ``gemv+`` when single rows take the compiled gemv.  Quantized weights' kernels lead it:
