@@ -67,6 +67,19 @@ def test_each_path_matches_float64(n: int, k: int, path: str) -> None:
         torch.testing.assert_close(y.double(), x.double() @ w.double().T, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.skipif(len(KERNELS) < 2, reason="this CPU lacks AVX-512F (or no C++ compiler)")
+def test_both_paths_give_the_same_floats() -> None:
+    """The AVX-512 path adds each row's products in the AVX2 path's order, whatever the rows: the
+    same model gives the same floats (and codes) on either kind of CPU."""
+    torch.manual_seed(5)
+    n, k = 2051, 600  # more than one chunk of columns, a partial last block
+    blob = pack(torch.randn(n, k).to(torch.bfloat16))
+    avx2, avx512 = kernel("avx2"), kernel("avx512")
+    for rows in (*range(1, 10), 12, 13, 17):
+        x = torch.randn(rows, k)
+        assert torch.equal(avx512.matmul(x, blob, n), avx2.matmul(x, blob, n)), rows
+
+
 @needs_kernel
 def test_the_kernel_refuses_a_weight_of_another_shape() -> None:
     blob = pack(torch.zeros(32, 64, dtype=torch.bfloat16))
@@ -174,6 +187,28 @@ def test_the_avx2_engine_runs_bf16_on_the_kernel_with_the_codes_of_the_float32_p
     before = Synthesizer.load(str(tiny_dir), cpu_kernels="packed", **settings)
     assert before.engine.cpu_kernels == ("float32" if slots == 1 else "packed-float32")
     for got, want in zip(_codes(synth, texts), _codes(before, texts), strict=True):
+        assert got.shape == want.shape == (6, 32)
+        assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(len(KERNELS) < 2, reason="this CPU lacks AVX-512F (or no C++ compiler)")
+@pytest.mark.parametrize("slots", [1, 2])
+def test_the_avx512_path_gives_the_avx2_paths_codes(tiny_dir, slots: int) -> None:
+    """bf16 weights where the CPU reports AVX-512 run on the kernel's AVX-512 path, fused steps and
+    the fused depth decoder included, with the AVX2 path's floats: the greedy codes are its codes."""
+    from csmcli import Synthesizer
+
+    texts = ["Hello from CSM.", "Good morning."][:slots]
+    settings = {"device": "cpu", "dtype": "bfloat16", "max_batch_size": slots}
+    synth = Synthesizer.load(str(tiny_dir), cpu_isa="avx512", **settings)
+    assert synth.engine.cpu_kernels == "bf16-avx512"
+    fast = kernel("avx512")
+    layers = [m for m in synth.model.modules() if isinstance(m, cpu.CpuLinear)]
+    assert layers and all(m.kernel is fast for m in layers)
+    assert synth.model.decoder.fused_step.product == fast.product and synth.model.fused_depth is not None
+    avx2 = Synthesizer.load(str(tiny_dir), cpu_isa="avx2", **settings)
+    assert avx2.engine.cpu_kernels == "bf16-avx2"
+    for got, want in zip(_codes(synth, texts), _codes(avx2, texts), strict=True):
         assert got.shape == want.shape == (6, 32)
         assert torch.equal(got, want)
 

@@ -42,9 +42,14 @@ int csm_bf16_cpu_has(int path) {
 
 // Columns per chunk: 256 columns of a block are 8 KiB of weights, and of 8 rows 8 KiB of x.
 static const int CHUNK = 256;
-// Activation rows per pass over a chunk: AVX2 two accumulators a row (unrolled by U) in 16
-// registers, AVX-512 one a row in 32.
-static int pass_rows(int path) { return path == PATH_AVX512 ? 8 : 4; }
+// Activation rows of the next pass over a chunk, ``left`` rows to go: AVX2 up to 4 (two
+// accumulators a row, unrolled by U, in 16 registers); AVX-512 8 where 8 are left (one accumulator
+// a row in 32), else as AVX2.  Every row then gets AVX2's unrolling, whose sums it adds in the same
+// order: both paths give the same floats.
+static int pass_rows(int path, int left) {
+    if (path == PATH_AVX512 && left >= 8) return 8;
+    return left < 4 ? left : 4;
+}
 // With four rows or more a pass is bound by its multiply-adds, and the hardware prefetcher alone
 // then streams the weights at well under memory speed: ask for them PREFETCH_BYTES ahead.  Fewer
 // rows are bound by memory, where it depends on the CPU (see qkernel.cpp): the caller sets the row
@@ -111,7 +116,7 @@ __attribute__((target("avx2,fma"))) static void pass(const uint16_t* w, int kn, 
 }
 
 // pass on AVX-512F: one vector of 16 lanes a row, lane 2j for row j and 2j + 1 for row 8 + j, put
-// back in row order when added to acc.
+// back in row order when added to acc (the lanes' sums are pass's, in the same order).
 template <int MB, int U>
 __attribute__((target("avx512f"))) static void pass512(const uint16_t* w, int kn, const float* x, int ldx,
                                                      float* acc) {
@@ -150,11 +155,12 @@ __attribute__((target("avx512f"))) static void pass512(const uint16_t* w, int kn
 
 typedef void (*pass_fn)(const uint16_t*, int, const float*, int, float*);
 
-// Unrolled so that at least eight independent multiply-add chains hide the FMA latency.
+// Unrolled so that eight independent multiply-add chains (AVX2) hide the FMA latency; AVX-512
+// unrolls as AVX2 does (see pass_rows) and its 8-row pass has eight chains too.
 static pass_fn pick(int path, int rows) {
     static const pass_fn avx2[4] = {pass<1, 4>, pass<2, 2>, pass<3, 2>, pass<4, 1>};
-    static const pass_fn avx512[8] = {pass512<1, 8>, pass512<2, 4>, pass512<3, 4>, pass512<4, 2>,
-                                      pass512<5, 2>, pass512<6, 2>, pass512<7, 2>, pass512<8, 1>};
+    static const pass_fn avx512[8] = {pass512<1, 4>, pass512<2, 2>, pass512<3, 2>, pass512<4, 1>,
+                                      nullptr,       nullptr,       nullptr,       pass512<8, 1>};
     return (path == PATH_AVX512 ? avx512 : avx2)[rows - 1];
 }
 
@@ -164,7 +170,6 @@ extern "C" {
 // when this CPU cannot run the path; -2 when the scratch accumulators cannot be allocated.
 int csm_bf16_matmul(int path, const float* x, int M, int K, const uint16_t* w, int N, float* y) {
     if (!csm_bf16_cpu_has(path)) return -1;
-    const int per_pass = pass_rows(path);
     const int blocks = (N + 15) / 16;
     int failed = 0;
 #pragma omp parallel
@@ -181,8 +186,8 @@ int csm_bf16_matmul(int path, const float* x, int M, int K, const uint16_t* w, i
             memset(acc, 0, sizeof(float) * 16 * (size_t)M);
             for (int k0 = 0; k0 < K; k0 += CHUNK) {
                 const int kn = K - k0 < CHUNK ? K - k0 : CHUNK;
-                for (int m0 = 0; m0 < M; m0 += per_pass) {
-                    const int rows = M - m0 < per_pass ? M - m0 : per_pass;
+                for (int m0 = 0, rows; m0 < M; m0 += rows) {
+                    rows = pass_rows(path, M - m0);
                     pick(path, rows)(wb + (size_t)k0 * 16, kn, x + (size_t)m0 * K + k0, K, acc + 16 * m0);
                 }
             }

@@ -5,7 +5,8 @@ the alternatives either convert them on every call or keep a float32 copy (twice
 kernel reads the bfloat16 weights once per call, widens them in registers and multiplies in float32
 with AVX2 + FMA, for one row or a batch's few rows, so a product runs at memory speed; on AVX-512
 CPUs without AMX it is also faster than oneDNN's bf16 products (:func:`csmcli.cpu.bf16_kernel`),
-and its AVX-512 path multiplies a batch's rows twice as fast as AVX2 can.  It is a small
+and its AVX-512 path multiplies a batch's rows up to twice as fast as AVX2 can, adding in the
+same order (the same floats, so the same codes, on either kind of CPU).  It is a small
 C++ file compiled with the system's C++ compiler (:mod:`csmcli.ckernels`) and called through ctypes,
 or as the ``csmcli::bf16_mm`` operator inside compiled code; without a compiler :func:`kernel`
 returns None and callers use torch's kernels.
