@@ -191,7 +191,9 @@ def test_the_avx2_engine_runs_bf16_on_the_kernel_with_the_codes_of_the_float32_p
         assert torch.equal(got, want)
 
 
-@pytest.mark.skipif(len(KERNELS) < 2, reason="this CPU lacks AVX-512F (or no C++ compiler)")
+@pytest.mark.skipif(
+    len(KERNELS) < 2 or cpu.cpu_caps().isa != "avx512", reason="torch or this CPU lacks AVX-512 (or no C++ compiler)"
+)
 @pytest.mark.parametrize("slots", [1, 2])
 def test_the_avx512_path_gives_the_avx2_paths_codes(tiny_dir, slots: int) -> None:
     """bf16 weights where the CPU reports AVX-512 run on the kernel's AVX-512 path, fused steps and
