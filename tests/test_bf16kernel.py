@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from csmcli import cpu
-from csmcli.bf16kernel import BLOCK_ROWS, kernel, pack
+from csmcli.bf16kernel import BLOCK_ROWS, PATHS, kernel, pack
 
 AVX2 = cpu.cpu_caps("avx2")
 KERNEL = kernel("avx2")
@@ -137,9 +137,8 @@ def test_compiled_code_calls_the_kernel_as_an_operator(path: str) -> None:
     compiled = torch.compile(layer, fullgraph=True, dynamic=False)
     with torch.inference_mode():
         torch.testing.assert_close(compiled(x), layer(x), atol=0, rtol=0)
-    number = {"avx2": 1, "avx512": 2}[path]
     torch.testing.assert_close(
-        torch.ops.csmcli.bf16_mm(x.float(), layer.weight, 40, number), kern.matmul(x, layer.weight, 40)
+        torch.ops.csmcli.bf16_mm(x.float(), layer.weight, 40, PATHS[path]), kern.matmul(x, layer.weight, 40)
     )
 
 

@@ -14,7 +14,7 @@
 // Two paths, chosen by the caller from what the CPU reports: AVX2 + FMA (8 lanes a vector, up to 4
 // rows a pass) and AVX-512F (the column's 16 values zero-extended into one vector of 16 lanes, up to
 // 8 rows a pass), whose twice as wide multiply-adds serve a batch's rows, bound by them rather than
-// by memory, twice as fast.
+// by memory.  Both add each row's products in the same order (see pass_rows): the same floats.
 //
 // Each thread takes whole blocks; a block's columns go in chunks that stay in L1, and every
 // activation row is applied to a chunk before the next is read, so the weights stream from memory
