@@ -495,11 +495,12 @@ int csm_int4_matmul(int path, const float* x, int M, int K, int G, const void* w
     if (!csm_int4_cpu_has(path) || K % G != 0 || G % 8 != 0) return -1;
     const int ng = K / G;
     const size_t stride = (size_t)ng * group_bytes(G);
-    over_blocks(path, x, M, K, G, N, false, blocks_per_pass(path, M), [&](const Codes& c, int b, int span, int m0, int rows, int ncols) {
+    const int span = blocks_per_pass(path, M);
+    over_blocks(path, x, M, K, G, N, false, span, [&](const Codes& c, int b, int n, int m0, int rows, int ncols) {
         const int8_t* xq = c.xq + (size_t)m0 * c.ld;
         const size_t at = (size_t)m0 * ng;
         float* out = y + (size_t)m0 * N + 16 * b;
-        if (span == 2)
+        if (n == 2)
             pick_pair(rows)(w + b * stride, stride, K, G, xq, c.ld, c.sx + at, c.xs + at, c.corr + at, out, N);
         else
             pick(path, rows)(w + b * stride, K, G, xq, c.ld, c.sx + at, c.xs + at, c.corr + at, out, N, ncols);
