@@ -11,8 +11,10 @@ one process keeps a noisy machine's drift out of the comparison):
   against one fused step each, with torch's heads, sampling and projections between them.
 * ``prefetch``: csmcli's kernels prefetching their weights from one activation row against from
   four (:attr:`csmcli.cpu.CpuCaps.prefetch_rows`).
+* ``pairs``: int4 products on AVX-512 VNNI taking two 16-row blocks a pass (from two rows on)
+  against one block a pass.
 
-Usage: python scripts/engine_ab.py --compare hugepages|fused-depth|prefetch [--quantize none|int8|int4]
+Usage: python scripts/engine_ab.py --compare hugepages|fused-depth|prefetch|pairs [--quantize none|int8|int4]
        [--dtype auto|bfloat16|float32] [--batch N] [--rounds R]
 (prefix ``CSM_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` for the AVX2 path)
 """
@@ -74,7 +76,25 @@ def prefetch_variants(engine: Engine) -> dict[str, Callable[[], None]]:
     return {"prefetch from 1 row": lambda: use(1), "from 4 rows": lambda: use(4)}
 
 
-VARIANTS = {"hugepages": hugepage_variants, "fused-depth": fused_depth_variants, "prefetch": prefetch_variants}
+def pair_variants(engine: Engine) -> dict[str, Callable[[], None]]:
+    """int4 products on AVX-512 VNNI taking two blocks a pass from two rows on, and one block always."""
+    libs = [lib for lib in cpu.kernel_libraries(engine.model) if hasattr(lib, "csm_pair_from")]
+    if not libs or not engine.cpu_kernels.startswith("int4-avx512_vnni"):
+        raise SystemExit(f"{engine.cpu_kernels}: not the int4 kernel's AVX-512 VNNI path, nothing to compare")
+
+    def use(rows: int) -> None:
+        for lib in libs:
+            lib.csm_pair_from(rows)
+
+    return {"two blocks a pass": lambda: use(2), "one block": lambda: use(1 << 30)}
+
+
+VARIANTS = {
+    "hugepages": hugepage_variants,
+    "fused-depth": fused_depth_variants,
+    "prefetch": prefetch_variants,
+    "pairs": pair_variants,
+}
 
 
 def main() -> None:

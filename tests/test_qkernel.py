@@ -94,6 +94,23 @@ def test_a_rows_product_does_not_depend_on_the_rows_beside_it(path: str) -> None
             assert torch.equal(together[r], kern.matmul(x[r : r + 1], blob, n, group)[0]), (rows, r)
 
 
+@pytest.mark.skipif("avx512_vnni" not in PATHS, reason="needs the avx512_vnni kernel path and a C++ compiler")
+def test_pairs_of_blocks_give_the_floats_of_one_block_a_pass() -> None:
+    """``csm_pair_from`` (for A/B scripts) sets the rows from which AVX-512 VNNI passes take two
+    blocks (two by default); with pairs off, 8 rows' products are the same floats."""
+    torch.manual_seed(6)
+    n, k, group = 2051, 512, 64
+    blob = pack(*_quantize(torch.randn(n, k) * 0.02, group), group)
+    kern = kernel("avx512_vnni")
+    x = torch.randn(8, k)
+    paired = kern.matmul(x, blob, n, group)
+    assert kern.lib.csm_pair_from(1 << 30) == 2
+    try:
+        assert torch.equal(kern.matmul(x, blob, n, group), paired)
+    finally:
+        assert kern.lib.csm_pair_from(2) == 1 << 30
+
+
 @pytest.mark.skipif(not PATHS, reason="no C++ compiler or no AVX2 on this CPU")
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("group", [32, 64, 128])

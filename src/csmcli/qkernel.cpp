@@ -303,9 +303,20 @@ static pair_fn pick_pair(int rows) {
     return fns[rows - 1];
 }
 
-// Blocks a pass takes together: pairs on the AVX-512 VNNI path from two rows on (one row is bound
-// by memory, where block_vnni's two accumulators a row serve it), one block otherwise.
-static int blocks_per_pass(int path, int M) { return path == PATH_AVX512_VNNI && M >= 2 ? 2 : 1; }
+// Rows from which the AVX-512 VNNI path takes blocks in pairs: two (one row is bound by memory,
+// where block_vnni's two accumulators a row serve it).  A setting so that A/B scripts can compare.
+static int pair_rows = 2;
+
+// Sets the row count from which int4 products on AVX-512 VNNI pair their blocks; returns the one it
+// replaces.
+extern "C" int csm_pair_from(int rows) {
+    const int was = pair_rows;
+    pair_rows = rows < 1 ? 1 : rows;
+    return was;
+}
+
+// Blocks a pass takes together: pairs on the AVX-512 VNNI path from pair_rows rows on, else one.
+static int blocks_per_pass(int path, int M) { return path == PATH_AVX512_VNNI && M >= pair_rows ? 2 : 1; }
 
 static block_fn pick(int path, int rows) {
     static const block_fn vnni[8] = {block_vnni<1>, block_vnni<2>, block_vnni<3>, block_vnni<4>,

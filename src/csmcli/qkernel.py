@@ -256,6 +256,7 @@ _ARGTYPES = {
     "csm_int8_matmul": [_INT, _PTR, _INT, _INT, _INT, _PTR, _PTR, _INT, _PTR],
     "csm_step": [_PTR] + [_INT] * 7 + [ctypes.c_float] + [_PTR] * 5 + [_PTR, _INT, _INT, _PTR, _PTR, _INT, _PTR],
     "csm_prefetch_from": [_INT],
+    "csm_pair_from": [_INT],
     "csm_sample": [_PTR, _PTR, ctypes.c_int64, _INT, _INT, _PTR],
     "csm_depth": [_PTR, _PTR, _PTR, _INT, _PTR, _INT, _PTR, _PTR, ctypes.c_int64],
 }
