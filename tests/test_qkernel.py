@@ -129,6 +129,20 @@ def test_each_path_matches_the_reference(path: str, group: int) -> None:
         torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.skipif(len(PATHS) < 2, reason="needs two kernel paths (AVX-512 VNNI or AVX-VNNI)")
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_every_int4_path_gives_the_same_floats(group: int) -> None:
+    """Exact integer sums, then the same float operations in the same order on every path: a
+    stream's int4 codes do not depend on its CPU's instructions, for a lone row or a batch."""
+    torch.manual_seed(7)
+    n, k = 2051, 512
+    blob = pack(*_quantize(torch.randn(n, k) * 0.02, group), group)
+    for rows in (1, 4, 8, 13):
+        x = torch.randn(rows, k)
+        first, *others = (kernel(p).matmul(x, blob, n, group) for p in PATHS)
+        assert all(torch.equal(first, other) for other in others), rows
+
+
 @pytest.mark.skipif(not PATHS, reason="no C++ compiler or no AVX2 on this CPU")
 def test_the_kernel_is_close_to_the_dequantized_float_product() -> None:
     torch.manual_seed(0)

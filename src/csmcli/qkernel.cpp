@@ -213,6 +213,21 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vl,f16c"))) static void
         for (int u = 0; u < 2; ++u) _mm512_storeu_ps(y + (size_t)m * ldy + 16 * u, _mm512_load_ps(accf[m][u]));
 }
 
+#if CSM_AVXVNNI
+// acc0 += a0 . broadcast(*x) and acc1 += a1 . broadcast(*x) on AVX-VNNI: one broadcast for both
+// halves of a block, and the accumulators tied to their registers (with the intrinsic GCC copies
+// them at each use and spills them, which chains each through memory).
+__attribute__((target("avx2,avxvnni"))) static inline void dpbusd_avx_halves(__m256i& acc0, __m256i& acc1, __m256i a0,
+                                                                             __m256i a1, const int32_t* x) {
+    __m256i t;
+    asm("vpbroadcastd %[x], %[t]\n\t"
+        "%{vex%} vpdpbusd %[t], %[a0], %[acc0]\n\t"
+        "%{vex%} vpdpbusd %[t], %[a1], %[acc1]"
+        : [acc0] "+x"(acc0), [acc1] "+x"(acc1), [t] "=&x"(t)
+        : [a0] "x"(a0), [a1] "x"(a1), [x] "m"(*x));
+}
+#endif
+
 // The AVX2 and AVX-VNNI paths share their code: VNNI chooses the multiply-add.  Both are compiled
 // for AVX-VNNI's target where the compiler knows it (it adds no other instruction), and only
 // VNNI's instances use it.
@@ -222,21 +237,31 @@ __attribute__((target(CSM_AVX2_TARGET))) static void block_avx2(
     const int ng = K / G;
     const __m256i mask = _mm256_set1_epi8(0x0F);
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 accf[MB][2];
-    for (int m = 0; m < MB; ++m) accf[m][0] = accf[m][1] = _mm256_setzero_ps();
+    alignas(32) float accf[MB][16] = {};  // in L1, so that the loop's registers go to the integer sums
     for (int g = 0; g < ng; ++g) {
-        const uint8_t* p = wb + (size_t)g * group_bytes(G);
-        __m256 scale[2], mins[2];
-        for (int h = 0; h < 2; ++h) {
-            scale[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 16 * h)));
-            mins[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + 32 + 16 * h)));
-        }
-        p += 64;
+        const uint8_t* header = wb + (size_t)g * group_bytes(G);
+        const uint8_t* p = header + 64;
         __m256i acc[MB][2];
         for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
         const int8_t* xg = xq + (size_t)g * G;
         for (int j = 0; j < G / 8; ++j) {
             if (MB >= prefetch_rows) _mm_prefetch((const char*)(p + 64 * j + PREFETCH_BYTES), _MM_HINT_T0);
+#if CSM_AVXVNNI
+            if constexpr (VNNI) {
+                __m256i a[2], b[2];
+                for (int h = 0; h < 2; ++h) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 64 * j + 32 * h));
+                    a[h] = _mm256_and_si256(v, mask);
+                    b[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                }
+                for (int m = 0; m < MB; ++m) {
+                    const int32_t* xm = (const int32_t*)(xg + (size_t)m * ldx + 8 * j);
+                    dpbusd_avx_halves(acc[m][0], acc[m][1], a[0], a[1], xm);
+                    dpbusd_avx_halves(acc[m][0], acc[m][1], b[0], b[1], xm + 1);
+                }
+                continue;
+            }
+#endif
             for (int h = 0; h < 2; ++h) {
                 const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 64 * j + 32 * h));
                 const __m256i a = _mm256_and_si256(v, mask);
@@ -245,39 +270,24 @@ __attribute__((target(CSM_AVX2_TARGET))) static void block_avx2(
                     int32_t xa, xb;
                     memcpy(&xa, xg + (size_t)m * ldx + 8 * j, 4);
                     memcpy(&xb, xg + (size_t)m * ldx + 8 * j + 4, 4);
-#if CSM_AVXVNNI
-                    if constexpr (VNNI) {
-                        acc[m][h] = _mm256_dpbusd_avx_epi32(acc[m][h], a, _mm256_set1_epi32(xa));
-                        acc[m][h] = _mm256_dpbusd_avx_epi32(acc[m][h], b, _mm256_set1_epi32(xb));
-                        continue;
-                    }
-#endif
                     const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(a, _mm256_set1_epi32(xa)),
                                                            _mm256_maddubs_epi16(b, _mm256_set1_epi32(xb)));
                     acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(pairs, ones));
                 }
             }
         }
-        for (int m = 0; m < MB; ++m) {
-            const __m256 xscale = _mm256_set1_ps(sx[m * ng + g]);
-            const __m256 xsum = _mm256_set1_ps(xs[m * ng + g]);
-            const __m256 xcorr = _mm256_set1_ps(corr[m * ng + g]);
-            for (int h = 0; h < 2; ++h) {
-                const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m][h]), xscale, xcorr);
-                accf[m][h] = _mm256_fmadd_ps(scale[h], t, accf[m][h]);
-                accf[m][h] = _mm256_fmadd_ps(mins[h], xsum, accf[m][h]);
+        for (int h = 0; h < 2; ++h) {
+            const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(header + 16 * h)));
+            const __m256 mins = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(header + 32 + 16 * h)));
+            for (int m = 0; m < MB; ++m) {
+                const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m][h]), _mm256_set1_ps(sx[m * ng + g]),
+                                                 _mm256_set1_ps(corr[m * ng + g]));
+                const __m256 f = _mm256_fmadd_ps(scale, t, _mm256_load_ps(accf[m] + 8 * h));
+                _mm256_store_ps(accf[m] + 8 * h, _mm256_fmadd_ps(mins, _mm256_set1_ps(xs[m * ng + g]), f));
             }
         }
     }
-    for (int m = 0; m < MB; ++m) {
-        if (ncols == 16) {
-            for (int h = 0; h < 2; ++h) _mm256_storeu_ps(y + (size_t)m * ldy + 8 * h, accf[m][h]);
-        } else {  // the last block of a matrix whose rows are not a multiple of 16
-            float row[16];
-            for (int h = 0; h < 2; ++h) _mm256_storeu_ps(row + 8 * h, accf[m][h]);
-            memcpy(y + (size_t)m * ldy, row, sizeof(float) * ncols);
-        }
-    }
+    for (int m = 0; m < MB; ++m) memcpy(y + (size_t)m * ldy, accf[m], sizeof(float) * ncols);
 }
 
 typedef void (*block_fn)(const uint8_t*, int, int, const int8_t*, int, const float*, const float*, const float*, float*,
