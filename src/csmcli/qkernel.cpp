@@ -228,9 +228,9 @@ __attribute__((target("avx2,avxvnni"))) static inline void dpbusd_avx_halves(__m
 }
 #endif
 
-// The AVX2 and AVX-VNNI paths share their code: VNNI chooses the multiply-add.  Both are compiled
-// for AVX-VNNI's target where the compiler knows it (it adds no other instruction), and only
-// VNNI's instances use it.
+// The AVX2 and AVX-VNNI paths share their code but for a chunk's multiply-adds, where VNNI's take
+// both halves of the block per broadcast.  Both are compiled for AVX-VNNI's target where the
+// compiler knows it (it adds no other instruction), and only VNNI's instances use it.
 template <int MB, bool VNNI>
 __attribute__((target(CSM_AVX2_TARGET))) static void block_avx2(
     const uint8_t* wb, int K, int G, const int8_t* xq, int ldx, const float* sx, const float* xs, const float* corr, float* y, int ldy, int ncols) {
