@@ -246,14 +246,14 @@ __attribute__((target(CSM_AVX2_TARGET))) static void block_avx2(
         const int8_t* xg = xq + (size_t)g * G;
         for (int j = 0; j < G / 8; ++j) {
             if (MB >= prefetch_rows) _mm_prefetch((const char*)(p + 64 * j + PREFETCH_BYTES), _MM_HINT_T0);
+            __m256i a[2], b[2];  // each half's codes for inputs k0..k0+3 (low nibbles) and k0+4..k0+7
+            for (int h = 0; h < 2; ++h) {
+                const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 64 * j + 32 * h));
+                a[h] = _mm256_and_si256(v, mask);
+                b[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+            }
 #if CSM_AVXVNNI
             if constexpr (VNNI) {
-                __m256i a[2], b[2];
-                for (int h = 0; h < 2; ++h) {
-                    const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 64 * j + 32 * h));
-                    a[h] = _mm256_and_si256(v, mask);
-                    b[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                }
                 for (int m = 0; m < MB; ++m) {
                     const int32_t* xm = (const int32_t*)(xg + (size_t)m * ldx + 8 * j);
                     dpbusd_avx_halves(acc[m][0], acc[m][1], a[0], a[1], xm);
@@ -263,15 +263,12 @@ __attribute__((target(CSM_AVX2_TARGET))) static void block_avx2(
             }
 #endif
             for (int h = 0; h < 2; ++h) {
-                const __m256i v = _mm256_loadu_si256((const __m256i*)(p + 64 * j + 32 * h));
-                const __m256i a = _mm256_and_si256(v, mask);
-                const __m256i b = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
                 for (int m = 0; m < MB; ++m) {
                     int32_t xa, xb;
                     memcpy(&xa, xg + (size_t)m * ldx + 8 * j, 4);
                     memcpy(&xb, xg + (size_t)m * ldx + 8 * j + 4, 4);
-                    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(a, _mm256_set1_epi32(xa)),
-                                                           _mm256_maddubs_epi16(b, _mm256_set1_epi32(xb)));
+                    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(a[h], _mm256_set1_epi32(xa)),
+                                                           _mm256_maddubs_epi16(b[h], _mm256_set1_epi32(xb)));
                     acc[m][h] = _mm256_add_epi32(acc[m][h], _mm256_madd_epi16(pairs, ones));
                 }
             }
